@@ -1,0 +1,30 @@
+"""The minor status table: every code has an operator-readable text."""
+
+from __future__ import annotations
+
+import pytest
+
+from handoffd import minor
+from handoffd.minor import Minor
+
+
+@pytest.mark.parametrize("code", list(Minor))
+def test_every_minor_has_a_text(code: Minor) -> None:
+    text = minor.text(code)
+    assert text is not None
+    assert (text[0].isupper() or text[0] == '"') and not text.endswith(".")
+    assert minor.name(code) == code.name
+
+
+def test_blocks_are_grouped_by_subsystem() -> None:
+    assert Minor.HANDSHAKE_DECRYPT_FAILED // 100 == 1
+    assert Minor.TOKEN_TRUNCATED // 100 == 2
+    assert Minor.KEYRING_QUOTA // 100 == 3
+    assert Minor.PEER_UID_NOT_ALLOWED // 100 == 4
+    assert Minor.CHANNEL_NO_FD // 100 == 5
+    assert Minor.CONFIG_INVALID // 100 == 6
+
+
+def test_unknown_minor() -> None:
+    assert minor.text(77777) is None
+    assert minor.name(77777) == "77777"
