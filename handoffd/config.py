@@ -1,0 +1,232 @@
+"""The daemon's TOML configuration: every setting, its default and its validation.
+
+A missing file, a TOML syntax error, an unknown key or a value of the wrong
+type is a :class:`GSSError` (``GSS_S_FAILURE`` with ``Minor.CONFIG_UNREADABLE``
+or ``Minor.CONFIG_INVALID``) whose detail names the key: a typo never passes
+silently.  Relative paths are resolved against the config file's directory.
+
+The reference of every key lives in the README ("Configuration") and in
+``examples/echo/handoffd.toml``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from handoffd.minor import Minor
+from handoffd.status import GSS_S_FAILURE, GSSError
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``[server]``: the listening side and the long-term identity."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:7443",)
+    """host:port addresses (``[::1]:7443`` for IPv6); ignored under socket activation."""
+    key: Path = Path("server.key")
+    """The server's private key file (``handoffd keygen``); must not be group/other readable."""
+    allowed_clients: Path | None = None
+    """Allow-list of client public keys with names; None allows any client key."""
+    allow_anonymous: bool = True
+    """Accept clients without a long-term key (they are named ``anonymous``)."""
+    handshake_timeout: float = 10.0
+    """Seconds a client has to finish the handshake."""
+    max_handshakes: int = 256
+    """Handshakes in progress at once; further connections wait in the listen backlog."""
+    context_lifetime: float = 3600.0
+    """Seconds a security context stays valid; clients re-handshake after."""
+    backlog: int = 1024
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """``[workers]``: the pre-forked pool."""
+
+    app: str = "examples.echo.app:handler"
+    """The application, ``module:callable``: ``async def handler(stream)``."""
+    count: int = 4
+    max_unacked: int = 8
+    """Handoffs in flight per worker (also its number of key slots): backpressure."""
+    ack_timeout: float = 5.0
+    """Seconds a worker has to acknowledge a handoff before it is redelivered."""
+    drain_timeout: float = 30.0
+    """Seconds workers get to finish their sessions on SIGTERM before SIGKILL."""
+    restart_backoff_max: float = 5.0
+    boot_failures_max: int = 5
+    """Consecutive workers dying before they are ready, after which the daemon gives up."""
+    register_socket: Path | None = None
+    """Unix socket where external workers register; None disables it."""
+    keyring: str = "auto"
+    """Key parking mode: ``auto``, ``keyring`` or ``fallback``."""
+    pythonpath: tuple[str, ...] = ()
+    """Extra import paths for the application (resolved against the config file)."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``[policy]``: who may register as an external worker (spawned workers are trusted
+    by construction: the acceptor created their channel)."""
+
+    worker_uids: tuple[int, ...] = ()
+    worker_gids: tuple[int, ...] = ()
+    worker_labels: tuple[str, ...] = ()
+    require_label: bool = False
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """``[control]``: the status socket and the metrics endpoint."""
+
+    socket: Path | None = Path("handoffd.control")
+    metrics: str | None = None
+    """host:port for the Prometheus text endpoint, or None."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``[log]``."""
+
+    level: str = "info"
+    format: str = "text"
+    """``text`` or ``json`` (one object per line)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    path: Path | None = None
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "workers": WorkersConfig,
+    "policy": PolicyConfig,
+    "control": ControlConfig,
+    "log": LogConfig,
+}
+
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("workers", "keyring"): ("auto", "keyring", "fallback"),
+    ("log", "level"): ("debug", "info", "warning", "error"),
+    ("log", "format"): ("text", "json"),
+}
+
+_POSITIVE: frozenset[tuple[str, str]] = frozenset({
+    ("server", "handshake_timeout"), ("server", "max_handshakes"),
+    ("server", "context_lifetime"), ("server", "backlog"),
+    ("workers", "count"), ("workers", "max_unacked"), ("workers", "ack_timeout"),
+    ("workers", "drain_timeout"), ("workers", "restart_backoff_max"),
+    ("workers", "boot_failures_max"),
+})
+
+
+def _invalid(where: str, why: str) -> GSSError:
+    return GSSError(GSS_S_FAILURE, Minor.CONFIG_INVALID, f"{where}: {why}")
+
+
+def _convert(section: str, key: str, annotation: str, value: object, base: Path) -> object:
+    where = f"[{section}] {key}"
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise _invalid(where, "expected true or false")
+        return value
+    if annotation in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _invalid(where, "expected a number")
+        if annotation == "int" and not isinstance(value, int):
+            raise _invalid(where, "expected a whole number")
+        if (section, key) in _POSITIVE and value <= 0:
+            raise _invalid(where, "must be greater than zero")
+        return int(value) if annotation == "int" else float(value)
+    if annotation in ("str", "str | None"):
+        if not isinstance(value, str) or not value:
+            raise _invalid(where, "expected a non-empty string")
+        choices = _CHOICES.get((section, key))
+        if choices and value not in choices:
+            raise _invalid(where, f"expected one of {', '.join(choices)}")
+        return value
+    if annotation in ("Path", "Path | None"):
+        if not isinstance(value, str) or not value:
+            raise _invalid(where, "expected a path")
+        return base / value
+    if annotation.startswith("tuple[str"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise _invalid(where, "expected a list of strings")
+        if key == "pythonpath":
+            return tuple(str(base / v) for v in value)
+        return tuple(value)
+    if annotation.startswith("tuple[int"):
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        ):
+            raise _invalid(where, "expected a list of non-negative whole numbers")
+        return tuple(value)
+    raise AssertionError(f"unhandled annotation {annotation}")  # pragma: no cover
+
+
+def _section(name: str, raw: object, base: Path) -> object:
+    cls = _SECTIONS[name]
+    if not isinstance(raw, Mapping):
+        raise _invalid(f"[{name}]", "expected a table")
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, object] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise _invalid(f"[{name}] {key}", f"unknown key (known: {', '.join(sorted(known))})")
+        values[key] = _convert(name, key, str(known[key].type), value, base)
+    return cls(**values)
+
+
+def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = None) -> Config:
+    """Validate an already-parsed TOML document; relative paths resolve against ``base``."""
+    sections: dict[str, object] = {}
+    for name, raw in data.items():
+        if name not in _SECTIONS:
+            raise _invalid(f"[{name}]", f"unknown section (known: {', '.join(_SECTIONS)})")
+        sections[name] = _section(name, raw, base)
+    config = Config(path=path, **sections)  # type: ignore[arg-type]
+    for address in config.server.listen:
+        parse_address(address)
+    if config.control.metrics is not None:
+        parse_address(config.control.metrics)
+    return config
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a TOML config file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise GSSError(GSS_S_FAILURE, Minor.CONFIG_UNREADABLE,
+                       f"{path}: {error.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise GSSError(GSS_S_FAILURE, Minor.CONFIG_INVALID, f"{path}: {error}") from None
+    return parse_config(data, base=path.resolve().parent, path=path)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` to ``(host, port)``; a bad one is CONFIG_INVALID."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
+        raise _invalid(repr(text), "expected host:port or [ipv6]:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise _invalid(repr(text), "write IPv6 addresses in brackets: [::1]:7443")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise _invalid(repr(text), "port out of range")
+    return host, port
