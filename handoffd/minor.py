@@ -58,6 +58,7 @@ class Minor(IntEnum):
     BAD_QOP_REQUESTED = 119
     WRONG_ROLE = 120
     CHANNEL_BINDINGS_MISMATCH = 121
+    PROTECTION_BAD_PARAMETER = 150
 
     # token codecs
     TOKEN_TRUNCATED = 200
@@ -130,6 +131,10 @@ class Minor(IntEnum):
     SHUTTING_DOWN = 613
     WORKER_NOT_REGISTERED = 614
     REGISTRATION_REFUSED = 615
+    # systemd adapter (680+)
+    SYSTEMD_NOTIFY_SOCKET_INVALID = 680
+    SYSTEMD_WATCHDOG_INVALID = 681
+    SYSTEMD_NOTIFY_FIELD_INVALID = 682
 
 
 _TEXT: Final[dict[Minor, str]] = {
@@ -163,6 +168,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.BAD_QOP_REQUESTED: "Only the default quality of protection (0) is supported",
     Minor.WRONG_ROLE: "The call does not fit this side's role (initiator or acceptor)",
     Minor.CHANNEL_BINDINGS_MISMATCH: "The channel bindings (prologue) differ between the peers",
+    Minor.PROTECTION_BAD_PARAMETER: "The per-message protection parameters are invalid "
+    "(key length, sequence number or window flags)",
     Minor.TOKEN_TRUNCATED: "The token is shorter than its structure requires",
     Minor.TOKEN_TRAILING_BYTES: "The token has bytes after its end",
     Minor.TOKEN_BAD_VERSION: "The token version is not supported",
@@ -231,6 +238,11 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.SHUTTING_DOWN: "The daemon is shutting down",
     Minor.WORKER_NOT_REGISTERED: "The worker has not registered with the acceptor",
     Minor.REGISTRATION_REFUSED: "The acceptor refused the worker's registration",
+    Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
+    "nor an abstract @name",
+    Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",
+    Minor.SYSTEMD_NOTIFY_FIELD_INVALID: "A systemd notification field is not one "
+    "KEY=VALUE line",
 }
 
 

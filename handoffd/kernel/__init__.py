@@ -1,0 +1,1 @@
+"""Thin adapters over Linux facilities, tested against the real kernel."""
