@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all venv demo test lint typecheck unit bench soak fuzz clean
+.PHONY: all venv demo test test-lsm lint typecheck unit bench soak fuzz clean
 
 all: test
 
@@ -27,6 +27,10 @@ unit: venv
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# SO_PEERSEC against real SELinux labels: boots a qemu guest (see lsm/run.sh, docs/LSM.md).
+test-lsm: venv
+	lsm/run.sh
 
 demo: venv
 	$(BIN)/python -m examples.echo.demo

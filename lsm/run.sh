@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# `make test-lsm`: run tests/lsm under real SELinux labels in a qemu guest.
+#
+# This host's kernel has no LSM that labels sockets (SO_PEERSEC -> ENOPROTOOPT), so the
+# guest boots Debian's own kernel (downloaded, unpacked, never installed) with SELinux
+# enforcing a tiny CIL policy (lsm/policy.cil), mounts this host's root read-only over
+# 9p and runs the project's tests/lsm with the project's .venv.  Results come back as
+# `LSM-...` lines on the serial console.  Everything built lives under .lsm/ and is
+# reused: the kernel .deb and its unpacked tree, the initramfs and the policy (rebuilt
+# only when their inputs change).
+#
+# Environment: LSM_TIMEOUT (seconds, default 600), LSM_MIN_CASES (default 7),
+# LSM_PYTEST_ARGS (extra pytest arguments, comma-separated, no spaces).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+LSM_DIR="$ROOT/.lsm"
+TIMEOUT=${LSM_TIMEOUT:-600}
+MIN_CASES=${LSM_MIN_CASES:-7}
+# Modules the Debian kernel needs for virtio-9p, in dependency order.
+MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+9pnet 9pnet_virtio netfs fscache 9p"
+PACKAGES="qemu-system-x86 busybox-static cpio secilc zstd xz-utils"
+
+say() { echo "test-lsm: $*" >&2; }
+die() { say "FAILED: $*"; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi
+}
+
+ensure_packages() {
+    local missing=""
+    command -v qemu-system-x86_64 >/dev/null || missing="$missing qemu-system-x86"
+    dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' \
+        || missing="$missing busybox-static"
+    command -v cpio >/dev/null || missing="$missing cpio"
+    command -v secilc >/dev/null || missing="$missing secilc"
+    command -v zstd >/dev/null || missing="$missing zstd"
+    command -v xz >/dev/null || missing="$missing xz-utils"
+    [ -z "$missing" ] && return 0
+    say "installing Debian packages:$missing"
+    command -v apt-get >/dev/null || die "apt-get not found; install:$missing"
+    if [ "$(id -u)" != 0 ] && ! command -v sudo >/dev/null; then
+        die "not root and no sudo; install:$missing"
+    fi
+    as_root apt-get update -q >/dev/null || die "apt-get update failed"
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends \
+        $missing >/dev/null || die "apt-get install$missing failed"
+}
+
+# Prints the name of the kernel image package linux-image-amd64 currently depends on,
+# falling back to the last one used when apt-cache cannot answer (offline re-run).
+resolve_kernel_package() {
+    local pkg
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
+        | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n1)
+    if [ -z "$pkg" ] && [ -s "$LSM_DIR/kernel-package" ]; then
+        pkg=$(cat "$LSM_DIR/kernel-package")
+    fi
+    [ -n "$pkg" ] || die "cannot resolve linux-image-amd64's kernel package (apt-cache)"
+    echo "$pkg"
+}
+
+fetch_kernel() {
+    local pkg=$1 deb
+    mkdir -p "$LSM_DIR/debs"
+    deb=$(find "$LSM_DIR/debs" -maxdepth 1 -name "${pkg}_*_amd64.deb" | head -n1)
+    if [ -z "$deb" ]; then
+        say "downloading $pkg"
+        # apt's sandbox user cannot write here; a private temp dir it may write to.
+        local tmp
+        tmp=$(mktemp -d)
+        chmod 777 "$tmp"
+        (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1) \
+            || { rm -rf "$tmp"; die "apt-get download $pkg failed"; }
+        mv "$tmp"/*.deb "$LSM_DIR/debs/" && rm -rf "$tmp"
+        deb=$(find "$LSM_DIR/debs" -maxdepth 1 -name "${pkg}_*_amd64.deb" | head -n1)
+    fi
+    echo "$pkg" > "$LSM_DIR/kernel-package"
+    KERNEL_TREE="$LSM_DIR/kernel/$pkg"
+    if [ ! -e "$KERNEL_TREE/.unpacked" ]; then
+        say "unpacking $(basename "$deb")"
+        rm -rf "$KERNEL_TREE" && mkdir -p "$KERNEL_TREE"
+        dpkg-deb -x "$deb" "$KERNEL_TREE"
+        touch "$KERNEL_TREE/.unpacked"
+    fi
+    VMLINUZ=$(find "$KERNEL_TREE/boot" -name 'vmlinuz-*' | head -n1)
+    [ -n "$VMLINUZ" ] || die "no vmlinuz in $pkg"
+    KVER=${VMLINUZ##*/vmlinuz-}
+}
+
+busybox_path() {
+    dpkg -L busybox-static | grep -m1 '/bin/busybox$'
+}
+
+# Builds the initramfs when its inputs (init script, busybox, kernel version) change.
+build_initramfs() {
+    local busybox key out stage module ko
+    busybox=$(busybox_path)
+    key=$( { cat "$ROOT/lsm/init.sh"; cksum < "$busybox"; echo "$KVER $MODULES"; } \
+        | cksum | cut -d' ' -f1)
+    out="$LSM_DIR/initramfs-$key.cpio.gz"
+    INITRAMFS=$out
+    [ -s "$out" ] && return 0
+    say "building initramfs for $KVER"
+    stage="$LSM_DIR/initramfs.d"
+    rm -rf "$stage" && mkdir -p "$stage"/{bin,proc,sys,dev,lib/modules}
+    cp "$busybox" "$stage/bin/busybox"
+    cp "$ROOT/lsm/init.sh" "$stage/init" && chmod 755 "$stage/init"
+    for module in $MODULES; do
+        ko=$(find "$KERNEL_TREE/lib/modules/$KVER" -name "$module.ko*" | head -n1)
+        [ -n "$ko" ] || die "module $module not in the kernel package"
+        case "$ko" in
+            *.ko.xz) xz -dc "$ko" > "$stage/lib/modules/$module.ko" ;;
+            *.ko.zst) zstd -qdc "$ko" > "$stage/lib/modules/$module.ko" ;;
+            *.ko) cp "$ko" "$stage/lib/modules/$module.ko" ;;
+        esac
+        echo "$module" >> "$stage/modules.order"
+    done
+    rm -f "$LSM_DIR"/initramfs-*.cpio.gz
+    (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -9) > "$out.tmp"
+    mv "$out.tmp" "$out"
+}
+
+build_policy() {
+    local key out
+    key=$(cksum < "$ROOT/lsm/policy.cil" | cut -d' ' -f1)
+    out="$LSM_DIR/policy-$key.bin"
+    POLICY=$out
+    [ -s "$out" ] && return 0
+    say "compiling lsm/policy.cil"
+    rm -f "$LSM_DIR"/policy-*.bin
+    secilc -M false -c 33 -o "$out.tmp" -f /dev/null "$ROOT/lsm/policy.cil" >&2 \
+        || die "secilc failed on lsm/policy.cil"
+    mv "$out.tmp" "$out"
+}
+
+boot_guest() {
+    local log=$LSM_DIR/last-run.log
+    say "booting $KVER under qemu (TCG; timeout ${TIMEOUT}s)"
+    local append="console=ttyS0 rdinit=/init panic=-1 lsm=selinux selinux=1 quiet loglevel=3"
+    append="$append lsm_root=$ROOT lsm_policy=$POLICY lsm_args=${LSM_PYTEST_ARGS:-}"
+    set +e
+    timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
+        -accel tcg -cpu max -smp 1 -m 1024 -nographic -no-reboot -nodefaults -serial stdio \
+        -kernel "$VMLINUZ" -initrd "$INITRAMFS" -append "$append" \
+        -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+        < /dev/null 2>&1 | sed -u 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g; s/\r$//' | tee "$log"
+    local statuses=("${PIPESTATUS[@]}")
+    set -e
+    [ "${statuses[0]}" = 124 ] && die "guest timed out after ${TIMEOUT}s (log: $log)"
+    [ "${statuses[0]}" = 0 ] || die "qemu exited with status ${statuses[0]} (log: $log)"
+    check_results "$log"
+}
+
+check_results() {
+    local log=$1 passed not_passed exit_line
+    if grep -q '^LSM-INIT-FAIL' "$log"; then
+        die "guest set-up failed: $(grep -m1 '^LSM-INIT-FAIL' "$log")"
+    fi
+    grep -q '^LSM-ENFORCE 1$' "$log" || die "SELinux was not enforcing in the guest"
+    exit_line=$(grep -m1 '^LSM-EXIT ' "$log" || true)
+    [ -n "$exit_line" ] || die "the guest never reported pytest's exit status (log: $log)"
+    passed=$(grep -c '^LSM-CASE passed ' "$log" || true)
+    not_passed=$(grep '^LSM-CASE ' "$log" | grep -vc '^LSM-CASE passed ' || true)
+    say "$passed passed, $not_passed not passed; guest pytest ${exit_line#LSM-}"
+    grep '^LSM-LABEL ' "$log" | sed 's/^/test-lsm: /' >&2 || true
+    [ "$exit_line" = "LSM-EXIT 0" ] || die "pytest failed in the guest"
+    [ "$not_passed" = 0 ] || die "$not_passed case(s) did not pass (skipped counts as failed)"
+    [ "$passed" -ge "$MIN_CASES" ] || die "only $passed cases ran, expected >= $MIN_CASES"
+    say "OK"
+}
+
+main() {
+    local start=$SECONDS
+    mkdir -p "$LSM_DIR"
+    [ -x "$ROOT/.venv/bin/python" ] || die ".venv missing: run make venv first"
+    ensure_packages
+    local package
+    package=$(resolve_kernel_package)
+    fetch_kernel "$package"
+    build_initramfs
+    build_policy
+    boot_guest
+    say "took $((SECONDS - start)) s"
+}
+
+main "$@"

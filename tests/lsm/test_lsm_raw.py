@@ -1,0 +1,162 @@
+"""SO_PEERSEC against real SELinux labels, with the standard library only (guest only).
+
+These cases check the ground the project's own code stands on: what the kernel really
+returns for AF_UNIX peers when an LSM labels sockets.  They run in the ``make test-lsm``
+VM; elsewhere conftest.py skips them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from lsm_support import (
+    ACCEPTOR,
+    LONG,
+    OUTSIDER,
+    RUNNER,
+    WORKER,
+    connect_and_wait,
+    current_label,
+    fork_as,
+    observe,
+    raw_peer_label,
+    seqpacket_listener,
+    switch_label,
+    wait_ok,
+)
+
+
+def test_runner_domain_and_enforcing() -> None:
+    """pytest itself runs in the runner's domain under an enforcing policy."""
+    assert Path("/sys/fs/selinux/enforce").read_text().strip() == "1"
+    assert current_label() == RUNNER
+
+
+@pytest.mark.parametrize(
+    "kind", [socket.SOCK_SEQPACKET, socket.SOCK_STREAM], ids=["seqpacket", "stream"]
+)
+def test_peersec_names_the_connecting_process(tmp_path: Path, kind: int) -> None:
+    """The accepted socket's SO_PEERSEC is the connecting process's context."""
+    listener = socket.socket(socket.AF_UNIX, kind)
+    path = str(tmp_path / "s")
+    listener.bind(path)
+    listener.listen(1)
+    pid = fork_as(ACCEPTOR, connect_and_wait(path, kind))
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.recv(1) == b"!"
+            raw = raw_peer_label(conn)
+            observe(f"accepted-{socket.SocketKind(kind).name}", raw)
+            # The kernel may or may not include the NUL; here (SELinux) it does.
+            assert raw.rstrip(b"\0") == ACCEPTOR
+            assert raw in (ACCEPTOR, ACCEPTOR + b"\0")
+    finally:
+        listener.close()
+        wait_ok(pid)
+
+
+def test_connecting_side_sees_the_listener_label(tmp_path: Path) -> None:
+    """The connecting side's SO_PEERSEC names the listener's creator (the runner here)."""
+    listener, path = seqpacket_listener(tmp_path)
+
+    def part() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.connect(path)
+            assert raw_peer_label(sock).rstrip(b"\0") == RUNNER
+            sock.sendall(b"!")
+
+    pid = fork_as(WORKER, part)
+    with listener:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1)
+    wait_ok(pid)
+
+
+def test_policy_is_enforced_outsider_cannot_connect(tmp_path: Path) -> None:
+    """A domain without ``connectto`` gets EACCES even as root: the policy is live."""
+    listener, path = seqpacket_listener(tmp_path)
+
+    def part() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            try:
+                sock.connect(path)
+            except PermissionError as error:
+                assert error.errno == errno.EACCES
+            else:
+                raise AssertionError("the outsider connected despite the policy")
+
+    with listener:
+        wait_ok(fork_as(OUTSIDER, part))
+    assert os.getuid() == 0
+
+
+def test_socketpair_reports_the_creator_label() -> None:
+    """Both ends of a socketpair carry the label their creator had when making it."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def part() -> None:
+        # Made while this child was still the runner: the label does not follow a switch.
+        assert raw_peer_label(child_end).rstrip(b"\0") == RUNNER
+        mine, kept = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        socket.send_fds(child_end, [b"p"], [mine.fileno()])
+        child_end.recv(1)
+        kept.close()
+
+    pid = fork_as(WORKER, part)
+    try:
+        msg, fds, _, _ = socket.recv_fds(parent_end, 1, 1)
+        assert (msg, len(fds)) == (b"p", 1)
+        with socket.socket(fileno=fds[0]) as passed:
+            raw = raw_peer_label(passed)
+        parent_end.sendall(b"!")
+    finally:
+        parent_end.close()
+        child_end.close()
+        wait_ok(pid)
+    observe("socketpair-made-by-worker", raw)
+    assert raw.rstrip(b"\0") == WORKER
+
+
+def test_long_label_needs_more_than_name_max(tmp_path: Path) -> None:
+    """A context longer than NAME_MAX: a 256-byte buffer gets ERANGE, a bigger one works."""
+    assert len(LONG) > 255
+    listener, path = seqpacket_listener(tmp_path)
+    pid = fork_as(LONG, connect_and_wait(path))
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1)
+            with pytest.raises(OSError) as too_small:
+                raw_peer_label(conn, 256)
+            assert too_small.value.errno == errno.ERANGE
+            # 1024 is the most Python's getsockopt() accepts.
+            raw = raw_peer_label(conn, 1024)
+            observe("long", raw)
+            assert raw.rstrip(b"\0") == LONG
+    finally:
+        listener.close()
+        wait_ok(pid)
+
+
+def test_runner_can_switch_and_back() -> None:
+    """dyntransition works for a forked child and leaves the parent's domain unchanged."""
+    seen: list[bytes] = []
+    read_end, write_end = os.pipe()
+
+    def part() -> None:
+        os.write(write_end, current_label())
+        switch_label(RUNNER)
+
+    pid = fork_as(ACCEPTOR, part)
+    os.close(write_end)
+    seen.append(os.read(read_end, 256))
+    os.close(read_end)
+    wait_ok(pid)
+    assert seen == [ACCEPTOR]
+    assert current_label() == RUNNER
