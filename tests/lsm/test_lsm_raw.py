@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 from lsm_support import (
     ACCEPTOR,
+    IMPOSTOR,
     LONG,
     OUTSIDER,
     RUNNER,
+    SO_PASSSEC,
     WORKER,
     connect_and_wait,
     current_label,
@@ -28,6 +30,8 @@ from lsm_support import (
     switch_label,
     wait_ok,
 )
+
+SCM_SECURITY = getattr(socket, "SCM_SECURITY", 3)
 
 
 def test_runner_domain_and_enforcing() -> None:
@@ -160,3 +164,46 @@ def test_runner_can_switch_and_back() -> None:
     wait_ok(pid)
     assert seen == [ACCEPTOR]
     assert current_label() == RUNNER
+
+
+def _security_of(ancdata: list[tuple[int, int, bytes]]) -> bytes | None:
+    """The SCM_SECURITY payload among a message's control data, if any."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SCM_SECURITY:
+            return data
+    return None
+
+
+def test_passsec_labels_each_message_with_the_sending_socket(tmp_path: Path) -> None:
+    """SO_PASSSEC: every message carries SCM_SECURITY, the label of the *sending socket*.
+
+    The sender switches domain between its two messages; the label does not follow,
+    because SELinux labels a unix message with its socket's context (fixed when the
+    socket was created), not with the sending process's current context.
+    """
+    listener, path = seqpacket_listener(tmp_path)
+
+    def part() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.connect(path)
+            sock.sendall(b"1")
+            switch_label(IMPOSTOR)
+            sock.sendall(b"2")
+            sock.recv(1)
+
+    pid = fork_as(ACCEPTOR, part)
+    labels: list[bytes | None] = []
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.SOL_SOCKET, SO_PASSSEC, 1)
+            for _ in range(2):
+                _, ancdata, _, _ = conn.recvmsg(16, socket.CMSG_SPACE(1024))
+                labels.append(_security_of(ancdata))
+    finally:
+        listener.close()
+        wait_ok(pid)
+    for raw in labels:
+        assert raw is not None
+        observe("scm-security", raw)
+    assert [raw.rstrip(b"\0") for raw in labels if raw] == [ACCEPTOR, ACCEPTOR]
