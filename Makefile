@@ -17,13 +17,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# systemd-analyze, systemd-socket-activate and systemd-sysusers for the systemd tests
+# (Debian's systemd package); a no-op when they are already installed.
+.PHONY: deps-debian
+deps-debian:
+	@command -v systemd-analyze >/dev/null && command -v systemd-socket-activate >/dev/null \
+	  || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	       $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends systemd; }
+
 lint: venv
 	$(BIN)/ruff check handoffd tests examples
 
 typecheck: venv
 	$(BIN)/mypy --strict handoffd
 
-unit: venv
+unit: venv deps-debian
 	$(BIN)/pytest
 
 test: lint typecheck unit
