@@ -336,6 +336,19 @@ def test_bad_parameters(kwargs: dict[str, object]) -> None:
         MessageProtection(**arguments)  # type: ignore[arg-type]
 
 
+def test_flags_and_repr_never_show_keys() -> None:
+    initiator, acceptor = pair(replay=False, sequence=True)
+    assert (initiator.flags_replay, initiator.flags_sequence) == (False, True)
+    assert (initiator.initiator, acceptor.initiator) == (True, False)
+    shown = repr(initiator) + repr(acceptor)
+    assert "initiator" in shown and "acceptor" in shown and "send_seq=0" in shown
+    for key in (INITIATOR_KEY, ACCEPTOR_KEY):
+        assert key.hex() not in shown and repr(key) not in shown
+    window = SequenceWindow()
+    assert "next_expected=0" in repr(window)
+    assert window != object() and window == SequenceWindow()
+
+
 # --- export / import -----------------------------------------------------------------
 
 

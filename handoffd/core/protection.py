@@ -113,8 +113,15 @@ class MessageProtection:
     PROTECTION_BAD_PARAMETER)``.
     """
 
-    __slots__ = ("_initiator", "_recv_aead", "_recv_key", "_send_aead", "_send_key", "_send_seq",
-                 "_window")
+    __slots__ = (
+        "_initiator",
+        "_recv_aead",
+        "_recv_key",
+        "_send_aead",
+        "_send_key",
+        "_send_seq",
+        "_window",
+    )
 
     def __init__(
         self,
@@ -201,7 +208,7 @@ class MessageProtection:
             data = bytes(data)
             token = header + data + self._send_aead.encrypt(_nonce(seq), b"", header + data)
         self._send_seq = seq + 1
-        return token, conf_req
+        return token, bool(conf_req)
 
     def get_mic(self, message: bytes, qop: int = 0) -> bytes:
         """A MIC token for ``message`` (header and tag only, 32 bytes).
