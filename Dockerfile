@@ -1,0 +1,38 @@
+# handoffd: the echo demo by default; any app via a mounted config.
+#   docker build -t handoffd .
+#   docker run --rm -p 7443:7443 --security-opt seccomp=docker/seccomp-keyring.json handoffd
+# Without the seccomp option Docker's default profile refuses the kernel keyring
+# (EPERM) and handoffd runs in its logged fallback key mode. See docs/DEPLOY.md.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A fixed, unusual uid: the kernel key quota and user keyring are per uid and NOT
+# namespaced, so this uid shares them with any host process of the same uid.
+RUN groupadd --system --gid 10443 handoffd \
+ && useradd --system --uid 10443 --gid handoffd --home-dir /var/lib/handoffd \
+            --shell /usr/sbin/nologin handoffd
+
+WORKDIR /opt/handoffd
+COPY pyproject.toml README.md ./
+COPY handoffd ./handoffd
+RUN pip install . && rm -rf build handoffd.egg-info
+COPY examples ./examples
+COPY docker/handoffd.toml /etc/handoffd/handoffd.toml
+COPY docker/entrypoint.py /usr/local/bin/handoffd-entrypoint
+RUN chmod 0755 /usr/local/bin/handoffd-entrypoint \
+ && install -d -o handoffd -g handoffd -m 0700 /var/lib/handoffd /run/handoffd
+
+USER handoffd
+VOLUME ["/var/lib/handoffd"]
+EXPOSE 7443
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["handoffd", "status", "--control", "/run/handoffd/control.sock"]
+
+# exec form: handoffd becomes PID 1 and gets docker stop's SIGTERM (it drains).
+ENTRYPOINT ["handoffd-entrypoint"]
+CMD ["serve", "--config", "/etc/handoffd/handoffd.toml"]
