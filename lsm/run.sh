@@ -84,11 +84,20 @@ fetch_kernel() {
         say "unpacking $(basename "$deb")"
         rm -rf "$KERNEL_TREE" && mkdir -p "$KERNEL_TREE"
         dpkg-deb -x "$deb" "$KERNEL_TREE"
+        prune_kernel_tree
         touch "$KERNEL_TREE/.unpacked"
     fi
     VMLINUZ=$(find "$KERNEL_TREE/boot" -name 'vmlinuz-*' | head -n1)
     [ -n "$VMLINUZ" ] || die "no vmlinuz in $pkg"
     KVER=${VMLINUZ##*/vmlinuz-}
+}
+
+# Keeps only what the guest uses (vmlinuz and MODULES): 400+ MB less under .lsm/.
+prune_kernel_tree() {
+    local module keep=()
+    for module in $MODULES; do keep+=(! -name "$module.ko*"); done
+    find "$KERNEL_TREE/lib/modules" -name '*.ko*' -type f "${keep[@]}" -delete
+    rm -rf "$KERNEL_TREE/usr"
 }
 
 busybox_path() {
