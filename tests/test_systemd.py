@@ -28,7 +28,11 @@ from handoffd.kernel import systemd
 from handoffd.kernel.systemd import ActivatedSocket, Notifier, listen_fds, watchdog_interval
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_CALL_BAD_STRUCTURE, GSS_S_FAILURE, GSSError
-from tests.systemd_activation import SOCKET_ACTIVATE, socket_activated
+
+try:  # the repo root on sys.path (python -m pytest, or pytest's pythonpath setting) ...
+    from tests.systemd_activation import SOCKET_ACTIVATE, socket_activated
+except ModuleNotFoundError:  # ... or only tests/ itself (plain pytest, rootdir-relative import)
+    from systemd_activation import SOCKET_ACTIVATE, socket_activated  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 # --------------------------------------------------------------------------- activation
 
