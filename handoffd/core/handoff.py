@@ -1,0 +1,165 @@
+"""Messages of the acceptor-worker handoff protocol (payloads of channel messages).
+
+The channel (``handoffd.kernel.channel``) frames each message and carries the
+fd; this module defines what the payload of each message kind holds, byte for
+byte (see ``docs/HANDOFF.md``).  All integers are big-endian.
+
+=========  =========  ====================================================
+kind       direction  payload
+=========  =========  ====================================================
+HELLO      W -> A     worker_id (16) | pid (u32)
+HANDOFF    A -> W     handoff_id (u64) | ref_len (u8) | key_ref | sealed   + 1 fd
+ACK        W -> A     handoff_id (u64) | major (u32) | minor (u32)
+DRAINING   W -> A     (empty)  the worker takes no more handoffs
+DRAINED    A -> W     (empty)  no more handoffs will be sent
+REGISTERED A -> W     worker_id (16) | grant (JSON object of strings)    + 1 fd
+REFUSED    A -> W     major (u32) | minor (u32)
+=========  =========  ====================================================
+
+REGISTERED and REFUSED answer an external worker that connected to the
+registration socket; the fd of REGISTERED is the read end of a pipe holding
+the worker's key-derivation secret (never the secret itself on the socket).
+
+An ACK with major 0 means "imported; the acceptor may forget its copy".  A
+non-zero major means the worker refused the handoff (it closed its fd); the
+acceptor closes the connection and logs the status.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from handoffd.minor import Minor
+from handoffd.status import GSS_S_DEFECTIVE_TOKEN, GSSError
+
+WORKER_ID_SIZE: Final = 16
+MAX_KEY_REF: Final = 255
+
+
+class Kind(IntEnum):
+    """Channel message kinds of the handoff protocol."""
+
+    HELLO = 1
+    HANDOFF = 2
+    ACK = 3
+    DRAINING = 4
+    DRAINED = 5
+    REGISTERED = 6
+    REFUSED = 7
+
+
+FD_KINDS: Final = frozenset({Kind.HANDOFF, Kind.REGISTERED})
+"""Kinds whose messages carry exactly one fd (the client connection, the grant pipe)."""
+
+_HELLO = struct.Struct(">16sI")
+_HANDOFF_HEAD = struct.Struct(">QB")
+_ACK = struct.Struct(">QII")
+
+
+def _defective(what: str) -> GSSError:
+    return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.CHANNEL_BAD_HEADER, what)
+
+
+@dataclass(frozen=True)
+class Hello:
+    worker_id: bytes
+    pid: int
+
+    def encode(self) -> bytes:
+        return _HELLO.pack(self.worker_id, self.pid)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Hello:
+        if len(payload) != _HELLO.size:
+            raise _defective("HELLO payload has the wrong length")
+        worker_id, pid = _HELLO.unpack(payload)
+        return cls(worker_id, pid)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    handoff_id: int
+    key_ref: bytes
+    sealed: bytes
+
+    def encode(self) -> bytes:
+        if len(self.key_ref) > MAX_KEY_REF:
+            raise ValueError("key_ref too long")
+        return _HANDOFF_HEAD.pack(self.handoff_id, len(self.key_ref)) + self.key_ref + self.sealed
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Handoff:
+        if len(payload) < _HANDOFF_HEAD.size:
+            raise _defective("HANDOFF payload is truncated")
+        handoff_id, ref_len = _HANDOFF_HEAD.unpack_from(payload)
+        end = _HANDOFF_HEAD.size + ref_len
+        if len(payload) <= end:
+            raise _defective("HANDOFF payload is truncated")
+        return cls(handoff_id, payload[_HANDOFF_HEAD.size:end], payload[end:])
+
+
+@dataclass(frozen=True)
+class Ack:
+    handoff_id: int
+    major: int = 0
+    minor: int = 0
+
+    def encode(self) -> bytes:
+        return _ACK.pack(self.handoff_id, self.major, self.minor)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Ack:
+        if len(payload) != _ACK.size:
+            raise _defective("ACK payload has the wrong length")
+        return cls(*_ACK.unpack(payload))
+
+
+@dataclass(frozen=True)
+class Registered:
+    worker_id: bytes
+    grant: dict[str, str]
+
+    def encode(self) -> bytes:
+        return self.worker_id + json.dumps(self.grant, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Registered:
+        if len(payload) <= WORKER_ID_SIZE:
+            raise _defective("REGISTERED payload is truncated")
+        try:
+            grant = json.loads(payload[WORKER_ID_SIZE:])
+        except ValueError:
+            raise _defective("REGISTERED grant is not JSON") from None
+        if not isinstance(grant, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in grant.items()
+        ):
+            raise _defective("REGISTERED grant is not an object of strings")
+        return cls(payload[:WORKER_ID_SIZE], grant)
+
+
+_REFUSED = struct.Struct(">II")
+
+
+@dataclass(frozen=True)
+class Refused:
+    major: int
+    minor: int
+
+    def encode(self) -> bytes:
+        return _REFUSED.pack(self.major, self.minor)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Refused:
+        if len(payload) != _REFUSED.size:
+            raise _defective("REFUSED payload has the wrong length")
+        return cls(*_REFUSED.unpack(payload))
+
+
+def expect_empty(kind: Kind, payload: bytes) -> None:
+    """DRAINING and DRAINED carry nothing; anything else is a malformed message."""
+    if payload:
+        raise _defective(f"{kind.name} payload must be empty")
