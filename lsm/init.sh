@@ -25,6 +25,9 @@ for module in $(cat /modules.order); do
     insmod "/lib/modules/$module.ko" || fail "insmod $module"
 done
 
+# Loopback for the tests' TCP connections (the fds a handoff carries).
+ifconfig lo 127.0.0.1 up || fail "loopback"
+
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host \
     || fail "mount 9p hostroot"
