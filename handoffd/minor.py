@@ -113,6 +113,8 @@ class Minor(IntEnum):
     CHANNEL_FD_NOT_CONNECTED = 508
     CHANNEL_MESSAGE_TOO_LARGE = 509
     CHANNEL_SEND_FAILED = 510
+    CHANNEL_FD_NOT_ALLOWED = 511
+    CHANNEL_NOT_SEQPACKET = 512
 
     # daemon, worker library, client, configuration
     CONFIG_INVALID = 600
@@ -222,6 +224,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.CHANNEL_FD_NOT_CONNECTED: "The received socket is not connected",
     Minor.CHANNEL_MESSAGE_TOO_LARGE: "The handoff message exceeds the channel's size limit",
     Minor.CHANNEL_SEND_FAILED: "Sending on the handoff channel failed",
+    Minor.CHANNEL_FD_NOT_ALLOWED: "A handoff message of a kind without a descriptor carried one",
+    Minor.CHANNEL_NOT_SEQPACKET: "The channel descriptor is not an AF_UNIX SOCK_SEQPACKET socket",
     Minor.CONFIG_INVALID: "The configuration is invalid",
     Minor.CONFIG_UNREADABLE: "The configuration file could not be read",
     Minor.HANDSHAKE_TIMEOUT: "The client did not finish the handshake in time",
