@@ -1,0 +1,334 @@
+"""The handoff channel: framed messages over ``AF_UNIX``/``SOCK_SEQPACKET`` carrying fds.
+
+One message is one datagram: a 12-byte header, the payload, and -- for the
+kinds listed in ``fd_kinds`` -- exactly one descriptor passed with
+``SCM_RIGHTS`` (docs/CHANNEL.md has the byte layout).  The receiving side
+trusts nothing the peer sends: on truncated data or control data, a wrong
+number of descriptors, unexpected control messages, a malformed header or a
+descriptor that fails ``validate_fd``, every descriptor the kernel installed
+(pidfds included) is closed and a ``GSSError`` with the precise
+``CHANNEL_*`` minor is raised.  The channel itself stays usable: the next
+good message is received normally.
+
+``peer_identity()`` names the process that created the socketpair or called
+connect()/listen() -- not later writers (see :mod:`handoffd.kernel.peer`);
+``enable_extended_attributes()`` names the sender of each message.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import os
+import select
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+
+from handoffd.kernel.attrs import (
+    SCM_CREDENTIALS,
+    SCM_PIDFD,
+    SCM_SECURITY,
+    AttributeReceiver,
+    SenderAttributes,
+)
+from handoffd.kernel.peer import PeerIdentity, read_peer_identity
+from handoffd.minor import Minor
+from handoffd.status import (
+    GSS_S_CALL_BAD_STRUCTURE,
+    GSS_S_DEFECTIVE_TOKEN,
+    GSS_S_FAILURE,
+    GSSError,
+)
+
+__all__ = ["HEADER", "MAGIC", "VERSION", "Channel", "Received", "validate_tcp_stream"]
+
+HEADER: Final = struct.Struct(">2sBBHHI")  # magic, version, flags, kind, reserved, length
+MAGIC: Final = b"HD"
+VERSION: Final = 1
+FLAG_FD: Final = 0x01  # the message carries one descriptor
+MAX_KIND: Final = 0xFFFF
+# Room for a few fds so that "two fds" is reported as such, not as MSG_CTRUNC.
+_FD_ROOM: Final = socket.CMSG_SPACE(4 * 4)
+# Room for one SCM_CREDENTIALS so credentials nobody asked for are reported as unexpected.
+_STRAY_ROOM: Final = socket.CMSG_SPACE(12)
+_CLOSED_ERRNOS: Final = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One good message; ``fd`` and ``attributes.pidfd`` now belong to the caller."""
+
+    kind: int
+    payload: bytes
+    fd: int | None
+    attributes: SenderAttributes | None
+    attributes_changed: bool
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _defective(minor: Minor, detail: str) -> GSSError:
+    return GSSError(GSS_S_DEFECTIVE_TOKEN, minor, detail)
+
+
+def validate_tcp_stream(fd: int) -> None:
+    """Accept only a connected TCP stream socket (IPv4 or IPv6); ``fd`` is left open."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as error:
+        raise _defective(Minor.CHANNEL_FD_NOT_TCP,
+                         f"fd is not a socket ({os.strerror(error.errno or 0)})") from None
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        domain = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+        if (
+            kind != socket.SOCK_STREAM
+            or domain not in (socket.AF_INET, socket.AF_INET6)
+            or protocol != socket.IPPROTO_TCP
+        ):
+            raise _defective(Minor.CHANNEL_FD_NOT_TCP,
+                             f"socket type {kind} domain {domain} protocol {protocol}")
+        try:
+            sock.getpeername()
+        except OSError as error:
+            raise _defective(Minor.CHANNEL_FD_NOT_CONNECTED,
+                             f"getpeername: {os.strerror(error.errno or 0)}") from None
+    finally:
+        sock.detach()  # the caller owns fd
+
+
+def _require_seqpacket(family: int, kind: int) -> None:
+    if family != socket.AF_UNIX or kind != socket.SOCK_SEQPACKET:
+        raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_NOT_SEQPACKET,
+                       f"socket family {family} type {kind}")
+
+
+class Channel:
+    """One end of a handoff channel on trio; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        *,
+        fd_kinds: frozenset[int],
+        max_payload: int = 65536,
+        validate_fd: Callable[[int], None] | None = validate_tcp_stream,
+    ) -> None:
+        _require_seqpacket(sock.family, sock.type)
+        if not 0 <= max_payload <= 0xFFFFFFFF:
+            raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_MESSAGE_TOO_LARGE,
+                           f"max_payload {max_payload}")
+        self._sock = sock
+        self.fd_kinds = fd_kinds
+        self.max_payload = max_payload
+        self._validate_fd = validate_fd
+        self._attributes = AttributeReceiver()
+
+    @classmethod
+    def pair(cls, *, fd_kinds: frozenset[int], **kw: Any) -> tuple[Channel, Channel]:
+        """Two connected ends (close-on-exec); both name this process as their peer."""
+        left, right = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        return (
+            cls(trio.socket.from_stdlib_socket(left), fd_kinds=fd_kinds, **kw),
+            cls(trio.socket.from_stdlib_socket(right), fd_kinds=fd_kinds, **kw),
+        )
+
+    @classmethod
+    def from_fd(cls, fd: int, **kw: Any) -> Channel:
+        """Adopt an inherited end (made close-on-exec); on error the caller still owns ``fd``."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as error:
+            raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_NOT_SEQPACKET,
+                           f"fd {fd}: {os.strerror(error.errno or 0)}") from None
+        try:
+            _require_seqpacket(sock.family, sock.type)
+        except GSSError:
+            sock.detach()
+            raise
+        sock.set_inheritable(False)
+        return cls(trio.socket.from_stdlib_socket(sock), **kw)
+
+    # --- attributes -----------------------------------------------------------------
+
+    def enable_extended_attributes(self) -> None:
+        """Attach the sender's pid/uid/gid (and pidfd, label where available) to each message."""
+        self._attributes.enable(self._sock)
+
+    def set_new_attributes_only(self, on: bool) -> None:
+        """Report attributes only when they differ from the last set (``ATTRS_NOT_ENABLED``
+        if attributes are not switched on)."""
+        self._attributes.set_new_only(on)
+
+    def peer_identity(self) -> PeerIdentity:
+        """The process that created the socketpair or connected/listened (not later writers)."""
+        return read_peer_identity(self._sock)
+
+    # --- sending ----------------------------------------------------------------------
+
+    async def send(self, kind: int, payload: bytes, fd: int | None = None) -> None:
+        """Send one message; ``fd`` (required exactly for ``fd_kinds``) stays the caller's."""
+        if not 0 <= kind <= MAX_KIND:
+            raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_BAD_HEADER, f"kind {kind}")
+        if len(payload) > self.max_payload:
+            raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_MESSAGE_TOO_LARGE,
+                           f"{len(payload)} > {self.max_payload} bytes")
+        carries_fd = kind in self.fd_kinds
+        if carries_fd and fd is None:
+            raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_NO_FD,
+                           f"kind {kind} needs an fd")
+        if not carries_fd and fd is not None:
+            raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_FD_NOT_ALLOWED,
+                           f"kind {kind} carries no fd")
+        header = HEADER.pack(MAGIC, VERSION, FLAG_FD if carries_fd else 0, kind, 0, len(payload))
+        ancillary = []
+        if fd is not None:
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", fd)))
+        try:
+            await self._sock.sendmsg([header, payload], ancillary, socket.MSG_NOSIGNAL)
+        except trio.ClosedResourceError:
+            raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "channel closed locally") from None
+        except OSError as error:
+            if error.errno in _CLOSED_ERRNOS:
+                raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED,
+                               os.strerror(error.errno or 0)) from None
+            raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_SEND_FAILED,
+                           os.strerror(error.errno or 0)) from None
+
+    # --- receiving --------------------------------------------------------------------
+
+    async def receive(self) -> Received:
+        """The next good message; a bad one has all its fds closed and raises ``CHANNEL_*``."""
+        bufsize = HEADER.size + self.max_payload + 1  # +1: an oversized payload shows
+        ancsize = _FD_ROOM + _STRAY_ROOM + self._attributes.control_space()
+        try:
+            data, ancillary, flags, _ = await self._sock.recvmsg(
+                bufsize, ancsize, socket.MSG_CMSG_CLOEXEC
+            )
+        except trio.ClosedResourceError:
+            raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "channel closed locally") from None
+        except OSError as error:
+            raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED,
+                           os.strerror(error.errno or 0)) from None
+        # First take every descriptor the kernel installed, so that none can escape.
+        fds: list[int] = []
+        pidfds: list[int] = []
+        credentials: list[bytes] = []
+        labels: list[bytes] = []
+        unexpected: list[tuple[int, int]] = []
+        for level, kind, body in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                numbers = array.array("i")
+                numbers.frombytes(body[: len(body) - len(body) % numbers.itemsize])
+                fds.extend(numbers)
+                continue
+            if level == socket.SOL_SOCKET and kind == SCM_PIDFD and len(body) >= 4:
+                (pidfd,) = struct.unpack_from("=i", body)
+                if pidfd >= 0:  # a negative errno when the kernel could not make one
+                    pidfds.append(pidfd)
+            elif level == socket.SOL_SOCKET and kind == SCM_CREDENTIALS:
+                credentials.append(body)
+            elif level == socket.SOL_SOCKET and kind == SCM_SECURITY:
+                labels.append(body)
+            if not self._attributes.expects(level, kind):
+                unexpected.append((level, kind))
+        try:
+            return self._accept(data, flags, fds, pidfds, credentials, labels, unexpected)
+        except BaseException:
+            _close_all(fds + pidfds)
+            raise
+
+    def _accept(
+        self,
+        data: bytes,
+        flags: int,
+        fds: list[int],
+        pidfds: list[int],
+        credentials: list[bytes],
+        labels: list[bytes],
+        unexpected: list[tuple[int, int]],
+    ) -> Received:
+        if flags & socket.MSG_CTRUNC:
+            raise _defective(Minor.CHANNEL_CONTROL_TRUNCATED,
+                             f"control data truncated ({len(fds)} fds arrived)")
+        if unexpected or len(credentials) > 1 or len(labels) > 1 or len(pidfds) > 1:
+            raise _defective(Minor.CHANNEL_UNEXPECTED_CONTROL,
+                             f"control messages {unexpected or 'repeated'}")
+        if len(fds) > 1:
+            raise _defective(Minor.CHANNEL_TOO_MANY_FDS, f"{len(fds)} fds")
+        if flags & socket.MSG_TRUNC:
+            raise _defective(Minor.CHANNEL_TRUNCATED, "message larger than the receive buffer")
+        if not data and not fds and self._peer_hung_up():
+            raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "end of file")
+        kind, payload = self._parse(data)
+        fd = fds[0] if fds else None
+        if kind in self.fd_kinds:
+            if fd is None:
+                raise _defective(Minor.CHANNEL_NO_FD, f"kind {kind} arrived without an fd")
+            if self._validate_fd is not None:
+                try:
+                    self._validate_fd(fd)
+                except OSError as error:
+                    raise _defective(Minor.CHANNEL_FD_NOT_TCP,
+                                     os.strerror(error.errno or 0)) from None
+        elif fd is not None:
+            raise _defective(Minor.CHANNEL_FD_NOT_ALLOWED, f"kind {kind} arrived with an fd")
+        # Last step: on success it closes an unreported pidfd and never raises after that.
+        attributes, changed = self._attributes.report(
+            credentials[0] if credentials else None,
+            pidfds[0] if pidfds else None,
+            labels[0] if labels else None,
+        )
+        return Received(kind, payload, fd, attributes, changed)
+
+    def _parse(self, data: bytes) -> tuple[int, bytes]:
+        if len(data) < HEADER.size:
+            raise _defective(Minor.CHANNEL_BAD_HEADER, f"{len(data)}-byte message")
+        magic, version, flags, kind, reserved, length = HEADER.unpack_from(data)
+        if magic != MAGIC or version != VERSION or flags & ~FLAG_FD or reserved:
+            raise _defective(Minor.CHANNEL_BAD_HEADER,
+                             f"magic {magic!r} version {version} flags {flags:#x}")
+        if length > self.max_payload or len(data) - HEADER.size > self.max_payload:
+            raise _defective(Minor.CHANNEL_MESSAGE_TOO_LARGE,
+                             f"payload over {self.max_payload} bytes")
+        if length != len(data) - HEADER.size:
+            raise _defective(Minor.CHANNEL_BAD_HEADER,
+                             f"length {length}, {len(data) - HEADER.size} bytes arrived")
+        if bool(flags & FLAG_FD) != (kind in self.fd_kinds):
+            raise _defective(Minor.CHANNEL_BAD_HEADER, f"fd flag wrong for kind {kind}")
+        return kind, data[HEADER.size :]
+
+    def _peer_hung_up(self) -> bool:
+        # recvmsg() == 0 is EOF, or a zero-length datagram a peer may send: only a hang-up
+        # (RDHUP) is EOF, so an empty message cannot make us drop the channel.
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLRDHUP)
+        return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The channel socket's descriptor (for poll loops and pass_fds)."""
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        """Close this end (wakes any task blocked on it)."""
+        self._sock.close()
+
+    async def aclose(self) -> None:
+        """Close this end, as a trio checkpoint."""
+        self._sock.close()
+        await trio.lowlevel.checkpoint()
