@@ -46,5 +46,12 @@ demo: venv
 bench: venv
 	$(BIN)/python -m bench.micro
 
+# Coverage-guided fuzzing of every parser (atheris); not part of `make test`.
+# FUZZ_SECONDS per target; crashes land in fuzz/artifacts/ (see fuzz/README.md).
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python fuzz/run.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,246 @@
+"""Write the seed corpus ``fuzz/corpus/<target>/`` from the real code.
+
+Seeds are valid inputs made by handoffd itself (a real wrap token, a real
+export blob, a real sealed token, a real config ...) plus a few edge cases,
+framed the way each target reads its input.  Everything is deterministic
+(fixed keys, nonces and clock from ``_fixtures``), so re-running this script
+rewrites identical files.  Crash reproducers live next to the seeds as
+``crash-*`` files and are never touched here.
+
+Usage: ``python -m fuzz.make_corpus`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+from fuzz._fixtures import (
+    KEY_A2I,
+    KEY_I2A,
+    MECH_NOISE,
+    MIC_MESSAGE,
+    NOW,
+    OTHER_WORKER_ID,
+    SEAL_EXPIRES,
+    SEAL_KEY,
+    WORKER_ID,
+)
+from fuzz._harness import u16_join
+from handoffd.core.handoff import Ack, Handoff, Hello, Refused, Registered
+from handoffd.core.protection import MessageProtection
+from handoffd.core.seal import seal
+from handoffd.core.window import SequenceWindow
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+
+Seeds = dict[str, bytes]
+GENERATORS: dict[str, Callable[[], Seeds]] = {}
+
+
+def generator(target: str) -> Callable[[Callable[[], Seeds]], Callable[[], Seeds]]:
+    """Register the seed generator of one target."""
+
+    def register(function: Callable[[], Seeds]) -> Callable[[], Seeds]:
+        GENERATORS[target] = function
+        return function
+
+    return register
+
+
+def _window_after(numbers: list[int], replay: bool = True, sequence: bool = True) -> bytes:
+    window = SequenceWindow(replay=replay, sequence=sequence)
+    for number in numbers:
+        window.check(number)
+    return window.to_bytes()
+
+
+@generator("window")
+def window_seeds() -> Seeds:
+    """States from real windows, and check() sequences with gaps, replays and huge jumps."""
+    numbers = [0, 1, 2, 5, 3, 3, 70, 6, (1 << 64) - 2, (1 << 64) - 1]
+    return {
+        "state_fresh": b"\x00" + _window_after([]),
+        "state_after_gaps": b"\x00" + _window_after([0, 2, 9, 4]),
+        "state_no_flags": b"\x00" + _window_after([7], replay=False, sequence=False),
+        "state_full_map": b"\x00" + _window_after(list(range(100))),
+        "state_last_number": b"\x00" + _window_after([(1 << 64) - 1]),
+        "state_truncated": b"\x00" + _window_after([1])[:-1],
+        "state_trailing": b"\x00" + _window_after([1]) + b"\x00",
+        "checks_mixed": b"\x01"
+        + _window_after([0])
+        + b"".join(n.to_bytes(8, "big") for n in numbers),
+        "checks_replay_only": b"\x01"
+        + _window_after([], sequence=False)
+        + b"".join(n.to_bytes(8, "big") for n in [0, 0, 100, 1, 100]),
+    }
+
+
+def _pair() -> tuple[MessageProtection, MessageProtection]:
+    initiator = MessageProtection(send_key=KEY_I2A, recv_key=KEY_A2I, initiator=True)
+    acceptor = MessageProtection(send_key=KEY_A2I, recv_key=KEY_I2A, initiator=False)
+    return initiator, acceptor
+
+
+# Mode byte of fuzz_protection: op | role << 2 | replay << 3 | sequence << 4.
+_ACCEPTOR_RX = 0x18
+_INITIATOR_RX = 0x1C
+
+
+@generator("protection")
+def protection_seeds() -> Seeds:
+    """Real wrap/MIC token streams in both directions, reordered and replayed, and states."""
+    initiator, acceptor = _pair()
+    i_tokens = [initiator.wrap(b"hello %d" % n, conf_req=n % 2 == 0)[0] for n in range(4)]
+    a_tokens = [acceptor.wrap(b"", conf_req=True)[0], acceptor.wrap(b"x" * 300, False)[0]]
+    mic = initiator.get_mic(MIC_MESSAGE)
+    reordered = [i_tokens[0], i_tokens[2], i_tokens[1], i_tokens[1], i_tokens[3]]
+    stepped = _pair()[1]
+    stepped.unwrap(i_tokens[0])
+    stepped.unwrap(i_tokens[2])
+    return {
+        "unwrap_in_order": bytes([_ACCEPTOR_RX]) + u16_join(i_tokens),
+        "unwrap_reordered_duplicate": bytes([_ACCEPTOR_RX]) + u16_join(reordered),
+        "unwrap_no_flags": bytes([_ACCEPTOR_RX & 0x07]) + u16_join(reordered),
+        "unwrap_from_acceptor": bytes([_INITIATOR_RX]) + u16_join(a_tokens),
+        "unwrap_reflected": bytes([_INITIATOR_RX]) + u16_join(i_tokens[:1]),
+        "unwrap_truncated": bytes([_ACCEPTOR_RX]) + u16_join([i_tokens[0][:31]]),
+        "mic_valid": bytes([_ACCEPTOR_RX | 1]) + u16_join([mic, MIC_MESSAGE]),
+        "mic_wrong_message": bytes([_ACCEPTOR_RX | 1]) + u16_join([mic, b"other"]),
+        "state_initiator": b"\x02" + initiator.export_state(),
+        "state_acceptor_mid_stream": b"\x02" + stepped.export_state(),
+        "state_bad_version": b"\x02\x02" + initiator.export_state()[1:],
+    }
+
+
+@generator("seal")
+def seal_seeds() -> Seeds:
+    """Real sealed tokens: valid, expired, for another worker, another mechanism."""
+
+    def sealed(plaintext: bytes, *, worker: bytes = WORKER_ID, expires: int = SEAL_EXPIRES,
+               mech: int = MECH_NOISE, nonce_byte: int = 1) -> bytes:
+        return seal(SEAL_KEY, plaintext=plaintext, mech=mech, worker_id=worker,
+                    expires_at=expires, nonce=bytes([nonce_byte]) * 12)
+
+    valid = sealed(b"an exported context would be here")
+    return {
+        "valid": b"\x01" + valid,
+        "valid_empty_plaintext": b"\x00" + sealed(b"", nonce_byte=2),
+        "expired": b"\x00" + sealed(b"old", expires=NOW, nonce_byte=3),
+        "other_worker": b"\x00" + sealed(b"misrouted", worker=OTHER_WORKER_ID, nonce_byte=4),
+        "other_mech": b"\x01" + sealed(b"mech 2", mech=2, nonce_byte=5),
+        "header_only": b"\x00" + valid[:39],
+        "bad_version": b"\x00\x02" + valid[1:],
+    }
+
+
+@generator("handoff")
+def handoff_seeds() -> Seeds:
+    """One real payload of every kind, and short/long variants."""
+    handoff = Handoff(7, b"slot-3", b"\x01" * 60).encode()
+    return {
+        "hello": b"\x00" + Hello(WORKER_ID, 4242).encode(),
+        "handoff": b"\x01" + handoff,
+        "handoff_empty_ref": b"\x01" + Handoff(1, b"", b"s").encode(),
+        "handoff_ref_overruns": b"\x01" + handoff[:8] + b"\xff" + handoff[9:],
+        "ack": b"\x02" + Ack(7).encode(),
+        "ack_refused": b"\x02" + Ack(7, 0x90000, 208).encode(),
+        "registered": b"\x03" + Registered(WORKER_ID, {"secret_fd": "0", "id": "w1"}).encode(),
+        "registered_not_object": b"\x03" + WORKER_ID + b"[1, 2]",
+        "refused": b"\x04" + Refused(0xF0000, 615).encode(),
+        "draining": b"\x05",
+        "drained_not_empty": b"\x06x",
+    }
+
+
+_CONFIG = b"""\
+# Every section and most keys, valid.
+[server]
+listen = ["127.0.0.1:7443", "[::1]:7443"]
+key = "server.key"
+allowed_clients = "clients.allow"
+allow_anonymous = false
+handshake_timeout = 2.5
+max_handshakes = 64
+context_lifetime = 600
+backlog = 128
+
+[workers]
+app = "examples.echo.app:handler"
+count = 2
+max_unacked = 4
+ack_timeout = 1.0
+drain_timeout = 5
+restart_backoff_max = 2.0
+boot_failures_max = 3
+register_socket = "register.sock"
+keyring = "auto"
+pythonpath = ["."]
+
+[policy]
+worker_uids = [0, 1000]
+worker_gids = [1000]
+worker_labels = ["system_u:system_r:handoffd_worker_t:s0"]
+require_label = true
+
+[control]
+socket = "handoffd.control"
+metrics = "127.0.0.1:9100"
+
+[log]
+level = "debug"
+format = "json"
+"""
+
+
+def _config_seeds() -> Seeds:
+    return {
+        "full": _CONFIG,
+        "empty": b"",
+        "unknown_key": b"[server]\nlisten_on = 1\n",
+        "bad_choice": b'[log]\nlevel = "loud"\n',
+        "bad_address": b'[server]\nlisten = ["::1:7443"]\n',
+        "negative": b"[workers]\ncount = -1\n",
+        "wrong_type": b'[policy]\nworker_uids = ["root"]\n',
+    }
+
+
+@generator("config")
+def config_seeds() -> Seeds:
+    """A full valid config and one of each validation failure."""
+    return _config_seeds()
+
+
+@generator("config_file")
+def config_file_seeds() -> Seeds:
+    """As ``config``, plus bytes that are not UTF-8 or not TOML."""
+    return _config_seeds() | {
+        "not_utf8": b"[server]\nkey = \"\xff\xfe\"\n",
+        "not_toml": b"[server\n",
+    }
+
+
+def write(target: str, seeds: Seeds) -> Path:
+    """Replace the generated seeds of ``target``; keep ``crash-*`` reproducers."""
+    directory = CORPUS / target
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.iterdir():
+        if old.name.startswith("seed-"):
+            old.unlink()
+    for name, data in sorted(seeds.items()):
+        (directory / f"seed-{name}").write_bytes(data)
+    return directory
+
+
+def main() -> None:
+    """Regenerate every target's seeds and print a short listing."""
+    for target, make in sorted(GENERATORS.items()):
+        seeds = make()
+        write(target, seeds)
+        digest = hashlib.sha256(b"".join(seeds[k] for k in sorted(seeds))).hexdigest()[:12]
+        print(f"{target:14} {len(seeds):3} seeds  {digest}")
+
+
+if __name__ == "__main__":
+    main()
