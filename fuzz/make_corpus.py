@@ -13,6 +13,7 @@ Usage: ``python -m fuzz.make_corpus`` from the repository root.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,10 +29,11 @@ from fuzz._fixtures import (
     WORKER_ID,
 )
 from fuzz._harness import u16_join
-from handoffd.core.handoff import Ack, Handoff, Hello, Refused, Registered
+from handoffd.core.handoff import Ack, Handoff, Hello, Kind, Refused, Registered
 from handoffd.core.protection import MessageProtection
 from handoffd.core.seal import seal
 from handoffd.core.window import SequenceWindow
+from handoffd.kernel.channel import HEADER, MAGIC, VERSION
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
@@ -151,6 +153,34 @@ def handoff_seeds() -> Seeds:
         "refused": b"\x04" + Refused(0xF0000, 615).encode(),
         "draining": b"\x05",
         "drained_not_empty": b"\x06x",
+    }
+
+
+def _frame(kind: int, payload: bytes, *, fd_flag: bool = False) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, 1 if fd_flag else 0, kind, 0, len(payload)) + payload
+
+
+@generator("channel")
+def channel_seeds() -> Seeds:
+    """Real handoff-protocol frames, with and without fds, attributes and credentials."""
+    handoff = _frame(Kind.HANDOFF, Handoff(9, b"slot-0", b"\x02" * 80).encode(), fd_flag=True)
+    hello = _frame(Kind.HELLO, Hello(WORKER_ID, 4242).encode())
+    own_credentials = struct.pack("<3I", 1, 0, 0)  # pid 1 (init) as uid 0: forged unless root
+    return {
+        "handoff_with_tcp_fd": b"\x01" + handoff,
+        "handoff_with_pipe_fd": b"\x41" + handoff,
+        "handoff_without_fd": b"\x00" + handoff,
+        "handoff_two_fds": b"\x03" + handoff,
+        "handoff_with_attributes": b"\x0d" + handoff,
+        "hello": b"\x04" + hello,
+        "hello_with_fd": b"\x01" + hello,
+        "hello_forged_credentials": b"\x24" + own_credentials + hello,
+        "ack_small_limit": b"\x10" + _frame(Kind.ACK, Ack(9).encode()),
+        "draining": b"\x00" + _frame(Kind.DRAINING, b""),
+        "empty_datagram": b"\x00",
+        "bad_magic": b"\x00XX" + hello[2:],
+        "length_mismatch": b"\x00" + hello[:-1],
+        "oversized_for_limit": b"\x10" + _frame(Kind.ACK, b"a" * 65),
     }
 
 
