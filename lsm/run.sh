@@ -46,16 +46,24 @@ ensure_packages() {
     fi
     as_root apt-get update -q >/dev/null || die "apt-get update failed"
     # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends \
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         $missing >/dev/null || die "apt-get install$missing failed"
 }
 
 # Prints the name of the kernel image package linux-image-amd64 currently depends on,
 # falling back to the last one used when apt-cache cannot answer (offline re-run).
+kernel_dependency() {
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n1
+}
+
 resolve_kernel_package() {
     local pkg
-    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
-        | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n1)
+    pkg=$(kernel_dependency)
+    if [ -z "$pkg" ] && [ ! -s "$LSM_DIR/kernel-package" ]; then
+        # A fresh machine may have no package lists yet (e.g. a slim container image).
+        as_root apt-get update -q >/dev/null 2>&1 && pkg=$(kernel_dependency)
+    fi
     if [ -z "$pkg" ] && [ -s "$LSM_DIR/kernel-package" ]; then
         pkg=$(cat "$LSM_DIR/kernel-package")
     fi
