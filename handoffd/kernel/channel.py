@@ -325,8 +325,13 @@ class Channel:
         return self._sock.fileno()
 
     def close(self) -> None:
-        """Close this end (wakes any task blocked on it)."""
-        self._sock.close()
+        """Close this end (wakes any task blocked on it); also works outside ``trio.run``."""
+        try:
+            self._sock.close()
+        except RuntimeError:  # no trio run, so no task can be waiting on this socket
+            fd = self._sock.detach()
+            if fd >= 0:
+                os.close(fd)
 
     async def aclose(self) -> None:
         """Close this end, as a trio checkpoint."""
