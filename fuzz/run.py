@@ -83,7 +83,7 @@ def run_target(target: str, seconds: int) -> Result:
     command = [
         sys.executable, "-m", f"fuzz.fuzz_{target}", str(work), str(seeds),
         f"-max_total_time={seconds}", f"-artifact_prefix={prefix}", "-timeout=20",
-        "-rss_limit_mb=2048", "-print_final_stats=1", "-max_len=4096",
+        "-rss_limit_mb=2048", "-print_final_stats=1", "-max_len=8192",
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     started = time.monotonic()
