@@ -14,6 +14,7 @@ bit   meaning
 4     max_payload 64 instead of the default
 5     attach an explicit SCM_CREDENTIALS (pid, uid, gid: bytes 1-12, u32 LE)
 6     bit 0's fd is a pipe end, not a TCP socket
+7     attach six more pipe ends (more than the receive buffer has room for: MSG_CTRUNC)
 ====  ==========================================================================
 
 The rest is the datagram.  Invariant: ``receive`` returns or raises
@@ -59,6 +60,8 @@ def _ancillary(mode: int, data: bytes) -> list[tuple[int, int, bytes]]:
         fds.append(_PIPE_READ if mode & 0x40 else _TCP_CLIENT.fileno())
     if mode & 0x02:
         fds.append(_PIPE_WRITE)
+    if mode & 0x80:
+        fds.extend([_PIPE_READ, _PIPE_WRITE] * 3)
     ancillary = []
     if fds:
         ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(fds)}i", *fds)))

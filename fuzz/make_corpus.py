@@ -172,6 +172,7 @@ def channel_seeds() -> Seeds:
         "handoff_without_fd": b"\x00" + handoff,
         "handoff_two_fds": b"\x03" + handoff,
         "handoff_with_attributes": b"\x0d" + handoff,
+        "handoff_fds_overflow": b"\x81" + handoff,
         "hello": b"\x04" + hello,
         "hello_with_fd": b"\x01" + hello,
         "hello_forged_credentials": b"\x24" + own_credentials + hello,
