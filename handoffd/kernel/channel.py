@@ -202,6 +202,9 @@ class Channel:
         except trio.ClosedResourceError:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "channel closed locally") from None
         except OSError as error:
+            if self._sock.fileno() < 0:
+                raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED,
+                               "channel closed locally") from None
             if error.errno in _CLOSED_ERRNOS:
                 raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED,
                                os.strerror(error.errno or 0)) from None
@@ -221,8 +224,9 @@ class Channel:
         except trio.ClosedResourceError:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "channel closed locally") from None
         except OSError as error:
+            detail = "channel closed locally" if self._sock.fileno() < 0 else None
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED,
-                           os.strerror(error.errno or 0)) from None
+                           detail or os.strerror(error.errno or 0)) from None
         # First take every descriptor the kernel installed, so that none can escape.
         fds: list[int] = []
         pidfds: list[int] = []
