@@ -28,7 +28,7 @@ from typing import Final
 
 import trio
 
-from handoffd.kernel.peer import normalise_label, pidfd_pid
+from handoffd.kernel.peer import normalise_label
 from handoffd.minor import Minor
 from handoffd.status import (
     GSS_S_CALL_BAD_STRUCTURE,
@@ -73,11 +73,15 @@ class SenderAttributes:
     label: bytes | None
 
 
-def _pidfd_identity(pidfd: int | None) -> tuple[int, int] | None:
-    # Same process <=> same pid *and* same pidfs inode (inodes are not reused like pids).
+def _pidfd_identity(pidfd: int | None) -> int | None:
+    # The kernel makes SCM_PIDFD from the SCM_CREDENTIALS pid, so the pid it names
+    # (pidfd_pid, /proc/self/fdinfo) is the credentials' pid, already in the key.  What the
+    # pidfd adds is its pidfs inode (Linux >= 6.9): one per process, never reused like pids,
+    # so a recycled pid still counts as a change.  (Older kernels share one anon inode.)
+    # fstat costs ~0.6 us against ~7.5 us for reading fdinfo on every message.
     if pidfd is None:
         return None
-    return pidfd_pid(pidfd), os.fstat(pidfd).st_ino
+    return os.fstat(pidfd).st_ino
 
 
 def _close(fd: int | None) -> None:
