@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from handoffd.kernel.channel import Channel, Received
-from handoffd.kernel.peer import PeerIdentity, PeerPolicy
 from lsm_support import (
     ACCEPTOR,
     IMPOSTOR,
@@ -26,6 +24,8 @@ from lsm_support import (
     wait_ok,
 )
 
+from handoffd.kernel.channel import Channel, Received
+from handoffd.kernel.peer import PeerIdentity, PeerPolicy
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_UNAUTHORIZED, GSSError
 

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from handoffd.kernel.peer import PeerPolicy, read_peer_identity, read_peer_label
 from lsm_support import (
     ACCEPTOR,
     EXTERNAL_WORKER,
@@ -27,6 +26,7 @@ from lsm_support import (
     wait_ok,
 )
 
+from handoffd.kernel.peer import PeerPolicy, read_peer_identity, read_peer_label
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_UNAUTHORIZED, GSSError
 
