@@ -1,0 +1,129 @@
+"""Key files on disk: the server's and clients' private keys, public keys, allow-lists.
+
+Formats (text, one line each; ``docs/PROTOCOL.md`` §Keys)::
+
+    private key:  handoffd-x25519-private <base64 of the 32-byte private key>
+    public key:   noise-x25519 <base64 of the 32-byte public key> [comment]
+    allow-list:   one public-key line per client, with its name as the comment
+
+A private key file must be a regular file not readable, writable or
+executable by group or others (mode 0600 or stricter): handoffd refuses it
+otherwise, as ssh does, with ``KEY_FILE_PERMISSIONS`` naming the mode.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+from pathlib import Path
+from typing import Final
+
+from handoffd.core.credentials import KEY_TYPE, AllowList, StaticKeyPair, parse_public_key_line
+from handoffd.minor import Minor
+from handoffd.status import GSS_S_DEFECTIVE_CREDENTIAL, GSS_S_FAILURE, GSS_S_NO_CRED, GSSError
+
+__all__ = [
+    "PRIVATE_KEY_TYPE",
+    "load_allow_list",
+    "load_private_key",
+    "load_public_key",
+    "public_key_line",
+    "save_private_key",
+]
+
+PRIVATE_KEY_TYPE: Final = "handoffd-x25519-private"
+_MAX_FILE: Final = 1024 * 1024
+
+
+def _read_text(path: str | os.PathLike[str], what: str) -> tuple[str, os.stat_result]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as error:
+        raise GSSError(GSS_S_NO_CRED, Minor.BAD_KEY_FILE,
+                       f"cannot open {what} {os.fspath(path)}: {error.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise GSSError(GSS_S_NO_CRED, Minor.BAD_KEY_FILE,
+                           f"{what} {os.fspath(path)} is not a regular file")
+        data = os.read(fd, _MAX_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_FILE:
+        raise GSSError(GSS_S_DEFECTIVE_CREDENTIAL, Minor.BAD_KEY_FILE,
+                       f"{what} {os.fspath(path)} is larger than 1 MiB")
+    try:
+        return data.decode("ascii"), info
+    except UnicodeDecodeError:
+        raise GSSError(GSS_S_DEFECTIVE_CREDENTIAL, Minor.BAD_KEY_FILE,
+                       f"{what} {os.fspath(path)} is not ASCII text") from None
+
+
+def load_private_key(path: str | os.PathLike[str]) -> StaticKeyPair:
+    """Load a private key file; refuse one that group or others can access."""
+    text, info = _read_text(path, "private key")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise GSSError(GSS_S_NO_CRED, Minor.KEY_FILE_PERMISSIONS,
+                       f"{os.fspath(path)} has mode {mode:04o}; run chmod 600 on it")
+    parts = text.split()
+    if len(parts) != 2 or parts[0] != PRIVATE_KEY_TYPE:
+        raise GSSError(GSS_S_DEFECTIVE_CREDENTIAL, Minor.BAD_KEY_FILE,
+                       f"{os.fspath(path)}: expected '{PRIVATE_KEY_TYPE} <base64>'")
+    try:
+        private = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise GSSError(GSS_S_DEFECTIVE_CREDENTIAL, Minor.BAD_KEY_FILE,
+                       f"{os.fspath(path)}: key is not base64") from None
+    return StaticKeyPair(private)
+
+
+def public_key_line(public_key: bytes, comment: str = "") -> str:
+    """``noise-x25519 <base64> [comment]``, the public key and allow-list line."""
+    line = f"{KEY_TYPE} {base64.b64encode(public_key).decode('ascii')}"
+    return f"{line} {comment}" if comment else line
+
+
+def save_private_key(path: str | os.PathLike[str], keypair: StaticKeyPair,
+                     comment: str = "") -> None:
+    """Write ``path`` (mode 0600, must not exist) and ``path.pub`` (0644)."""
+    target = Path(path)
+    body = f"{PRIVATE_KEY_TYPE} {base64.b64encode(keypair.private_bytes).decode('ascii')}\n"
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise GSSError(GSS_S_FAILURE, Minor.BAD_KEY_FILE,
+                       f"cannot create {target}: {error.strerror}") from None
+    try:
+        os.write(fd, body.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    public = target.with_name(target.name + ".pub")
+    public.write_text(public_key_line(keypair.public_bytes, comment) + "\n", encoding="ascii")
+
+
+def load_public_key(path: str | os.PathLike[str]) -> bytes:
+    """The 32-byte key of a public key file."""
+    text, _ = _read_text(path, "public key")
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if len(lines) != 1:
+        raise GSSError(GSS_S_DEFECTIVE_CREDENTIAL, Minor.BAD_KEY_FILE,
+                       f"{os.fspath(path)}: expected one '{KEY_TYPE} <base64>' line")
+    try:
+        key, _ = parse_public_key_line(lines[0])
+    except GSSError as error:
+        raise GSSError(GSS_S_DEFECTIVE_CREDENTIAL, Minor.BAD_KEY_FILE,
+                       f"{os.fspath(path)}: {error.detail}") from None
+    return key
+
+
+def load_allow_list(path: str | os.PathLike[str]) -> AllowList:
+    """Parse an allow-list file (see :mod:`handoffd.core.credentials`)."""
+    text, _ = _read_text(path, "allow-list")
+    try:
+        return AllowList.parse(text)
+    except GSSError as error:
+        raise GSSError(error.major, error.minor, f"{os.fspath(path)}: {error.detail}") from None
