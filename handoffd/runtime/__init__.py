@@ -1,0 +1,1 @@
+"""The trio runtime: acceptor, worker library, supervisor, client, control."""

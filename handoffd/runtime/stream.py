@@ -1,0 +1,123 @@
+"""A trio stream over an established security context: wrap on send, unwrap on receive.
+
+Both the client and a worker that imported a handed-off context talk to the
+peer through :class:`SecureStream`.  Each ``send_all`` chunk becomes one
+per-message token in one MESSAGE frame; ``receive_some`` unwraps frames and
+returns plaintext.  A CLOSE frame is end of stream; an ERROR frame raises the
+GSS status the peer reported.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+from handoffd.core.framing import Frame, FrameDecoder, FrameType, decode_error, encode_frame
+from handoffd.minor import Minor
+from handoffd.status import GSS_S_DEFECTIVE_TOKEN, GSS_S_FAILURE, GSSError
+
+MAX_CHUNK = 16 * 1024
+"""Plaintext bytes per per-message token: small enough for low latency, big enough
+that the AEAD call dominates the per-token overhead."""
+
+_READ_SIZE = 64 * 1024
+
+
+class _Context(Protocol):
+    def wrap(self, data: bytes, conf_req: bool = True, qop: int = 0) -> bytes: ...
+    def unwrap(self, token: bytes) -> object: ...
+
+
+class SecureStream(trio.abc.Stream):
+    """Per-message-protected byte stream over a transport stream.
+
+    ``context`` is an established security context (``handoffd.core.context``);
+    ``decoder`` may already hold bytes read past the handshake (nothing is lost
+    across a handoff: the worker seeds it with the exported ``unread`` bytes).
+    ``info`` carries what the application may want to know: peer name, flags,
+    the sender's attributes of the handoff.
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        context: _Context,
+        *,
+        decoder: FrameDecoder | None = None,
+        info: dict[str, object] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.context = context
+        self.info: dict[str, object] = info or {}
+        self._decoder = decoder or FrameDecoder()
+        self._plain = bytearray()
+        self._eof = False
+        self._send_lock = trio.StrictFIFOLock()
+        self._closed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        view = memoryview(data)
+        async with self._send_lock:
+            out = bytearray()
+            for start in range(0, len(view), MAX_CHUNK):
+                token = self.context.wrap(bytes(view[start:start + MAX_CHUNK]))
+                out += encode_frame(FrameType.MESSAGE, token)
+            if out:
+                await self.transport.send_all(out)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        while not self._plain and not self._eof:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                chunk = await self.transport.receive_some(_READ_SIZE)
+                if not chunk:
+                    if self._decoder.unread():
+                        raise GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.TOKEN_TRUNCATED,
+                                       "connection closed in the middle of a frame")
+                    self._eof = True
+                    break
+                self._decoder.feed(chunk)
+                continue
+            self._handle(frame)
+        size = len(self._plain) if max_bytes is None else min(max_bytes, len(self._plain))
+        data = bytes(self._plain[:size])
+        del self._plain[:size]
+        return data
+
+    def _handle(self, frame: Frame) -> None:
+        if frame.type == FrameType.MESSAGE:
+            result = self.context.unwrap(frame.body)
+            self._plain += result.data  # type: ignore[attr-defined]
+        elif frame.type == FrameType.CLOSE:
+            self._eof = True
+        elif frame.type == FrameType.ERROR:
+            major, minor = decode_error(frame.body)
+            raise GSSError(major, minor, "reported by the peer")
+        else:
+            raise GSSError(GSS_S_FAILURE, Minor.TOKEN_BAD_TYPE,
+                           f"unexpected {frame.type.name} frame after the handshake")
+
+    async def send_close(self) -> None:
+        """Tell the peer we are done (a CLOSE frame); the transport stays open for reading."""
+        async with self._send_lock:
+            await self.transport.send_all(encode_frame(FrameType.CLOSE, b""))
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with trio.move_on_after(1):
+                await self.transport.send_all(encode_frame(FrameType.CLOSE, b""))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await self.transport.aclose()

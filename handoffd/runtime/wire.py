@@ -1,0 +1,97 @@
+"""The client-server handshake over a trio stream, for both roles.
+
+Framing and the mechanism are sans-I/O (``handoffd.core``); this module only
+moves their bytes.  On the acceptor, bytes read past the final handshake frame
+stay in the decoder and travel with the exported context, so nothing the
+client pipelined is lost.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from handoffd.core.context import AcceptorContext, InitiatorContext
+from handoffd.core.framing import (
+    Frame,
+    FrameDecoder,
+    FrameType,
+    decode_error,
+    encode_error,
+    encode_frame,
+    unwrap_first_token,
+    wrap_first_token,
+)
+from handoffd.minor import Minor
+from handoffd.status import (
+    GSS_S_COMPLETE,
+    GSS_S_CONTINUE_NEEDED,
+    GSS_S_DEFECTIVE_TOKEN,
+    GSS_S_FAILURE,
+    GSSError,
+)
+
+READ_SIZE = 64 * 1024
+
+
+async def read_frame(stream: trio.abc.ReceiveStream, decoder: FrameDecoder) -> Frame:
+    """The next whole frame; EOF before it is ``PEER_CLOSED``."""
+    while True:
+        frame = decoder.next_frame()
+        if frame is not None:
+            return frame
+        data = await stream.receive_some(READ_SIZE)
+        if not data:
+            raise GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED,
+                           "connection closed during the handshake")
+        decoder.feed(data)
+
+
+def _handshake_body(frame: Frame) -> bytes:
+    if frame.type == FrameType.ERROR:
+        major, minor = decode_error(frame.body)
+        raise GSSError(major, minor, "reported by the peer")
+    if frame.type != FrameType.HANDSHAKE:
+        raise GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.TOKEN_BAD_TYPE,
+                       f"expected a HANDSHAKE frame, got {frame.type.name}")
+    return frame.body
+
+
+async def accept_handshake(
+    stream: trio.abc.Stream, context: AcceptorContext, decoder: FrameDecoder
+) -> None:
+    """Run the acceptor side until the context is established."""
+    first = True
+    while True:
+        body = _handshake_body(await read_frame(stream, decoder))
+        token = unwrap_first_token(body) if first else body
+        first = False
+        major, output = context.step(token)
+        if output:
+            await stream.send_all(encode_frame(FrameType.HANDSHAKE, output))
+        if major == GSS_S_COMPLETE:
+            return
+        if major != GSS_S_CONTINUE_NEEDED:  # pragma: no cover - step raises on errors
+            raise GSSError(major)
+
+
+async def initiate_handshake(
+    stream: trio.abc.Stream, context: InitiatorContext, decoder: FrameDecoder
+) -> None:
+    """Run the initiator side until the context is established."""
+    major, output = context.step(None)
+    await stream.send_all(encode_frame(FrameType.HANDSHAKE, wrap_first_token(output)))
+    while major == GSS_S_CONTINUE_NEEDED:
+        body = _handshake_body(await read_frame(stream, decoder))
+        major, output = context.step(body)
+        if output:
+            await stream.send_all(encode_frame(FrameType.HANDSHAKE, output))
+
+
+async def send_error(stream: trio.abc.SendStream, error: GSSError) -> None:
+    """Best effort: tell the peer why we are closing (status codes only, no secrets)."""
+    try:
+        with trio.move_on_after(1):
+            await stream.send_all(encode_frame(FrameType.ERROR,
+                                               encode_error(error.major, error.minor)))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
