@@ -1,0 +1,352 @@
+"""The worker library: receive handed-off, already-secured connections.
+
+Any pre-forked worker process embeds this.  A worker spawned by handoffd
+inherits its channel and key grant (:meth:`HandoffReceiver.inherited`); each
+handoff it receives is checked and turned into a :class:`SecureStream`:
+
+1. the sender is verified: the channel's peer (``SO_PEERCRED``) and the
+   per-message sender credentials (``SCM_CREDENTIALS``, ``SCM_PIDFD``, label)
+   must name the acceptor process; anything else is refused and its fd closed;
+2. the key that opens the sealed token is claimed from the kernel keyring
+   (and burned: a replayed token cannot be opened again);
+3. the token is opened (bound to this worker and an expiry) and the context
+   imported, with the bytes the acceptor had already read from the client;
+4. the import is acknowledged *before* any byte is read from or written to the
+   client, so a worker that dies before its ACK never used the context and the
+   acceptor may safely redeliver the connection to another worker.
+
+Typical use inside a pre-fork server's worker::
+
+    receiver = HandoffReceiver.inherited()          # before trio.run: joins the key grant
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async for stream in receiver:            # SecureStream per connection
+                nursery.start_soon(handle, stream)
+    trio.run(main)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+
+import trio
+
+from handoffd.core.context import import_context
+from handoffd.core.framing import FrameDecoder
+from handoffd.core.handoff import FD_KINDS, Ack, Handoff, Hello, Kind, Refused, Registered
+from handoffd.core.seal import open_sealed
+from handoffd.kernel.channel import Channel, Received, validate_tcp_stream
+from handoffd.kernel.parking import ENV_FD, WorkerParking
+from handoffd.kernel.peer import PeerIdentity, PeerPolicy
+from handoffd.minor import Minor
+from handoffd.runtime.stream import SecureStream
+from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
+
+log = logging.getLogger("handoffd.worker")
+
+ENV_CHANNEL_FD = "HANDOFFD_CHANNEL_FD"
+ENV_WORKER_ID = "HANDOFFD_WORKER_ID"
+ENV_ACCEPTOR_PID = "HANDOFFD_ACCEPTOR_PID"
+
+Handler = Callable[[SecureStream], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What a worker knows about itself and about who may send it handoffs."""
+
+    worker_id: bytes
+    acceptor_pid: int
+    acceptor_uid: int
+
+
+class HandoffReceiver:
+    """The receiving end of one worker's handoff channel.
+
+    Iterate it (``async for stream in receiver``) to get one
+    :class:`SecureStream` per handed-off connection.  Refused handoffs are
+    logged with their GSS status and never raise out of the iterator: a worker
+    does not die on a peer's bytes.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        parking: WorkerParking,
+        identity: WorkerIdentity,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.channel = channel
+        self.parking = parking
+        self.identity = identity
+        self.clock = clock
+        self.refused = 0
+        self.accepted = 0
+        self._hello_sent = False
+        self._draining = False
+        self._policy = PeerPolicy(
+            uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid
+        )
+
+    @classmethod
+    def inherited(cls, environ: Mapping[str, str] | None = None) -> HandoffReceiver:
+        """Set up a worker spawned by handoffd: adopt the key grant, open the channel.
+
+        Call it before ``trio.run`` is fine, and it must run before the
+        process reads any key: adopting joins a fresh session keyring so the
+        worker stops possessing the acceptor's and its siblings' keys.
+        """
+        env = os.environ if environ is None else environ
+        try:
+            fd = int(env[ENV_CHANNEL_FD])
+            worker_id = bytes.fromhex(env[ENV_WORKER_ID])
+            acceptor_pid = int(env[ENV_ACCEPTOR_PID])
+        except (KeyError, ValueError):
+            raise GSSError(GSS_S_UNAUTHORIZED, Minor.WORKER_NOT_REGISTERED,
+                           "not started by handoffd (HANDOFFD_* environment missing)") from None
+        parking = WorkerParking.adopt(env)
+        channel = Channel.from_fd(fd, fd_kinds=FD_KINDS, validate_fd=None)
+        identity = channel.peer_identity()
+        receiver = cls(channel, parking,
+                       WorkerIdentity(worker_id, acceptor_pid, identity.uid))
+        receiver._verify_channel_peer(identity)
+        return receiver
+
+    @classmethod
+    async def register(cls, path: str, *, acceptor_uids: frozenset[int] | None = None
+                       ) -> HandoffReceiver:
+        """Register an external worker (not spawned by handoffd) over the Unix socket.
+
+        The acceptor checks this process against its ``[policy]``; this side
+        checks that whoever listens on ``path`` runs as one of
+        ``acceptor_uids`` (default: our own uid or root).  Raises the
+        acceptor's refusal as a ``GSSError``.
+        """
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        channel = Channel(sock, fd_kinds=FD_KINDS, validate_fd=None)
+        # Credentials must be switched on before the acceptor's first message is sent.
+        channel.enable_extended_attributes()
+        try:
+            await sock.connect(path)
+        except OSError as error:
+            channel.close()
+            raise GSSError(GSS_S_UNAVAILABLE, Minor.CONNECT_FAILED,
+                           f"{path}: {error.strerror}") from None
+        try:
+            identity = channel.peer_identity()
+            uids = acceptor_uids if acceptor_uids is not None else frozenset({os.getuid(), 0})
+            PeerPolicy(uids=uids).check(identity)
+            message = await _receive(channel)
+            if message.kind == Kind.REFUSED:
+                refused = Refused.decode(message.payload)
+                raise GSSError(refused.major, refused.minor,
+                               "registration refused by the acceptor")
+            if message.kind != Kind.REGISTERED or message.fd is None:
+                _close_fd(message.fd)
+                raise GSSError(GSS_S_FAILURE, Minor.REGISTRATION_REFUSED,
+                               "unexpected answer to registration")
+            try:
+                _check_sender(message, PeerPolicy(uids=frozenset({identity.uid}),
+                                                  pid=identity.pid))
+                registered = Registered.decode(message.payload)
+            except GSSError:
+                os.close(message.fd)
+                raise
+            grant = dict(registered.grant)
+            grant[ENV_FD] = str(message.fd)
+            parking = WorkerParking.adopt(grant)
+        except BaseException:
+            channel.close()
+            raise
+        return cls(channel, parking,
+                   WorkerIdentity(registered.worker_id, identity.pid, identity.uid))
+
+    def _verify_channel_peer(self, identity: PeerIdentity) -> None:
+        # SO_PEERCRED names whoever created the socketpair: it must be the acceptor.
+        self._policy.check(identity)
+
+    async def hello(self) -> None:
+        """Announce this worker to the acceptor (done by the first iteration if not before)."""
+        self.channel.enable_extended_attributes()
+        await self.channel.send(Kind.HELLO, Hello(self.identity.worker_id, os.getpid()).encode())
+        self._hello_sent = True
+
+    async def drain(self) -> None:
+        """Stop taking handoffs: the acceptor answers DRAINED and the iterator ends."""
+        if not self._draining:
+            self._draining = True
+            await self.channel.send(Kind.DRAINING, b"")
+
+    def __aiter__(self) -> AsyncIterator[SecureStream]:
+        return self._streams()
+
+    async def _streams(self) -> AsyncIterator[SecureStream]:
+        if not self._hello_sent:
+            await self.hello()
+        while True:
+            try:
+                message = await _receive(self.channel)
+            except GSSError as error:
+                if error.minor == Minor.CHANNEL_CLOSED:
+                    return
+                self.refused += 1
+                log.warning("handoff message refused: %s", error)
+                continue
+            if message.kind == Kind.DRAINED:
+                _close_fd(message.fd)
+                return
+            if message.kind != Kind.HANDOFF:
+                _close_fd(message.fd)
+                log.warning("unexpected %s message on the handoff channel ignored",
+                            _kind_name(message.kind))
+                continue
+            stream = await self._accept_handoff(message)
+            if stream is not None:
+                yield stream
+
+    async def _accept_handoff(self, message: Received) -> SecureStream | None:
+        fd = message.fd
+        assert fd is not None  # the channel enforces one fd for HANDOFF
+        try:
+            self._verify_sender(message)
+            validate_tcp_stream(fd)
+        except GSSError as error:
+            # Not from the acceptor: no ACK (the acceptor did not send it), just refuse.
+            os.close(fd)
+            self.refused += 1
+            log.warning("handoff from an unauthorized sender refused: %s", error)
+            return None
+        handoff_id = 0
+        try:
+            handoff = Handoff.decode(message.payload)
+            handoff_id = handoff.handoff_id
+            key = self.parking.claim(handoff.key_ref)
+            inner = open_sealed(key, handoff.sealed, worker_id=self.identity.worker_id,
+                                now=self.clock())
+            context, unread = import_context(inner, clock=self.clock)
+        except GSSError as error:
+            os.close(fd)
+            self.refused += 1
+            log.warning("handoff %d refused: %s", handoff_id, error)
+            if handoff_id:
+                await self._ack(Ack(handoff_id, error.major, error.minor))
+            return None
+        sock = socket.socket(fileno=fd)
+        # The ACK goes out before any I/O on the client socket: see the module docstring.
+        await self._ack(Ack(handoff_id))
+        self.accepted += 1
+        decoder = FrameDecoder()
+        if unread:
+            decoder.feed(unread)
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        info: dict[str, object] = {
+            "peer_name": context.peer_name,
+            "peer_fingerprint": context.peer_fingerprint,
+            "flags": context.flags,
+            "anonymous": context.anonymous,
+            "handoff_id": handoff_id,
+            "sender": message.attributes,
+            "worker_pid": os.getpid(),
+        }
+        return SecureStream(transport, context, decoder=decoder, info=info)
+
+    def _verify_sender(self, message: Received) -> None:
+        _check_sender(message, self._policy)
+
+    async def _ack(self, ack: Ack) -> None:
+        try:
+            await self.channel.send(Kind.ACK, ack.encode())
+        except GSSError as error:
+            log.warning("could not acknowledge handoff %d: %s", ack.handoff_id, error)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+async def _receive(channel: Channel) -> Received:
+    """The next message, its per-message pidfd closed at once.
+
+    The policy checks the credentials' pid, uid, gid and label; keeping a pidfd
+    per message open would cost one fd per handoff for nothing.
+    """
+    message = await channel.receive()
+    attributes = message.attributes
+    if attributes is not None and attributes.pidfd is not None:
+        os.close(attributes.pidfd)
+        message = replace(message, attributes=replace(attributes, pidfd=None))
+    return message
+
+
+def _check_sender(message: Received, policy: PeerPolicy) -> None:
+    """The per-message credentials the kernel attached must satisfy ``policy``."""
+    attributes = message.attributes
+    if attributes is None:
+        raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_CREDENTIALS_UNAVAILABLE,
+                       "message arrived without sender credentials")
+    policy.check(PeerIdentity(pid=attributes.pid, uid=attributes.uid, gid=attributes.gid,
+                              label=attributes.label))
+
+
+def _close_fd(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _kind_name(kind: int) -> str:
+    try:
+        return Kind(kind).name
+    except ValueError:
+        return f"kind {kind}"
+
+
+async def serve(
+    receiver: HandoffReceiver,
+    handler: Handler,
+    *,
+    drain_timeout: float = 30.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``handler(stream)`` for every handed-off connection until drained.
+
+    SIGTERM makes the worker drain: it tells the acceptor it takes no more
+    handoffs, lets running sessions finish for up to ``drain_timeout``
+    seconds, then returns.  A handler's exception is logged and ends only its
+    own session.
+    """
+    import signal
+
+    async def run_session(stream: SecureStream) -> None:
+        try:
+            async with stream:
+                await handler(stream)
+        except GSSError as error:
+            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
+        except Exception:
+            log.exception("application handler failed")
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as sessions:
+            async def on_signal() -> None:
+                async for _ in signals:
+                    await receiver.drain()
+                    sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+                    return
+
+            async with trio.open_nursery() as control:
+                control.start_soon(on_signal)
+                await receiver.hello()
+                task_status.started()
+                async for stream in receiver:
+                    sessions.start_soon(run_session, stream)
+                control.cancel_scope.cancel()
+            if not receiver._draining:
+                # Channel closed by the acceptor: finish what we have, bounded.
+                sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
