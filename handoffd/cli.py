@@ -54,8 +54,131 @@ def _add_display_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.set_defaults(handler=_cmd_display_status)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from handoffd.config import load_config
+    from handoffd.logs import setup_logging
+    from handoffd.runtime.daemon import Daemon
+
+    config = load_config(args.config)
+    setup_logging(config.log.level, config.log.format, role="acceptor")
+    trio.run(Daemon(config).run)
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    import os
+
+    from handoffd import keyfiles
+    from handoffd.core.credentials import StaticKeyPair, fingerprint
+
+    keypair = StaticKeyPair.generate(os.urandom)
+    keyfiles.save_private_key(args.out, keypair)
+    print(f"wrote {args.out} and {args.out}.pub")
+    print(f"fingerprint {fingerprint(keypair.public_bytes)}")
+    return 0
+
+
+def _control_path(args: argparse.Namespace) -> str:
+    if args.control:
+        return str(args.control)
+    from handoffd.config import load_config
+
+    config = load_config(args.config)
+    if config.control.socket is None:
+        raise GSSError(status.GSS_S_UNAVAILABLE, detail="the config has no [control] socket")
+    return str(config.control.socket)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    import trio
+
+    from handoffd.runtime.control import query_control
+
+    snapshot = trio.run(query_control, _control_path(args))
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+        return 0
+    totals = snapshot["totals"]
+    latency = snapshot["handoff_latency_us"]
+    print(f"handoffd pid {snapshot['pid']} {snapshot['state']}, up {snapshot['uptime_s']:.0f}s, "
+          f"key parking: {snapshot['key_parking']}, listening on "
+          f"{', '.join(snapshot['listen'])}")
+    print(f"{'worker':>6} {'pid':>8} {'state':>9} {'in-flight':>9} {'handled':>8} {'restarts':>8}")
+    for w in snapshot["workers"]:
+        print(f"{w['index']:>6} {w['pid'] or '-':>8} {w['state']:>9} {w['in_flight']:>9} "
+              f"{w['handled']:>8} {w['restarts']:>8}")
+    print("totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    if latency["p50"] is not None:
+        print(f"handoff latency: p50 {latency['p50']:.0f} us, p99 {latency['p99']:.0f} us")
+    failures = snapshot["handshake_failures"]
+    if failures:
+        print("handshake failures: " + ", ".join(f"{k} {v}" for k, v in failures.items()))
+    return 0
+
+
+def _cmd_connect(args: argparse.Namespace) -> int:
+    import trio
+
+    from handoffd.runtime.connect_cli import run_connect
+
+    return trio.run(run_connect, args)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from handoffd.doctor import run_doctor
+
+    return run_doctor(json_output=args.json)
+
+
+def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser("serve", help="run the acceptor and its pre-forked workers",
+                       description="Run the daemon in the foreground (systemd, Docker or a "
+                       "terminal). SIGTERM drains, SIGHUP rolls workers, SIGTTIN/SIGTTOU "
+                       "resize the pool.")
+    p.add_argument("--config", required=True, type=Path, help="TOML configuration file")
+    p.set_defaults(handler=_cmd_serve)
+
+    p = sub.add_parser("keygen", help="generate a static key pair (server or client)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="private key file to write (mode 0600); the public key goes to OUT.pub")
+    p.set_defaults(handler=_cmd_keygen)
+
+    p = sub.add_parser("status", help="show workers, totals and failures of a running daemon")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--control", type=Path, help="the daemon's control socket")
+    group.add_argument("--config", type=Path, help="read the control socket path from here")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_cmd_status)
+
+    p = sub.add_parser("connect", help="connect to a handoffd server, like nc",
+                       description="Copy stdin to the server and the server's replies to "
+                       "stdout over a secure channel.")
+    p.add_argument("server", help="HOST:PORT ([v6]:PORT)")
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument("--server-key", type=Path, help="the server's public key file (.pub)")
+    pin.add_argument("--fingerprint", help="the server's key fingerprint (SHA256:...)")
+    p.add_argument("--tofu", action="store_true",
+                   help="trust on first use: remember the server's key in the known-servers "
+                   "file, refuse a different key later")
+    p.add_argument("--known-servers", type=Path, help="known-servers file for --tofu")
+    p.add_argument("--key", type=Path, help="client private key (default: anonymous)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(handler=_cmd_connect)
+
+    p = sub.add_parser("doctor", help="check this host: keyring, pidfds, LSM labels, limits")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_doctor)
+
+
 # Sub-command registrars; each adds its parser and sets ``handler``.
 _REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_daemon_commands,
     _add_display_status,
 ]
 

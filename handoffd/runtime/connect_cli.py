@@ -1,0 +1,56 @@
+"""``handoffd connect``: stdin to the server, the server's replies to stdout, like nc."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import trio
+
+from handoffd import keyfiles
+from handoffd.config import parse_address
+from handoffd.core.credentials import fingerprint
+from handoffd.minor import Minor
+from handoffd.runtime.client import KnownServers, connect, default_known_servers
+from handoffd.status import GSS_S_NO_CRED, GSSError
+
+
+def _pinned_fingerprint(args: argparse.Namespace, server: str) -> str | None:
+    if args.server_key:
+        return fingerprint(keyfiles.load_public_key(args.server_key))
+    if args.fingerprint:
+        return str(args.fingerprint)
+    known = KnownServers(args.known_servers or default_known_servers()).lookup(server)
+    if known is None and not args.tofu:
+        raise GSSError(GSS_S_NO_CRED, Minor.SERVER_KEY_MISMATCH,
+                       f"no key pinned for {server}: give --server-key, --fingerprint or --tofu")
+    return known
+
+
+async def run_connect(args: argparse.Namespace) -> int:
+    host, port = parse_address(args.server)
+    server = f"{host}:{port}"
+    pinned = _pinned_fingerprint(args, server)
+    static_key = keyfiles.load_private_key(args.key) if args.key else None
+    stream = await connect(host, port, server_fingerprint=pinned, static_key=static_key,
+                           timeout=args.timeout)
+    if pinned is None:
+        seen = str(stream.info["peer_fingerprint"])
+        store = KnownServers(args.known_servers or default_known_servers())
+        if store.check_or_remember(server, seen):
+            print(f"handoffd: remembered {server} {seen} in {store.path}", file=sys.stderr)
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    stdout = trio.lowlevel.FdStream(os.dup(sys.stdout.fileno()))
+
+    async def upstream() -> None:
+        async for data in stdin:
+            await stream.send_all(data)
+        await stream.send_close()
+
+    async with stream, stdin, stdout, trio.open_nursery() as nursery:
+        nursery.start_soon(upstream)
+        async for data in stream:
+            await stdout.send_all(data)
+        nursery.cancel_scope.cancel()
+    return 0
