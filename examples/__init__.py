@@ -1,0 +1,1 @@
+"""Examples of handoffd in use: the echo demo and a pre-fork HTTP server."""

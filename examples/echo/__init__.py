@@ -1,0 +1,1 @@
+"""The echo server demo: acceptor + pre-forked workers + concurrent clients."""

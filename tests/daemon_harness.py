@@ -1,0 +1,137 @@
+"""Start a real ``handoffd serve`` process for end-to-end tests, and talk to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from handoffd.runtime.client import connect
+from handoffd.runtime.control import query_control
+from handoffd.runtime.stream import SecureStream
+from handoffd.status import GSSError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunningDaemon:
+    process: trio.Process
+    directory: Path
+    host: str
+    port: int
+    fingerprint: str
+    control: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def status(self) -> dict[str, Any]:
+        return await query_control(self.control)
+
+    async def connect(self, **kw: Any) -> SecureStream:
+        return await connect(self.host, self.port, server_fingerprint=self.fingerprint, **kw)
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    async def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in (await self.status())["workers"] if w["state"] == "ready"]
+
+    async def stop(self, timeout: float = 30) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+
+def write_config(directory: Path, *, workers: int = 4, app: str = "tests.apps:pid_echo",
+                 extra: str = "") -> Path:
+    subprocess.run([sys.executable, "-m", "handoffd", "keygen", "--out",
+                    str(directory / "server.key")], check=True, capture_output=True)
+    config = directory / "handoffd.toml"
+    sections: dict[str, list[str]] = {
+        "server": ['listen = ["127.0.0.1:0"]', 'key = "server.key"'],
+        "workers": [f'app = "{app}"', f"count = {workers}", f"pythonpath = [{str(REPO)!r}]"],
+        "control": ['socket = "control.sock"'],
+    }
+    section = None
+    for line in extra.strip().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]")
+            sections.setdefault(section, [])
+        elif line and section:
+            sections[section].append(line)
+    config.write_text("".join(f"[{name}]\n" + "\n".join(lines) + "\n"
+                              for name, lines in sections.items()))
+    return config
+
+
+async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.apps:pid_echo",
+                       extra: str = "", timeout: float = 60) -> RunningDaemon:
+    config = write_config(directory, workers=workers, app=app, extra=extra)
+    fingerprint = _fingerprint(directory / "server.key.pub")
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "handoffd", "serve", "--config", str(config)], cwd=REPO)
+    control = directory / "control.sock"
+    with trio.fail_after(timeout):
+        while True:
+            if process.returncode is not None:
+                raise RuntimeError(f"handoffd serve exited with {process.returncode}")
+            try:
+                status = await query_control(control)
+                ready = [w for w in status["workers"] if w["state"] == "ready"]
+                if status["listen"] and len(ready) >= workers:
+                    break
+            except GSSError:
+                pass
+            await trio.sleep(0.05)
+    host, port = status["listen"][0].rsplit(":", 1)
+    return RunningDaemon(process, directory, host, int(port), fingerprint, control)
+
+
+def _fingerprint(public_key: Path) -> str:
+    from handoffd import keyfiles
+    from handoffd.core.credentials import fingerprint
+
+    return fingerprint(keyfiles.load_public_key(public_key))
+
+
+async def echo_session(daemon: RunningDaemon, messages: int = 5) -> int:
+    """One client: read the worker pid line, then verify ``messages`` echoes. Returns the pid."""
+    stream = await daemon.connect()
+    async with stream:
+        pid_line = await _read_line(stream)
+        for i in range(messages):
+            payload = f"message {i} ".encode() * (i + 1)
+            await stream.send_all(payload)
+            assert await _read_exactly(stream, len(payload)) == payload
+    return int(pid_line)
+
+
+async def _read_line(stream: SecureStream) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            raise EOFError("closed before the pid line")
+        data += chunk
+    return data
+
+
+async def _read_exactly(stream: SecureStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        if not chunk:
+            raise EOFError("closed early")
+        data += chunk
+    return data
