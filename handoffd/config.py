@@ -214,13 +214,18 @@ def load_config(path: Path | str) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise GSSError(GSS_S_FAILURE, Minor.CONFIG_INVALID, f"{path}: {error}") from None
+    except RecursionError:
+        raise GSSError(GSS_S_FAILURE, Minor.CONFIG_INVALID,
+                       f"{path}: arrays or tables nested too deeply") from None
     return parse_config(data, base=path.resolve().parent, path=path)
 
 
 def parse_address(text: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` to ``(host, port)``; a bad one is CONFIG_INVALID."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
+    # At most 5 digits: int() of thousands of digits is slow and then refused by Python.
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()) \
+            or len(port_text) > 5:
         raise _invalid(repr(text), "expected host:port or [ipv6]:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -132,7 +132,7 @@ class Registered:
             raise _defective("REGISTERED payload is truncated")
         try:
             grant = json.loads(payload[WORKER_ID_SIZE:])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
             raise _defective("REGISTERED grant is not JSON") from None
         if not isinstance(grant, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in grant.items()
