@@ -49,6 +49,8 @@ class WorkersConfig:
     app: str = "examples.echo.app:handler"
     """The application, ``module:callable``: ``async def handler(stream)``."""
     count: int = 4
+    """Workers handoffd spawns; 0 is allowed when ``register_socket`` is set
+    (all workers external, e.g. a pre-fork server embedding the worker library)."""
     max_unacked: int = 8
     """Handoffs in flight per worker (also its number of key slots): backpressure."""
     ack_timeout: float = 5.0
@@ -124,7 +126,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 _POSITIVE: frozenset[tuple[str, str]] = frozenset({
     ("server", "handshake_timeout"), ("server", "max_handshakes"),
     ("server", "context_lifetime"), ("server", "backlog"),
-    ("workers", "count"), ("workers", "max_unacked"), ("workers", "ack_timeout"),
+    ("workers", "max_unacked"), ("workers", "ack_timeout"),
     ("workers", "drain_timeout"), ("workers", "restart_backoff_max"),
     ("workers", "boot_failures_max"),
 })
@@ -195,6 +197,11 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
             raise _invalid(f"[{name}]", f"unknown section (known: {', '.join(_SECTIONS)})")
         sections[name] = _section(name, raw, base)
     config = Config(path=path, **sections)  # type: ignore[arg-type]
+    if config.workers.count < 0:
+        raise _invalid("[workers] count", "must not be negative")
+    if config.workers.count == 0 and config.workers.register_socket is None:
+        raise _invalid("[workers] count",
+                       "0 spawned workers needs a register_socket for external workers")
     for address in config.server.listen:
         parse_address(address)
     if config.control.metrics is not None:

@@ -36,32 +36,43 @@ def _response(request: h11.Request, body: bytes, info: dict[str, object]) -> tup
     return 404, b"not found\n"
 
 
+async def _read_request(conn: h11.Connection, stream: SecureStream
+                        ) -> tuple[int, bytes, h11.Request | None] | None:
+    """The next request and its response, or None when the client is done."""
+    try:
+        event = await _next_event(conn, stream)
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if not isinstance(event, h11.Request):
+            return 400, b"bad request\n", None
+        chunks = bytearray()
+        while True:
+            part = await _next_event(conn, stream)
+            if isinstance(part, h11.EndOfMessage):
+                break
+            if isinstance(part, h11.Data):
+                chunks += part.data
+                if len(chunks) > MAX_BODY:
+                    return 413, b"request body too large\n", None
+    except h11.RemoteProtocolError:
+        return 400, b"bad request\n", None
+    status, body = _response(event, bytes(chunks), stream.info)
+    return status, body, event
+
+
 async def serve_http(stream: SecureStream) -> None:
     """Serve HTTP/1.1 requests (keep-alive) on one handed-off connection."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     while True:
-        try:
-            event = await _next_event(conn, stream)
-        except h11.RemoteProtocolError:
-            status, body, request = 400, b"bad request\n", None
-        else:
-            if isinstance(event, h11.ConnectionClosed):
-                return
-            assert isinstance(event, h11.Request)
-            request = event
-            chunks = bytearray()
-            while True:
-                part = await _next_event(conn, stream)
-                if isinstance(part, h11.EndOfMessage):
-                    break
-                if isinstance(part, h11.Data):
-                    chunks += part.data
-                    if len(chunks) > MAX_BODY:
-                        raise ValueError("request body too large")
-            status, body = _response(request, bytes(chunks), stream.info)
+        answer = await _read_request(conn, stream)
+        if answer is None:
+            return
+        status, body, request = answer
+        if conn.our_state is not h11.SEND_RESPONSE:
+            return  # the client broke the protocol past the point of answering
         headers = [("content-type", "application/json" if body.startswith(b"{")
                     else "text/plain"), ("content-length", str(len(body)))]
-        out = conn.send(h11.Response(status_code=status, headers=headers))
+        out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
         out += conn.send(h11.Data(data=body)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
         await stream.send_all(out or b"")
