@@ -212,5 +212,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GSSError as error:
         report(error)
         return 1
+    except BaseExceptionGroup as group:
+        # trio nurseries wrap errors in groups; a group of GSS errors is still a GSS error.
+        matched, rest = group.split(GSSError)
+        if matched is None or rest is not None:
+            raise
+        report(_first_leaf(matched))
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _first_leaf(group: BaseExceptionGroup[GSSError]) -> GSSError:
+    first = group.exceptions[0]
+    return first if isinstance(first, GSSError) else _first_leaf(first)

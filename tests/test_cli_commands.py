@@ -1,0 +1,146 @@
+"""The operator commands against a real daemon: keygen, connect, status, doctor."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import trio
+
+from handoffd import keyfiles
+from tests.daemon_harness import REPO, RunningDaemon, start_daemon
+
+HANDOFFD = [sys.executable, "-m", "handoffd"]
+
+
+async def handoffd(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None
+                   ) -> trio.Process:
+    """Run ``handoffd ARGS`` to completion; the result has stdout/stderr."""
+    with trio.fail_after(30):
+        result: trio.Process = await trio.run_process(
+            [*HANDOFFD, *args], stdin=stdin, capture_stdout=True, capture_stderr=True,
+            check=False, cwd=REPO, env={**os.environ, **(env or {})})
+    return result
+
+
+def _text(process: trio.Process) -> str:
+    out = process.stdout or b""  # type: ignore[attr-defined]
+    err = process.stderr or b""  # type: ignore[attr-defined]
+    return out.decode() + err.decode()
+
+
+async def test_keygen_writes_a_private_key_only_we_can_read(tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    result = await handoffd("keygen", "--out", str(key))
+    assert result.returncode == 0, _text(result)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    pair = keyfiles.load_private_key(key)
+    assert keyfiles.load_public_key(tmp_path / "client.key.pub") == pair.public_bytes
+    assert pair.fingerprint in _text(result)
+    again = await handoffd("keygen", "--out", str(key))
+    assert again.returncode != 0 and "File exists" in _text(again), "never overwrite a key"
+    assert keyfiles.load_private_key(key) == pair
+
+
+async def _connect(daemon: RunningDaemon, *args: str, stdin: bytes = b"hello\n",
+                   home: Path | None = None) -> trio.Process:
+    env = {"HOME": str(home)} if home else None
+    return await handoffd("connect", f"{daemon.host}:{daemon.port}", *args, stdin=stdin,
+                          env=env)
+
+
+async def test_connect_copies_stdin_and_pins_the_server_key(tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, workers=1)
+    try:
+        pub = str(tmp_path / "server.key.pub")
+        result = await _connect(daemon, "--server-key", pub, stdin=b"hello\nworld\n")
+        assert result.returncode == 0, _text(result)
+        pid_line, *echo = result.stdout.decode().splitlines()  # type: ignore[attr-defined]
+        assert int(pid_line) in await daemon.worker_pids()
+        assert echo == ["hello", "world"]
+
+        by_fingerprint = await _connect(daemon, "--fingerprint", daemon.fingerprint)
+        assert by_fingerprint.returncode == 0, _text(by_fingerprint)
+
+        # Pinned to another key: refused before any byte of stdin is sent.
+        other = tmp_path / "other.key"
+        await handoffd("keygen", "--out", str(other))
+        wrong = await _connect(daemon, "--server-key", f"{other}.pub")
+        assert wrong.returncode != 0
+        assert "server key" in _text(wrong).lower()
+
+        # No pin and no --tofu: refused with a hint.
+        unpinned = await _connect(daemon, home=tmp_path)
+        assert unpinned.returncode != 0 and "--tofu" in _text(unpinned)
+
+        # Trust on first use: remembered, then checked.
+        known = tmp_path / "known_servers"
+        first = await _connect(daemon, "--tofu", "--known-servers", str(known))
+        assert first.returncode == 0, _text(first)
+        assert daemon.fingerprint in known.read_text()
+        second = await _connect(daemon, "--known-servers", str(known))
+        assert second.returncode == 0, _text(second)
+        server = f"{daemon.host}:{daemon.port}"
+        known.write_text(f"{server} SHA256:{'A' * 43}\n")
+        changed = await _connect(daemon, "--tofu", "--known-servers", str(known))
+        assert changed.returncode != 0
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_client_keys_are_authorized_by_the_allow_list(tmp_path: Path) -> None:
+    listed, unlisted = tmp_path / "alice.key", tmp_path / "mallory.key"
+    for key in (listed, unlisted):
+        assert (await handoffd("keygen", "--out", str(key))).returncode == 0
+    alice = keyfiles.load_private_key(listed)
+    (tmp_path / "clients").write_text(
+        "# name the clients that may connect\n"
+        + keyfiles.public_key_line(alice.public_bytes, "alice") + "\n")
+    daemon = await start_daemon(tmp_path, workers=1, extra=(
+        f'[server]\nallowed_clients = "{tmp_path / "clients"}"\nallow_anonymous = false'))
+    try:
+        ok = await _connect(daemon, "--fingerprint", daemon.fingerprint, "--key", str(listed))
+        assert ok.returncode == 0, _text(ok)
+        refused = await _connect(daemon, "--fingerprint", daemon.fingerprint,
+                                 "--key", str(unlisted))
+        assert refused.returncode != 0
+        # GSS_S_UNAUTHORIZED with PEER_KEY_NOT_ALLOWED, as the acceptor reported it.
+        assert "major 0x000f0000, minor 103" in _text(refused), _text(refused)
+        assert "not on the allow-list" in _text(refused)
+        anonymous = await _connect(daemon, "--fingerprint", daemon.fingerprint)
+        assert anonymous.returncode != 0
+        status = await daemon.status()
+        assert sum(status["handshake_failures"].values()) >= 2
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_status_shows_workers_and_totals(tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, workers=2)
+    try:
+        served = await _connect(daemon, "--fingerprint", daemon.fingerprint)
+        assert served.returncode == 0
+        text = await handoffd("status", "--control", str(daemon.control))
+        assert text.returncode == 0, _text(text)
+        for pid in await daemon.worker_pids():
+            assert str(pid) in _text(text)
+        as_json = await handoffd("status", "--control", str(daemon.control), "--json")
+        snapshot = json.loads(as_json.stdout)  # type: ignore[attr-defined]
+        assert snapshot["totals"]["acked"] >= 1
+        assert snapshot["pid"] == daemon.pid
+        missing = await handoffd("status", "--control", str(tmp_path / "nope.sock"))
+        assert missing.returncode != 0 and "major" in _text(missing)
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_doctor_reports_this_host() -> None:
+    result = await handoffd("doctor", "--json")
+    assert result.returncode == 0, _text(result)
+    report = json.loads(result.stdout)  # type: ignore[attr-defined]
+    names = json.dumps(report).lower()
+    for facility in ("keyring", "pidfd", "lsm"):
+        assert facility in names, f"doctor says nothing about {facility}: {report}"
