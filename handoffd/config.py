@@ -30,7 +30,7 @@ class ServerConfig:
     key: Path = Path("server.key")
     """The server's private key file (``handoffd keygen``); must not be group/other readable."""
     allowed_clients: Path | None = None
-    """Allow-list of client public keys with names; None allows any client key."""
+    """Allow-list of client public keys with names; None accepts no client key (anonymous only)."""
     allow_anonymous: bool = True
     """Accept clients without a long-term key (they are named ``anonymous``)."""
     handshake_timeout: float = 10.0
@@ -202,6 +202,9 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
     if config.workers.count == 0 and config.workers.register_socket is None:
         raise _invalid("[workers] count",
                        "0 spawned workers needs a register_socket for external workers")
+    if config.server.allowed_clients is None and not config.server.allow_anonymous:
+        raise _invalid("[server] allow_anonymous",
+                       "false with no allowed_clients file would refuse every client")
     for address in config.server.listen:
         parse_address(address)
     if config.control.metrics is not None:

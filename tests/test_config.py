@@ -66,6 +66,7 @@ format = "json"
     ("[sever]\n", "unknown section"),
     ("[workers]\ncount = 0", "needs a register_socket"),
     ("[workers]\ncount = -1", "must not be negative"),
+    ("[server]\nallow_anonymous = false", "would refuse every client"),
     ("[workers]\ncount = 2.5", "whole number"),
     ("[workers]\ncount = true", "expected a number"),
     ("[workers]\nkeyring = \"maybe\"", "one of auto, keyring, fallback"),
