@@ -69,6 +69,10 @@ def write_config(directory: Path, *, workers: int = 4, app: str = "tests.apps:pi
             section = line.strip("[]")
             sections.setdefault(section, [])
         elif line and section:
+            # A key given in ``extra`` replaces the harness default of the same name.
+            key = line.split("=", 1)[0].strip()
+            sections[section] = [kept for kept in sections[section]
+                                 if kept.split("=", 1)[0].strip() != key]
             sections[section].append(line)
     config.write_text("".join(f"[{name}]\n" + "\n".join(lines) + "\n"
                               for name, lines in sections.items()))
@@ -76,11 +80,22 @@ def write_config(directory: Path, *, workers: int = 4, app: str = "tests.apps:pi
 
 
 async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.apps:pid_echo",
-                       extra: str = "", timeout: float = 60) -> RunningDaemon:
+                       extra: str = "", timeout: float = 60, log: Path | None = None
+                       ) -> RunningDaemon:
+    """Start ``handoffd serve`` and wait until it listens with ``workers`` ready workers.
+
+    ``log``: a file that receives the daemon's (and its workers') stderr.
+    """
     config = write_config(directory, workers=workers, app=app, extra=extra)
     fingerprint = _fingerprint(directory / "server.key.pub")
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "handoffd", "serve", "--config", str(config)], cwd=REPO)
+    stderr = log.open("ab") if log is not None else None
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "handoffd", "serve", "--config", str(config)], cwd=REPO,
+            stderr=stderr)
+    finally:
+        if stderr is not None:
+            stderr.close()
     control = directory / "control.sock"
     with trio.fail_after(timeout):
         while True:

@@ -435,7 +435,10 @@ class Daemon:
         if ack.major == 0:
             w.handled += 1
             self.stats.acked += 1
-            self.stats.latencies.append(time.perf_counter() - pending.handshake_done)
+            latency = time.perf_counter() - pending.handshake_done
+            self.stats.latencies.append(latency)
+            log.debug("handoff %d of %s imported by worker %s in %.0f us", ack.handoff_id,
+                      pending.peer, w.pid, latency * 1e6)
         else:
             name = status_name(ack.major)
             self.stats.refused_by_worker[name] += 1

@@ -241,6 +241,8 @@ class HandoffReceiver:
         # The ACK goes out before any I/O on the client socket: see the module docstring.
         await self._ack(Ack(handoff_id))
         self.accepted += 1
+        log.debug("handoff %d imported: peer %s, flags %s, context %s", handoff_id,
+                  context.peer_name, int(context.flags), context.context_id)
         decoder = FrameDecoder()
         if unread:
             decoder.feed(unread)
