@@ -636,7 +636,9 @@ class Daemon:
                     w.parking, w.worker_id, pending.handoff_id, pending.inner, self.clock())
             except GSSError as error:
                 log.warning("cannot park a key for worker %s: %s", w.pid, error)
-                await self._capacity.wait()
+                # An ack frees keys, but the quota may be held by someone else: retry soon.
+                with trio.move_on_after(0.2):
+                    await self._capacity.wait()
                 continue
             w.in_flight[pending.handoff_id] = pending
             pending.deliveries += 1
