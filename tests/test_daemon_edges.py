@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -205,3 +206,36 @@ async def test_logs_carry_no_key_material(tmp_path: Path) -> None:
     for form in (private, private.hex().encode(), base64.b64encode(private),
                  base64.b64encode(private).rstrip(b"=")):
         assert form not in text
+
+
+async def test_a_worker_that_never_acknowledges_is_killed_and_its_handoffs_redelivered(
+    tmp_path: Path,
+) -> None:
+    """A stopped worker receives handoffs but never acknowledges: after ack_timeout the
+    acceptor kills it (never redelivering behind a live worker's back), and every client
+    is served by the other worker."""
+    daemon = await start_daemon(tmp_path, workers=2, extra="[workers]\nack_timeout = 1.0")
+    try:
+        stuck, other = await daemon.worker_pids()
+        os.kill(stuck, signal.SIGSTOP)
+        served: list[int] = []
+
+        async def client() -> None:
+            stream = await daemon.connect()
+            async with stream:
+                served.append(int(await stream.receive_some()))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(6):
+                    nursery.start_soon(client)
+        assert len(served) == 6 and stuck not in served and other in served
+        status = await daemon.status()
+        assert status["totals"]["redelivered"] >= 1, "no handoff went to the stopped worker"
+        assert status["totals"]["lost"] == 0
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):
+                os.kill(stuck, 0)  # reaped by the acceptor once killed
+                await trio.sleep(0.05)
+    finally:
+        assert await daemon.stop() == 0

@@ -81,6 +81,7 @@ class Pending:
     peer: str
     key_ref: bytes = b""
     deliveries: int = 0
+    sent_at: float = 0.0  # time.monotonic() of the last delivery
 
 
 @dataclass
@@ -381,10 +382,30 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_channel, w)
+                nursery.start_soon(self._ack_watchdog, w)
                 await w.process.wait()
                 nursery.cancel_scope.cancel()
         finally:
             await self._worker_gone(w)
+
+    async def _ack_watchdog(self, w: Worker) -> None:
+        """A worker holding a handoff past ``ack_timeout`` is stuck: kill it.
+
+        Killing, not redelivering behind its back: a live worker might still claim and
+        import the handoff, and two workers would then share the client.  Once it is
+        dead, the usual path redelivers what it never acknowledged.
+        """
+        assert w.process is not None
+        timeout = self.config.workers.ack_timeout
+        while True:
+            await trio.sleep(timeout / 4)
+            now = time.monotonic()
+            late = [p.handoff_id for p in w.in_flight.values() if now - p.sent_at > timeout]
+            if late:
+                log.error("worker %s did not acknowledge handoff %d within %gs: killing it",
+                          w.pid, late[0], timeout)
+                w.process.kill()
+                return
 
     async def _read_channel(self, w: Worker) -> None:
         assert w.channel is not None
@@ -642,6 +663,7 @@ class Daemon:
                 continue
             w.in_flight[pending.handoff_id] = pending
             pending.deliveries += 1
+            pending.sent_at = time.monotonic()
             assert w.channel is not None
             try:
                 await w.channel.send(Kind.HANDOFF, message, fd=pending.stream.socket.fileno())
