@@ -34,7 +34,7 @@ from enum import IntEnum
 from typing import Final
 
 from handoffd.minor import Minor
-from handoffd.status import GSS_S_DEFECTIVE_TOKEN, GSSError
+from handoffd.status import GSS_S_DEFECTIVE_TOKEN, GSS_S_FAILURE, GSSError
 
 WORKER_ID_SIZE: Final = 16
 MAX_KEY_REF: Final = 255
@@ -66,6 +66,8 @@ def _defective(what: str) -> GSSError:
 
 @dataclass(frozen=True)
 class Hello:
+    """A worker announces itself: its id (from its grant) and its pid."""
+
     worker_id: bytes
     pid: int
 
@@ -82,13 +84,16 @@ class Hello:
 
 @dataclass(frozen=True)
 class Handoff:
+    """One connection for a worker: which parked key opens the sealed export."""
+
     handoff_id: int
     key_ref: bytes
     sealed: bytes
 
     def encode(self) -> bytes:
         if len(self.key_ref) > MAX_KEY_REF:
-            raise ValueError("key_ref too long")
+            raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_MESSAGE_TOO_LARGE,
+                           f"key_ref of {len(self.key_ref)} bytes (at most {MAX_KEY_REF})")
         return _HANDOFF_HEAD.pack(self.handoff_id, len(self.key_ref)) + self.key_ref + self.sealed
 
     @classmethod
@@ -104,6 +109,8 @@ class Handoff:
 
 @dataclass(frozen=True)
 class Ack:
+    """The worker's verdict on a handoff: major 0 imported, else why it refused."""
+
     handoff_id: int
     major: int = 0
     minor: int = 0
@@ -120,6 +127,8 @@ class Ack:
 
 @dataclass(frozen=True)
 class Registered:
+    """The acceptor admits an external worker: its id and key grant."""
+
     worker_id: bytes
     grant: dict[str, str]
 
@@ -146,6 +155,8 @@ _REFUSED = struct.Struct(">II")
 
 @dataclass(frozen=True)
 class Refused:
+    """The acceptor turns an external worker away, with the status why."""
+
     major: int
     minor: int
 
