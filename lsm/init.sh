@@ -37,8 +37,18 @@ mount -t devtmpfs devtmpfs /host/dev || fail "mount /host/dev"
 mount -t securityfs securityfs /host/sys/kernel/security 2>/dev/null
 mount -t selinuxfs selinuxfs /host/sys/fs/selinux || fail "mount selinuxfs"
 # The shared tree is read-only: sockets and temporary files go to a tmpfs.
-mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "mount tmpfs /host/tmp"
 mkdir -p /host/dev/shm && mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
+# A checkout under /tmp (CI may clone there) must stay visible under that tmpfs.
+case "$lsm_root" in /tmp/*)
+    mkdir -p /host/dev/shm/.host-tmp && mount -o bind /host/tmp /host/dev/shm/.host-tmp \
+        || fail "bind the host's /tmp" ;;
+esac
+mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "mount tmpfs /host/tmp"
+case "$lsm_root" in /tmp/*)
+    mkdir -p "/host$lsm_root" \
+        && mount -o bind "/host/dev/shm/.host-tmp/${lsm_root#/tmp/}" "/host$lsm_root" \
+        || fail "bind the checkout $lsm_root" ;;
+esac
 
 # The policy must reach the kernel in one write(): dd with a block larger than the file.
 dd if="/host$lsm_policy" of=/host/sys/fs/selinux/load bs=4M 2>/dev/null \
