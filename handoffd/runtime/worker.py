@@ -42,7 +42,7 @@ from handoffd.core.handoff import FD_KINDS, Ack, Handoff, Hello, Kind, Refused, 
 from handoffd.core.seal import open_sealed
 from handoffd.kernel.channel import Channel, Received, validate_tcp_stream
 from handoffd.kernel.parking import ENV_FD, WorkerParking
-from handoffd.kernel.peer import PeerIdentity, PeerPolicy
+from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
 from handoffd.minor import Minor
 from handoffd.runtime.stream import SecureStream
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
@@ -93,6 +93,9 @@ class HandoffReceiver:
         self._policy = PeerPolicy(
             uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid
         )
+        # The acceptor's process as its pidfd names it (pidfs inode): a pid can be
+        # recycled after the acceptor dies, a pidfd identity cannot.
+        self._acceptor_process = _peer_process(channel)
 
     @classmethod
     def inherited(cls, environ: Mapping[str, str] | None = None) -> HandoffReceiver:
@@ -142,7 +145,7 @@ class HandoffReceiver:
             identity = channel.peer_identity()
             uids = acceptor_uids if acceptor_uids is not None else frozenset({os.getuid(), 0})
             PeerPolicy(uids=uids).check(identity)
-            message = await _receive(channel)
+            message = await _receive(channel, _peer_process(channel))
             if message.kind == Kind.REFUSED:
                 refused = Refused.decode(message.payload)
                 raise GSSError(refused.major, refused.minor,
@@ -191,7 +194,7 @@ class HandoffReceiver:
             await self.hello()
         while True:
             try:
-                message = await _receive(self.channel)
+                message = await _receive(self.channel, self._acceptor_process)
             except GSSError as error:
                 if error.minor == Minor.CHANNEL_CLOSED:
                     return
@@ -271,17 +274,40 @@ class HandoffReceiver:
         self.channel.close()
 
 
-async def _receive(channel: Channel) -> Received:
-    """The next message, its per-message pidfd closed at once.
+def _peer_process(channel: Channel) -> int | None:
+    """The pidfs inode of the channel peer's process; None where pidfds lack one."""
+    try:
+        pidfd = open_peer_pidfd(channel)
+    except GSSError:
+        return None
+    if pidfd is None:
+        return None
+    try:
+        return os.fstat(pidfd).st_ino
+    finally:
+        os.close(pidfd)
 
-    The policy checks the credentials' pid, uid, gid and label; keeping a pidfd
-    per message open would cost one fd per handoff for nothing.
+
+async def _receive(channel: Channel, acceptor_process: int | None) -> Received:
+    """The next message, its per-message pidfd checked against the acceptor and closed.
+
+    The sender's pidfd must name the very process that is the acceptor (not merely one
+    with its pid: pids are recycled); keeping a pidfd per message would cost one fd per
+    handoff for nothing, so it is closed at once.  A mismatch closes every fd the
+    message carried and raises ``PEER_PID_MISMATCH``.
     """
     message = await channel.receive()
     attributes = message.attributes
     if attributes is not None and attributes.pidfd is not None:
-        os.close(attributes.pidfd)
+        try:
+            sender_process = os.fstat(attributes.pidfd).st_ino
+        finally:
+            os.close(attributes.pidfd)
         message = replace(message, attributes=replace(attributes, pidfd=None))
+        if acceptor_process is not None and sender_process != acceptor_process:
+            _close_fd(message.fd)
+            raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH,
+                           f"pid {attributes.pid} is not the acceptor's process (pidfd)")
     return message
 
 
