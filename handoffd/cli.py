@@ -184,6 +184,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``handoffd`` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(
         prog="handoffd",
         description="Context-handoff daemon for pre-forked servers.",
@@ -205,6 +206,7 @@ def report(error: GSSError) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; a GSS error is printed as its status messages, exit 1."""
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:

@@ -20,6 +20,7 @@ from handoffd.status import GSSError
 
 @dataclass(frozen=True)
 class Check:
+    """One finding of ``handoffd doctor``: what was checked, whether it is fine, what it means."""
     name: str
     ok: bool
     finding: str

@@ -72,10 +72,12 @@ class Hello:
     pid: int
 
     def encode(self) -> bytes:
+        """The payload bytes (layout in the module docstring)."""
         return _HELLO.pack(self.worker_id, self.pid)
 
     @classmethod
     def decode(cls, payload: bytes) -> Hello:
+        """Parse a payload strictly; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
         if len(payload) != _HELLO.size:
             raise _defective("HELLO payload has the wrong length")
         worker_id, pid = _HELLO.unpack(payload)
@@ -91,6 +93,7 @@ class Handoff:
     sealed: bytes
 
     def encode(self) -> bytes:
+        """The payload bytes (layout in the module docstring)."""
         if len(self.key_ref) > MAX_KEY_REF:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_MESSAGE_TOO_LARGE,
                            f"key_ref of {len(self.key_ref)} bytes (at most {MAX_KEY_REF})")
@@ -98,6 +101,7 @@ class Handoff:
 
     @classmethod
     def decode(cls, payload: bytes) -> Handoff:
+        """Parse a payload strictly; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
         if len(payload) < _HANDOFF_HEAD.size:
             raise _defective("HANDOFF payload is truncated")
         handoff_id, ref_len = _HANDOFF_HEAD.unpack_from(payload)
@@ -116,10 +120,12 @@ class Ack:
     minor: int = 0
 
     def encode(self) -> bytes:
+        """The payload bytes (layout in the module docstring)."""
         return _ACK.pack(self.handoff_id, self.major, self.minor)
 
     @classmethod
     def decode(cls, payload: bytes) -> Ack:
+        """Parse a payload strictly; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
         if len(payload) != _ACK.size:
             raise _defective("ACK payload has the wrong length")
         return cls(*_ACK.unpack(payload))
@@ -133,10 +139,12 @@ class Registered:
     grant: dict[str, str]
 
     def encode(self) -> bytes:
+        """The payload bytes (layout in the module docstring)."""
         return self.worker_id + json.dumps(self.grant, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> Registered:
+        """Parse a payload strictly; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
         if len(payload) <= WORKER_ID_SIZE:
             raise _defective("REGISTERED payload is truncated")
         try:
@@ -161,10 +169,12 @@ class Refused:
     minor: int
 
     def encode(self) -> bytes:
+        """The payload bytes (layout in the module docstring)."""
         return _REFUSED.pack(self.major, self.minor)
 
     @classmethod
     def decode(cls, payload: bytes) -> Refused:
+        """Parse a payload strictly; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
         if len(payload) != _REFUSED.size:
             raise _defective("REFUSED payload has the wrong length")
         return cls(*_REFUSED.unpack(payload))

@@ -86,6 +86,7 @@ class CipherState:
         self._aead = ChaCha20Poly1305(key) if key is not None else None
 
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
+        """Encrypt and count (Noise §5.1); without a key, return the plaintext."""
         if self._aead is None:
             return plaintext
         if self.n >= _MAX_NONCE:
@@ -182,6 +183,7 @@ class HandshakeState:
 
     @property
     def complete(self) -> bool:
+        """True once all three messages of XX are written or read."""
         return self._index == len(_XX)
 
     @property
@@ -220,6 +222,7 @@ class HandshakeState:
                 ss.mix_key(_dh(self._e, self.rs))
 
     def write_message(self, payload: bytes) -> bytes:
+        """This side's next handshake message carrying ``payload`` (encrypted once keyed)."""
         if self.complete or not self._my_turn():
             raise GSSError(GSS_S_FAILURE, Minor.HANDSHAKE_OUT_OF_ORDER,
                            "not this side's turn to write")

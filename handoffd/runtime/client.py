@@ -96,6 +96,7 @@ class KnownServers:
         self.path = path
 
     def lookup(self, server: str) -> str | None:
+        """The fingerprint remembered for ``server`` (``host:port``), or None."""
         try:
             lines = self.path.read_text().splitlines()
         except FileNotFoundError:
@@ -121,5 +122,6 @@ class KnownServers:
 
 
 def default_known_servers() -> Path:
+    """``$XDG_CONFIG_HOME/handoffd/known_servers`` (``~/.config`` by default)."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
     return Path(base) / "handoffd" / "known_servers"

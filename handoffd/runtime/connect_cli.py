@@ -29,6 +29,7 @@ def _pinned_fingerprint(args: argparse.Namespace, server: str) -> str | None:
 
 
 async def run_connect(args: argparse.Namespace) -> int:
+    """``handoffd connect``: pin or learn the server key, then copy stdin/stdout."""
     host, port = parse_address(args.server)
     server = f"{host}:{port}"
     pinned = _pinned_fingerprint(args, server)

@@ -103,10 +103,12 @@ class Worker:
 
     @property
     def pid(self) -> int | None:
+        """The worker's pid (spawned or registered), if it has one yet."""
         return self.process.pid if self.process else self.external_pid
 
     @property
     def external(self) -> bool:
+        """True for a worker that registered over the socket."""
         return self.external_pid is not None
 
 
@@ -128,6 +130,7 @@ class Stats:
         self.latencies: deque[float] = deque(maxlen=4096)
 
     def latency_quantiles(self) -> dict[str, float | None]:
+        """p50 and p99 of the recent handoff latencies, in microseconds."""
         sample = sorted(self.latencies)
         if not sample:
             return {"p50": None, "p99": None}

@@ -31,6 +31,7 @@ class ChildProcess:
     @classmethod
     def spawn(cls, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
               pass_fds: Sequence[int] = (), cwd: str | None = None) -> ChildProcess:
+        """Start ``argv`` from the calling thread (keyrings are per thread)."""
         return cls(subprocess.Popen(list(argv), env=env, pass_fds=tuple(pass_fds), cwd=cwd))
 
     async def wait(self) -> int:
@@ -45,14 +46,17 @@ class ChildProcess:
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
+        """Signal the child through its pidfd: never a recycled pid."""
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signum)
 
     def terminate(self) -> None:
+        """SIGTERM."""
         self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
+        """SIGKILL."""
         self.send_signal(signal.SIGKILL)
 
     def _close_pidfd(self) -> None:

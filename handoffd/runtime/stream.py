@@ -57,6 +57,7 @@ class SecureStream(trio.abc.Stream):
         self._closed = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Wrap ``data`` into per-message tokens of at most ``MAX_CHUNK`` bytes and send them."""
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
         view = memoryview(data)
@@ -69,9 +70,14 @@ class SecureStream(trio.abc.Stream):
                 await self.transport.send_all(out)
 
     async def wait_send_all_might_not_block(self) -> None:
+        """As the transport's."""
         await self.transport.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Unwrapped plaintext; ``b""`` at the peer's CLOSE or end of stream.
+
+        An ERROR frame from the peer raises its GSS status.
+        """
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
         while not self._plain and not self._eof:
@@ -111,6 +117,7 @@ class SecureStream(trio.abc.Stream):
             await self.transport.send_all(encode_frame(FrameType.CLOSE, b""))
 
     async def aclose(self) -> None:
+        """Send CLOSE (best effort, 1 s), then close the transport."""
         if self._closed:
             return
         self._closed = True

@@ -271,6 +271,7 @@ class HandoffReceiver:
             log.warning("could not acknowledge handoff %d: %s", ack.handoff_id, error)
 
     def close(self) -> None:
+        """Close the channel; the acceptor sees this worker leave."""
         self.channel.close()
 
 

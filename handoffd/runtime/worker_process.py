@@ -25,6 +25,7 @@ EXIT_BOOT_FAILED = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of a worker spawned by ``handoffd serve`` (exit 3 if it cannot boot)."""
     parser = argparse.ArgumentParser(prog="handoffd-worker")
     parser.add_argument("--app", required=True)
     parser.add_argument("--pythonpath", action="append", default=[])
