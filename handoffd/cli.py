@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from handoffd import status
 from handoffd.status import GSSError
+
+if TYPE_CHECKING:
+    from handoffd.config import Config
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -62,8 +66,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from handoffd.runtime.daemon import Daemon
 
     config = load_config(args.config)
+    if args.check:
+        return _check_config(config)
     setup_logging(config.log.level, config.log.format, role="acceptor")
     trio.run(Daemon(config).run)
+    return 0
+
+
+def _check_config(config: Config) -> int:
+    """``serve --check``: everything ``serve`` reads before it starts, without starting."""
+    from handoffd import keyfiles
+    from handoffd.runtime.app import load_app
+
+    key = keyfiles.load_private_key(config.server.key)
+    clients = (keyfiles.load_allow_list(config.server.allowed_clients)
+               if config.server.allowed_clients else None)
+    load_app(config.workers.app, pythonpath=config.workers.pythonpath)
+    print(f"config {config.path}: OK")
+    print(f"server key {key.fingerprint}")
+    print(f"clients: {len(clients) if clients else 0} named"
+          f"{', anonymous allowed' if config.server.allow_anonymous else ''}")
+    print(f"app {config.workers.app}: an async handler, {config.workers.count} workers")
     return 0
 
 
@@ -142,6 +165,8 @@ def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                        "terminal). SIGTERM drains, SIGHUP rolls workers, SIGTTIN/SIGTTOU "
                        "resize the pool.")
     p.add_argument("--config", required=True, type=Path, help="TOML configuration file")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, keys, allow-list and app, then exit")
     p.set_defaults(handler=_cmd_serve)
 
     p = sub.add_parser("keygen", help="generate a static key pair (server or client)")

@@ -144,3 +144,20 @@ async def test_doctor_reports_this_host() -> None:
     names = json.dumps(report).lower()
     for facility in ("keyring", "pidfd", "lsm"):
         assert facility in names, f"doctor says nothing about {facility}: {report}"
+
+
+async def test_serve_check_validates_without_starting(tmp_path: Path) -> None:
+    from tests.daemon_harness import write_config
+
+    config = write_config(tmp_path, workers=2)
+    ok = await handoffd("serve", "--config", str(config), "--check")
+    assert ok.returncode == 0, _text(ok)
+    assert "OK" in _text(ok) and "SHA256:" in _text(ok)
+    assert not (tmp_path / "control.sock").exists(), "--check must not start the daemon"
+    (tmp_path / "server.key").chmod(0o644)
+    loose = await handoffd("serve", "--config", str(config), "--check")
+    assert loose.returncode == 1 and "chmod 600" in _text(loose)
+    (tmp_path / "server.key").chmod(0o600)
+    config.write_text(config.read_text().replace("tests.apps:pid_echo", "tests.apps:nothing"))
+    no_app = await handoffd("serve", "--config", str(config), "--check")
+    assert no_app.returncode == 1 and "no attribute" in _text(no_app)
