@@ -52,6 +52,7 @@ from handoffd.status import (
     GSS_S_FAILURE,
     GSS_S_NO_CONTEXT,
     GSS_S_UNAUTHORIZED,
+    GSS_S_UNAVAILABLE,
     GSSError,
 )
 
@@ -286,6 +287,9 @@ class SecurityContext:
         in the token and :func:`import_context` returns them.  The token holds the
         traffic keys in the clear: seal it before it leaves the process.
         """
+        if self._state in (_State.HANDSHAKE, _State.FAILED):
+            # RFC 2744: a context that is not fully established cannot be transferred.
+            raise GSSError(GSS_S_UNAVAILABLE, Minor.CONTEXT_NOT_ESTABLISHED, "export")
         protection = self._open_protection()
         blob = _encode_export(self, protection, unread)
         self._kill(_State.EXPORTED)
