@@ -1,0 +1,259 @@
+"""The handoff path alone, against real worker processes: rate and latency.
+
+``python -m bench.handoff_path [--workers 2] [--contexts 1000] [--rounds 3]`` prints JSON.
+
+This process plays the acceptor with the daemon's own building blocks
+(``spawn_worker``, ``prepare_handoff``, the key parking, the channel), like
+``tests/test_worker_library.py``.  The handshakes are done *before* the clock
+starts (in memory, one established ``AcceptorContext`` per connection, each
+with its own loopback TCP connection), so what is timed is exactly the handoff
+path: export, seal, park, send (fd + token), and in the worker receive, verify
+the sender, claim, open, import, ack; back here the ack releases the key slot
+and closes the acceptor's copy of the connection.
+
+* ``handoffs_per_s``: contexts handed off as fast as the per-worker window
+  (``max_unacked`` = 8, as the daemon's default) allows, first send to last ack.
+* ``handoff_latency_us``: at moderate load (handoffs paced at a fraction of
+  the measured rate, default 50%), from the moment the acceptor would have
+  finished the handshake (just before export) to the moment the worker's
+  application holds the imported context.  The worker app
+  (``bench.apps:stamp``) writes ``perf_counter_ns()`` on the connection;
+  ``CLOCK_MONOTONIC`` is one clock for every process on the machine, so the
+  two timestamps compare directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.common import cpu_seconds, established_pair, quantile
+from handoffd.core.context import AcceptorContext
+from handoffd.core.credentials import StaticKeyPair
+from handoffd.core.handoff import Ack, Hello, Kind
+from handoffd.kernel.channel import Channel
+from handoffd.kernel.parking import AcceptorParking
+from handoffd.runtime.daemon import prepare_handoff, spawn_worker
+from handoffd.runtime.process import ChildProcess
+
+REPO = Path(__file__).resolve().parents[1]
+WINDOW = 8
+STAMP = struct.Struct("<Q")
+
+
+@dataclass
+class BenchWorker:
+    """One spawned worker and its window of unacknowledged handoffs."""
+
+    worker_id: bytes
+    process: ChildProcess
+    channel: Channel
+    window: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(WINDOW))
+
+
+@dataclass
+class Connection:
+    """A pre-established context with its loopback TCP connection."""
+
+    context: AcceptorContext
+    server: socket.socket
+    client: socket.socket
+    t0_ns: int = 0
+    key_ref: bytes = b""
+
+
+class Driver:
+    """The acceptor's side of the handoff path."""
+
+    def __init__(self, parking: AcceptorParking, workers: list[BenchWorker]) -> None:
+        self.parking = parking
+        self.workers = workers
+        self.pending: dict[int, tuple[BenchWorker, Connection]] = {}
+        self.ids = itertools.count(1)
+        self.acked = 0
+        self.all_acked = trio.Event()
+        self.expected = 0
+
+    async def read_acks(self, w: BenchWorker) -> None:
+        while True:
+            message = await w.channel.receive()
+            if message.kind != Kind.ACK:
+                continue
+            ack = Ack.decode(message.payload)
+            _, conn = self.pending.pop(ack.handoff_id)
+            if ack.major != 0:
+                raise SystemExit(f"worker refused handoff {ack.handoff_id}: {ack}")
+            self.parking.release(w.worker_id, conn.key_ref)
+            conn.server.close()  # our copy; the worker holds its own
+            w.window.release()
+            self.acked += 1
+            if self.acked == self.expected:
+                self.all_acked.set()
+
+    async def hand_off(self, w: BenchWorker, conn: Connection) -> None:
+        await w.window.acquire()
+        handoff_id = next(self.ids)
+        conn.t0_ns = time.perf_counter_ns()  # "the handshake has just finished"
+        inner = conn.context.export()
+        conn.key_ref, message = prepare_handoff(self.parking, w.worker_id, handoff_id, inner,
+                                                time.time())
+        self.pending[handoff_id] = (w, conn)
+        await w.channel.send(Kind.HANDOFF, message, fd=conn.server.fileno())
+
+
+def make_connections(server_key: StaticKeyPair, count: int) -> list[Connection]:
+    """``count`` established contexts, each with a fresh loopback TCP connection."""
+    connections = []
+    with socket.create_server(("127.0.0.1", 0), backlog=1024) as listener:
+        address = listener.getsockname()
+        for _ in range(count):
+            client = socket.create_connection(address)
+            server, _ = listener.accept()
+            _, acceptor = established_pair(server_key)
+            connections.append(Connection(acceptor, server, client))
+    return connections
+
+
+def read_stamps(connections: list[Connection]) -> list[float]:
+    """Latencies in µs: the worker's stamp minus our t0, for each connection."""
+    latencies = []
+    for conn in connections:
+        conn.client.settimeout(10)
+        data = b""
+        while len(data) < STAMP.size:
+            chunk = conn.client.recv(STAMP.size - len(data))
+            if not chunk:
+                raise SystemExit("a worker closed a connection without its stamp")
+            data += chunk
+        conn.client.close()
+        latencies.append((STAMP.unpack(data)[0] - conn.t0_ns) / 1e3)
+    return latencies
+
+
+async def run(workers: int = 2, contexts: int = 1000, rounds: int = 3,
+              latency_count: int = 1000, load_fraction: float = 0.5,
+              max_seconds: float = 60.0) -> dict[str, Any]:
+    """Measure rate and latency of the handoff path; returns plain data."""
+    deadline = time.monotonic() + max_seconds
+    server_key = StaticKeyPair.generate(os.urandom)
+    parking = AcceptorParking.open(slots_per_worker=WINDOW)
+    spawned: list[BenchWorker] = []
+    try:
+        for _ in range(workers):
+            worker_id = os.urandom(16)
+            process, channel = spawn_worker(
+                parking, worker_id, "bench.apps:stamp",
+                ["--pythonpath", str(REPO), "--log-level", "warning"])
+            spawned.append(BenchWorker(worker_id, process, channel))
+        for w in spawned:
+            with trio.fail_after(30):
+                message = await w.channel.receive()
+            assert message.kind == Kind.HELLO and Hello.decode(message.payload).pid == w.process.pid
+            parking.worker_adopted(w.worker_id)
+        driver = Driver(parking, spawned)
+        rates: list[float] = []
+        acceptor_cpu = worker_cpu = 0.0
+        handed = 0
+        async with trio.open_nursery() as nursery:
+            for w in spawned:
+                nursery.start_soon(driver.read_acks, w)
+            # Throughput: every worker's window kept full.
+            for _ in range(rounds):
+                if time.monotonic() > deadline:
+                    break
+                batch = make_connections(server_key, contexts)
+                driver.acked, driver.expected = 0, len(batch)
+                driver.all_acked = trio.Event()
+                feed = iter(batch)
+
+                async def sender(w: BenchWorker, feed: Any = feed) -> None:
+                    for conn in feed:
+                        await driver.hand_off(w, conn)
+
+                cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+                workers_before = sum(cpu_seconds(w.process.pid) for w in spawned)
+                started = time.perf_counter()
+                async with trio.open_nursery() as senders:
+                    for w in spawned:
+                        senders.start_soon(sender, w)
+                await driver.all_acked.wait()
+                elapsed = time.perf_counter() - started
+                cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+                worker_cpu += sum(cpu_seconds(w.process.pid) for w in spawned) - workers_before
+                acceptor_cpu += (cpu_after.ru_utime + cpu_after.ru_stime
+                                 - cpu_before.ru_utime - cpu_before.ru_stime)
+                handed += len(batch)
+                rates.append(len(batch) / elapsed)
+                read_stamps(batch)
+            rate = sorted(rates)[len(rates) // 2]
+            # Latency at moderate load: paced, round robin over the workers.
+            batch = make_connections(server_key, latency_count)
+            driver.acked, driver.expected = 0, len(batch)
+            driver.all_acked = trio.Event()
+            interval = 1.0 / (rate * load_fraction)
+            next_at = trio.current_time()
+            for conn, w in zip(batch, itertools.cycle(spawned), strict=False):
+                if time.monotonic() > deadline:
+                    driver.expected = driver.acked + len(driver.pending)
+                    break
+                await trio.sleep_until(next_at)
+                next_at += interval
+                await driver.hand_off(w, conn)
+            if driver.expected > driver.acked:
+                await driver.all_acked.wait()
+            sent = [conn for conn in batch if conn.t0_ns]
+            latencies = sorted(read_stamps(sent))
+            for conn in batch[len(sent):]:
+                conn.server.close()
+                conn.client.close()
+            nursery.cancel_scope.cancel()
+        return {
+            "handoffs_per_s": rate,
+            "handoffs_per_s_rounds": rates,
+            "handoff_latency_us": {"p50": quantile(latencies, 0.5),
+                                   "p99": quantile(latencies, 0.99)},
+            "handoff_latency_load_per_s": rate * load_fraction,
+            "handoff_latency_samples": len(latencies),
+            "handoff_cpu_us": {"acceptor": acceptor_cpu / handed * 1e6,
+                               "worker": worker_cpu / handed * 1e6},
+            "key_parking": parking.mode,
+            "workers": workers,
+        }
+    finally:
+        for w in spawned:
+            w.process.kill()
+            await w.process.wait()
+            w.channel.close()
+        parking.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run and print the result as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--contexts", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-count", type=int, default=1000)
+    parser.add_argument("--load-fraction", type=float, default=0.5)
+    parser.add_argument("--max-seconds", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    result = trio.run(lambda: run(args.workers, args.contexts, args.rounds, args.latency_count,
+                                  args.load_fraction, args.max_seconds))
+    json.dump(result, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
