@@ -43,8 +43,11 @@ test-lsm: venv
 demo: venv
 	$(BIN)/python -m examples.echo.demo
 
+# handoffd against its alternatives (docs/BENCHMARKS.md); not part of `make test`.
+# Writes bench/results/latest.json and latest.png, prints the table (~4 min on 2 cores).
 bench: venv
-	$(BIN)/python -m bench.micro
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.run
 
 # Coverage-guided fuzzing of every parser (atheris); not part of `make test`.
 # FUZZ_SECONDS per target; crashes land in fuzz/artifacts/ (see fuzz/README.md).
