@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from handoffd.kernel.attrs import SO_PASSCRED
+
 RUNNER = b"u:r:handoffd_runner_t"
 ACCEPTOR = b"u:r:handoffd_acceptor_t"
 WORKER = b"u:r:handoffd_worker_t"
@@ -82,6 +84,10 @@ def seqpacket_listener(directory: Path, name: str = "channel") -> tuple[socket.s
     """A listening AF_UNIX SOCK_SEQPACKET socket in ``directory`` and its path."""
     path = str(directory / name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # Accepted sockets inherit these; set only after accept(), a message the peer sends
+    # in between would arrive with no credentials (pid 0) and no label.
+    listener.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
+    listener.setsockopt(socket.SOL_SOCKET, SO_PASSSEC, 1)
     listener.bind(path)
     listener.listen(8)
     return listener, path
