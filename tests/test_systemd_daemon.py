@@ -96,3 +96,31 @@ def test_socket_activated_notify_service(tmp_path: Path) -> None:
         while service.receive(0.2) is not None:  # what was sent while stopping
             pass
         assert any(n.fields.get("STOPPING") == "1" for n in service.received)
+
+
+async def _plain_echo(sock: socket.socket, fingerprint: str, message: bytes) -> bytes:
+    sock.setblocking(False)
+    transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    stream = await open_secure_stream(transport, server_fingerprint=fingerprint)
+    async with stream:
+        await stream.send_all(message)
+        echoed = b""
+        while len(echoed) < len(message):
+            chunk = await stream.receive_some(64)
+            assert chunk, "closed before the echo came back"
+            echoed += chunk
+        return echoed
+
+
+def test_socket_activated_serves_the_echo_demo_app(tmp_path: Path) -> None:
+    """The echo demo's own app, ``examples.echo.app:handler``, behind
+    ``systemd-socket-activate``: the triggering connection and a later one are echoed."""
+    config = write_config(tmp_path, workers=2, app="examples.echo.app:handler")
+    fingerprint = _fingerprint(tmp_path / "server.key.pub")
+    argv = [sys.executable, "-m", "handoffd", "serve", "--config", str(config)]
+    with socket_activated(argv, env={"PYTHONPATH": str(REPO)}) as service:
+        service.wait_for("READY", "1")
+        assert trio.run(_plain_echo, service.trigger, fingerprint, b"first") == b"first"
+        later = socket.create_connection(service.address)
+        assert trio.run(_plain_echo, later, fingerprint, b"x" * 300) == b"x" * 300
+        assert service.stop() == 0
