@@ -317,7 +317,7 @@ class _HandshakeContext(SecurityContext):
     def __init__(self, *, initiator: bool, static: StaticKeyPair, clock: Clock,
                  random: Random) -> None:
         super().__init__(initiator=initiator, clock=clock)
-        self._noise = HandshakeState(initiator=initiator, static_private=static.private_bytes,
+        self._noise = HandshakeState(initiator=initiator, static_private=static.private_key,
                                      random=random, prologue=PROLOGUE)
 
     def step(self, token: bytes | None) -> tuple[int, bytes]:

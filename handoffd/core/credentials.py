@@ -47,6 +47,9 @@ class StaticKeyPair:
 
     private_bytes: bytes
     public_bytes: bytes = field(init=False)
+    private_key: X25519PrivateKey = field(init=False, compare=False)
+    """The key loaded once: loading derives the public key, a scalar multiplication that
+    every handshake would otherwise repeat."""
 
     def __post_init__(self) -> None:
         if len(self.private_bytes) != KEY_SIZE:
@@ -54,6 +57,7 @@ class StaticKeyPair:
                            "a private key is 32 bytes")
         key = X25519PrivateKey.from_private_bytes(self.private_bytes)
         object.__setattr__(self, "public_bytes", key.public_key().public_bytes_raw())
+        object.__setattr__(self, "private_key", key)
 
     @classmethod
     def generate(cls, random: Callable[[int], bytes]) -> StaticKeyPair:

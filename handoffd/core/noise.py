@@ -55,10 +55,15 @@ def public_key(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
-def _dh(private: bytes, public: bytes) -> bytes:
+def _load_private(private: bytes) -> X25519PrivateKey:
+    # Loading a raw X25519 private key derives its public key (a full scalar multiplication,
+    # as dear as a DH): each key is loaded once per handshake, never once per use.
+    return X25519PrivateKey.from_private_bytes(private)
+
+
+def _dh(private: X25519PrivateKey, public: bytes) -> bytes:
     try:
-        return X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public))
+        return private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:
         # cryptography refuses an all-zero shared secret (low-order point).
         raise _defective(Minor.WEAK_PUBLIC_KEY, "peer key is a low-order point") from None
@@ -146,7 +151,8 @@ class _SymmetricState:
 class HandshakeState:
     """Noise §5.3 for pattern XX.
 
-    ``static_private`` is this side's 32-byte X25519 private key;
+    ``static_private`` is this side's 32-byte X25519 private key (or that key
+    already loaded, which spares a scalar multiplication per handshake);
     ``random(n)`` supplies the ephemeral key unless ``ephemeral_private`` fixes
     it (test vectors only).  Call :meth:`write_message` and
     :meth:`read_message` in the order of the pattern (the initiator writes
@@ -154,26 +160,31 @@ class HandshakeState:
     keys ``(initiator_to_responder, responder_to_initiator)``.
     """
 
-    __slots__ = ("_e", "_index", "_random", "_s", "_ss", "initiator", "re", "rs")
+    __slots__ = ("_e", "_index", "_random", "_s", "_s_public", "_ss", "initiator", "re", "rs")
 
     def __init__(
         self,
         *,
         initiator: bool,
-        static_private: bytes,
+        static_private: bytes | X25519PrivateKey,
         random: Callable[[int], bytes] | None = None,
         ephemeral_private: bytes | None = None,
         prologue: bytes = b"",
     ) -> None:
-        if len(static_private) != DH_LEN:
+        if not isinstance(static_private, X25519PrivateKey) and len(static_private) != DH_LEN:
             raise GSSError(GSS_S_FAILURE, Minor.PROTECTION_BAD_PARAMETER,
                            "static key must be 32 bytes")
+        if ephemeral_private is not None and len(ephemeral_private) != DH_LEN:
+            raise GSSError(GSS_S_FAILURE, Minor.PROTECTION_BAD_PARAMETER,
+                           "ephemeral key must be 32 bytes")
         if random is None and ephemeral_private is None:
             raise GSSError(GSS_S_FAILURE, Minor.PROTECTION_BAD_PARAMETER,
                            "need a random source or a fixed ephemeral key")
         self.initiator = initiator
-        self._s = bytes(static_private)
-        self._e = ephemeral_private
+        self._s = static_private if isinstance(static_private, X25519PrivateKey) \
+            else _load_private(bytes(static_private))
+        self._s_public = self._s.public_key().public_bytes_raw()
+        self._e = None if ephemeral_private is None else _load_private(ephemeral_private)
         self._random = random
         self.re: bytes | None = None
         self.rs: bytes | None = None
@@ -194,10 +205,10 @@ class HandshakeState:
     def _my_turn(self) -> bool:
         return (self._index % 2 == 0) == self.initiator
 
-    def _ephemeral(self) -> bytes:
+    def _ephemeral(self) -> X25519PrivateKey:
         if self._e is None:
             assert self._random is not None
-            self._e = X25519PrivateKey.from_private_bytes(self._random(DH_LEN)).private_bytes_raw()
+            self._e = _load_private(self._random(DH_LEN))
         return self._e
 
     def _mix_dh(self, token: str) -> None:
@@ -229,11 +240,11 @@ class HandshakeState:
         out = bytearray()
         for token in _XX[self._index]:
             if token == "e":
-                e_pub = public_key(self._ephemeral())
+                e_pub = self._ephemeral().public_key().public_bytes_raw()
                 out += e_pub
                 self._ss.mix_hash(e_pub)
             elif token == "s":
-                out += self._ss.encrypt_and_hash(public_key(self._s))
+                out += self._ss.encrypt_and_hash(self._s_public)
             else:
                 self._mix_dh(token)
         out += self._ss.encrypt_and_hash(payload)
