@@ -51,6 +51,8 @@ from handoffd.runtime.process import ChildProcess
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 8
 STAMP = struct.Struct("<Q")
+ACK_GRACE = 30.0
+"""Seconds past the deadline the last acks may take before the run fails (a stuck worker)."""
 
 
 @dataclass
@@ -185,10 +187,11 @@ async def run(workers: int = 2, contexts: int = 1000, rounds: int = 3,
                 cpu_before = resource.getrusage(resource.RUSAGE_SELF)
                 workers_before = sum(cpu_seconds(w.process.pid) for w in spawned)
                 started = time.perf_counter()
-                async with trio.open_nursery() as senders:
-                    for w in spawned:
-                        senders.start_soon(sender, w)
-                await driver.all_acked.wait()
+                with trio.fail_after(max(1.0, deadline - time.monotonic()) + ACK_GRACE):
+                    async with trio.open_nursery() as senders:
+                        for w in spawned:
+                            senders.start_soon(sender, w)
+                    await driver.all_acked.wait()
                 elapsed = time.perf_counter() - started
                 cpu_after = resource.getrusage(resource.RUSAGE_SELF)
                 worker_cpu += sum(cpu_seconds(w.process.pid) for w in spawned) - workers_before
@@ -212,7 +215,8 @@ async def run(workers: int = 2, contexts: int = 1000, rounds: int = 3,
                 next_at += interval
                 await driver.hand_off(w, conn)
             if driver.expected > driver.acked:
-                await driver.all_acked.wait()
+                with trio.fail_after(ACK_GRACE):
+                    await driver.all_acked.wait()
             sent = [conn for conn in batch if conn.t0_ns]
             latencies = sorted(read_stamps(sent))
             for conn in batch[len(sent):]:

@@ -15,8 +15,10 @@ import datetime
 import json
 import os
 import platform
+import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -63,10 +65,41 @@ class Settings:
                    handoff_rounds=5, latency_count=2000, wrap_seconds=0.4)
 
     @classmethod
+    def from_env(cls, base: Settings, environ: dict[str, str] | None = None) -> Settings:
+        """``base`` with the ``BENCH_*`` knobs of the environment applied (see ENV_KNOBS)."""
+        env = dict(os.environ if environ is None else environ)
+        values = vars(base).copy()
+        for name, field_name in ENV_KNOBS.items():
+            if env.get(name):
+                kind = type(values[field_name])
+                try:
+                    values[field_name] = kind(env[name])
+                except ValueError:
+                    raise SystemExit(f"{name}={env[name]!r} is not a {kind.__name__}") from None
+        return cls(**values)
+
+    @classmethod
     def quick(cls) -> Settings:
         return cls(workers=2, load_processes=1, concurrency=4, warmup=0.2, duration=0.5,
                    repeats=1, max_connections=500, handoff_contexts=40, handoff_rounds=1,
                    latency_count=40, wrap_seconds=0.02)
+
+
+ENV_KNOBS = {
+    "BENCH_WORKERS": "workers",
+    "BENCH_LOAD_PROCESSES": "load_processes",
+    "BENCH_CONCURRENCY": "concurrency",
+    "BENCH_WARMUP": "warmup",
+    "BENCH_DURATION": "duration",
+    "BENCH_REPEATS": "repeats",
+    "BENCH_HANDOFF_CONTEXTS": "handoff_contexts",
+    "BENCH_HANDOFF_ROUNDS": "handoff_rounds",
+    "BENCH_LATENCY_COUNT": "latency_count",
+}
+"""Environment variables that override a ``Settings`` field (``make bench BENCH_REPEATS=5``)."""
+
+READY_TIMEOUT = 60.0
+"""Seconds a server under test may take to start."""
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -192,14 +225,53 @@ def start_prefork(kind: str, workers: int, key: Path, cert: Path | None) -> Serv
         argv += ["--cert", str(cert)]
     processes = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE)
                  for _ in range(workers)]
+    server = Server(processes, port)
     try:
+        deadline = time.monotonic() + READY_TIMEOUT
         for p in processes:
             assert p.stdout is not None
-            if p.stdout.readline().strip() != b"ready":
+            ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready or p.stdout.readline().strip() != b"ready":
+                server.stop()
                 raise SystemExit(f"bench.servers --kind {kind} did not start")
     finally:
         holder.close()
-    return Server(processes, port)
+    return server
+
+
+def tls_probe(port: int, cafile: Path) -> dict[str, Any]:
+    """Prove what the TLS contender negotiates: TLS 1.3, X25519, an ECDSA P-256 certificate.
+
+    One handshake offering only X25519 must succeed with TLS 1.3 and a P-256 key in the
+    certificate; one offering only P-256 key exchange must be refused, so every load
+    connection (whose clients offer X25519 only) used X25519.  Exits otherwise.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from bench.loadgen import tls_client_context
+
+    def handshake(group: str) -> tuple[str | None, str, bytes | None]:
+        context = tls_client_context(str(cafile), group)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as tls:
+            cipher = tls.cipher()
+            return tls.version(), cipher[0] if cipher else "", tls.getpeercert(binary_form=True)
+
+    version, cipher, der = handshake("X25519")
+    key = x509.load_der_x509_certificate(der).public_key() if der else None
+    if version != "TLSv1.3":
+        raise SystemExit(f"TLS contender negotiated {version}, not TLSv1.3")
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise SystemExit(f"TLS contender's certificate key is {key!r}, not ECDSA P-256")
+    try:
+        handshake("prime256v1")
+    except (ssl.SSLError, ConnectionError):  # no common group: the server ends the handshake
+        pass
+    else:
+        raise SystemExit("TLS contender accepted a P-256 key exchange: X25519 is not enforced")
+    return {"version": version, "cipher": cipher, "group": "X25519",
+            "certificate": "ECDSA P-256 (secp256r1)", "p256_key_exchange_refused": True}
 
 
 def snapshot(server: Server) -> dict[str, Any]:
@@ -224,10 +296,15 @@ def run_load(server: Server, kind: str, client_arg: list[str], s: Settings,
     generators = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE)
                   for _ in range(s.load_processes)]
     pids = server.pids()
+    clients = [g.pid for g in generators]
     time.sleep(max(0.0, start_at + s.warmup - time.monotonic()))
     cpu_before = sum(cpu_seconds(pid) for pid in pids)
+    client_before = sum(cpu_seconds(pid) for pid in clients)
+    machine_before = machine_busy_seconds()
     time.sleep(max(0.0, start_at + s.warmup + s.duration - time.monotonic()))
     cpu_after = sum(cpu_seconds(pid) for pid in pids)
+    client_after = sum(cpu_seconds(pid) for pid in clients)
+    machine_after = machine_busy_seconds()
     results = []
     for g in generators:
         out, _ = g.communicate(timeout=s.warmup + s.duration + 60)
@@ -241,9 +318,22 @@ def run_load(server: Server, kind: str, client_arg: list[str], s: Settings,
         "conn_per_s": completed / s.duration,
         "server_cpu_us_per_conn": (cpu_after - cpu_before) / completed * 1e6
         if completed else None,
+        "client_cpu_us_per_conn": (client_after - client_before) / completed * 1e6
+        if completed else None,
+        # Share of all cores busy during the window (anyone's processes): near 1.0 means
+        # the machine, not one process, was the bottleneck.
+        "machine_busy": (machine_after - machine_before) / s.duration / (os.cpu_count() or 1),
         "errors": errors,
         "conn_ms_p50": sorted(r["conn_ms_p50"] or 0 for r in results)[len(results) // 2],
     }
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy (not idle or iowait) since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:8]) - fields[3] - fields[4]) / ticks
 
 
 def median(values: list[float]) -> float:
@@ -290,6 +380,7 @@ def e2e(s: Settings, directory: Path) -> dict[str, Any]:
             prefork.stop()
         prefork = start_prefork("tls", s.workers, tls_key, cert)
         try:
+            out["tls_negotiated"] = tls_probe(prefork.port, cert)
             runs["tls_prefork"].append(run_load(prefork, "tls", ["--cafile", str(cert)], s))
         finally:
             prefork.stop()
@@ -297,6 +388,9 @@ def e2e(s: Settings, directory: Path) -> dict[str, Any]:
     out["e2e_conn_per_s_runs"] = {k: [r["conn_per_s"] for r in v] for k, v in runs.items()}
     out["server_cpu_us_per_conn"] = {
         k: median([r["server_cpu_us_per_conn"] or 0.0 for r in v]) for k, v in runs.items()}
+    out["client_cpu_us_per_conn"] = {
+        k: median([r["client_cpu_us_per_conn"] or 0.0 for r in v]) for k, v in runs.items()}
+    out["machine_busy"] = {k: median([r["machine_busy"] for r in v]) for k, v in runs.items()}
     out["client_errors"] = {k: sum(r["errors"] for r in v) for k, v in runs.items()}
     # The daemon's own latency figure (handshake done -> ACK processed by the acceptor)
     # on a fresh daemon at moderate load: half the saturated connection rate, paced.
@@ -387,6 +481,7 @@ def table(r: dict[str, Any]) -> str:
     lat, dm, ds = (r["handoff_latency_us"], r["handoff_latency_daemon_moderate_us"],
                    r["handoff_latency_daemon_saturated_us"])
     m = r["machine"]
+    names = ("handoffd", "inprocess", "tls_prefork")
 
     def us(d: dict[str, float | None]) -> str:
         return "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in ("p50", "p99"))
@@ -408,6 +503,10 @@ def table(r: dict[str, Any]) -> str:
         f"{q['cpu_handoffd_over_inprocess']:.2f} x inprocess",
         f"{'server CPU us/conn inprocess':44} {cpu['inprocess']:12.0f}",
         f"{'server CPU us/conn tls_prefork':44} {cpu['tls_prefork']:12.0f}",
+        f"{'client CPU us/conn hd / inproc / tls':44} "
+        + " / ".join(f"{r['client_cpu_us_per_conn'][k]:.0f}" for k in names),
+        f"{'cores busy (machine-wide) hd / inproc / tls':44} "
+        + " / ".join(f"{r['machine_busy'][k]:.2f}" for k in names),
         f"{'handoffs/s (handoff path alone)':44} {r['handoffs_per_s']:12.0f}",
         f"{'handoff us p50/p99 (moderate load)':44} {us(lat):>12}",
         f"{'  daemon figure p50/p99 (to ACK, moderate)':44} {us(dm):>12}",
@@ -422,6 +521,8 @@ def table(r: dict[str, Any]) -> str:
         f"{r['rss_mib']['acceptor']:5.1f} / {r['rss_mib']['worker']:<5.1f}",
         f"{'acceptor fds before / after load':44} "
         f"{r['fd_count_before']:5d} / {r['fd_count_after']:<5d}",
+        f"TLS contender: {r['tls_negotiated']['version']} {r['tls_negotiated']['group']} "
+        f"{r['tls_negotiated']['cipher']}, {r['tls_negotiated']['certificate']} (asserted)",
         "",
         "targets: " + ", ".join(f"{k} {'MET' if v else 'NOT MET'}"
                                 for k, v in r["targets"].items()),
@@ -484,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny counts (smoke test)")
     parser.add_argument("--no-micro", action="store_true")
     args = parser.parse_args(argv)
-    s = Settings.quick() if args.quick else Settings.full()
+    s = Settings.from_env(Settings.quick() if args.quick else Settings.full())
     started = time.monotonic()
     result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
