@@ -133,6 +133,7 @@ class Minor(IntEnum):
     SHUTTING_DOWN = 613
     WORKER_NOT_REGISTERED = 614
     REGISTRATION_REFUSED = 615
+    MESSAGE_OUT_OF_SEQUENCE = 616
     # systemd adapter (680+)
     SYSTEMD_NOTIFY_SOCKET_INVALID = 680
     SYSTEMD_WATCHDOG_INVALID = 681
@@ -242,6 +243,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.SHUTTING_DOWN: "The daemon is shutting down",
     Minor.WORKER_NOT_REGISTERED: "The worker has not registered with the acceptor",
     Minor.REGISTRATION_REFUSED: "The acceptor refused the worker's registration",
+    Minor.MESSAGE_OUT_OF_SEQUENCE: "A per-message token arrived out of sequence on a stream "
+    "(replayed, dropped or reordered on the way)",
     Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
     "nor an abstract @name",
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",

@@ -24,9 +24,16 @@ that the AEAD call dominates the per-token overhead."""
 _READ_SIZE = 64 * 1024
 
 
+class _Unwrapped(Protocol):
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def supplementary(self) -> int: ...
+
+
 class _Context(Protocol):
     def wrap(self, data: bytes, conf_req: bool = True, qop: int = 0) -> bytes: ...
-    def unwrap(self, token: bytes) -> object: ...
+    def unwrap(self, token: bytes) -> _Unwrapped: ...
 
 
 class SecureStream(trio.abc.Stream):
@@ -76,7 +83,9 @@ class SecureStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Unwrapped plaintext; ``b""`` at the peer's CLOSE or end of stream.
 
-        An ERROR frame from the peer raises its GSS status.
+        An ERROR frame from the peer raises its GSS status; a token that is not the
+        next in sequence (replayed, reordered or one skipped) raises ``GSS_S_FAILURE``
+        with its supplementary bits and ``MESSAGE_OUT_OF_SEQUENCE``.
         """
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
@@ -101,7 +110,12 @@ class SecureStream(trio.abc.Stream):
     def _handle(self, frame: Frame) -> None:
         if frame.type == FrameType.MESSAGE:
             result = self.context.unwrap(frame.body)
-            self._plain += result.data  # type: ignore[attr-defined]
+            if result.supplementary:
+                # TCP delivers in order: a duplicate, old, reordered or skipped token means
+                # frames were replayed, moved or dropped on the way; never pass that data on.
+                raise GSSError(GSS_S_FAILURE | result.supplementary,
+                               Minor.MESSAGE_OUT_OF_SEQUENCE)
+            self._plain += result.data
         elif frame.type == FrameType.CLOSE:
             self._eof = True
         elif frame.type == FrameType.ERROR:
