@@ -13,8 +13,10 @@ and closes the acceptor's copy of the connection.
 
 * ``handoffs_per_s``: contexts handed off as fast as the per-worker window
   (``max_unacked`` = 8, as the daemon's default) allows, first send to last ack.
-* ``handoff_latency_us``: at moderate load (handoffs paced at a fraction of
-  the measured rate, default 50%), from the moment the acceptor would have
+* ``handoff_latency_us``: at moderate load (handoffs paced at ``--latency-rate``
+  per second, or by default at a fraction of the measured rate, 50%; several
+  ``--latency-rate`` give one figure each, the first is the headline), from the
+  moment the acceptor would have
   finished the handshake (just before export) to the moment the worker's
   application holds the imported context.  The worker app
   (``bench.apps:stamp``) writes ``perf_counter_ns()`` on the connection;
@@ -33,6 +35,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,9 +147,38 @@ def read_stamps(connections: list[Connection]) -> list[float]:
     return latencies
 
 
+async def paced_latencies(driver: Driver, spawned: list[BenchWorker], server_key: StaticKeyPair,
+                          count: int, rate: float, deadline: float) -> list[float]:
+    """``count`` handoffs paced at ``rate`` per second, round robin: sorted latencies (µs)."""
+    batch = make_connections(server_key, count)
+    driver.acked, driver.expected = 0, len(batch)
+    driver.all_acked = trio.Event()
+    interval = 1.0 / rate
+    next_at = trio.current_time()
+    for conn, w in zip(batch, itertools.cycle(spawned), strict=False):
+        if time.monotonic() > deadline:
+            driver.expected = driver.acked + len(driver.pending)
+            break
+        await trio.sleep_until(next_at)
+        next_at += interval
+        await driver.hand_off(w, conn)
+    if driver.expected > driver.acked:
+        with trio.fail_after(ACK_GRACE):
+            await driver.all_acked.wait()
+    sent = [conn for conn in batch if conn.t0_ns]
+    latencies = sorted(read_stamps(sent))
+    for conn in batch[len(sent):]:
+        conn.server.close()
+        conn.client.close()
+    if not latencies:
+        raise SystemExit("no handoff finished before the deadline")
+    return latencies
+
+
 async def run(workers: int = 2, contexts: int = 1000, rounds: int = 3,
               latency_count: int = 1000, load_fraction: float = 0.5,
-              max_seconds: float = 60.0) -> dict[str, Any]:
+              max_seconds: float = 60.0, latency_rates: Sequence[float] = ()
+              ) -> dict[str, Any]:
     """Measure rate and latency of the handoff path; returns plain data."""
     deadline = time.monotonic() + max_seconds
     server_key = StaticKeyPair.generate(os.urandom)
@@ -202,34 +234,21 @@ async def run(workers: int = 2, contexts: int = 1000, rounds: int = 3,
                 read_stamps(batch)
             rate = sorted(rates)[len(rates) // 2]
             # Latency at moderate load: paced, round robin over the workers.
-            batch = make_connections(server_key, latency_count)
-            driver.acked, driver.expected = 0, len(batch)
-            driver.all_acked = trio.Event()
-            interval = 1.0 / (rate * load_fraction)
-            next_at = trio.current_time()
-            for conn, w in zip(batch, itertools.cycle(spawned), strict=False):
-                if time.monotonic() > deadline:
-                    driver.expected = driver.acked + len(driver.pending)
-                    break
-                await trio.sleep_until(next_at)
-                next_at += interval
-                await driver.hand_off(w, conn)
-            if driver.expected > driver.acked:
-                with trio.fail_after(ACK_GRACE):
-                    await driver.all_acked.wait()
-            sent = [conn for conn in batch if conn.t0_ns]
-            latencies = sorted(read_stamps(sent))
-            for conn in batch[len(sent):]:
-                conn.server.close()
-                conn.client.close()
+            by_rate = []
+            for latency_rate in [*latency_rates, rate * load_fraction]:
+                latencies = await paced_latencies(driver, spawned, server_key, latency_count,
+                                                  latency_rate, deadline)
+                by_rate.append({"load_per_s": latency_rate, "samples": len(latencies),
+                                "p50": quantile(latencies, 0.5),
+                                "p99": quantile(latencies, 0.99)})
             nursery.cancel_scope.cancel()
         return {
             "handoffs_per_s": rate,
             "handoffs_per_s_rounds": rates,
-            "handoff_latency_us": {"p50": quantile(latencies, 0.5),
-                                   "p99": quantile(latencies, 0.99)},
-            "handoff_latency_load_per_s": rate * load_fraction,
-            "handoff_latency_samples": len(latencies),
+            "handoff_latency_us": {"p50": by_rate[0]["p50"], "p99": by_rate[0]["p99"]},
+            "handoff_latency_load_per_s": by_rate[0]["load_per_s"],
+            "handoff_latency_samples": by_rate[0]["samples"],
+            "handoff_latency_by_load": by_rate,
             "handoff_cpu_us": {"acceptor": acceptor_cpu / handed * 1e6,
                                "worker": worker_cpu / handed * 1e6},
             "key_parking": parking.mode,
@@ -252,9 +271,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-count", type=int, default=1000)
     parser.add_argument("--load-fraction", type=float, default=0.5)
     parser.add_argument("--max-seconds", type=float, default=60.0)
+    parser.add_argument("--latency-rate", type=float, action="append", default=[],
+                        help="handoffs/s for a latency figure (repeatable; default: "
+                             "--load-fraction of the measured rate)")
     args = parser.parse_args(argv)
     result = trio.run(lambda: run(args.workers, args.contexts, args.rounds, args.latency_count,
-                                  args.load_fraction, args.max_seconds))
+                                  args.load_fraction, args.max_seconds, args.latency_rate))
     json.dump(result, sys.stdout)
     print()
 
