@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all venv demo test test-lsm lint typecheck unit bench soak fuzz clean
+.PHONY: all venv demo test test-lsm lint typecheck unit bench bench-micro soak fuzz clean
 
 all: test
 
@@ -48,6 +48,10 @@ demo: venv
 bench: venv
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.run
+
+# Only the per-operation costs of the pure core (bench/micro.py, a few seconds; also in `make bench`).
+bench-micro: venv
+	$(BIN)/python -m bench.micro
 
 # Coverage-guided fuzzing of every parser (atheris); not part of `make test`.
 # FUZZ_SECONDS per target; crashes land in fuzz/artifacts/ (see fuzz/README.md).

@@ -619,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     plotted = plot(result, args.out / "latest.png")
     print()
     print(table(result))
+    if "per_message_us" in result["micro"]:
+        from bench.micro import table as micro_table
+
+        print("\nper operation (bench/micro.py):\n" + micro_table(result["micro"]))
     print(f"\nwrote {args.out / 'latest.json'}"
           + (f" and {args.out / 'latest.png'}" if plotted else " (no plot: matplotlib missing)")
           + f" in {result['elapsed_s']} s")
