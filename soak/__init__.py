@@ -1,0 +1,1 @@
+"""``make soak``: hours of production compressed into minutes (see docs/SOAK.md)."""
