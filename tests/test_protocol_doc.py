@@ -51,6 +51,7 @@ TOKEN_HEADER = struct.Struct(">HB5sQ")       # TOK_ID, Flags, Filler, SND_SEQ
 TOK_WRAP, SENT_BY_ACCEPTOR, SEALED = 0x0504, 0x01, 0x02
 FILLER = b"\xff" * 5
 GSS_S_UNAUTHORIZED, PEER_KEY_NOT_ALLOWED = 0x000F0000, 103
+GSS_S_FAILURE, GSS_S_DUPLICATE_TOKEN, MESSAGE_OUT_OF_SEQUENCE = 0x000D0000, 0x0002, 616
 
 
 def nonce(seq: int) -> bytes:
@@ -279,6 +280,20 @@ def _refused_session(address: tuple[str, int], pin: str, static_private: bytes) 
             assert sock.recv(1) == b""
 
 
+def _replayed_session(address: tuple[str, int], pin: str) -> None:
+    """A MESSAGE frame sent twice (as an attacker could): the worker answers with ERROR."""
+    with socket.create_connection(address, timeout=20) as sock:
+        client = DocClient(sock)
+        client.handshake(os.urandom(32), pin, anonymous=True)
+        token = wrap(client.k_i, 0, b"pay 100", from_acceptor=False)
+        sock.sendall(frame(MESSAGE, token) * 2)
+        assert client.receive() == b"pay 100"  # the first copy is echoed, the second is not
+        with pytest.raises(Refused) as refused:
+            client.receive()
+        assert (refused.value.major, refused.value.minor) == (
+            GSS_S_FAILURE | GSS_S_DUPLICATE_TOKEN, MESSAGE_OUT_OF_SEQUENCE)
+
+
 async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Path) -> None:
     listed, unlisted = os.urandom(32), os.urandom(32)
     listed_public = _public(listed)
@@ -294,6 +309,7 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
         await trio.to_thread.run_sync(_echo_session, address, daemon.fingerprint,
                                       os.urandom(32), True)
         await trio.to_thread.run_sync(_refused_session, address, daemon.fingerprint, unlisted)
+        await trio.to_thread.run_sync(_replayed_session, address, daemon.fingerprint)
     finally:
         assert await daemon.stop() == 0
 

@@ -60,3 +60,48 @@ async def test_a_token_out_of_sequence_fails_the_stream(order: list[int], bit: i
     assert error.major & ~0xFFFF == GSS_S_FAILURE and error.major & bit
     assert received == delivered
 
+
+
+async def _frames_until_eof(stream: trio.SocketStream) -> list[tuple[int, bytes]]:
+    data = b""
+    while chunk := await stream.receive_some():
+        data += chunk
+    frames = []
+    while data:
+        length = int.from_bytes(data[1:5], "big")
+        frames.append((data[0], data[5:5 + length]))
+        data = data[5 + length:]
+    return frames
+
+
+async def test_abort_reports_the_failure_in_an_error_frame_without_close() -> None:
+    client, acceptor = established_pair(StaticKeyPair.generate(os.urandom))
+    token = client.wrap(b"once")
+    left, right = trio.socket.socketpair()
+    peer, transport = trio.SocketStream(left), trio.SocketStream(right)
+    stream = SecureStream(transport, acceptor)
+    await peer.send_all(encode_frame(FrameType.MESSAGE, token) * 2)
+    assert await stream.receive_some() == b"once"
+    with pytest.raises(GSSError) as failure:
+        await stream.receive_some()
+    await stream.abort(failure.value)
+    await stream.aclose()  # already closed: sends nothing more
+    frames = await _frames_until_eof(peer)
+    await peer.aclose()
+    body = (GSS_S_FAILURE | GSS_S_DUPLICATE_TOKEN).to_bytes(4, "big") \
+        + int(Minor.MESSAGE_OUT_OF_SEQUENCE).to_bytes(4, "big")
+    assert frames == [(FrameType.ERROR, body)]
+
+
+async def test_abort_does_not_answer_the_peers_error() -> None:
+    _, acceptor = established_pair(StaticKeyPair.generate(os.urandom))
+    left, right = trio.socket.socketpair()
+    peer, transport = trio.SocketStream(left), trio.SocketStream(right)
+    stream = SecureStream(transport, acceptor)
+    await peer.send_all(encode_frame(FrameType.ERROR, bytes.fromhex("000d0000" "0000025a")))
+    with pytest.raises(GSSError) as failure:
+        await stream.receive_some()
+    assert (failure.value.major, failure.value.minor) == (GSS_S_FAILURE, 602)
+    await stream.abort(failure.value)
+    assert await _frames_until_eof(peer) == []
+    await peer.aclose()

@@ -13,7 +13,14 @@ from typing import Protocol
 
 import trio
 
-from handoffd.core.framing import Frame, FrameDecoder, FrameType, decode_error, encode_frame
+from handoffd.core.framing import (
+    Frame,
+    FrameDecoder,
+    FrameType,
+    decode_error,
+    encode_error,
+    encode_frame,
+)
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_DEFECTIVE_TOKEN, GSS_S_FAILURE, GSSError
 
@@ -62,6 +69,7 @@ class SecureStream(trio.abc.Stream):
         self._eof = False
         self._send_lock = trio.StrictFIFOLock()
         self._closed = False
+        self._peer_failed = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Wrap ``data`` into per-message tokens of at most ``MAX_CHUNK`` bytes and send them."""
@@ -119,6 +127,7 @@ class SecureStream(trio.abc.Stream):
         elif frame.type == FrameType.CLOSE:
             self._eof = True
         elif frame.type == FrameType.ERROR:
+            self._peer_failed = True
             major, minor = decode_error(frame.body)
             raise GSSError(major, minor, "reported by the peer")
         else:
@@ -129,6 +138,26 @@ class SecureStream(trio.abc.Stream):
         """Tell the peer we are done (a CLOSE frame); the transport stays open for reading."""
         async with self._send_lock:
             await self.transport.send_all(encode_frame(FrameType.CLOSE, b""))
+
+    async def abort(self, error: GSSError) -> None:
+        """End the session on a failure: an ERROR frame with ``error``'s status, no CLOSE.
+
+        Status codes only (never the detail text), best effort within 1 s, then the
+        transport is closed.  Nothing is sent when the failure is the peer's own ERROR
+        frame: an ERROR is never answered.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._peer_failed:
+                with trio.move_on_after(1):
+                    await self.transport.send_all(encode_frame(
+                        FrameType.ERROR, encode_error(error.major, error.minor)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await self.transport.aclose()
 
     async def aclose(self) -> None:
         """Send CLOSE (best effort, 1 s), then close the transport."""

@@ -353,7 +353,12 @@ async def serve(
     async def run_session(stream: SecureStream) -> None:
         try:
             async with stream:
-                await handler(stream)
+                try:
+                    await handler(stream)
+                except GSSError as error:
+                    # An ERROR frame tells the client why; a CLOSE would look like a clean end.
+                    await stream.abort(error)
+                    raise
         except GSSError as error:
             log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
