@@ -53,6 +53,12 @@ bench: venv
 bench-micro: venv
 	$(BIN)/python -m bench.micro
 
+# >= 100,000 connections through the echo demo (4 workers) with worker SIGKILLs and a
+# SIGHUP roll; not part of `make test`.  Writes soak/results/latest.json (docs/SOAK.md).
+SOAK_SECONDS ?= 600
+soak: venv
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m soak.run
+
 # Coverage-guided fuzzing of every parser (atheris); not part of `make test`.
 # FUZZ_SECONDS per target; crashes land in fuzz/artifacts/ (see fuzz/README.md).
 FUZZ_SECONDS ?= 60
