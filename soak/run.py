@@ -10,7 +10,7 @@ samples the acceptor's and each worker's fd count and RSS, the daemon user's lin
 fds, RSS and keys are flat, writes ``soak/results/latest.json`` and prints a summary.
 Exit status 0 only if every check passed.  docs/SOAK.md explains fields and criteria.
 
-Knobs (environment): ``SOAK_SECONDS`` (600), ``SOAK_MIN_CONNECTIONS`` (100000),
+Knobs (environment): ``SOAK_SECONDS`` (600), ``SOAK_MIN_CONNECTIONS`` (100000 per 600 s),
 ``SOAK_KILL_EVERY`` (20), ``SOAK_SAMPLE_EVERY`` (5), ``SOAK_LOADGENS`` (2),
 ``SOAK_LONG_FRACTION`` (0.05), ``SOAK_LONG_MAX_PAUSE`` (0.4 s), ``SOAK_OUT`` (soak/results).
 """
@@ -18,6 +18,7 @@ Knobs (environment): ``SOAK_SECONDS`` (600), ``SOAK_MIN_CONNECTIONS`` (100000),
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -40,6 +41,8 @@ from soak.loadgen import Session, Tally
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+DEFAULT_SECONDS = 600
+DEFAULT_CONNECTIONS = 100_000
 RATE_MARGIN = 1.1
 """Connections are started 10% faster than ``SOAK_MIN_CONNECTIONS / SOAK_SECONDS``."""
 TIMING_WINDOW = 5.0
@@ -63,9 +66,9 @@ def _env_number(name: str, default: float) -> float:
 class Settings:
     """What one soak run does, from the environment."""
 
-    seconds: float = field(default_factory=lambda: _env_number("SOAK_SECONDS", 600))
-    min_connections: int = field(
-        default_factory=lambda: int(_env_number("SOAK_MIN_CONNECTIONS", 100_000)))
+    seconds: float = field(default_factory=lambda: _env_number("SOAK_SECONDS",
+                                                                DEFAULT_SECONDS))
+    min_connections: int = field(default=0)
     kill_every: float = field(default_factory=lambda: _env_number("SOAK_KILL_EVERY", 20))
     sample_every: float = field(default_factory=lambda: _env_number("SOAK_SAMPLE_EVERY", 5))
     loadgens: int = field(default_factory=lambda: int(_env_number("SOAK_LOADGENS", 2)))
@@ -76,6 +79,12 @@ class Settings:
     out: Path = field(
         default_factory=lambda: Path(os.environ.get("SOAK_OUT", REPO / "soak" / "results")))
     workers: int = 4
+
+    def __post_init__(self) -> None:
+        # 100,000 in the default 600 s; a shorter or longer run keeps the same rate.
+        default = math.ceil(DEFAULT_CONNECTIONS * self.seconds / DEFAULT_SECONDS)
+        self.min_connections = self.min_connections or int(
+            _env_number("SOAK_MIN_CONNECTIONS", default))
 
     @property
     def rate(self) -> float:
