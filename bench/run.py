@@ -418,10 +418,18 @@ def handoff_path(s: Settings, moderate_per_s: float) -> dict[str, Any]:
     return result
 
 
+def wakeup_floor(s: Settings, rate: float) -> dict[str, Any]:
+    """``bench.wakeup`` at ``rate``: one-way process wake-up latency, the handoff's floor."""
+    argv = [PY, "-m", "bench.wakeup", "--rate", repr(rate), "--count", str(s.latency_count)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, check=True, timeout=120)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 def micro() -> dict[str, Any]:
     """``bench/micro.py``'s per-operation costs, if that module exists."""
     try:
-        from bench import micro as micro_module  # type: ignore[attr-defined]
+        from bench import micro as micro_module
     except ImportError:
         return {"note": "bench/micro.py is not there yet: no per-operation costs in this run"}
     result: dict[str, Any] = micro_module.run()
@@ -512,6 +520,7 @@ def table(r: dict[str, Any]) -> str:
           f"{us(b):>12}"
           for b, note in zip(r["handoff_path"]["handoff_latency_by_load"],
                              (" (moderate)", " (1/2 path max)"), strict=False)),
+        f"{'  bare process wake-up p50/p99 (floor)':44} {us(r['wakeup_latency_us']):>12}",
         f"{'  daemon figure p50/p99 (to ACK, moderate)':44} {us(dm):>12}",
         f"{'  daemon figure p50/p99 (to ACK, saturated)':44} {us(ds):>12}",
         f"{'wrap MiB/s 16 KiB handoffd / raw AEAD':44} "
@@ -610,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     result["handoffs_per_s"] = path.pop("handoffs_per_s")
     result["handoff_latency_us"] = path.pop("handoff_latency_us")
     result["handoff_path"] = path
+    # The machine's floor for the same hop: a bare process wake-up at the same pace.
+    result["wakeup_latency_us"] = wakeup_floor(s, result["moderate_conn_per_s"])
     result["micro"] = {"note": "skipped (--no-micro)"} if args.no_micro else micro()
     result["ratios"] = ratios(result)
     result["targets"] = targets(result)

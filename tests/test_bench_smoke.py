@@ -41,6 +41,15 @@ def test_bench_quick_run_writes_the_documented_schema(tmp_path: Path) -> None:
     assert all(_number(v) for v in result["ratios"].values())
     assert all(isinstance(v, bool) for v in result["targets"].values())
     assert isinstance(result["micro"], dict)
+    # What the TLS contender negotiated is asserted by the harness, and recorded.
+    assert result["tls_negotiated"]["version"] == "TLSv1.3"
+    assert result["tls_negotiated"]["group"] == "X25519"
+    assert result["tls_negotiated"]["p256_key_exchange_refused"] is True
+    assert result["wakeup_latency_us"]["p50"] <= result["wakeup_latency_us"]["p99"]
+    assert all(_number(v) and v > 0 for v in result["server_cpu_us_per_conn"].values())
+    assert all(_number(v) and v > 0 for v in result["client_cpu_us_per_conn"].values())
+    headline = result["handoff_path"]["handoff_latency_by_load"][0]
+    assert headline["load_per_s"] == result["moderate_conn_per_s"]
     # Every client connection in every variant completed: a broken server shows here.
     assert result["client_errors"] == {"handoffd": 0, "inprocess": 0, "tls_prefork": 0}
     assert result["daemon_totals"]["lost"] == 0
