@@ -9,6 +9,10 @@ work to speak of) stamps its wake-up.  Every handoff needs at least this hop
 (acceptor to worker), so its p99 bounds what any handoff latency can reach
 on this machine: on a small VM shared with other load it is often tens to
 hundreds of µs.  Bounded: ``--count`` messages, a 10 s receive timeout.
+
+``--trio-pingpong`` instead prints the CPU one message costs between two *trio*
+processes (wake-up, epoll, task scheduling on both sides; ``{"cpu_us_per_message": …}``):
+the handoff sends two (HANDOFF, ACK) per connection.
 """
 
 from __future__ import annotations
@@ -66,13 +70,57 @@ def measure(rate: float = 600.0, count: int = 3000) -> dict[str, float]:
     return {"p50": p50, "p99": p99, "rate_per_s": rate}
 
 
+def trio_pingpong(count: int = 20000) -> dict[str, float]:
+    """CPU (both processes) per one-way message bouncing between two trio processes."""
+    import resource
+
+    import trio
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.settimeout(TIMEOUT)
+    theirs.settimeout(TIMEOUT)
+
+    async def bounce(sock: socket.socket, first: bool) -> None:
+        with trio.fail_after(TIMEOUT + count * 0.01):
+            s = trio.socket.from_stdlib_socket(sock)
+            if first:
+                await s.send(bytes(64))
+            for _ in range(count - 1 if first else count):
+                await s.recv(65536)
+                await s.send(bytes(64))
+            if first:
+                await s.recv(65536)
+
+    pid = os.fork()  # before any trio.run in this process
+    if pid == 0:
+        ours.close()
+        try:
+            trio.run(bounce, theirs, False)
+        finally:
+            os._exit(0)
+    theirs.close()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        trio.run(bounce, ours, True)
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes its import of trio
+    cpu = (own.ru_utime + own.ru_stime - before.ru_utime - before.ru_stime
+           + child.ru_utime + child.ru_stime)
+    return {"cpu_us_per_message": cpu / (2 * count) * 1e6, "messages": 2 * count}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Measure and print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=600.0)
     parser.add_argument("--count", type=int, default=3000)
+    parser.add_argument("--trio-pingpong", action="store_true")
     args = parser.parse_args(argv)
-    json.dump(measure(args.rate, args.count), sys.stdout)
+    result = trio_pingpong() if args.trio_pingpong else measure(args.rate, args.count)
+    json.dump(result, sys.stdout)
     print()
 
 
