@@ -551,7 +551,7 @@ def plot(r: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     names = ["handoffd", "inprocess", "tls_prefork"]
     colors = ["tab:blue", "tab:orange", "tab:green"]
     ax = axes[0][0]
@@ -573,12 +573,13 @@ def plot(r: dict[str, Any], path: Path) -> bool:
     ax = axes[1][1]
     groups = [("handoff path\n(moderate)", r["handoff_latency_us"]),
               ("handoff path\n(1/2 path max)", r["handoff_path"]["handoff_latency_by_load"][-1]),
+              ("bare wake-up\n(floor)", r["wakeup_latency_us"]),
               ("daemon to ACK\n(moderate)", r["handoff_latency_daemon_moderate_us"]),
               ("daemon to ACK\n(saturated)", r["handoff_latency_daemon_saturated_us"])]
     xs = range(len(groups))
     ax.bar([x - 0.2 for x in xs], [g[1]["p50"] or 0 for g in groups], width=0.4, label="p50")
     ax.bar([x + 0.2 for x in xs], [g[1]["p99"] or 0 for g in groups], width=0.4, label="p99")
-    ax.set_xticks(list(xs), [g[0] for g in groups])
+    ax.set_xticks(list(xs), [g[0] for g in groups], fontsize=8)
     ax.set_yscale("log")
     ax.set_title("handoff latency (µs, log scale)")
     ax.legend()
