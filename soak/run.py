@@ -389,7 +389,8 @@ def flatness(raw: dict[str, Any], settings: Settings) -> dict[str, Any]:
         values = [w[key] for w in point["workers"] if w[key] is not None]
         return max(values) if values else 0
 
-    warm = [s for s in samples if s["t"] >= settings.warmup][:3] or samples[:3]
+    loaded = [s for s in samples if s["t"] >= settings.warmup] or samples
+    warm = loaded[:3]
     last = samples[-3:]
     keys_before, keys_after = before["key_users"] or {}, after["key_users"] or {}
     return {
@@ -414,7 +415,21 @@ def flatness(raw: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 "after": {"acceptor": after["acceptor"]["fds"],
                           "worker": worker_max(after, "fds")}},
         "key_users": {"before": before["key_users"], "after": after["key_users"]},
+        # Informative, not checked: under load (same tolerance idea as RSS) ...
+        "fds_under_load": {
+            "acceptor": {"after_warmup": _mean([s["acceptor"]["fds"] for s in warm]),
+                         "end": _mean([s["acceptor"]["fds"] for s in last])},
+            "worker": {"after_warmup": _mean([worker_max(s, "fds") for s in warm]),
+                       "end": _mean([worker_max(s, "fds") for s in last])}},
+        # ... and the lower envelope of the key count: other processes' keys only add.
+        "keyring_lower_envelope": {"first_half_min": _min_keys(loaded[:len(loaded) // 2]),
+                                   "second_half_min": _min_keys(loaded[len(loaded) // 2:])},
     }
+
+
+def _min_keys(points: list[dict[str, Any]]) -> int | None:
+    counts = [p["key_users"]["nkeys"] for p in points if p["key_users"]]
+    return min(counts) if counts else None
 
 
 def report(raw: dict[str, Any], settings: Settings, exit_status: int | None,
