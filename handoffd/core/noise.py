@@ -237,6 +237,9 @@ class HandshakeState:
         if self.complete or not self._my_turn():
             raise GSSError(GSS_S_FAILURE, Minor.HANDSHAKE_OUT_OF_ORDER,
                            "not this side's turn to write")
+        # Check the size before any mixing: a refused payload must leave the state usable.
+        if self._message_size(len(payload)) > MAX_MESSAGE_LEN:
+            raise GSSError(GSS_S_FAILURE, Minor.MESSAGE_TOO_LARGE, "handshake payload")
         out = bytearray()
         for token in _XX[self._index]:
             if token == "e":
@@ -248,10 +251,21 @@ class HandshakeState:
             else:
                 self._mix_dh(token)
         out += self._ss.encrypt_and_hash(payload)
-        if len(out) > MAX_MESSAGE_LEN:
-            raise GSSError(GSS_S_FAILURE, Minor.MESSAGE_TOO_LARGE, "handshake payload")
         self._index += 1
         return bytes(out)
+
+    def _message_size(self, payload_len: int) -> int:
+        """The length of this side's next message for a payload of ``payload_len`` bytes."""
+        keyed = self._ss.cipher.key is not None
+        size = 0
+        for token in _XX[self._index]:
+            if token == "e":
+                size += DH_LEN
+            elif token == "s":
+                size += DH_LEN + (TAG_LEN if keyed else 0)
+            else:
+                keyed = True
+        return size + payload_len + (TAG_LEN if keyed else 0)
 
     def read_message(self, message: bytes) -> bytes:
         """Process the peer's next message; a failure leaves this state unusable."""
