@@ -20,3 +20,15 @@ SEAL_EXPIRES: Final = NOW + 30
 MECH_NOISE: Final = 1
 
 MIC_MESSAGE: Final = b"the message a MIC token covers"
+
+# Static keys of the handshake targets (fuzz_handshake, fuzz_import): public test values.
+SERVER_PRIVATE: Final = bytes(range(96, 128))
+CLIENT_PRIVATE: Final = bytes(range(128, 160))
+CLIENT_NAME: Final = "fuzz-client"
+BINDINGS: Final = b"tls-server-end-point:fuzz"
+OTHER_BINDINGS: Final = b"tls-server-end-point:other"
+# Each side's "randomness" (ephemeral keys, an anonymous client's key) is a seeded PRNG,
+# so the same input replays the same handshake and real tokens in the corpus stay valid.
+INITIATOR_SEED: Final = 1
+ACCEPTOR_SEED: Final = 2
+LIFETIME: Final = 600.0

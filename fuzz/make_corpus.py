@@ -28,7 +28,9 @@ from fuzz._fixtures import (
     SEAL_KEY,
     WORKER_ID,
 )
+from fuzz._handshakes import Setup, established, exported_blobs, transcript
 from fuzz._harness import u16_join
+from handoffd.core.framing import FrameType, encode_error, encode_frame, wrap_first_token
 from handoffd.core.handoff import Ack, Handoff, Hello, Kind, Refused, Registered
 from handoffd.core.protection import MessageProtection
 from handoffd.core.seal import seal
@@ -249,6 +251,96 @@ def config_file_seeds() -> Seeds:
     return _config_seeds() | {
         "not_utf8": b"[server]\nkey = \"\xff\xfe\"\n",
         "not_toml": b"[server\n",
+    }
+
+
+def _mode(operation: int, setup: Setup | None = None) -> bytes:
+    """fuzz_handshake's mode byte: operation in bits 0-2, the setup in bits 3-7."""
+    return bytes([operation | (setup.bits() if setup else 0) << 3])
+
+
+@generator("handshake")
+def handshake_seeds() -> Seeds:
+    """Real tokens of real handshakes (keyed, anonymous, refused), framed and unframed."""
+    keyed = transcript(Setup())
+    anonymous = Setup(anonymous_client=True, allow_anonymous=True)
+    anon = transcript(anonymous)
+    bound = Setup(acceptor_bindings=True)
+    msg1, msg2, msg3 = keyed
+    first = wrap_first_token(msg1)
+    stream = encode_frame(FrameType.HANDSHAKE, first) + encode_frame(FrameType.HANDSHAKE, msg3)
+    long_first = wrap_first_token(b"\xaa" * 300)
+    wrap_token = established()[0].wrap(b"pipelined")
+    return {
+        "frames_transcript": _mode(0) + u16_join([stream[:3], stream[3:50], stream[50:]]),
+        "frames_all_types": _mode(0) + u16_join([
+            encode_frame(FrameType.MESSAGE, wrap_token)
+            + encode_frame(FrameType.ERROR, encode_error(0x90000, 208))
+            + encode_frame(FrameType.CLOSE, b"")]),
+        "frames_small_limit": bytes([0x08])
+        + u16_join([encode_frame(FrameType.MESSAGE, b"m" * 65)]),
+        "frames_close_with_body": _mode(0) + u16_join([b"\x04\x00\x00\x00\x01x"]),
+        "frames_bad_type": _mode(0) + u16_join([b"\x09\x00\x00\x00\x00"]),
+        "frames_error_short": _mode(0) + u16_join([b"\x03\x00\x00\x00\x04abcd"]),
+        "frames_huge_length": _mode(0) + u16_join([b"\x02\xff\xff\xff\xff"]),
+        "first_token": _mode(1) + u16_join([first]),
+        "first_token_long_form": _mode(1) + u16_join([long_first]),
+        "first_token_other_mech": _mode(1)
+        + u16_join([wrap_first_token(msg1, b"\x06\x03*\x03\x04")]),
+        "first_token_not_minimal": _mode(1) + u16_join([b"\x60\x81\x05" + first[2:7]]),
+        "first_token_no_oid": _mode(1) + u16_join([b"\x60\x02\x04\x00"]),
+        "acceptor_keyed": _mode(2) + u16_join([msg1, msg3]),
+        "acceptor_anonymous": _mode(2, anonymous) + u16_join([anon[0], anon[2]]),
+        "acceptor_anonymous_refused": _mode(2, Setup(anonymous_client=True))
+        + u16_join([anon[0]]),
+        "acceptor_reflected_msg2": _mode(2) + u16_join([msg2]),
+        "acceptor_truncated_msg1": _mode(2) + u16_join([msg1[:31]]),
+        "initiator_msg2": _mode(3) + u16_join([msg2, msg2]),
+        "initiator_msg2_anonymous": _mode(3, anonymous) + u16_join([anon[1]]),
+        "initiator_msg2_flipped": _mode(3) + u16_join([msg2[:40] + bytes([msg2[40] ^ 1])
+                                                       + msg2[41:]]),
+        "initiator_reflected_msg1": _mode(3) + u16_join([msg1]),
+        "acceptor_msg3": _mode(4) + u16_join([msg3, msg3]),
+        "acceptor_msg3_bindings": _mode(4, bound) + u16_join([transcript(bound)[2]]),
+        "acceptor_msg3_other_bindings": _mode(4, Setup(acceptor_bindings=True,
+                                                        other_client_bindings=True))
+        + u16_join([transcript(Setup(acceptor_bindings=True, other_client_bindings=True))[2]]),
+        "acceptor_msg3_not_allowed": _mode(4, Setup(client_not_allowed=True))
+        + u16_join([transcript(Setup(client_not_allowed=True))[2]]),
+        "acceptor_msg3_truncated": _mode(4) + u16_join([msg3[:-17]]),
+        "acceptor_first_token": _mode(5) + u16_join([first, msg3]),
+        "established_surplus": _mode(6) + u16_join([msg3, b""]),
+        "wire_transcript": _mode(7) + u16_join([stream]),
+        "wire_split": _mode(7) + u16_join([stream[:1], stream[1:45], stream[45:]]),
+        "wire_message_first": _mode(7) + u16_join([encode_frame(FrameType.MESSAGE, msg1)]),
+        "wire_peer_error": _mode(7) + u16_join([
+            encode_frame(FrameType.ERROR, encode_error(0xFFFFFFFF, 0xFFFFFFFF))]),
+        "wire_unwrapped_first": _mode(7) + u16_join([encode_frame(FrameType.HANDSHAKE, msg1)]),
+    }
+
+
+@generator("import")
+def import_seeds() -> Seeds:
+    """Real export tokens as they are, expired, patched, cut and extended."""
+    blobs = exported_blobs()
+    initiator, acceptor, anon_initiator, anon_acceptor = blobs
+    return {
+        "initiator": b"\x00" + initiator,
+        "acceptor_with_unread": b"\x00" + acceptor,
+        "anonymous_initiator": b"\x00" + anon_initiator,
+        "anonymous_acceptor": b"\x00" + anon_acceptor,
+        "expired": b"\x04" + initiator,
+        "bad_version": b"\x00\x02" + initiator[1:],
+        "trailing_byte": b"\x00" + initiator + b"\x00",
+        "truncated": b"\x00" + acceptor[:-1],
+        "empty": b"\x00",
+        "role_flipped": b"\x01\x00\x01\x01",
+        "flags_patched": b"\x09\x00\x02\x80\x00\x03\x01",
+        "expiry_patched": b"\x01\x00\x05\x01\x00\x0b\x07",
+        "names_patched": b"\x11" + b"".join(struct.pack(">HB", 0x4c + n, 0x80) for n in range(3)),
+        "cut_in_state": b"\x02" + struct.pack(">H", 150) + b"\x00" * 4,
+        "unread_extended": b"\x0a" + struct.pack(">H", len(acceptor) - 6)
+        + b"\x00\x00\x00\x03abc",
     }
 
 
