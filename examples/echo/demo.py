@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                                       for pid, n in sorted(served.items())))
     print(f"handoff      p50 {latency['p50']:.0f} µs, p99 {latency['p99']:.0f} µs "  # type: ignore[index]
           "(handshake done -> worker acknowledged the import)")
+    print("             all clients start at once, so each handoff queues behind the other\n"
+          "             handshakes on the acceptor; `make bench` measures it at a steady rate")
     print(f"shutdown     SIGTERM -> exit status {exit_status}")
     for failure in failures[:10]:
         print(f"  {failure}")
