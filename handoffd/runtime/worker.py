@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import trio
@@ -63,6 +63,8 @@ class WorkerIdentity:
     worker_id: bytes
     acceptor_pid: int
     acceptor_uid: int
+    acceptor_labels: frozenset[bytes] | None = None
+    """LSM contexts the acceptor may have (channel peer and every message); None: any."""
 
 
 class HandoffReceiver:
@@ -91,19 +93,24 @@ class HandoffReceiver:
         self._hello_sent = False
         self._draining = False
         self._policy = PeerPolicy(
-            uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid
+            uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid,
+            labels=identity.acceptor_labels,
         )
         # The acceptor's process as its pidfd names it (pidfs inode): a pid can be
         # recycled after the acceptor dies, a pidfd identity cannot.
         self._acceptor_process = _peer_process(channel)
 
     @classmethod
-    def inherited(cls, environ: Mapping[str, str] | None = None) -> HandoffReceiver:
+    def inherited(cls, environ: Mapping[str, str] | None = None, *,
+                  acceptor_labels: Iterable[bytes | str] | None = None) -> HandoffReceiver:
         """Set up a worker spawned by handoffd: adopt the key grant, open the channel.
 
         Call it before ``trio.run`` is fine, and it must run before the
         process reads any key: adopting joins a fresh session keyring so the
         worker stops possessing the acceptor's and its siblings' keys.
+        ``acceptor_labels`` (``[policy] acceptor_labels``): the LSM contexts the
+        channel's creator and every message's sender must have; a non-empty set
+        refuses an unlabelled one (``GSS_S_UNAUTHORIZED``, ``PEER_LABEL_*``).
         """
         env = os.environ if environ is None else environ
         try:
@@ -117,20 +124,28 @@ class HandoffReceiver:
         channel = Channel.from_fd(fd, fd_kinds=FD_KINDS, validate_fd=None)
         identity = channel.peer_identity()
         receiver = cls(channel, parking,
-                       WorkerIdentity(worker_id, acceptor_pid, identity.uid))
-        receiver._verify_channel_peer(identity)
+                       WorkerIdentity(worker_id, acceptor_pid, identity.uid,
+                                      _label_set(acceptor_labels)))
+        try:
+            receiver._verify_channel_peer(identity)
+        except GSSError:
+            receiver.close()
+            raise
         return receiver
 
     @classmethod
-    async def register(cls, path: str, *, acceptor_uids: frozenset[int] | None = None
+    async def register(cls, path: str, *, acceptor_uids: frozenset[int] | None = None,
+                       acceptor_labels: Iterable[bytes | str] | None = None
                        ) -> HandoffReceiver:
         """Register an external worker (not spawned by handoffd) over the Unix socket.
 
         The acceptor checks this process against its ``[policy]``; this side
         checks that whoever listens on ``path`` runs as one of
-        ``acceptor_uids`` (default: our own uid or root).  Raises the
-        acceptor's refusal as a ``GSSError``.
+        ``acceptor_uids`` (default: our own uid or root) and, if given, has one
+        of ``acceptor_labels`` (LSM contexts; checked again on every message).
+        Raises the acceptor's refusal as a ``GSSError``.
         """
+        labels = _label_set(acceptor_labels)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         channel = Channel(sock, fd_kinds=FD_KINDS, validate_fd=None)
         # Credentials must be switched on before the acceptor's first message is sent.
@@ -144,7 +159,7 @@ class HandoffReceiver:
         try:
             identity = channel.peer_identity()
             uids = acceptor_uids if acceptor_uids is not None else frozenset({os.getuid(), 0})
-            PeerPolicy(uids=uids).check(identity)
+            PeerPolicy(uids=uids, labels=labels).check(identity)
             message = await _receive(channel, _peer_process(channel))
             if message.kind == Kind.REFUSED:
                 refused = Refused.decode(message.payload)
@@ -156,7 +171,7 @@ class HandoffReceiver:
                                "unexpected answer to registration")
             try:
                 _check_sender(message, PeerPolicy(uids=frozenset({identity.uid}),
-                                                  pid=identity.pid))
+                                                  pid=identity.pid, labels=labels))
                 registered = Registered.decode(message.payload)
             except GSSError:
                 os.close(message.fd)
@@ -168,7 +183,7 @@ class HandoffReceiver:
             channel.close()
             raise
         return cls(channel, parking,
-                   WorkerIdentity(registered.worker_id, identity.pid, identity.uid))
+                   WorkerIdentity(registered.worker_id, identity.pid, identity.uid, labels))
 
     def _verify_channel_peer(self, identity: PeerIdentity) -> None:
         # SO_PEERCRED names whoever created the socketpair: it must be the acceptor.
@@ -273,6 +288,16 @@ class HandoffReceiver:
     def close(self) -> None:
         """Close the channel; the acceptor sees this worker leave."""
         self.channel.close()
+
+
+def _label_set(labels: Iterable[bytes | str] | None) -> frozenset[bytes] | None:
+    """Configured labels as bytes; None or empty means "no label check"."""
+    if labels is None:
+        return None
+    encoded = frozenset(
+        label.encode() if isinstance(label, str) else bytes(label) for label in labels
+    )
+    return encoded or None
 
 
 def _peer_process(channel: Channel) -> int | None:
