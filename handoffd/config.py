@@ -71,12 +71,16 @@ class WorkersConfig:
 @dataclass(frozen=True)
 class PolicyConfig:
     """``[policy]``: who may register as an external worker (spawned workers are trusted
-    by construction: the acceptor created their channel)."""
+    by construction: the acceptor created their channel), and which LSM labels workers
+    accept handoffs from."""
 
     worker_uids: tuple[int, ...] = ()
     worker_gids: tuple[int, ...] = ()
     worker_labels: tuple[str, ...] = ()
     require_label: bool = False
+    acceptor_labels: tuple[str, ...] = ()
+    """LSM contexts spawned workers accept their channel and handoffs from (SO_PEERSEC,
+    SCM_SECURITY); empty: no label check.  Non-empty refuses an unlabelled acceptor."""
 
 
 @dataclass(frozen=True)

@@ -380,6 +380,8 @@ class Daemon:
                 "--log-level", self.config.log.level, "--log-format", self.config.log.format]
         for path in self.config.workers.pythonpath:
             args += ["--pythonpath", path]
+        for label in self.config.policy.acceptor_labels:
+            args += ["--acceptor-label", label]
         w.process, w.channel = spawn_worker(self.parking, w.worker_id,
                                                   self.config.workers.app, args)
         try:

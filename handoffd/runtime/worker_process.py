@@ -32,12 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", default="text")
+    # [policy] acceptor_labels: LSM contexts the channel and its messages must come from.
+    parser.add_argument("--acceptor-label", action="append", default=[])
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format, role="worker")
     log = logging.getLogger("handoffd.worker")
     try:
         # Adopt the key grant first: nothing else runs with the acceptor's session keyring.
-        receiver = HandoffReceiver.inherited()
+        receiver = HandoffReceiver.inherited(acceptor_labels=args.acceptor_label)
         handler = load_app(args.app, pythonpath=args.pythonpath)
     except GSSError as error:
         log.error("worker could not start: %s", error)
