@@ -27,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 context_module = pytest.importorskip("handoffd.core.context")
 
-from handoffd.core.credentials import StaticKeyPair  # noqa: E402
+from handoffd.core.credentials import AllowList, StaticKeyPair  # noqa: E402
 from handoffd.status import (  # noqa: E402
     GSS_ERROR,
     GSS_ROUTINE_ERROR,
@@ -37,6 +37,7 @@ from handoffd.status import (  # noqa: E402
     GSS_S_DUPLICATE_TOKEN,
     GSS_S_GAP_TOKEN,
     GSS_S_NO_CONTEXT,
+    GSS_S_UNAVAILABLE,
     GSS_S_UNSEQ_TOKEN,
     GSSError,
 )
@@ -222,3 +223,162 @@ ContextMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_context_state_machine = ContextMachine.TestCase
+
+
+# --- the handshake itself in random orders ------------------------------------------------
+#
+# The machine above starts from an established pair.  This one starts from two fresh
+# contexts and lets hypothesis pick every call: either side's step() with any token in
+# flight (or None), a tampered token, wrap/export/import before, during and after the
+# handshake, and messages once both sides are open.  A model says what each call must do:
+# the one right token at each step advances the handshake; anything else fails that side
+# for good while it is still handshaking (HANDSHAKE_OUT_OF_ORDER ever after) and is refused
+# without harm once it is open.
+
+_CLIENT_KEY = StaticKeyPair.generate(random_module.Random(2).randbytes)
+# What each side's step() needs next: (role, phase) -> index of the peer's message.
+_NEXT_MESSAGE = {("initiator", 0): 0, ("initiator", 1): 2, ("acceptor", 0): 1,
+                 ("acceptor", 1): 3}
+
+
+@dataclass
+class HandshakeSide:
+    """The model of one side: handshake phase (2 = open), failed, replaced by an import."""
+
+    phase: int = 0
+    failed: bool = False
+    imported: bool = False
+
+    @property
+    def open(self) -> bool:
+        return self.phase == 2 and not self.failed
+
+
+class HandshakeMachine(RuleBasedStateMachine):
+    """init/accept/wrap/unwrap/export/import on a fresh pair, in any order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.rng = random_module.Random(3)
+        allow = AllowList({_CLIENT_KEY.public_bytes: "client"})
+        self.contexts: dict[str, object] = {
+            "initiator": InitiatorContext(
+                static_key=_CLIENT_KEY, server_fingerprint=_SERVER_KEY.fingerprint,
+                lifetime=LIFETIME, clock=self.clock, random=self.rng.randbytes),
+            "acceptor": AcceptorContext(
+                static_key=_SERVER_KEY, allow_list=allow, allow_anonymous=False,
+                lifetime=LIFETIME, clock=self.clock, random=self.rng.randbytes),
+        }
+        self.model = {"initiator": HandshakeSide(), "acceptor": HandshakeSide()}
+        # Handshake messages sent so far, by number (msg1 = 1); both sides see them all.
+        self.messages: dict[int, bytes] = {}
+
+    def _expect_step(self, side: str, number: int | None) -> bool:
+        """Whether step() with message ``number`` (None: no token) is the right call now."""
+        model = self.model[side]
+        if model.failed or model.phase == 2:
+            return False
+        return _NEXT_MESSAGE[(side, model.phase)] == (number or 0)
+
+    def _step(self, side: str, number: int | None, token: bytes | None) -> None:
+        context = self.contexts[side]
+        model = self.model[side]
+        if model.imported:
+            return  # an imported context is a plain SecurityContext: it has no step()
+        if not self._expect_step(side, number):
+            was_handshaking = model.phase < 2 and not model.failed
+            with pytest.raises(GSSError):
+                context.step(token)  # type: ignore[attr-defined]
+            if was_handshaking:
+                model.failed = True
+            return
+        major, output = context.step(token)  # type: ignore[attr-defined]
+        model.phase += 1
+        if side == "initiator":
+            assert major == (GSS_S_CONTINUE_NEEDED if model.phase == 1 else GSS_S_COMPLETE)
+            self.messages[1 if model.phase == 1 else 3] = output
+        elif model.phase == 1:
+            assert major == GSS_S_CONTINUE_NEEDED
+            self.messages[2] = output
+        else:
+            assert (major, output) == (GSS_S_COMPLETE, b"")
+
+    def _can_advance(self, side: str) -> bool:
+        model = self.model[side]
+        if model.failed or model.phase == 2 or model.imported:
+            return False
+        number = _NEXT_MESSAGE[(side, model.phase)]
+        return number == 0 or number in self.messages
+
+    @rule(side=SIDES, pick=st.integers(min_value=0, max_value=3),
+          any_token=st.integers(min_value=0, max_value=3))
+    def step(self, side: str, pick: int, any_token: int) -> None:
+        """Mostly the handshake's next step (on whichever side can take it); one call in
+        four, step() on ``side`` with no token (pick 0) or any message sent so far."""
+        if any_token:
+            ready = [s for s in (side, "acceptor" if side == "initiator" else "initiator")
+                     if self._can_advance(s)]
+            if ready:
+                number = _NEXT_MESSAGE[(ready[0], self.model[ready[0]].phase)]
+                self._step(ready[0], number or None, self.messages.get(number))
+            return
+        number = pick if pick in self.messages else None
+        self._step(side, number, self.messages[number] if number else None)
+
+    @rule(side=SIDES, number=st.sampled_from([2, 3]), bit=st.integers(min_value=0))
+    def step_tampered(self, side: str, number: int, bit: int) -> None:
+        """A flipped bit in an authenticated message is refused like a wrong message."""
+        if number not in self.messages:
+            return
+        token = bytearray(self.messages[number])
+        bit %= len(token) * 8
+        token[bit // 8] ^= 1 << (bit % 8)
+        self._step(side, -1, bytes(token))
+
+    @rule(side=SIDES)
+    def protect_before_open(self, side: str) -> None:
+        """wrap and export refuse a context that is not open, and change nothing."""
+        if self.model[side].open:
+            return
+        context = self.contexts[side]
+        with pytest.raises(GSSError) as caught:
+            context.wrap(b"too early")  # type: ignore[attr-defined]
+        assert _routine(caught.value) == GSS_S_NO_CONTEXT
+        with pytest.raises(GSSError) as caught:
+            context.export()  # type: ignore[attr-defined]
+        assert _routine(caught.value) == GSS_S_UNAVAILABLE  # RFC 2744: not established
+
+    @precondition(lambda self: self.model["initiator"].open and self.model["acceptor"].open)
+    @rule(sender=SIDES, data=st.binary(max_size=32))
+    def talk(self, sender: str, data: bytes) -> None:
+        receiver = "acceptor" if sender == "initiator" else "initiator"
+        token = self.contexts[sender].wrap(data)  # type: ignore[attr-defined]
+        assert self.contexts[receiver].unwrap(token).data == data  # type: ignore[attr-defined]
+
+    @rule(side=SIDES)
+    def export_and_import(self, side: str) -> None:
+        """Only an open context exports; the import carries on in its place."""
+        if not self.model[side].open:
+            return
+        blob = self.contexts[side].export()  # type: ignore[attr-defined]
+        dead = self.contexts[side]
+        self.contexts[side], _ = import_context(blob, clock=self.clock)
+        self.model[side].imported = True
+        with pytest.raises(GSSError) as caught:
+            dead.wrap(b"after export")  # type: ignore[attr-defined]
+        assert _routine(caught.value) == GSS_S_NO_CONTEXT
+
+    @invariant()
+    def established_matches_the_model(self) -> None:
+        for side, context in self.contexts.items():
+            assert context.established == self.model[side].open  # type: ignore[attr-defined]
+
+
+HandshakeMachine.TestCase.settings = settings(
+    max_examples=40,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_handshake_state_machine = HandshakeMachine.TestCase
