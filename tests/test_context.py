@@ -36,6 +36,8 @@ from handoffd.core.framing import MECH_OID
 from handoffd.minor import Minor
 from handoffd.status import (
     GSS_S_BAD_BINDINGS,
+    GSS_S_BAD_MIC,
+    GSS_S_BAD_QOP,
     GSS_S_COMPLETE,
     GSS_S_CONTEXT_EXPIRED,
     GSS_S_CONTINUE_NEEDED,
@@ -45,6 +47,7 @@ from handoffd.status import (
     GSS_S_FAILURE,
     GSS_S_GAP_TOKEN,
     GSS_S_NO_CONTEXT,
+    GSS_S_OLD_TOKEN,
     GSS_S_UNAUTHORIZED,
     GSS_S_UNAVAILABLE,
     GSS_S_UNSEQ_TOKEN,
@@ -696,3 +699,68 @@ def test_known_answer_tokens_from_independent_keys(ours_initiates: bool) -> None
     signed = _expected_token(peers, 1, b"signed", tok_id=mic, acceptor=not acceptor,
                              sealed=False)
     assert ours.verify_mic(b"signed", signed) == 0
+
+
+# --- per-message protection through the context -----------------------------------------
+#
+# tests/test_protection.py covers the token layer itself; these check that the context
+# hands the right keys, roles and window flags to it and passes its answers through.
+
+
+@pytest.mark.parametrize("conf", [True, False], ids=["conf", "integ-only"])
+def test_wrap_unwrap_both_directions_and_conf_state(conf: bool) -> None:
+    clock = Clock()
+    initiator, acceptor = established(clock)
+    for sender, receiver in ((initiator, acceptor), (acceptor, initiator)):
+        data = b"secret words " * 3
+        token = sender.wrap(data, conf_req=conf)
+        assert len(token) == len(data) + 32
+        assert (data in token) == (not conf)
+        result = receiver.unwrap(token)
+        assert (result.data, result.conf_state, result.supplementary, result.qop_state) == (
+            data, conf, 0, 0)
+
+
+def test_tampered_and_reflected_tokens_are_bad_mic_and_change_nothing() -> None:
+    clock = Clock()
+    initiator, acceptor = established(clock)
+    token, mic = initiator.wrap(b"payload"), initiator.get_mic(b"payload")
+    tampered = token[:-1] + bytes([token[-1] ^ 1])
+    with pytest.raises(GSSError) as error:
+        acceptor.unwrap(tampered)
+    check(error, GSS_S_BAD_MIC, Minor.MESSAGE_TAMPERED)
+    with pytest.raises(GSSError) as error:
+        acceptor.verify_mic(b"other message", mic)
+    check(error, GSS_S_BAD_MIC, Minor.MESSAGE_TAMPERED)
+    with pytest.raises(GSSError) as error:
+        initiator.unwrap(token)  # its own token, reflected back
+    check(error, GSS_S_BAD_MIC, Minor.MESSAGE_REFLECTED)
+    # Nothing moved: the genuine tokens are still first and in order.
+    assert acceptor.unwrap(token).supplementary == 0
+    assert acceptor.verify_mic(b"payload", mic) == 0
+
+
+def test_old_tokens_with_replay_detection_only() -> None:
+    clock = Clock()
+    initiator, acceptor = established(
+        clock, initiator_kwargs={"req_flags": Flags.MUTUAL | Flags.REPLAY | Flags.CONF})
+    tokens = [initiator.wrap(bytes([n])) for n in range(70)]
+    assert acceptor.unwrap(tokens[69]).supplementary == 0  # a gap is not reported
+    assert acceptor.unwrap(tokens[0]).supplementary == GSS_S_OLD_TOKEN  # 69 behind
+    assert acceptor.unwrap(tokens[10]).supplementary == 0  # within 64, unseen
+    assert acceptor.unwrap(tokens[10]).supplementary == GSS_S_DUPLICATE_TOKEN
+
+
+def test_wrap_size_limit_and_qop() -> None:
+    clock = Clock()
+    initiator, _ = established(clock)
+    for conf in (True, False):
+        assert initiator.wrap_size_limit(conf, 1000) == 968
+        assert len(initiator.wrap(bytes(968), conf_req=conf)) == 1000
+        assert initiator.wrap_size_limit(conf, 10) == 0
+    with pytest.raises(GSSError) as error:
+        initiator.wrap(b"x", qop=1)
+    check(error, GSS_S_BAD_QOP, Minor.BAD_QOP_REQUESTED)
+    with pytest.raises(GSSError) as error:
+        initiator.get_mic(b"x", qop=7)
+    check(error, GSS_S_BAD_QOP, Minor.BAD_QOP_REQUESTED)
