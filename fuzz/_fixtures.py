@@ -32,3 +32,5 @@ OTHER_BINDINGS: Final = b"tls-server-end-point:other"
 INITIATOR_SEED: Final = 1
 ACCEPTOR_SEED: Final = 2
 LIFETIME: Final = 600.0
+# fuzz_handshake_payload: a static key that is neither the pinned server nor an allowed client.
+STRANGER_PRIVATE: Final = bytes(range(192, 224))

@@ -18,11 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fuzz._fixtures import (
+    BINDINGS,
     KEY_A2I,
     KEY_I2A,
     MECH_NOISE,
     MIC_MESSAGE,
     NOW,
+    OTHER_BINDINGS,
     OTHER_WORKER_ID,
     SEAL_EXPIRES,
     SEAL_KEY,
@@ -30,6 +32,7 @@ from fuzz._fixtures import (
 )
 from fuzz._handshakes import Setup, established, exported_blobs, transcript
 from fuzz._harness import u16_join
+from handoffd.core.context import Flags
 from handoffd.core.framing import FrameType, encode_error, encode_frame, wrap_first_token
 from handoffd.core.handoff import Ack, Handoff, Hello, Kind, Refused, Registered
 from handoffd.core.protection import MessageProtection
@@ -343,6 +346,61 @@ def import_seeds() -> Seeds:
         + b"\x00\x00\x00\x03abc",
     }
 
+
+def _payload_mode(real_acceptor: bool, setup: Setup | None = None, stranger: bool = False) -> bytes:
+    """fuzz_handshake_payload's mode byte: side in bit 0, stranger key in bit 1, setup 2-6."""
+    return bytes([real_acceptor | stranger << 1 | (setup.bits() if setup else 0) << 2])
+
+
+def _hello_or_offer(flags: int, lifetime_ms: int, version: int = 1) -> bytes:
+    return struct.pack(">BHI", version, flags, lifetime_ms)
+
+
+@generator("handshake_payload")
+def handshake_payload_seeds() -> Seeds:
+    """Offers for a real initiator, hellos and confirms for a real acceptor: the real ones
+    (the hello is msg1's clear payload) and one of each defect the contexts check."""
+    usual = Flags.MUTUAL | Flags.REPLAY | Flags.SEQUENCE | Flags.CONF | Flags.INTEG
+    anonymous = Setup(anonymous_client=True, allow_anonymous=True)
+    bound = Setup(acceptor_bindings=True)
+    offer = _hello_or_offer(usual, 600_000)
+    hello = transcript(Setup())[0][32:]  # msg1 is e (32 bytes), then the hello in clear
+    anon_hello = transcript(anonymous)[0][32:]
+    confirm = b"\x01" + hashlib.sha256(BINDINGS).digest()
+    other_confirm = b"\x01" + hashlib.sha256(OTHER_BINDINGS).digest()
+    initiator, acceptor = _payload_mode(False), _payload_mode(True)
+    return {
+        "offer": initiator + u16_join([offer]),
+        "offer_stranger_server": _payload_mode(False, stranger=True) + u16_join([offer]),
+        "offer_anonymous": _payload_mode(False, anonymous)
+        + u16_join([_hello_or_offer(usual | Flags.ANON, 1000)]),
+        "offer_anonymous_to_keyed": initiator
+        + u16_join([_hello_or_offer(usual | Flags.ANON, 1000)]),
+        "offer_without_mutual": initiator + u16_join([_hello_or_offer(Flags.CONF, 1000)]),
+        "offer_unknown_flag": initiator + u16_join([_hello_or_offer(usual | 0x8000, 1000)]),
+        "offer_zero_lifetime": initiator + u16_join([_hello_or_offer(usual, 0)]),
+        "offer_longest_lifetime": initiator + u16_join([_hello_or_offer(usual, 0xFFFFFFFF)]),
+        "offer_version_2": initiator + u16_join([_hello_or_offer(usual, 1000, version=2)]),
+        "offer_truncated": initiator + u16_join([offer[:-1]]),
+        "offer_trailing": initiator + u16_join([offer + b"\x00"]),
+        "client_real": acceptor + u16_join([hello, confirm]),
+        "client_bindings": _payload_mode(True, bound) + u16_join([hello, confirm]),
+        "client_other_bindings": _payload_mode(True, bound) + u16_join([hello, other_confirm]),
+        "client_not_allowed": _payload_mode(True, Setup(client_not_allowed=True))
+        + u16_join([hello, confirm]),
+        "client_stranger": _payload_mode(True, stranger=True) + u16_join([hello, confirm]),
+        "client_anonymous": _payload_mode(True, anonymous, stranger=True)
+        + u16_join([anon_hello, confirm]),
+        "client_anonymous_refused": acceptor + u16_join([anon_hello, confirm]),
+        "client_all_flags_no_lifetime": acceptor
+        + u16_join([_hello_or_offer(0xFFFF, 0), confirm]),
+        "client_hello_version_2": acceptor
+        + u16_join([_hello_or_offer(usual, 1000, version=2), confirm]),
+        "client_hello_empty": acceptor + u16_join([b"", confirm]),
+        "client_confirm_truncated": acceptor + u16_join([hello, confirm[:-1]]),
+        "client_confirm_trailing": acceptor + u16_join([hello, confirm + b"\x00"]),
+        "client_confirm_version_0": acceptor + u16_join([hello, b"\x00" + confirm[1:]]),
+    }
 
 def write(target: str, seeds: Seeds) -> Path:
     """Replace the generated seeds of ``target``; keep ``crash-*`` reproducers."""
