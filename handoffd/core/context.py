@@ -139,9 +139,10 @@ def _defective(minor: Minor, detail: str) -> GSSError:
 
 
 def _lifetime_ms(seconds: float) -> int:
-    if seconds <= 0:
+    # "not > 0" also refuses NaN; infinity (GSS_C_INDEFINITE) is the longest the wire carries.
+    if not seconds > 0:
         raise GSSError(GSS_S_FAILURE, Minor.PROTECTION_BAD_PARAMETER, "lifetime must be > 0")
-    return min(_MAX_LIFETIME_MS, max(1, round(seconds * 1000)))
+    return min(_MAX_LIFETIME_MS, max(1, round(min(seconds, _MAX_LIFETIME_MS / 1000) * 1000)))
 
 
 class SecurityContext:
