@@ -252,6 +252,25 @@ def test_lifetime_is_the_smaller_of_asked_and_cap(asked: float, cap: float,
     assert initiator.inquire().lifetime_rec == pytest.approx(granted / 2)
 
 
+@pytest.mark.parametrize("lifetime", [0.0, -1.0, float("nan"), float("-inf")])
+@pytest.mark.parametrize("role", ["initiator", "acceptor"])
+def test_a_lifetime_that_is_not_positive_is_a_bad_parameter(lifetime: float, role: str) -> None:
+    clock = Clock()
+    key = "initiator_kwargs" if role == "initiator" else "acceptor_kwargs"
+    with pytest.raises(GSSError) as error:
+        make_pair(clock, **{key: {"lifetime": lifetime}})  # type: ignore[arg-type]
+    check(error, GSS_S_FAILURE, Minor.PROTECTION_BAD_PARAMETER)
+
+
+def test_an_infinite_lifetime_is_the_longest_the_wire_carries() -> None:
+    clock = Clock()
+    initiator, acceptor = established(clock, initiator_kwargs={"lifetime": float("inf")},
+                                      acceptor_kwargs={"lifetime": float("inf")})
+    longest = 0xFFFFFFFF / 1000  # the u32 of milliseconds in the hello and the offer
+    assert initiator.lifetime_remaining() == acceptor.lifetime_remaining() == pytest.approx(
+        longest)
+
+
 def test_an_expired_context_refuses_every_per_message_call() -> None:
     clock = Clock()
     initiator, acceptor = established(clock, initiator_kwargs={"lifetime": 60.0})
