@@ -88,9 +88,15 @@ def parse_public_key_line(line: str, number: int = 1) -> tuple[bytes, str]:
     if len(key) != KEY_SIZE:
         raise _bad_line(number, f"key is {len(key)} bytes, not {KEY_SIZE}")
     name = parts[2] if len(parts) == 3 else ""
-    if len(name) > _NAME_MAX or not name.isascii() or not name.isprintable():
+    if name and not _valid_name(name):
         raise _bad_line(number, "name must be printable ASCII, at most 255 characters")
     return key, name
+
+
+def _valid_name(name: str) -> bool:
+    # One token of printable ASCII: it travels in the export token with a one-byte length.
+    return 0 < len(name) <= _NAME_MAX and name.isascii() and name.isprintable() \
+        and name.split() == [name]
 
 
 class AllowList(Mapping[bytes, str]):
@@ -99,9 +105,12 @@ class AllowList(Mapping[bytes, str]):
     def __init__(self, entries: Mapping[bytes, str] | None = None) -> None:
         self._names: dict[bytes, str] = {}
         for key, name in (entries or {}).items():
-            if len(key) != KEY_SIZE or not name:
+            # The same name rule as the text form: a longer or non-ASCII name could not
+            # be exported with the context later.
+            if len(key) != KEY_SIZE or not _valid_name(name):
                 raise GSSError(GSS_S_FAILURE, Minor.BAD_ALLOW_LIST,
-                               "entries are 32-byte keys with non-empty names")
+                               "entries are 32-byte keys with names of 1 to 255 printable "
+                               "ASCII characters, no spaces")
             self._names[bytes(key)] = name
 
     @classmethod
