@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from handoffd.core.context import AcceptorContext, InitiatorContext, import_context
 from handoffd.core.credentials import (
     KEY_TYPE,
     AllowList,
@@ -131,11 +132,36 @@ def test_parse_public_key_line_name_is_optional() -> None:
     assert parse_public_key_line(_line(ALICE.public_bytes, "n")) == (ALICE.public_bytes, "n")
 
 
-@pytest.mark.parametrize("entries", [{bytes(31): "a"}, {bytes(32): ""}])
-def test_mapping_entries_are_checked(entries: dict[bytes, str]) -> None:
+@pytest.mark.parametrize(
+    "entries",
+    [{bytes(31): "a"}, {bytes(32): ""}, {bytes(32): "x" * 256}, {bytes(32): "caf\u00e9"},
+     {bytes(32): "\u00e9" * 200}, {bytes(32): "two words"}, {bytes(32): " lead"},
+     {bytes(32): "tab\there"}],
+    ids=["short-key", "empty-name", "long-name", "non-ascii", "long-utf8", "space",
+         "leading-space", "control"],
+)
+def test_mapping_entries_follow_the_text_rules(entries: dict[bytes, str]) -> None:
+    # A name the text form refuses used to be accepted from a mapping, and one over 255
+    # bytes then made the context export raise a bare ValueError.
     with pytest.raises(GSSError) as caught:
         AllowList(entries)
-    assert caught.value.minor == Minor.BAD_ALLOW_LIST
+    assert (caught.value.major, caught.value.minor) == (GSS_S_FAILURE, Minor.BAD_ALLOW_LIST)
+
+
+def test_the_longest_name_travels_in_an_exported_context() -> None:
+    name = "n" * 255
+    server, clock = StaticKeyPair(bytes([5]) * 32), (lambda: 1_800_000_000.0)
+    rng = random.Random(3).randbytes
+    client = InitiatorContext(static_key=ALICE, server_fingerprint=server.fingerprint,
+                              clock=clock, random=rng)
+    acceptor = AcceptorContext(static_key=server, allow_list=AllowList({ALICE.public_bytes: name}),
+                               clock=clock, random=rng)
+    _, msg1 = client.step(None)
+    _, msg2 = acceptor.step(msg1)
+    _, msg3 = client.step(msg2)
+    acceptor.step(msg3)
+    imported, _ = import_context(acceptor.export(), clock=clock)
+    assert imported.peer_name == name
 
 
 @settings(max_examples=200)
