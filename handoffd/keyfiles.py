@@ -39,7 +39,8 @@ _MAX_FILE: Final = 1024 * 1024
 
 def _read_text(path: str | os.PathLike[str], what: str) -> tuple[str, os.stat_result]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted at the path must be refused below, not hang the open.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as error:
         raise GSSError(GSS_S_NO_CRED, Minor.BAD_KEY_FILE,
                        f"cannot open {what} {os.fspath(path)}: {error.strerror}") from None
@@ -96,13 +97,19 @@ def save_private_key(path: str | os.PathLike[str], keypair: StaticKeyPair,
     except OSError as error:
         raise GSSError(GSS_S_FAILURE, Minor.BAD_KEY_FILE,
                        f"cannot create {target}: {error.strerror}") from None
-    try:
-        os.write(fd, body.encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     public = target.with_name(target.name + ".pub")
-    public.write_text(public_key_line(keypair.public_bytes, comment) + "\n", encoding="ascii")
+    try:
+        try:
+            os.write(fd, body.encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        public.write_text(public_key_line(keypair.public_bytes, comment) + "\n", encoding="ascii")
+    except OSError as error:
+        # No half-made key pair: a private key without its .pub would block the next attempt.
+        target.unlink(missing_ok=True)
+        raise GSSError(GSS_S_FAILURE, Minor.BAD_KEY_FILE,
+                       f"cannot write {error.filename or target}: {error.strerror}") from None
 
 
 def load_public_key(path: str | os.PathLike[str]) -> bytes:
