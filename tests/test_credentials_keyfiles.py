@@ -183,6 +183,20 @@ def test_save_never_overwrites(tmp_path: Path) -> None:
     assert not (tmp_path / "server.key.pub").exists()
 
 
+def test_a_failed_save_leaves_no_half_made_key_pair(tmp_path: Path) -> None:
+    """The .pub cannot be written (a directory is in the way): GSSError, and no private key."""
+    path = tmp_path / "server.key"
+    (tmp_path / "server.key.pub").mkdir()
+    with pytest.raises(GSSError) as error:
+        keyfiles.save_private_key(path, StaticKeyPair(RFC7748_PRIVATE))
+    check(error, GSS_S_FAILURE, Minor.BAD_KEY_FILE)
+    assert "server.key.pub" in str(error.value.detail)
+    assert not path.exists()
+    (tmp_path / "server.key.pub").rmdir()
+    keyfiles.save_private_key(path, StaticKeyPair(RFC7748_PRIVATE))
+    assert keyfiles.load_private_key(path).public_bytes == RFC7748_PUBLIC
+
+
 def _write_private(path: Path, text: str, mode: int = 0o600) -> Path:
     path.write_text(text)
     path.chmod(mode)
@@ -223,13 +237,18 @@ def test_a_symlink_is_refused_even_to_a_good_key(tmp_path: Path) -> None:
         assert str(link) in str(error.value.detail)
 
 
-@pytest.mark.parametrize("what", ["missing", "directory", "device"])
+@pytest.mark.parametrize("what", ["missing", "directory", "device", "fifo"])
 def test_not_a_readable_regular_file(tmp_path: Path, what: str) -> None:
+    """Refused promptly; a FIFO with no writer must not block the open."""
     path = {"missing": tmp_path / "nothing", "directory": tmp_path,
-            "device": Path("/dev/null")}[what]
-    with pytest.raises(GSSError) as error:
-        keyfiles.load_private_key(path)
-    check(error, GSS_S_NO_CRED, Minor.BAD_KEY_FILE)
+            "device": Path("/dev/null"), "fifo": tmp_path / "fifo"}[what]
+    if what == "fifo":
+        os.mkfifo(path, 0o600)
+    for load in (keyfiles.load_private_key, keyfiles.load_public_key,
+                 keyfiles.load_allow_list):
+        with pytest.raises(GSSError) as error:
+            load(path)
+        check(error, GSS_S_NO_CRED, Minor.BAD_KEY_FILE)
 
 
 @pytest.mark.parametrize("text", [
