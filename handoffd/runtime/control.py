@@ -10,7 +10,9 @@ Prometheus text exposition format on any path.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
     from handoffd.runtime.daemon import Daemon
 
 _MAX_REQUEST = 4096
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+log = logging.getLogger("handoffd.acceptor")
 
 
 async def serve_control(
@@ -45,7 +50,17 @@ async def serve_control(
     try:
         async with trio.open_nursery() as nursery:
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as error:
+                    # Out of fds (or memory) is the moment an operator asks for status:
+                    # wait for capacity like the client accept loop, never die of it.
+                    if error.errno not in _CAPACITY_ERRNOS:
+                        raise
+                    log.error("control accept: %s; waiting for capacity",
+                              os.strerror(error.errno or 0))
+                    await trio.sleep(0.1)
+                    continue
                 nursery.start_soon(_answer, daemon, stream)
     finally:
         await listener.aclose()

@@ -262,7 +262,16 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 while True:
-                    conn, _ = await sock.accept()
+                    try:
+                        conn, _ = await sock.accept()
+                    except OSError as error:
+                        if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                            raise
+                        # Out of fds: wait like the client accept loop instead of dying.
+                        log.error("registration accept: %s; waiting for capacity",
+                                  os.strerror(error.errno or 0))
+                        await trio.sleep(0.1)
+                        continue
                     nursery.start_soon(self._register, conn)
         finally:
             sock.close()
