@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +31,8 @@ from handoffd.core.framing import (
     wrap_first_token,
 )
 from handoffd.core.noise import HandshakeState
-from handoffd.status import GSS_ERROR, GSSError
+from handoffd.minor import Minor
+from handoffd.status import GSS_ERROR, GSS_S_DEFECTIVE_TOKEN, GSSError
 
 NOW = 1_800_000_000.0
 _KEYS = random.Random(99)
@@ -264,3 +266,34 @@ def test_unwrap_and_verify_mic(token: bytes, message: bytes) -> None:
     # Nothing moved: the genuine tokens are still in sequence, with no supplementary bits.
     assert acceptor.unwrap(WRAP).supplementary == 0
     assert acceptor.verify_mic(b"a genuine message", MIC) == 0
+
+
+# --- low-order points -------------------------------------------------------------------
+
+# Curve25519 points whose X25519 output is all zeros for every private key (the list
+# libsodium refuses): 0, 1, the two of order 8, p - 1, and the non-canonical p and p + 1.
+LOW_ORDER = [bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+)]
+
+
+@pytest.mark.parametrize("point", LOW_ORDER, ids=lambda p: p[:4].hex())
+def test_a_low_order_ephemeral_key_is_refused_by_both_roles(point: bytes) -> None:
+    """The DH with it would be all zeros: WEAK_PUBLIC_KEY, never a key derived from zeros."""
+    _, acceptor = _pair()
+    with pytest.raises(GSSError) as error:
+        acceptor.step(point + MSG1[32:])
+    assert (error.value.major, error.value.minor) == (GSS_S_DEFECTIVE_TOKEN,
+                                                      Minor.WEAK_PUBLIC_KEY)
+    initiator, _ = _pair()
+    initiator.step(None)
+    with pytest.raises(GSSError) as error:
+        initiator.step(point + MSG2[32:])
+    assert (error.value.major, error.value.minor) == (GSS_S_DEFECTIVE_TOKEN,
+                                                      Minor.WEAK_PUBLIC_KEY)
