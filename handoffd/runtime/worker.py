@@ -233,7 +233,6 @@ class HandoffReceiver:
         assert fd is not None  # the channel enforces one fd for HANDOFF
         try:
             self._verify_sender(message)
-            validate_tcp_stream(fd)
         except GSSError as error:
             # Not from the acceptor: no ACK (the acceptor did not send it), just refuse.
             os.close(fd)
@@ -244,6 +243,10 @@ class HandoffReceiver:
         try:
             handoff = Handoff.decode(message.payload)
             handoff_id = handoff.handoff_id
+            # From the acceptor, so it waits for an ACK even if the fd is unusable: a
+            # client that reset its connection after the handshake leaves one that is no
+            # longer connected, and without an ACK the acceptor would kill this worker.
+            validate_tcp_stream(fd)
             key = self.parking.claim(handoff.key_ref)
             inner = open_sealed(key, handoff.sealed, worker_id=self.identity.worker_id,
                                 now=self.clock())
