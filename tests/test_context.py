@@ -783,3 +783,71 @@ def test_wrap_size_limit_and_qop() -> None:
     with pytest.raises(GSSError) as error:
         initiator.get_mic(b"x", qop=7)
     check(error, GSS_S_BAD_QOP, Minor.BAD_QOP_REQUESTED)
+
+
+# --- pinned known-answer tokens from a hand-built export token ------------------------------
+#
+# The context is imported from an export token laid out by hand (context.py's export
+# comment and docs/PER-MESSAGE.md "Exported protection state") around fixed keys, so the
+# tokens it makes are fixed too.  The expected hex below was computed with cryptography's
+# ChaCha20Poly1305 alone from the documented header layout (and equals the worked example
+# in docs/PER-MESSAGE.md); _expected_token re-derives each one in the test as well.
+
+K_I = bytes(range(32))
+K_A = bytes(range(32, 64))
+PINNED = {
+    "conf-0": "050402ffffffffff000000000000000070dd2e5dc2ca86b9720f380ec9252a706f2d160eeb579e33"
+              "a4f5d6d10989c0",
+    "integ-1": "050400ffffffffff000000000000000168656c6c6f2c2068616e646f66666426193f9c345c1d9c3"
+               "29659bab9bc6dde",
+    "mic-2": "040400ffffffffff00000000000000029fdf535638d37a2a4e3542f03972c984",
+    "acceptor-last": "050403fffffffffffffffffffffffffea4e2d63cf11295afe12c18754db3a6e929513734",
+}
+
+
+def _hand_built_export(*, initiator: bool, send_seq: int, unread: bytes = b"") -> bytes:
+    send, recv = (K_I, K_A) if initiator else (K_A, K_I)
+    state = struct.pack(">BB32s32sQ", 1, (0x01 if initiator else 0) | 0x02 | 0x04, send, recv,
+                        send_seq)
+    state += struct.pack(">BQQ", 0x03, 0, 0)  # window: replay+sequence, nothing seen
+    assert len(state) == 91
+    flags = int(DEFAULT_WIRE | ALWAYS)
+    blob = struct.pack(">BBHQ32s32s", 1, 0x01 if initiator else 0, flags,
+                       int((START + 3600) * 1000), b"\x11" * 32, b"\x22" * 32)
+    for name in (b"local", b"peer"):
+        blob += bytes([len(name)]) + name
+    blob += len(state).to_bytes(2, "big") + state
+    return blob + len(unread).to_bytes(4, "big") + unread
+
+
+def test_pinned_known_answer_tokens_through_the_context_api() -> None:
+    clock = Clock()
+    ours, unread = import_context(_hand_built_export(initiator=True, send_seq=0,
+                                                     unread=b"pending"), clock=clock)
+    assert unread == b"pending"
+    assert (ours.is_initiator, ours.local_name, ours.peer_name) == (True, "local", "peer")
+    data = b"hello, handoffd"
+    wrap, mic = b"\x05\x04", b"\x04\x04"
+    tokens = {"conf-0": ours.wrap(data), "integ-1": ours.wrap(data, conf_req=False),
+              "mic-2": ours.get_mic(data)}
+    assert tokens["conf-0"] == _expected_token(K_I, 0, data, tok_id=wrap, acceptor=False,
+                                               sealed=True)
+    assert tokens["integ-1"] == _expected_token(K_I, 1, data, tok_id=wrap, acceptor=False,
+                                                sealed=False)
+    assert tokens["mic-2"] == _expected_token(K_I, 2, data, tok_id=mic, acceptor=False,
+                                              sealed=False)
+    last = (1 << 64) - 2
+    peer, _ = import_context(_hand_built_export(initiator=False, send_seq=last), clock=clock)
+    tokens["acceptor-last"] = peer.wrap(b"last")
+    assert tokens["acceptor-last"] == _expected_token(K_A, last, b"last", tok_id=wrap,
+                                                      acceptor=True, sealed=True)
+    assert {name: token.hex() for name, token in tokens.items()} == PINNED
+    # The sequence space is spent: nothing more is produced.
+    with pytest.raises(GSSError) as error:
+        peer.wrap(b"one too many")
+    check(error, GSS_S_CONTEXT_EXPIRED, Minor.SEQUENCE_EXHAUSTED)
+    # The two hand-built sides understand each other.
+    opened = peer.unwrap(tokens["integ-1"])
+    assert (opened.data, opened.conf_state, opened.supplementary) == (data, False,
+                                                                      GSS_S_GAP_TOKEN)
+    assert ours.unwrap(tokens["acceptor-last"]).data == b"last"
