@@ -1,0 +1,270 @@
+"""Fault injection from the client side against a real ``handoffd serve``: clients that
+vanish at every step of the handshake, silent and half-open clients cut off at the
+handshake deadline, and a flood of connections that never speak.
+
+After each the daemon must still serve a real client and its fd count (and its workers')
+must come back to where it was.  Already covered elsewhere, not repeated here: garbage
+frames and 20 silent clients not stalling real ones
+(``test_daemon.py::test_garbage_and_silent_clients_do_not_stall_others``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from handoffd.core.context import InitiatorContext
+from handoffd.core.framing import (
+    FrameDecoder,
+    FrameType,
+    decode_error,
+    encode_frame,
+    wrap_first_token,
+)
+from handoffd.minor import Minor
+from handoffd.runtime.wire import read_frame
+from handoffd.status import GSS_S_FAILURE
+from tests.daemon_harness import RunningDaemon, echo_session, start_daemon
+
+
+class Client:
+    """A hand-driven client: each handshake step is a separate call, so a test can stop
+    (or vanish) between any two of them."""
+
+    def __init__(self, daemon: RunningDaemon, transport: trio.SocketStream) -> None:
+        self.transport = transport
+        self.context = InitiatorContext(static_key=None, server_fingerprint=daemon.fingerprint,
+                                        clock=time.time, random=os.urandom)
+        self.decoder = FrameDecoder()
+        self.third = b""
+
+    @classmethod
+    async def open(cls, daemon: RunningDaemon) -> Client:
+        return cls(daemon, await trio.open_tcp_stream(daemon.host, daemon.port))
+
+    def first_frame(self) -> bytes:
+        _, first = self.context.step(None)
+        return encode_frame(FrameType.HANDSHAKE, wrap_first_token(first))
+
+    async def send_message_1(self) -> None:
+        await self.transport.send_all(self.first_frame())
+
+    async def read_message_2(self) -> None:
+        second = await read_frame(self.transport, self.decoder)
+        assert second.type == FrameType.HANDSHAKE
+        _, self.third = self.context.step(second.body)
+
+    async def send_message_3(self) -> None:
+        await self.transport.send_all(encode_frame(FrameType.HANDSHAKE, self.third))
+
+    async def vanish(self, *, reset: bool) -> None:
+        """Close: a FIN, or with ``reset`` an RST (SO_LINGER 0), as a crashed peer might."""
+        if reset:
+            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                             struct.pack("ii", 1, 0))
+        await self.transport.aclose()
+
+
+async def _right_after_connect(client: Client) -> None:
+    pass
+
+
+async def _mid_first_frame(client: Client) -> None:
+    frame = client.first_frame()
+    await client.transport.send_all(frame[: len(frame) // 2])
+
+
+async def _after_message_1(client: Client) -> None:
+    await client.send_message_1()
+
+
+async def _after_reading_message_2(client: Client) -> None:
+    await client.send_message_1()
+    await client.read_message_2()
+
+
+async def _after_message_3_before_reading(client: Client) -> None:
+    await client.send_message_1()
+    await client.read_message_2()
+    await client.send_message_3()
+
+
+STEPS: dict[str, Callable[[Client], Awaitable[None]]] = {
+    "right-after-connect": _right_after_connect,
+    "mid-first-frame": _mid_first_frame,
+    "after-message-1": _after_message_1,
+    "after-reading-message-2": _after_reading_message_2,
+    "after-message-3-before-reading": _after_message_3_before_reading,
+}
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def steady_fds(daemon: RunningDaemon) -> dict[int, int]:
+    """The fd counts of the acceptor and its workers once they stop moving (the last
+    session and status query close their fds a moment after the client is done)."""
+    pids = (daemon.pid, *await daemon.worker_pids())
+    previous: dict[int, int] = {}
+    with trio.fail_after(15):
+        while True:
+            await trio.sleep(0.2)
+            current = {pid: fd_count(pid) for pid in pids}
+            if current == previous:
+                return current
+            previous = current
+
+
+async def settled(daemon: RunningDaemon, fds: dict[int, int]) -> dict[str, int]:
+    """Wait until every accepted connection is accounted for (handshake failed or handed
+    off and acknowledged) and the daemon's and workers' fd counts are back at ``fds``
+    (pid -> count; control connections close just after answering, so poll)."""
+    with trio.fail_after(15):
+        while True:
+            status = await daemon.status()
+            totals = status["totals"]
+            failures = sum(status["handshake_failures"].values())
+            # Handed off and answered: imported (acked) or refused by the worker.
+            answered = totals["acked"] + sum(status["refused_by_worker"].values())
+            current = {pid: fd_count(pid) for pid in fds}
+            if totals["accepted"] == answered + failures and current == fds:
+                return {**totals, "failures": failures, "answered": answered}
+            await trio.sleep(0.05)
+
+
+async def test_clients_vanishing_at_every_handshake_step_leave_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    """At each step, with a FIN and with an RST: the acceptor counts a handshake failure
+    (or, after message 3, hands the connection off and the worker's session just ends),
+    nothing is lost, no fd stays open in the acceptor or a worker, and the next real
+    client is served."""
+    daemon = await start_daemon(tmp_path, workers=2)
+    try:
+        await echo_session(daemon, messages=1)
+        workers = await daemon.worker_pids()
+        baseline = await steady_fds(daemon)
+        before = await settled(daemon, baseline)
+        for name, step in STEPS.items():
+            for reset in (False, True):
+                client = await Client.open(daemon)
+                await step(client)
+                await client.vanish(reset=reset)
+                after = await settled(daemon, baseline)
+                handed_off = name == "after-message-3-before-reading"
+                # Reset after message 3: the worker may find the connection already dead
+                # and refuse it in its ACK; either way the acceptor hears back from it.
+                assert after["answered"] - before["answered"] == int(handed_off), (
+                    name, reset)
+                assert after["failures"] - before["failures"] == int(not handed_off), (
+                    name, reset)
+                assert after["lost"] == 0
+                before = after
+                assert await echo_session(daemon, messages=1) in workers
+                before = await settled(daemon, baseline)
+        assert await daemon.worker_pids() == workers, "a worker died on the way"
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def _expect_timeout_error(stream: trio.SocketStream, decoder: FrameDecoder) -> None:
+    """The acceptor's last word to a client that ran out of time: ERROR(HANDSHAKE_TIMEOUT)."""
+    frame = await read_frame(stream, decoder)
+    assert frame.type == FrameType.ERROR, frame
+    assert decode_error(frame.body) == (GSS_S_FAILURE, Minor.HANDSHAKE_TIMEOUT)
+    assert await stream.receive_some() == b"", "the acceptor did not close after the error"
+
+
+async def test_silent_and_half_open_clients_are_cut_off_at_the_handshake_deadline(
+    tmp_path: Path,
+) -> None:
+    """Clients that stop talking (after connecting, halfway through the first frame, after
+    message 1 without ever reading) look half-open to the acceptor: each is told
+    HANDSHAKE_TIMEOUT and closed at ``handshake_timeout``.  A client that half-closes
+    (shutdown SHUT_WR) is closed at once as PEER_CLOSED.  Nothing leaks."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=1, log=log,
+                                extra="[server]\nhandshake_timeout = 0.5")
+    try:
+        await echo_session(daemon, messages=1)
+        workers = await daemon.worker_pids()
+        baseline = await steady_fds(daemon)
+        before = await settled(daemon, baseline)
+
+        silent = await Client.open(daemon)
+        partial = await Client.open(daemon)
+        await _mid_first_frame(partial)
+        mute_after_1 = await Client.open(daemon)
+        await mute_after_1.send_message_1()
+        half_closed = await Client.open(daemon)
+        await half_closed.send_message_1()
+        await half_closed.transport.send_eof()
+
+        with trio.fail_after(10):
+            for client in (silent, partial):
+                await _expect_timeout_error(client.transport, client.decoder)
+            await mute_after_1.read_message_2()  # it was sent: then the deadline struck
+            await _expect_timeout_error(mute_after_1.transport, mute_after_1.decoder)
+            await half_closed.read_message_2()
+            assert await half_closed.transport.receive_some() == b""  # no ERROR: it left
+        for client in (silent, partial, mute_after_1, half_closed):
+            await client.transport.aclose()
+
+        after = await settled(daemon, baseline)
+        assert after["failures"] - before["failures"] == 4
+        assert after["lost"] == 0 and after["acked"] == before["acked"]
+        text = log.read_text()
+        assert text.count("The client did not finish the handshake in time") >= 3, text
+        assert await echo_session(daemon, messages=2) in workers
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_a_flood_of_silent_connections_above_max_handshakes(tmp_path: Path) -> None:
+    """Four times ``max_handshakes`` connections that never speak: the acceptor holds at
+    most ``max_handshakes`` of them (the rest wait in the kernel's listen backlog, costing
+    it no fd), cuts each off at the deadline, and a real client queued behind the flood is
+    served once the flood drains; fds come back to the baseline."""
+    slots = 4
+    daemon = await start_daemon(tmp_path, workers=1, extra=(
+        f"[server]\nhandshake_timeout = 0.5\nmax_handshakes = {slots}\nbacklog = 128"))
+    try:
+        await echo_session(daemon, messages=1)
+        workers = await daemon.worker_pids()
+        baseline = await steady_fds(daemon)
+        before = await settled(daemon, baseline)
+
+        flood = [await trio.open_tcp_stream(daemon.host, daemon.port) for _ in range(4 * slots)]
+        peak = 0
+        served: list[int] = []
+
+        async def real_client() -> None:
+            served.append(await echo_session(daemon, messages=2))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(real_client)
+            with trio.fail_after(30):
+                while not served:
+                    # No status query here: it would open a control connection.
+                    peak = max(peak, daemon.fd_count() - baseline[daemon.pid])
+                    await trio.sleep(0.01)
+        # The slots, plus at most one copy of a connection handed off and not yet acked.
+        assert 1 <= peak <= slots + 1, f"the acceptor held {peak} connections"
+        assert served[0] in workers
+        for stream in flood:
+            await stream.aclose()
+
+        after = await settled(daemon, baseline)
+        assert after["failures"] - before["failures"] == 4 * slots
+        assert after["acked"] - before["acked"] == 1
+        assert after["lost"] == 0
+        assert await echo_session(daemon, messages=1) in workers
+    finally:
+        assert await daemon.stop() == 0
