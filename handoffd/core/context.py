@@ -582,6 +582,14 @@ def import_context(blob: bytes, *, clock: Clock) -> tuple[SecurityContext, bytes
     initiator = bool(role & _ROLE_INITIATOR)
     if protection.initiator != initiator:
         raise _defective(Minor.TOKEN_BAD_FIELD, "export token role differs from its state")
+    # Flags the context reports must be the ones in force: REPLAY/SEQUENCE as the window
+    # checks them, ANON as the role says, and what every context has.
+    flags = Flags(raw_flags)
+    if (bool(flags & Flags.REPLAY), bool(flags & Flags.SEQUENCE),
+            bool(flags & Flags.ANON)) != (protection.flags_replay, protection.flags_sequence,
+                                          bool(role & _ROLE_ANONYMOUS)) \
+            or flags & _ALWAYS != _ALWAYS:
+        raise _defective(Minor.TOKEN_BAD_FIELD, "export token flags differ from its state")
     context = SecurityContext(initiator=initiator, clock=clock)
     context._protection = protection
     context._flags = Flags(raw_flags)
