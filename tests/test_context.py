@@ -851,3 +851,26 @@ def test_pinned_known_answer_tokens_through_the_context_api() -> None:
     assert (opened.data, opened.conf_state, opened.supplementary) == (data, False,
                                                                       GSS_S_GAP_TOKEN)
     assert ours.unwrap(tokens["acceptor-last"]).data == b"last"
+
+
+@pytest.mark.parametrize("requested", [
+    DEFAULT_WIRE, Flags.MUTUAL | Flags.CONF, Flags.MUTUAL | Flags.REPLAY,
+    Flags.MUTUAL | Flags.SEQUENCE, DEFAULT_WIRE | Flags.ANON,
+], ids=["default", "none", "replay-only", "sequence-only", "anonymous"])
+def test_imported_flags_must_be_the_ones_in_force(requested: Flags) -> None:
+    """A blob whose flags disagree with its window or role would make inquire() lie."""
+    clock = Clock()
+    initiator, acceptor = established(clock, initiator_kwargs={"req_flags": requested},
+                                      acceptor_kwargs={"allow_anonymous": True})
+    for context in (initiator, acceptor):
+        blob = context.export()
+        flags = int.from_bytes(blob[2:4], "big")
+        assert Flags(flags) == context.flags
+        imported, _ = import_context(blob, clock=clock)  # the genuine blob is fine
+        assert imported.flags == context.flags
+        for bit in (Flags.REPLAY, Flags.SEQUENCE, Flags.ANON, Flags.MUTUAL, Flags.CONF,
+                    Flags.INTEG, Flags.TRANS, Flags.PROT_READY):
+            bad = blob[:2] + (flags ^ bit).to_bytes(2, "big") + blob[4:]
+            with pytest.raises(GSSError) as error:
+                import_context(bad, clock=clock)
+            check(error, GSS_S_DEFECTIVE_TOKEN, Minor.TOKEN_BAD_FIELD)
