@@ -278,7 +278,11 @@ class AcceptorParking:
         secret = self._random(KEY_SIZE)
         if len(secret) != KEY_SIZE:
             raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
-        read_end, write_end = os.pipe()  # both O_CLOEXEC; pass_fds clears it in the child
+        try:
+            read_end, write_end = os.pipe()  # both O_CLOEXEC; pass_fds clears it in the child
+        except OSError as error:  # EMFILE/ENFILE: the caller refuses this worker, stays up
+            raise GSSError(GSS_S_UNAVAILABLE, Minor.KEYRING_FAILED,
+                           f"grant pipe: {error.strerror}") from None
         try:
             os.write(write_end, secret)  # 32 bytes < PIPE_BUF: one atomic write
         except OSError as error:

@@ -299,14 +299,23 @@ class Daemon:
                 await channel.send(Kind.REFUSED, Refused(error.major, error.minor).encode())
             channel.close()
             return
-        if self._external_parking is None:
-            # External workers cannot inherit a keyring: their keys are derived from a
-            # secret handed over as a pipe fd (docs/KEYRING.md, fallback mode).
-            self._external_parking = AcceptorParking.open(
-                slots_per_worker=self.config.workers.max_unacked, mode="fallback")
-        w = Worker(index=next(self._external_index), worker_id=os.urandom(16),
-                   parking=self._external_parking, external_pid=identity.pid, channel=channel)
-        grant = w.parking.add_worker(w.worker_id)
+        try:
+            if self._external_parking is None:
+                # External workers cannot inherit a keyring: their keys are derived from a
+                # secret handed over as a pipe fd (docs/KEYRING.md, fallback mode).
+                self._external_parking = AcceptorParking.open(
+                    slots_per_worker=self.config.workers.max_unacked, mode="fallback")
+            w = Worker(index=next(self._external_index), worker_id=os.urandom(16),
+                       parking=self._external_parking, external_pid=identity.pid,
+                       channel=channel)
+            grant = w.parking.add_worker(w.worker_id)
+        except GSSError as error:
+            # Out of fds or keys: refuse this worker, never take the daemon down with it.
+            log.warning("external worker %s not registered: %s", identity.pid, error)
+            with contextlib.suppress(GSSError):
+                await channel.send(Kind.REFUSED, Refused(error.major, error.minor).encode())
+            channel.close()
+            return
         try:
             await channel.send(Kind.REGISTERED, Registered(w.worker_id, grant.env).encode(),
                                fd=grant.pass_fds[0])
@@ -391,8 +400,16 @@ class Daemon:
             args += ["--pythonpath", path]
         for label in self.config.policy.acceptor_labels:
             args += ["--acceptor-label", label]
-        w.process, w.channel = spawn_worker(self.parking, w.worker_id,
-                                                  self.config.workers.app, args)
+        try:
+            w.process, w.channel = spawn_worker(self.parking, w.worker_id,
+                                                self.config.workers.app, args)
+        except (GSSError, OSError) as error:
+            # Out of keyring quota (EDQUOT), fds or processes: not the application's
+            # fault, so not a boot failure; the slot retries with backoff.
+            log.error("cannot spawn worker %d: %s", w.index, error)
+            w.state = "dead"
+            w.gone.set()
+            return
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_channel, w)
@@ -772,7 +789,13 @@ def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
     its end names us: that is how the worker knows its acceptor.
     """
     grant = parking.add_worker(worker_id)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError:  # EMFILE: give the grant back (keys and its pipe) before raising
+        for fd in grant.pass_fds:
+            os.close(fd)
+        parking.remove_worker(worker_id)
+        raise
     env = dict(os.environ)
     env.update(grant.env)
     env[worker_lib.ENV_CHANNEL_FD] = str(theirs.fileno())
