@@ -80,19 +80,24 @@ def write_config(directory: Path, *, workers: int = 4, app: str = "tests.apps:pi
 
 
 async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.apps:pid_echo",
-                       extra: str = "", timeout: float = 60, log: Path | None = None
-                       ) -> RunningDaemon:
+                       extra: str = "", timeout: float = 60, log: Path | None = None,
+                       env: dict[str, str] | None = None, python: str = sys.executable,
+                       user: tuple[int, int] | None = None) -> RunningDaemon:
     """Start ``handoffd serve`` and wait until it listens with ``workers`` ready workers.
 
-    ``log``: a file that receives the daemon's (and its workers') stderr.
+    ``log``: a file that receives the daemon's (and its workers') stderr.  ``env``: added
+    to the daemon's environment (its workers inherit it).  ``python``/``user``: the
+    interpreter and the (uid, gid) to run as (fault tests run it unprivileged).
     """
     config = write_config(directory, workers=workers, app=app, extra=extra)
     fingerprint = _fingerprint(directory / "server.key.pub")
     stderr = log.open("ab") if log is not None else None
     try:
+        identity: dict[str, Any] = ({} if user is None else
+                                    {"user": user[0], "group": user[1], "extra_groups": []})
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "handoffd", "serve", "--config", str(config)], cwd=REPO,
-            stderr=stderr)
+            [python, "-m", "handoffd", "serve", "--config", str(config)], cwd=REPO,
+            stderr=stderr, env=None if env is None else {**os.environ, **env}, **identity)
     finally:
         if stderr is not None:
             stderr.close()

@@ -1,0 +1,289 @@
+"""Fault injection against a real ``handoffd serve``: workers killed at every point of a
+handoff, the acceptor killed and restarted, the acceptor at its fd limit.
+
+The exact points are reached with ``tests.fault_apps`` (a worker app that stops its own
+process at a chosen step of the worker library; nothing of it is in the product), then
+the test SIGKILLs the stopped worker.  Already covered elsewhere, not repeated here:
+a worker stopped for good is killed after ``ack_timeout`` and its handoffs redelivered
+(``test_daemon_edges.py::test_a_worker_that_never_acknowledges_is_killed_...``), and a
+burst of clients with a SIGKILLed worker (``test_daemon.py::test_unacknowledged_...``).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from handoffd.core.context import InitiatorContext
+from handoffd.core.framing import FrameDecoder, FrameType, encode_frame, wrap_first_token
+from handoffd.runtime.client import open_secure_stream
+from handoffd.runtime.stream import SecureStream
+from handoffd.runtime.wire import read_frame
+from handoffd.status import GSSError
+from tests.daemon_harness import REPO, RunningDaemon, _fingerprint, echo_session, start_daemon, \
+    write_config
+from tests.fault_apps import POINTS
+from tests.systemd_activation import SOCKET_ACTIVATE, socket_activated
+
+FAULT_APP = "tests.fault_apps:pid_echo"
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (``T`` stopped, ``Z`` zombie), None once reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+async def wait_paused(marker: Path) -> int:
+    """The pid the fault app wrote to ``marker``, once that process has stopped itself."""
+    with trio.fail_after(20):
+        while not marker.exists() or not marker.read_text():
+            await trio.sleep(0.02)
+        pid = int(marker.read_text())
+        while process_state(pid) != "T":
+            await trio.sleep(0.02)
+    return pid
+
+
+async def wait_fds(daemon: RunningDaemon, baseline: int) -> None:
+    """The acceptor's fd count settles back to ``baseline`` (control queries close late)."""
+    with trio.fail_after(10):
+        while daemon.fd_count() != baseline:
+            await trio.sleep(0.05)
+
+
+async def settled_fds(daemon: RunningDaemon) -> int:
+    """The acceptor's fd count once the harness's last control query has been closed."""
+    with trio.fail_after(10):
+        count = daemon.fd_count()
+        while True:
+            await trio.sleep(0.2)
+            if (now := daemon.fd_count()) == count:
+                return count
+            count = now
+
+
+async def pipelined_client(daemon: RunningDaemon, early: list[bytes]) -> SecureStream:
+    """A client whose first messages ride in the segment of its last handshake token."""
+    transport = await trio.open_tcp_stream(daemon.host, daemon.port)
+    context = InitiatorContext(static_key=None, server_fingerprint=daemon.fingerprint,
+                               clock=time.time, random=os.urandom)
+    decoder = FrameDecoder()
+    _, first = context.step(None)
+    await transport.send_all(encode_frame(FrameType.HANDSHAKE, wrap_first_token(first)))
+    second = await read_frame(transport, decoder)
+    _, third = context.step(second.body)
+    await transport.send_all(encode_frame(FrameType.HANDSHAKE, third) + b"".join(
+        encode_frame(FrameType.MESSAGE, context.wrap(data)) for data in early))
+    return SecureStream(transport, context, decoder=decoder)
+
+
+async def read_until(stream: SecureStream, size: int) -> bytes:
+    """Up to ``size`` bytes, fewer if the connection ends (EOF, reset or a GSS error)."""
+    received = b""
+    with trio.fail_after(20):
+        while len(received) < size:
+            try:
+                chunk = await stream.receive_some(size - len(received))
+            except (trio.BrokenResourceError, GSSError):
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("point", POINTS)
+async def test_worker_killed_at_each_point_of_a_handoff(tmp_path: Path, point: str) -> None:
+    """Killed before its ACK (three points), the worker never touched the client: the
+    acceptor redelivers to another worker and not one byte is lost, neither those read
+    with the handshake nor those sent while the worker was stopped.  Killed after its ACK,
+    the connection was that worker's: it dies with it, is not counted lost or
+    redelivered, and the daemon goes on serving."""
+    marker = tmp_path / "paused.pid"
+    daemon = await start_daemon(
+        tmp_path, workers=2, app=FAULT_APP, extra="[workers]\nack_timeout = 60",
+        env={"HANDOFFD_TEST_FAULT": point, "HANDOFFD_TEST_FAULT_ONCE": str(marker)})
+    try:
+        baseline = await settled_fds(daemon)
+        early = [b"pipelined with the last handshake token\n", b"and a second one\n"]
+        stream = await pipelined_client(daemon, early)
+        paused = await wait_paused(marker)
+        assert paused in await daemon.worker_pids()
+        late = b"sent while the worker was stopped\n"
+        await stream.send_all(late)
+        os.kill(paused, signal.SIGKILL)
+        expected = b"".join(early) + late
+        async with stream:
+            if point == "after-ack":
+                received = await read_until(stream, 1)
+            else:
+                received = await read_until(stream, 1)
+                while not received.endswith(b"\n"):
+                    more = await read_until(stream, 1)
+                    assert more, received
+                    received += more
+                pid = int(received)
+                echoed = await read_until(stream, len(expected))
+                assert echoed == expected
+                assert pid != paused and pid in await daemon.worker_pids()
+        status = await daemon.status()
+        assert status["totals"]["lost"] == 0
+        if point == "after-ack":
+            # The connection had been handed over for good: it ended with its worker.
+            assert received == b""
+            assert status["totals"]["redelivered"] == 0
+            assert status["totals"]["acked"] == 1
+        else:
+            assert status["totals"]["redelivered"] == 1
+            assert status["totals"]["acked"] == 1  # only the successful delivery
+        with trio.fail_after(20):
+            while len(await daemon.worker_pids()) < 2 or paused in await daemon.worker_pids():
+                await trio.sleep(0.05)
+        assert status["totals"]["worker_restarts"] + 1 >= 1
+        await echo_session(daemon, messages=2)
+        await wait_fds(daemon, baseline)
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_acceptor_sigkill_leaves_no_orphans_and_a_restart_serves(tmp_path: Path) -> None:
+    """SIGKILL of the acceptor: each worker sees its channel end (EOF), finishes the
+    session it already owns (the client keeps talking to it), and exits; none is left
+    running.  A new acceptor on the same configuration serves at once."""
+    first = tmp_path / "first"
+    first.mkdir()
+    daemon = await start_daemon(first, workers=2)
+    workers = await daemon.worker_pids()
+    session = await daemon.connect()
+    async with session:
+        pid_line = await read_until(session, 1)
+        while not pid_line.endswith(b"\n"):
+            pid_line += await session.receive_some(1)
+        daemon.process.kill()
+        await daemon.process.wait()
+        # The worker owns the connection: the acceptor's death does not end it.
+        await session.send_all(b"after the acceptor died")
+        assert await read_until(session, 23) == b"after the acceptor died"
+    with trio.fail_after(20):
+        while any(process_state(pid) not in (None, "Z") for pid in workers):
+            await trio.sleep(0.05)
+    second = tmp_path / "second"
+    second.mkdir()
+    restarted = await start_daemon(second, workers=2)
+    try:
+        await echo_session(restarted, messages=2)
+    finally:
+        assert await restarted.stop() == 0
+
+
+_MANAGER_LOOP = (
+    # What PID 1 does for Restart=always: it keeps the listening socket (fd 3) and starts
+    # the service again, with LISTEN_PID naming the new main process.
+    'while [ ! -e "$STOP" ]; do sh -c \'LISTEN_PID=$$ exec "$0" -m handoffd serve '
+    '--config "$1"\' "$PYTHON" "$CONFIG"; done'
+)
+
+
+@pytest.mark.skipif(SOCKET_ACTIVATE is None, reason="systemd-socket-activate missing")
+def test_socket_activated_listening_socket_survives_an_acceptor_restart(tmp_path: Path) -> None:
+    """Under socket activation the manager holds the listening socket: SIGKILL the
+    acceptor, a client connects while it is down (the backlog keeps it), and the restarted
+    acceptor serves that client and later ones on the same socket."""
+    config = write_config(tmp_path, workers=1)
+    fingerprint = _fingerprint(tmp_path / "server.key.pub")
+    stop = tmp_path / "stop"
+    env = {"PYTHONPATH": str(REPO), "STOP": str(stop), "PYTHON": sys.executable,
+           "CONFIG": str(config)}
+    with socket_activated(["sh", "-c", _MANAGER_LOOP], env=env) as service:
+        try:
+            ready = service.wait_for("READY", "1")
+            assert trio.run(_echo, service.trigger, fingerprint) == b"echo"
+            os.kill(ready.pid, signal.SIGKILL)
+            # Connected while no acceptor runs: waits in the manager's socket backlog.
+            waiting = socket.create_connection(service.address, timeout=5)
+            again = service.wait_for("READY", "1")
+            assert again.pid != ready.pid
+            assert trio.run(_echo, waiting, fingerprint) == b"echo"
+            later = socket.create_connection(service.address, timeout=5)
+            assert trio.run(_echo, later, fingerprint) == b"echo"
+        finally:
+            stop.touch()
+            last = [n.pid for n in service.received if n.fields.get("READY") == "1"]
+            if last:
+                os.kill(last[-1], signal.SIGTERM)
+            service.process.wait(30)
+        assert service.process.returncode == 0, service.output()
+
+
+async def _echo(sock: socket.socket, fingerprint: str) -> bytes:
+    sock.setblocking(False)
+    transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    with trio.fail_after(20):
+        stream = await open_secure_stream(transport, server_fingerprint=fingerprint)
+        async with stream:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await stream.receive_some(1)
+            await stream.send_all(b"echo")
+            return await read_until(stream, 4)
+
+
+async def test_acceptor_at_its_fd_limit_keeps_running_and_recovers(tmp_path: Path) -> None:
+    """RLIMIT_NOFILE lowered on the running acceptor to a few fds above what it holds,
+    then more clients than that connect and stay silent: accept() fails with EMFILE, the
+    acceptor logs it and waits (a status query at the limit must not kill it either);
+    once the clients leave it accepts again and serves a real client."""
+    log = tmp_path / "daemon.log"
+    register = Path(tempfile.mkdtemp(prefix="handoffd-emfile-", dir="/tmp")) / "register.sock"
+    daemon = await start_daemon(tmp_path, workers=1, log=log, extra=(
+        f'[server]\nhandshake_timeout = 30\n[workers]\nregister_socket = "{register}"'))
+    try:
+        await echo_session(daemon, messages=1)
+        baseline = await settled_fds(daemon)
+        _soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (baseline + 4, hard))
+        silent = [await trio.open_tcp_stream(daemon.host, daemon.port) for _ in range(12)]
+        with trio.fail_after(10):
+            while b"Too many open files" not in log.read_bytes():
+                await trio.sleep(0.05)
+        assert daemon.fd_count() == baseline + 4
+        # Neither a worker knocking at the registration socket nor a status query (when
+        # an operator is most likely to ask) may kill it: each waits for capacity too.
+        knock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        knock.connect(str(register))
+        with trio.fail_after(10):
+            while b"registration accept: Too many open files" not in log.read_bytes():
+                await trio.sleep(0.05)
+        with pytest.raises((GSSError, OSError)):  # refused for lack of fds, not a crash
+            await daemon.status()
+        assert b"control accept: Too many open files" in log.read_bytes()
+        knock.close()
+        assert daemon.process.returncode is None
+        for stream in silent:
+            await stream.aclose()
+        # Still under the low limit: the connections that waited in the backlog end, then
+        # a real client is served and the status answers again.
+        with trio.fail_after(20):
+            await echo_session(daemon, messages=2)
+        status = await daemon.status()
+        assert status["totals"]["accept_errors"] >= 1
+        assert status["totals"]["lost"] == 0
+        await wait_fds(daemon, baseline)
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (_soft, hard))
+    finally:
+        assert await daemon.stop() == 0
+        register.unlink(missing_ok=True)
+        register.parent.rmdir()
