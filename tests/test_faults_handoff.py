@@ -29,8 +29,14 @@ from handoffd.runtime.client import open_secure_stream
 from handoffd.runtime.stream import SecureStream
 from handoffd.runtime.wire import read_frame
 from handoffd.status import GSSError
-from tests.daemon_harness import REPO, RunningDaemon, _fingerprint, echo_session, start_daemon, \
-    write_config
+from tests.daemon_harness import (
+    REPO,
+    RunningDaemon,
+    _fingerprint,
+    echo_session,
+    start_daemon,
+    write_config,
+)
 from tests.fault_apps import POINTS
 from tests.systemd_activation import SOCKET_ACTIVATE, socket_activated
 
@@ -152,7 +158,6 @@ async def test_worker_killed_at_each_point_of_a_handoff(tmp_path: Path, point: s
         with trio.fail_after(20):
             while len(await daemon.worker_pids()) < 2 or paused in await daemon.worker_pids():
                 await trio.sleep(0.05)
-        assert status["totals"]["worker_restarts"] + 1 >= 1
         await echo_session(daemon, messages=2)
         await wait_fds(daemon, baseline)
     finally:
