@@ -518,6 +518,10 @@ _EXPORT_HEAD = struct.Struct(">BBHQ32s32s")
 _ROLE_INITIATOR: Final = 0x01
 _ROLE_ANONYMOUS: Final = 0x02
 _MAX_UNREAD: Final = 16 * 1024 * 1024
+# The context holds its expiry in float seconds: up to 2**50 ms (some 35,000 years)
+# ms -> s -> ms is exact, past it an imported token would not export back to itself
+# (and 2**64 - 1 ms would not export at all: struct.error).
+_MAX_EXPIRES_MS: Final = 1 << 50
 
 
 def _encode_export(context: SecurityContext, protection: MessageProtection,
@@ -570,6 +574,8 @@ def import_context(blob: bytes, *, clock: Clock) -> tuple[SecurityContext, bytes
     if role & ~(_ROLE_INITIATOR | _ROLE_ANONYMOUS) or raw_flags & ~int(
             _WIRE_FLAGS | _ALWAYS):
         raise _defective(Minor.TOKEN_BAD_FIELD, "export token role or flags")
+    if expires_ms > _MAX_EXPIRES_MS:
+        raise _defective(Minor.TOKEN_BAD_FIELD, "export token expiry")
     try:
         local_name = reader.length_prefixed(1).decode()
         peer_name = reader.length_prefixed(1).decode()
