@@ -420,8 +420,9 @@ class InitiatorContext(_HandshakeContext):
         if bool(granted & Flags.ANON) != self._anonymous:
             raise _defective(Minor.TOKEN_BAD_FIELD, "acceptor changed the anonymous flag")
         server = fingerprint(self._noise.rs or b"")
+        # Compared as bytes: compare_digest raises TypeError on a non-ASCII str (a typo'd pin).
         if self._server_fingerprint is not None and not hmac.compare_digest(
-                server, self._server_fingerprint):
+                server.encode(), self._server_fingerprint.encode("utf-8", "surrogatepass")):
             raise GSSError(GSS_S_DEFECTIVE_CREDENTIAL, Minor.SERVER_KEY_MISMATCH,
                            f"server key is {server}, expected {self._server_fingerprint}")
         confirm = self._noise.write_message(_CONFIRM.pack(PROTOCOL_VERSION, self._bindings_hash))
