@@ -874,3 +874,20 @@ def test_imported_flags_must_be_the_ones_in_force(requested: Flags) -> None:
             with pytest.raises(GSSError) as error:
                 import_context(bad, clock=clock)
             check(error, GSS_S_DEFECTIVE_TOKEN, Minor.TOKEN_BAD_FIELD)
+
+
+@pytest.mark.parametrize("pin", ["SHA256:caf\u00e9", "SHA256:\udcff", "", "sha256:x"],
+                         ids=["non-ascii", "surrogate", "empty", "lowercase"])
+def test_a_malformed_pin_is_a_mismatch_not_a_crash(pin: str) -> None:
+    # A non-ASCII pin (a typo on the command line) used to escape as compare_digest's
+    # TypeError and leave the context half-way through its handshake.
+    clock = Clock()
+    initiator, acceptor = make_pair(clock, pin=pin)
+    _, msg1 = initiator.step(None)
+    _, msg2 = acceptor.step(msg1)
+    with pytest.raises(GSSError) as error:
+        initiator.step(msg2)
+    check(error, GSS_S_DEFECTIVE_CREDENTIAL, Minor.SERVER_KEY_MISMATCH)
+    with pytest.raises(GSSError) as error:
+        initiator.wrap(b"x")
+    check(error, GSS_S_NO_CONTEXT, Minor.CONTEXT_NOT_ESTABLISHED)
