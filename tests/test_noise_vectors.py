@@ -15,6 +15,7 @@ silently select no vector at all.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,12 @@ def test_vector(vector: dict[str, Any]) -> None:
         assert ciphertext.hex() == message["ciphertext"], f"transport message {index}"
         assert receive[from_initiator].decrypt_with_ad(b"", ciphertext) == payload
     assert directions == {True, False}, "transport messages in only one direction"
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_selection_matches_a_count_of_the_raw_text(name: str) -> None:
+    """Counted in the file's text, not through the JSON loader, so a loader slip shows."""
+    raw = (VECTORS / name).read_text()
+    present = len(re.findall(r'"protocol_name"\s*:\s*"' + re.escape(SUITE) + '"', raw))
+    assert present >= 1
+    assert len(_selected(name)) == present
