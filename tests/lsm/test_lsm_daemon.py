@@ -1,0 +1,357 @@
+"""The real daemon under real SELinux labels (guest only): ``handoffd serve`` as the acceptor.
+
+Each test starts ``handoffd serve`` (the product's own entry point, no special build) in a
+domain chosen with ``/proc/self/attr/exec`` (setexeccon: a shell writes it, then execs
+Python), so the daemon runs as ``handoffd_acceptor_t`` (or, to be refused, as the
+impostor).  The policy's ``typetransition`` puts the workers the acceptor spawns into
+``handoffd_worker_t``.  Clients are real handoffd clients over loopback TCP; other parties
+(an impostor, external workers) are forked children in their own domains (lsm_support).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from lsm_support import (
+    ACCEPTOR,
+    EXTERNAL_WORKER,
+    IMPOSTOR,
+    WORKER,
+    fork_as,
+    observe,
+    raw_peer_label,
+    wait_ok,
+)
+
+from handoffd.core.handoff import FD_KINDS, Kind
+from handoffd.kernel.channel import Channel
+from handoffd.minor import Minor
+from handoffd.runtime.client import connect
+from handoffd.runtime.control import query_control
+from handoffd.runtime.stream import SecureStream
+from handoffd.runtime.worker import HandoffReceiver, serve
+from handoffd.status import GSS_S_UNAUTHORIZED, GSSError
+from tests.apps import pid_echo
+from tests.daemon_harness import write_config
+
+REPO = Path(__file__).resolve().parents[2]
+ONLY_THE_ACCEPTOR = f'acceptor_labels = ["{ACCEPTOR.decode()}"]'
+SYS_PIDFD_GETFD = 438
+SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
+
+
+@dataclass
+class LabelledDaemon:
+    """A ``handoffd serve`` process started in a given SELinux domain."""
+
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    fingerprint: str
+    control: Path
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def connect(self, **kw: Any) -> SecureStream:
+        return await connect(self.host, self.port, server_fingerprint=self.fingerprint, **kw)
+
+    def status(self) -> dict[str, Any]:
+        return trio.run(query_control, self.control)
+
+    def ready_workers(self) -> list[dict[str, Any]]:
+        return [w for w in self.status()["workers"] if w["state"] == "ready"]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def launch(directory: Path, label: bytes, *, workers: int, extra: str) -> subprocess.Popen[bytes]:
+    """Start ``handoffd serve`` in ``label``: sh sets its exec context, then execs Python."""
+    config = write_config(directory, workers=workers, extra=extra)
+    with (directory / "daemon.log").open("ab") as log:
+        return subprocess.Popen(
+            ["/bin/sh", "-c", 'printf %s "$0" > /proc/self/attr/exec && exec "$@"',
+             label.decode(), sys.executable, "-m", "handoffd", "serve", "--config", str(config)],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+
+def wait_ready(directory: Path, process: subprocess.Popen[bytes], workers: int,
+               timeout: float = 120) -> LabelledDaemon:
+    """Wait until the daemon listens with ``workers`` ready workers."""
+    from handoffd import keyfiles
+    from handoffd.core.credentials import fingerprint
+
+    control = directory / "control.sock"
+    log = directory / "daemon.log"
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"handoffd serve exited:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"handoffd serve not ready:\n{log.read_text()}"
+        try:
+            status = trio.run(query_control, control)
+            ready = [w for w in status["workers"] if w["state"] == "ready"]
+            if status["listen"] and len(ready) >= workers:
+                break
+        except GSSError:
+            pass
+        time.sleep(0.1)
+    host, port = status["listen"][0].rsplit(":", 1)
+    key = keyfiles.load_public_key(directory / "server.key.pub")
+    return LabelledDaemon(process, host, int(port), fingerprint(key), control, log)
+
+
+@contextmanager
+def labelled_daemon(directory: Path, label: bytes, *, workers: int = 1,
+                    extra: str = "") -> Iterator[LabelledDaemon]:
+    """``handoffd serve`` in ``label``, stopped (SIGTERM, then SIGKILL) afterwards."""
+    process = launch(directory, label, workers=workers, extra=extra)
+    try:
+        yield wait_ready(directory, process, workers)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def label_of(pid: int) -> bytes:
+    """A process's SELinux context, as /proc/<pid>/attr/current reports it."""
+    return Path(f"/proc/{pid}/attr/current").read_bytes().rstrip(b"\0")
+
+
+def echo(daemon: LabelledDaemon) -> int:
+    """One real client session (pid line, then an echo); returns the serving worker's pid."""
+
+    async def session() -> int:
+        with trio.fail_after(60):
+            return await exchange()
+
+    async def exchange() -> int:
+        stream = await daemon.connect()
+        async with stream:
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await stream.receive_some(1)
+                assert chunk, "closed before the pid line"
+                line += chunk
+            await stream.send_all(b"labelled hello")
+            got = b""
+            while len(got) < len(b"labelled hello"):
+                chunk = await stream.receive_some(100)
+                assert chunk, "closed before the echo"
+                got += chunk
+            assert got == b"labelled hello"
+        return int(line)
+
+    return trio.run(session)
+
+
+def status_text(major: int, minor: int) -> list[str]:
+    """The display texts a log line carries for this status (``str(GSSError)``)."""
+    return GSSError(major, minor).messages()
+
+
+def log_lines(daemon_log: str, marker: str) -> list[str]:
+    """The lines of the daemon's (and its workers') log that contain ``marker``."""
+    return [line for line in daemon_log.splitlines() if marker in line]
+
+
+def test_worker_accepts_and_serves_a_handoff_from_the_acceptor_label(tmp_path: Path) -> None:
+    """Case 1: the daemon runs as the acceptor, its worker (exec transition) as the worker,
+    the worker accepts only the acceptor's label ([policy] acceptor_labels), and a real
+    client gets its echo from that worker."""
+    with labelled_daemon(tmp_path, ACCEPTOR, extra=f"[policy]\n{ONLY_THE_ACCEPTOR}") as daemon:
+        [worker] = daemon.ready_workers()
+        assert label_of(daemon.pid) == ACCEPTOR
+        assert label_of(worker["pid"]) == WORKER
+        observe("daemon-acceptor", label_of(daemon.pid))
+        observe("daemon-spawned-worker", label_of(worker["pid"]))
+        assert echo(daemon) == worker["pid"]
+        assert echo(daemon) == worker["pid"]
+        status = daemon.status()
+        assert status["totals"]["acked"] == 2
+        assert "refused" not in daemon.log_text()
+
+
+def steal_and_send(daemon_pid: int, report: Path) -> None:
+    """Impostor's part: take the acceptor's end of a worker channel with pidfd_getfd(2),
+    send a HANDOFF carrying a live TCP socket, and see the worker close it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(daemon_pid)
+    stolen: socket.socket | None = None
+    for entry in os.listdir(f"/proc/{daemon_pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{daemon_pid}/fd/{entry}").startswith("socket:"):
+                continue
+        except OSError:
+            continue
+        fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(entry), 0)
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+        candidate = socket.socket(fileno=fd)
+        creds = candidate.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        if (candidate.family == socket.AF_UNIX and candidate.type == socket.SOCK_SEQPACKET
+                and not candidate.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN)
+                and struct.unpack("3i", creds)[0] == daemon_pid):
+            assert stolen is None, "more than one worker channel in the acceptor"
+            stolen = candidate
+        else:
+            candidate.close()
+    os.close(pidfd)
+    assert stolen is not None, "no worker channel found in the acceptor"
+    found = {
+        "own_label": os.getxattr(stolen.fileno(), "security.selinux").decode(),
+        "peer_label": raw_peer_label(stolen).decode(),
+    }
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+
+    async def send() -> None:
+        channel = Channel(trio.socket.from_stdlib_socket(stolen), fd_kinds=FD_KINDS,
+                          validate_fd=None)
+        await channel.send(Kind.HANDOFF, b"\0" * 64, fd=accepted.fileno())
+        # Only our copy of the acceptor's end: closing it leaves the daemon's untouched.
+        channel.close()
+
+    trio.run(send)
+    accepted.close()  # now the worker holds the only copy of the handed-off socket
+    client.settimeout(60)
+    found["client_saw"] = "eof" if client.recv(1) == b"" else "data"
+    client.close()
+    report.write_text(json.dumps(found))
+
+
+def test_impostor_with_the_acceptors_channel_end_is_refused(tmp_path: Path) -> None:
+    """Case 2: a root process in the impostor domain takes the acceptor's end of the
+    worker's channel with pidfd_getfd(2) and sends a handoff carrying a TCP socket.  The
+    worker refuses it (GSS_S_UNAUTHORIZED), closes the socket (the impostor's client
+    sees EOF) and goes on serving real clients.
+
+    The label the message carries is the *sending socket's* (the acceptor's, fixed when
+    the daemon made the socketpair), so what names the thief is its SCM_CREDENTIALS pid:
+    PEER_PID_MISMATCH.  A channel made in another domain is refused by label: see
+    test_worker_refuses_a_channel_made_in_another_domain."""
+    with labelled_daemon(tmp_path, ACCEPTOR, extra=f"[policy]\n{ONLY_THE_ACCEPTOR}") as daemon:
+        [worker] = daemon.ready_workers()
+        report = tmp_path / "impostor.json"
+        wait_ok(fork_as(IMPOSTOR, lambda: steal_and_send(daemon.pid, report)))
+        found = json.loads(report.read_text())
+        observe("stolen-acceptor-end", found["own_label"].encode())
+        assert found["own_label"].rstrip("\0") == ACCEPTOR.decode()
+        assert found["peer_label"].rstrip("\0") == ACCEPTOR.decode()
+        assert found["client_saw"] == "eof"
+        refusals = log_lines(daemon.log_text(), "refused")
+        assert len(refusals) == 1, refusals
+        assert all(text in refusals[0]
+                   for text in status_text(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH))
+        assert daemon.ready_workers() == [worker]
+        assert echo(daemon) == worker["pid"]
+        assert daemon.status()["totals"]["acked"] == 1
+
+
+def test_worker_refuses_a_channel_made_in_another_domain(tmp_path: Path) -> None:
+    """Case 2, by label: the same daemon run by a root process in the impostor domain
+    makes the worker's channel; the worker, configured for the acceptor's label, reads
+    the impostor's context on it (SO_PEERSEC) and refuses to start: GSS_S_UNAUTHORIZED,
+    PEER_LABEL_NOT_ALLOWED.  No worker ever takes a handoff, so the daemon gives up."""
+    process = launch(tmp_path, IMPOSTOR, workers=1,
+                     extra=f"[policy]\n{ONLY_THE_ACCEPTOR}\n[workers]\nboot_failures_max = 1")
+    try:
+        status = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = (tmp_path / "daemon.log").read_text(errors="replace")
+    assert status != 0, log
+    refusals = log_lines(log, "worker could not start")
+    assert refusals, log
+    for line in refusals:
+        assert all(text in line
+                   for text in status_text(GSS_S_UNAUTHORIZED, Minor.PEER_LABEL_NOT_ALLOWED))
+        assert IMPOSTOR.decode() in line
+    observe("refused-channel-maker", IMPOSTOR)
+
+
+def register_and_serve(path: str) -> None:
+    """External worker's part: register (checking the acceptor's label), serve until drained."""
+
+    async def run() -> None:
+        receiver = await HandoffReceiver.register(path, acceptor_labels=[ACCEPTOR])
+        try:
+            await serve(receiver, pid_echo, drain_timeout=5)
+        finally:
+            receiver.close()
+
+    trio.run(run)
+
+
+def register_refused(path: str, report: Path) -> None:
+    """Impostor's part: try to register as an external worker; record the refusal."""
+
+    async def run() -> None:
+        try:
+            receiver = await HandoffReceiver.register(path, acceptor_labels=[ACCEPTOR])
+        except GSSError as error:
+            report.write_text(json.dumps([error.major, error.minor]))
+            return
+        receiver.close()
+        report.write_text(json.dumps("registered"))
+
+    trio.run(run)
+
+
+def test_external_worker_registration_by_label(tmp_path: Path) -> None:
+    """Case 3: with [policy] worker_labels = [the external worker's label], a root
+    process in the impostor domain is refused at registration (PEER_LABEL_NOT_ALLOWED),
+    while one in the allowed domain registers and serves a real client."""
+    extra = ("[workers]\nregister_socket = \"register.sock\"\n"
+             f"[policy]\nworker_labels = [\"{EXTERNAL_WORKER.decode()}\"]")
+    with labelled_daemon(tmp_path, ACCEPTOR, workers=0, extra=extra) as daemon:
+        path = str(tmp_path / "register.sock")
+        report = tmp_path / "refused.json"
+        wait_ok(fork_as(IMPOSTOR, lambda: register_refused(path, report)))
+        assert json.loads(report.read_text()) == [GSS_S_UNAUTHORIZED,
+                                                  Minor.PEER_LABEL_NOT_ALLOWED]
+        assert daemon.status()["totals"]["registrations_refused"] == 1
+        assert daemon.ready_workers() == []
+        refusals = log_lines(daemon.log_text(), "registration refused")
+        assert len(refusals) == 1 and IMPOSTOR.decode() in refusals[0], refusals
+
+        worker_pid = fork_as(EXTERNAL_WORKER, lambda: register_and_serve(path))
+        try:
+            deadline = time.monotonic() + 60
+            while not daemon.ready_workers():
+                assert time.monotonic() < deadline, daemon.log_text()
+                time.sleep(0.1)
+            [worker] = daemon.ready_workers()
+            assert worker["external"] and worker["pid"] == worker_pid
+            observe("registered-external-worker", label_of(worker_pid))
+            assert label_of(worker_pid) == EXTERNAL_WORKER
+            assert echo(daemon) == worker_pid
+        finally:
+            daemon.process.send_signal(signal.SIGTERM)
+            daemon.process.wait(timeout=60)
+            wait_ok(worker_pid)
+        assert daemon.process.returncode == 0, daemon.log_text()
