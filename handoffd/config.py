@@ -40,6 +40,19 @@ class ServerConfig:
     context_lifetime: float = 3600.0
     """Seconds a security context stays valid; clients re-handshake after."""
     backlog: int = 1024
+    mechanisms: tuple[str, ...] = ("noise",)
+    """Mechanisms offered (``noise``, ``krb5``); the client's first token picks one."""
+
+
+@dataclass(frozen=True)
+class Krb5Config:
+    """``[krb5]``: the Kerberos mechanism (``handoffd[krb5]``, ``docs/KRB5.md``)."""
+
+    keytab: Path | None = None
+    """The acceptor's keytab; only the acceptor may read it (workers never need it)."""
+    service: str | None = None
+    """Acceptor principal as ``service@host`` (e.g. ``host@example.org``); None: any
+    principal of the keytab."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    krb5: Krb5Config = field(default_factory=Krb5Config)
     path: Path | None = None
 
 
@@ -119,6 +133,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "policy": PolicyConfig,
     "control": ControlConfig,
     "log": LogConfig,
+    "krb5": Krb5Config,
 }
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -206,14 +221,33 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
     if config.workers.count == 0 and config.workers.register_socket is None:
         raise _invalid("[workers] count",
                        "0 spawned workers needs a register_socket for external workers")
-    if config.server.allowed_clients is None and not config.server.allow_anonymous:
+    if config.server.allowed_clients is None and not config.server.allow_anonymous \
+            and "noise" in config.server.mechanisms:
         raise _invalid("[server] allow_anonymous",
                        "false with no allowed_clients file would refuse every client")
+    _check_mechanisms(config)
     for address in config.server.listen:
         parse_address(address)
     if config.control.metrics is not None:
         parse_address(config.control.metrics)
     return config
+
+
+_MECHANISMS = ("noise", "krb5")
+
+
+def _check_mechanisms(config: Config) -> None:
+    names = config.server.mechanisms
+    if not names:
+        raise _invalid("[server] mechanisms", "expected at least one mechanism")
+    for name in names:
+        if name not in _MECHANISMS:
+            raise _invalid("[server] mechanisms",
+                           f"unknown mechanism {name!r} (known: {', '.join(_MECHANISMS)})")
+    if len(set(names)) != len(names):
+        raise _invalid("[server] mechanisms", "a mechanism is listed twice")
+    if "krb5" in names and config.krb5.keytab is None:
+        raise _invalid("[krb5] keytab", "the krb5 mechanism needs the acceptor's keytab")
 
 
 def load_config(path: Path | str) -> Config:

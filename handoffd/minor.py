@@ -139,6 +139,11 @@ class Minor(IntEnum):
     SYSTEMD_WATCHDOG_INVALID = 681
     SYSTEMD_NOTIFY_FIELD_INVALID = 682
 
+    # Kerberos V5 mechanism (handoffd.mech.krb5); the library's own minors pass through
+    KRB5_UNAVAILABLE = 1100
+    KRB5_EXPORT_INVALID = 1101
+    KRB5_NOT_ESTABLISHED = 1102
+
 
 _TEXT: Final[dict[Minor, str]] = {
     Minor.NONE: "No further information",
@@ -250,6 +255,10 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",
     Minor.SYSTEMD_NOTIFY_FIELD_INVALID: "A systemd notification field is not one "
     "KEY=VALUE line",
+    Minor.KRB5_UNAVAILABLE: "The Kerberos mechanism needs the gssapi package "
+    "(pip install handoffd[krb5]) and MIT krb5",
+    Minor.KRB5_EXPORT_INVALID: "A Kerberos export token inside a handoff is malformed",
+    Minor.KRB5_NOT_ESTABLISHED: "The Kerberos context is not established",
 }
 
 

@@ -91,6 +91,9 @@ async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.a
     """
     config = write_config(directory, workers=workers, app=app, extra=extra)
     fingerprint = _fingerprint(directory / "server.key.pub")
+    if user is not None:  # the daemon's user must own its directory, key and config
+        for path in (directory, *directory.iterdir()):
+            os.chown(path, *user)
     stderr = log.open("ab") if log is not None else None
     try:
         identity: dict[str, Any] = ({} if user is None else

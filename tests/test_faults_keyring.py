@@ -1,0 +1,131 @@
+"""The daemon's user runs out of kernel keyring quota, against a real ``handoffd serve``.
+
+The daemon runs as a throwaway unprivileged user (root's quota is a million keys; a user's
+is ``/proc/sys/kernel/keys/maxkeys``, 200 here), with Debian's python3.11 and the venv's
+packages on ``PYTHONPATH`` (the venv's interpreter lives under /root, which that user
+cannot read).  A second process of the same user then takes every key the quota has left,
+and keeps taking each one that comes back.  Handoffs themselves need no new key (parked
+keys update fixed-size slots, docs/KEYRING.md): only a worker (re)spawn does.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.daemon_harness import REPO, echo_session, start_daemon
+
+SYSTEM_PYTHON = "/usr/bin/python3.11"
+SITE_PACKAGES = REPO / ".venv" / "lib" / "python3.11" / "site-packages"
+
+# Runs as the daemon's user: fill the quota, say so, keep it full until stdin closes.
+_FILLER = """
+import select, sys
+from handoffd.kernel import keyring
+from handoffd.minor import Minor
+from handoffd.status import GSSError
+ring = keyring.join_session_keyring(None)
+count = 0
+def fill():
+    global count
+    while True:
+        try:
+            keyring.add_key(f"filler:{count}", b"x", ring)
+        except GSSError as error:
+            if error.minor != Minor.KEYRING_QUOTA:
+                raise
+            return
+        count += 1
+fill()
+print("full", count, flush=True)
+while not select.select([sys.stdin], [], [], 0.001)[0]:
+    fill()  # whatever the daemon gives back, take it
+"""
+
+
+@pytest.fixture
+def daemon_user() -> Iterator[tuple[int, int]]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a throwaway user (useradd) and run the daemon as it")
+    if not os.access(SYSTEM_PYTHON, os.X_OK) or not SITE_PACKAGES.is_dir():
+        pytest.skip("needs Debian's python3.11 beside a python3.11 venv")
+    name = f"hdq{secrets.token_hex(4)}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    name], check=True, capture_output=True)
+    try:
+        entry = pwd.getpwnam(name)
+        yield entry.pw_uid, entry.pw_gid
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+@pytest.mark.root
+async def test_keyring_quota_exhausted_means_backpressure_then_recovery(
+    daemon_user: tuple[int, int],
+) -> None:
+    """Quota full: running workers keep serving; a killed worker cannot be replaced
+    (EDQUOT, logged), so a new client waits (backpressure) instead of being dropped, and
+    the daemon does not crash.  Once the keys are freed the worker is respawned and the
+    waiting client is served; nothing is lost."""
+    directory = Path(tempfile.mkdtemp(prefix="handoffd-quota-", dir="/tmp"))
+    log = directory.parent / f"{directory.name}.log"
+    env = {"PYTHONPATH": f"{SITE_PACKAGES}:{REPO}"}
+    daemon = await start_daemon(
+        directory, workers=1, log=log, env=env, python=SYSTEM_PYTHON, user=daemon_user,
+        extra="[workers]\nmax_unacked = 2\nrestart_backoff_max = 0.2\nboot_failures_max = 100")
+    filler: trio.Process | None = None
+    try:
+        await echo_session(daemon, messages=1)
+        filler = await trio.lowlevel.open_process(
+            [SYSTEM_PYTHON, "-c", _FILLER], env={**os.environ, **env}, cwd="/",
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, user=daemon_user[0],
+            group=daemon_user[1], extra_groups=[])
+        assert filler.stdout is not None and filler.stdin is not None
+        with trio.fail_after(20):
+            line = await filler.stdout.receive_some(100)
+        assert line.startswith(b"full"), line
+        # Handoffs need no new key: the live worker serves as before.
+        await echo_session(daemon, messages=1)
+
+        worker = (await daemon.worker_pids())[0]
+        os.kill(worker, signal.SIGKILL)
+        served: list[int] = []
+
+        async def client() -> None:
+            served.append(await echo_session(daemon, messages=2))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client)
+            with trio.fail_after(20):
+                while log.read_bytes().count(b"key quota is exhausted") < 3:
+                    await trio.sleep(0.05)
+            assert not served, "served with no worker: the quota was not exhausted"
+            assert daemon.process.returncode is None
+            await filler.stdin.aclose()  # the filler exits: its keys go back to the quota
+            with trio.fail_after(30):
+                await filler.wait()
+        assert len(served) == 1 and served[0] != worker
+        status = await daemon.status()
+        assert status["totals"]["lost"] == 0
+        assert status["totals"]["acked"] == 3
+        assert b"cannot spawn worker 0" in log.read_bytes()
+    finally:
+        if filler is not None and filler.returncode is None:
+            filler.kill()
+            await filler.wait()
+        code = await daemon.stop()
+        text = log.read_text(errors="replace")
+        for path in sorted(directory.iterdir()):
+            path.unlink()
+        directory.rmdir()
+        log.unlink()
+        assert code == 0, text[-3000:]
