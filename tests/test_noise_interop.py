@@ -161,20 +161,63 @@ def test_a_different_prologue_fails_at_the_first_authenticated_message() -> None
     assert caught.value.major == GSS_S_DEFECTIVE_TOKEN
 
 
-def test_largest_handshake_payload_interoperates_and_one_more_byte_is_refused() -> None:
-    """msg2 (e, encrypted s, encrypted payload) at exactly 65535 bytes; one more is refused."""
-    largest = MAX_MESSAGE_LEN - DH_LEN - (DH_LEN + TAG_LEN) - TAG_LEN
-    our_side = ours(initiator=False, static_private=os.urandom(DH_LEN))
-    their_side = theirs(initiator=True, static_private=os.urandom(DH_LEN))
-    our_side.read_message(bytes(their_side.write_message(b"")))
-    with pytest.raises(GSSError) as caught:
-        our_side.write_message(bytes(largest + 1))
-    assert (caught.value.major, caught.value.minor) == (GSS_S_FAILURE, Minor.MESSAGE_TOO_LARGE)
-    message = our_side.write_message(bytes(largest))
-    assert len(message) == MAX_MESSAGE_LEN
-    assert bytes(their_side.read_message(message)) == bytes(largest)
-    our_side.read_message(bytes(their_side.write_message(b"done")))
+# The largest payload of each XX message: 65535 minus e (32), an encrypted s (32 + 16)
+# and the payload's tag (16) where the message has them.
+LARGEST_PAYLOAD = (MAX_MESSAGE_LEN - DH_LEN,
+                   MAX_MESSAGE_LEN - DH_LEN - (DH_LEN + TAG_LEN) - TAG_LEN,
+                   MAX_MESSAGE_LEN - (DH_LEN + TAG_LEN) - TAG_LEN)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["msg1", "msg2", "msg3"])
+def test_largest_handshake_payload_interoperates_and_one_more_byte_is_refused(
+        index: int) -> None:
+    """Each message at exactly 65535 bytes crosses both ways; one byte more is refused by
+    ours without spoiling the handshake, which then completes."""
+    we_initiate = index % 2 == 0
+    our_side = ours(initiator=we_initiate, static_private=os.urandom(DH_LEN))
+    their_side = theirs(initiator=not we_initiate, static_private=os.urandom(DH_LEN))
+    for step in range(3):
+        if (step % 2 == 0) != we_initiate:
+            # Theirs sends its largest too: ours reads a 65535-byte message.
+            largest = os.urandom(LARGEST_PAYLOAD[step])
+            message = bytes(their_side.write_message(largest))
+            assert len(message) == MAX_MESSAGE_LEN
+            assert our_side.read_message(message) == largest
+            continue
+        payload = b"ours"
+        if step == index:
+            with pytest.raises(GSSError) as caught:
+                our_side.write_message(bytes(LARGEST_PAYLOAD[index] + 1))
+            assert (caught.value.major, caught.value.minor) == (
+                GSS_S_FAILURE, Minor.MESSAGE_TOO_LARGE)
+            payload = os.urandom(LARGEST_PAYLOAD[index])
+        message = our_side.write_message(payload)
+        if step == index:
+            assert len(message) == MAX_MESSAGE_LEN
+        assert bytes(their_side.read_message(message)) == payload
+    assert our_side.complete and their_side.handshake_finished
     assert our_side.handshake_hash == bytes(their_side.get_handshake_hash())
+
+
+@pytest.mark.parametrize("we_initiate", [True, False], ids=["ours-initiates", "theirs-initiates"])
+def test_the_last_nonce_matches_and_the_reserved_one_is_refused(we_initiate: bool) -> None:
+    """Nonce 2**64 - 2 gives the same bytes as theirs; 2**64 - 1 is refused (Noise §5.1)."""
+    our_side = ours(initiator=we_initiate, static_private=os.urandom(DH_LEN))
+    their_side = theirs(initiator=not we_initiate, static_private=os.urandom(DH_LEN))
+    handshake(our_side, their_side)
+    send, receive = transport(our_side, their_side)
+    last = (1 << 64) - 2
+    send.n = receive.n = last
+    their_side.noise_protocol.cipher_state_encrypt.n = last
+    their_side.noise_protocol.cipher_state_decrypt.n = last
+    ours_out = send.encrypt_with_ad(b"", b"the last one")
+    assert their_side.decrypt(ours_out) == b"the last one"
+    assert receive.decrypt_with_ad(b"", their_side.encrypt(b"the last one")) == b"the last one"
+    for call in (lambda: send.encrypt_with_ad(b"", b"one more"),
+                 lambda: receive.decrypt_with_ad(b"", ours_out)):
+        with pytest.raises(GSSError) as caught:
+            call()
+        assert caught.value.minor == Minor.SEQUENCE_EXHAUSTED
 
 
 def test_a_message_over_the_noise_limit_is_refused_before_any_work() -> None:
