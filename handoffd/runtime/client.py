@@ -21,7 +21,7 @@ from handoffd.core.framing import FrameDecoder
 from handoffd.minor import Minor
 from handoffd.runtime.stream import SecureStream
 from handoffd.runtime.wire import initiate_handshake
-from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSSError
+from handoffd.status import GSS_S_BAD_MECH, GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSSError
 
 DEFAULT_FLAGS = Flags.MUTUAL | Flags.REPLAY | Flags.SEQUENCE | Flags.CONF | Flags.INTEG
 
@@ -58,6 +58,28 @@ async def open_secure_stream(
     return SecureStream(transport, context, decoder=decoder, info=info)
 
 
+async def open_krb5_stream(transport: trio.abc.Stream, *, service: str,
+                           lifetime: float | None = None) -> SecureStream:
+    """The Kerberos initiator handshake (``handoffd[krb5]``) over an open transport.
+
+    ``service`` is the acceptor's host-based name, ``service@host``; the ticket
+    comes from the user's credential cache (``kinit``).  Mutual authentication,
+    replay and sequence detection, confidentiality and integrity are requested.
+    """
+    from handoffd.mech.krb5 import Krb5Initiator
+
+    context = Krb5Initiator(service, lifetime=lifetime)
+    decoder = FrameDecoder()
+    await initiate_handshake(transport, context, decoder, frame_first=False)
+    info: dict[str, object] = {
+        "peer_name": context.peer_name,
+        "peer_fingerprint": None,
+        "flags": context.flags,
+        "mechanism": "krb5",
+    }
+    return SecureStream(transport, context, decoder=decoder, info=info)
+
+
 async def connect(
     host: str,
     port: int,
@@ -66,8 +88,17 @@ async def connect(
     static_key: StaticKeyPair | None = None,
     timeout: float = 10.0,
     lifetime: float = 3600.0,
+    mech: str = "noise",
+    service: str | None = None,
 ) -> SecureStream:
-    """Open a TCP connection to handoffd and return an established :class:`SecureStream`."""
+    """Open a TCP connection to handoffd and return an established :class:`SecureStream`.
+
+    ``mech="krb5"`` authenticates with Kerberos to ``service`` (``service@host``;
+    default ``host@<host>``) instead of Noise; ``server_fingerprint`` and
+    ``static_key`` are then unused.
+    """
+    if mech not in ("noise", "krb5"):
+        raise GSSError(GSS_S_BAD_MECH, Minor.TOKEN_BAD_MECH_OID, f"unknown mechanism {mech!r}")
     try:
         with trio.fail_after(timeout):
             transport = await trio.open_tcp_stream(host, port)
@@ -76,6 +107,9 @@ async def connect(
         raise GSSError(GSS_S_FAILURE, Minor.CONNECT_FAILED, f"{host}:{port}: {why}") from None
     try:
         with trio.fail_after(timeout):
+            if mech == "krb5":
+                return await open_krb5_stream(transport, service=service or f"host@{host}",
+                                              lifetime=lifetime)
             return await open_secure_stream(transport, server_fingerprint=server_fingerprint,
                                             static_key=static_key, lifetime=lifetime)
     except trio.TooSlowError:

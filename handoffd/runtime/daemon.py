@@ -35,10 +35,7 @@ from typing import Any
 
 import trio
 
-from handoffd import keyfiles
 from handoffd.config import Config, parse_address
-from handoffd.core.context import AcceptorContext
-from handoffd.core.credentials import StaticKeyPair
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import (
     FD_KINDS,
@@ -55,15 +52,16 @@ from handoffd.kernel.channel import Channel
 from handoffd.kernel.parking import AcceptorParking
 from handoffd.kernel.peer import PeerPolicy
 from handoffd.kernel.systemd import Notifier, listen_fds, watchdog_interval
+from handoffd.mech import NOISE, acceptor_factories
 from handoffd.minor import Minor
 from handoffd.runtime import worker as worker_lib
 from handoffd.runtime.process import ChildProcess
-from handoffd.runtime.wire import accept_handshake, send_error
+from handoffd.runtime.wire import accept_any_handshake, send_error
 from handoffd.status import GSS_S_FAILURE, GSSError, status_name
 
 log = logging.getLogger("handoffd.acceptor")
 
-MECH_NOISE = 1
+MECH_NOISE = NOISE.seal_id
 SEAL_LIFETIME = 30.0
 """Seconds a sealed handoff token stays valid: it only has to cross one socketpair."""
 
@@ -79,6 +77,7 @@ class Pending:
     inner: bytes
     handshake_done: float
     peer: str
+    mech: int = MECH_NOISE  # seal id of the exported context's mechanism (handoffd.mech)
     key_ref: bytes = b""
     deliveries: int = 0
     sent_at: float = 0.0  # time.monotonic() of the last delivery
@@ -158,9 +157,9 @@ class Daemon:
         self.restarts: Counter[int] = Counter()
         self.listeners: list[trio.SocketListener] = []
         self.addresses: list[tuple[str, int]] = []
-        self.server_key: StaticKeyPair = keyfiles.load_private_key(config.server.key)
-        self.allow_list = (keyfiles.load_allow_list(config.server.allowed_clients)
-                           if config.server.allowed_clients else None)
+        # The enabled mechanisms by the DER OID a client's first token names: Noise loads
+        # [server] key and allowed_clients, krb5 acquires its keytab's credentials.
+        self.mechanisms = acceptor_factories(config, clock=clock)
         self.parking: AcceptorParking | None = None
         self.notifier = Notifier.from_environ()
         self._handoff_ids = itertools.count(1)
@@ -622,18 +621,11 @@ class Daemon:
         """Handshake, then hand off; holds one handshake slot until a worker has it."""
         peer = _peer_text(stream)
         try:
-            context = AcceptorContext(
-                static_key=self.server_key,
-                allow_list=self.allow_list,
-                allow_anonymous=self.config.server.allow_anonymous,
-                lifetime=self.config.server.context_lifetime,
-                clock=self.clock,
-                random=os.urandom,
-            )
             decoder = FrameDecoder()
             try:
                 with trio.fail_after(self.config.server.handshake_timeout):
-                    await accept_handshake(stream, context, decoder)
+                    mechanism, context = await accept_any_handshake(
+                        stream, self.mechanisms, decoder)
             except trio.TooSlowError:
                 raise GSSError(GSS_S_FAILURE, Minor.HANDSHAKE_TIMEOUT,
                                f"{self.config.server.handshake_timeout:g}s") from None
@@ -643,7 +635,7 @@ class Daemon:
             self.stats.handshakes_ok += 1
             inner = context.export(unread=decoder.unread())
             pending = Pending(next(self._handoff_ids), stream, inner, done,
-                              f"{peer} ({context.peer_name})")
+                              f"{peer} ({context.peer_name})", mech=mechanism.info.seal_id)
         except GSSError as error:
             self.stats.handshake_failures[status_name(error.major)] += 1
             log.info("connection from %s closed: %s", peer, error)
@@ -685,7 +677,8 @@ class Daemon:
                 continue
             try:
                 pending.key_ref, message = prepare_handoff(
-                    w.parking, w.worker_id, pending.handoff_id, pending.inner, self.clock())
+                    w.parking, w.worker_id, pending.handoff_id, pending.inner, self.clock(),
+                    mech=pending.mech)
             except GSSError as error:
                 log.warning("cannot park a key for worker %s: %s", w.pid, error)
                 # An ack frees keys, but the quota may be held by someone else: retry soon.
@@ -817,14 +810,16 @@ def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
 
 
 def prepare_handoff(parking: AcceptorParking, worker_id: bytes, handoff_id: int, inner: bytes,
-                    now: float) -> tuple[bytes, bytes]:
+                    now: float, *, mech: int = MECH_NOISE) -> tuple[bytes, bytes]:
     """Park a fresh key for ``worker_id``, seal the exported context with it.
 
     Returns ``(key_ref, HANDOFF payload)``.  The key itself goes only into the
     worker's keyring; the payload carries its reference and the sealed state.
+    ``mech`` is the seal id of the context's mechanism (:mod:`handoffd.mech`),
+    authenticated in the sealed token's header; the worker imports by it.
     """
     key_ref, key = parking.park(worker_id)
-    sealed = seal(key, plaintext=inner, mech=MECH_NOISE, worker_id=worker_id,
+    sealed = seal(key, plaintext=inner, mech=mech, worker_id=worker_id,
                   expires_at=int(now + SEAL_LIFETIME), nonce=os.urandom(12))
     return key_ref, Handoff(handoff_id, key_ref, sealed).encode()
 

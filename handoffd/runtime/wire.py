@@ -8,6 +8,9 @@ client pipelined is lost.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Protocol
+
 import trio
 
 from handoffd.core.context import AcceptorContext, InitiatorContext
@@ -18,9 +21,11 @@ from handoffd.core.framing import (
     decode_error,
     encode_error,
     encode_frame,
+    read_first_token,
     unwrap_first_token,
     wrap_first_token,
 )
+from handoffd.mech import AcceptorFactory, AcceptorHandshake, select
 from handoffd.minor import Minor
 from handoffd.status import (
     GSS_S_COMPLETE,
@@ -74,12 +79,47 @@ async def accept_handshake(
             raise GSSError(major)
 
 
+async def accept_any_handshake(
+    stream: trio.abc.Stream, factories: Mapping[bytes, AcceptorFactory], decoder: FrameDecoder
+) -> tuple[AcceptorFactory, AcceptorHandshake]:
+    """Pick the mechanism by the OID of the client's first token, then run its acceptor.
+
+    Only mechanisms in ``factories`` (the enabled ones, by DER OID) are accepted;
+    any other OID is ``GSS_S_BAD_MECH``.  Returns the mechanism and its established
+    context.
+    """
+    body = _handshake_body(await read_frame(stream, decoder))
+    oid_der, _ = read_first_token(body)
+    factory = select(factories, oid_der)
+    context = factory.new_context()
+    token = factory.first_token(body)
+    while True:
+        major, output = context.step(token)
+        if output:
+            await stream.send_all(encode_frame(FrameType.HANDSHAKE, output))
+        if major == GSS_S_COMPLETE:
+            return factory, context
+        if major != GSS_S_CONTINUE_NEEDED:  # pragma: no cover - step raises on errors
+            raise GSSError(major)
+        token = _handshake_body(await read_frame(stream, decoder))
+
+
+class _Initiator(Protocol):
+    def step(self, token: bytes | None) -> tuple[int, bytes]: ...
+
+
 async def initiate_handshake(
-    stream: trio.abc.Stream, context: InitiatorContext, decoder: FrameDecoder
+    stream: trio.abc.Stream, context: InitiatorContext | _Initiator, decoder: FrameDecoder,
+    *, frame_first: bool = True,
 ) -> None:
-    """Run the initiator side until the context is established."""
+    """Run the initiator side until the context is established.
+
+    ``frame_first`` False sends the first token as the mechanism made it (krb5's
+    already carries its RFC 2743 framing and OID).
+    """
     major, output = context.step(None)
-    await stream.send_all(encode_frame(FrameType.HANDSHAKE, wrap_first_token(output)))
+    first = wrap_first_token(output) if frame_first else output
+    await stream.send_all(encode_frame(FrameType.HANDSHAKE, first))
     while major == GSS_S_CONTINUE_NEEDED:
         body = _handshake_body(await read_frame(stream, decoder))
         major, output = context.step(body)

@@ -36,13 +36,13 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from handoffd.core.context import import_context
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import FD_KINDS, Ack, Handoff, Hello, Kind, Refused, Registered
 from handoffd.core.seal import open_sealed
 from handoffd.kernel.channel import Channel, Received, validate_tcp_stream
 from handoffd.kernel.parking import ENV_FD, WorkerParking
 from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
+from handoffd.mech import import_session, sealed_mechanism
 from handoffd.minor import Minor
 from handoffd.runtime.stream import SecureStream
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
@@ -248,9 +248,12 @@ class HandoffReceiver:
             # longer connected, and without an ACK the acceptor would kill this worker.
             validate_tcp_stream(fd)
             key = self.parking.claim(handoff.key_ref)
+            # The mechanism the header claims picks the import; open_sealed checks the
+            # claim once the tag verifies (the header is authenticated data).
+            mechanism = sealed_mechanism(handoff.sealed)
             inner = open_sealed(key, handoff.sealed, worker_id=self.identity.worker_id,
-                                now=self.clock())
-            context, unread = import_context(inner, clock=self.clock)
+                                now=self.clock(), mech=mechanism.seal_id)
+            context, unread = import_session(mechanism, inner, clock=self.clock)
         except GSSError as error:
             os.close(fd)
             self.refused += 1
@@ -274,6 +277,7 @@ class HandoffReceiver:
             "flags": context.flags,
             "anonymous": context.anonymous,
             "handoff_id": handoff_id,
+            "mechanism": mechanism.name,
             "sender": message.attributes,
             "worker_pid": os.getpid(),
         }
