@@ -891,3 +891,85 @@ def test_a_malformed_pin_is_a_mismatch_not_a_crash(pin: str) -> None:
     with pytest.raises(GSSError) as error:
         initiator.wrap(b"x")
     check(error, GSS_S_NO_CONTEXT, Minor.CONTEXT_NOT_ESTABLISHED)
+
+
+# --- a peer that speaks Noise correctly but sends bad handshake payloads ----------------
+
+GOOD_HELLO = HELLO.pack(1, int(DEFAULT_WIRE), 600_000)
+GOOD_OFFER = OFFER.pack(1, int(DEFAULT_WIRE), 600_000)
+GOOD_CONFIRM = CONFIRM.pack(1, hashlib.sha256(b"").digest())
+
+
+@pytest.mark.parametrize(("offer", "minor"), [
+    (OFFER.pack(2, int(DEFAULT_WIRE), 600_000), Minor.TOKEN_BAD_VERSION),
+    (b"", Minor.TOKEN_BAD_VERSION),
+    (GOOD_OFFER[:-1], Minor.TOKEN_TRUNCATED),
+    (GOOD_OFFER + b"\x00", Minor.TOKEN_TRAILING_BYTES),
+    (OFFER.pack(1, int(DEFAULT_WIRE | Flags.DELEG), 600_000), Minor.TOKEN_BAD_FIELD),
+    (OFFER.pack(1, int(DEFAULT_WIRE | Flags.TRANS), 600_000), Minor.TOKEN_BAD_FIELD),
+    (OFFER.pack(1, int(DEFAULT_WIRE & ~Flags.MUTUAL), 600_000), Minor.TOKEN_BAD_FIELD),
+    (OFFER.pack(1, int(DEFAULT_WIRE), 0), Minor.TOKEN_BAD_FIELD),
+    (OFFER.pack(1, int(DEFAULT_WIRE | Flags.ANON), 600_000), Minor.TOKEN_BAD_FIELD),
+], ids=["version", "empty", "short", "long", "deleg", "trans", "no-mutual", "lifetime-0",
+        "anon-not-asked"])
+def test_the_initiator_refuses_a_bad_offer(offer: bytes, minor: Minor) -> None:
+    clock = Clock()
+    initiator = InitiatorContext(static_key=ALICE, server_fingerprint=SERVER.fingerprint,
+                                 clock=clock, random=random.Random(4).randbytes)
+    theirs = _their(False, SERVER.private_bytes)
+    theirs.read_message(initiator.step(None)[1])
+    with pytest.raises(GSSError) as error:
+        initiator.step(bytes(theirs.write_message(offer)))
+    check(error, GSS_S_DEFECTIVE_TOKEN, minor)
+    assert not initiator.established
+
+
+def test_an_anonymous_initiator_refuses_an_offer_that_drops_anon() -> None:
+    clock = Clock()
+    initiator = InitiatorContext(static_key=None, server_fingerprint=SERVER.fingerprint,
+                                 clock=clock, random=random.Random(4).randbytes)
+    theirs = _their(False, SERVER.private_bytes)
+    theirs.read_message(initiator.step(None)[1])
+    with pytest.raises(GSSError) as error:
+        initiator.step(bytes(theirs.write_message(GOOD_OFFER)))
+    check(error, GSS_S_DEFECTIVE_TOKEN, Minor.TOKEN_BAD_FIELD)
+
+
+@pytest.mark.parametrize(("hello", "confirm", "minor"), [
+    (HELLO.pack(2, int(DEFAULT_WIRE), 600_000), None, Minor.TOKEN_BAD_VERSION),
+    (b"", None, Minor.TOKEN_BAD_VERSION),
+    (GOOD_HELLO[:-1], None, Minor.TOKEN_TRUNCATED),
+    (GOOD_HELLO + b"\x00", None, Minor.TOKEN_TRAILING_BYTES),
+    (GOOD_HELLO, CONFIRM.pack(2, bytes(32)), Minor.TOKEN_BAD_VERSION),
+    (GOOD_HELLO, GOOD_CONFIRM[:-1], Minor.TOKEN_TRUNCATED),
+    (GOOD_HELLO, GOOD_CONFIRM + b"\x00", Minor.TOKEN_TRAILING_BYTES),
+], ids=["hello-version", "hello-empty", "hello-short", "hello-long", "confirm-version",
+        "confirm-short", "confirm-long"])
+def test_the_acceptor_refuses_a_bad_hello_or_confirm(hello: bytes, confirm: bytes | None,
+                                                     minor: Minor) -> None:
+    clock = Clock()
+    acceptor = AcceptorContext(static_key=SERVER, allow_list=ALLOW, clock=clock,
+                               random=random.Random(4).randbytes)
+    theirs = _their(True, ALICE.private_bytes)
+    msg1 = bytes(theirs.write_message(hello))
+    if confirm is not None:
+        theirs.read_message(acceptor.step(msg1)[1])
+        msg1 = bytes(theirs.write_message(confirm))
+    with pytest.raises(GSSError) as error:
+        acceptor.step(msg1)
+    check(error, GSS_S_DEFECTIVE_TOKEN, minor)
+    assert not acceptor.established
+
+
+def test_the_acceptor_ignores_flags_it_does_not_grant_and_caps_the_lifetime() -> None:
+    """DELEG and unknown bits in HELLO are not granted; lifetime 0 means the server's cap."""
+    clock = Clock()
+    acceptor = AcceptorContext(static_key=SERVER, allow_list=ALLOW, lifetime=120.0,
+                               clock=clock, random=random.Random(4).randbytes)
+    theirs = _their(True, ALICE.private_bytes)
+    hello = HELLO.pack(1, 0xFFFF & ~int(Flags.ANON), 0)
+    _, msg2 = acceptor.step(bytes(theirs.write_message(hello)))
+    version, granted, lifetime = OFFER.unpack(bytes(theirs.read_message(msg2)))
+    assert (version, granted, lifetime) == (1, int(DEFAULT_WIRE), 120_000)
+    assert acceptor.step(bytes(theirs.write_message(GOOD_CONFIRM))) == (GSS_S_COMPLETE, b"")
+    assert acceptor.flags == DEFAULT_WIRE | ALWAYS
