@@ -249,14 +249,16 @@ async def _echo(sock: socket.socket, fingerprint: str) -> bytes:
 async def test_acceptor_at_its_fd_limit_keeps_running_and_recovers(tmp_path: Path) -> None:
     """RLIMIT_NOFILE lowered on the running acceptor to a few fds above what it holds,
     then more clients than that connect and stay silent: accept() fails with EMFILE, the
-    acceptor logs it and waits (a status query at the limit must not kill it either);
-    once the clients leave it accepts again and serves a real client."""
+    acceptor logs it and waits (a status query, a registration or a worker that must be
+    respawned at the limit must not kill it either); once the clients leave it accepts
+    again, respawns the worker and serves a real client, and its fd count is as before."""
     log = tmp_path / "daemon.log"
     register = Path(tempfile.mkdtemp(prefix="handoffd-emfile-", dir="/tmp")) / "register.sock"
     daemon = await start_daemon(tmp_path, workers=1, log=log, extra=(
         f'[server]\nhandshake_timeout = 30\n[workers]\nregister_socket = "{register}"'))
     try:
         await echo_session(daemon, messages=1)
+        [worker] = await daemon.worker_pids()
         baseline = await settled_fds(daemon)
         _soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (baseline + 4, hard))
@@ -276,13 +278,18 @@ async def test_acceptor_at_its_fd_limit_keeps_running_and_recovers(tmp_path: Pat
             await daemon.status()
         assert b"control accept: Too many open files" in log.read_bytes()
         knock.close()
+        # A worker dying now cannot be replaced (its channel needs fds): logged, retried.
+        os.kill(worker, signal.SIGKILL)
+        with trio.fail_after(10):
+            while b"cannot spawn worker 0" not in log.read_bytes():
+                await trio.sleep(0.05)
         assert daemon.process.returncode is None
         for stream in silent:
             await stream.aclose()
         # Still under the low limit: the connections that waited in the backlog end, then
         # a real client is served and the status answers again.
         with trio.fail_after(20):
-            await echo_session(daemon, messages=2)
+            assert await echo_session(daemon, messages=2) != worker
         status = await daemon.status()
         assert status["totals"]["accept_errors"] >= 1
         assert status["totals"]["lost"] == 0
