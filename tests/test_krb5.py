@@ -1,0 +1,305 @@
+"""The Kerberos V5 mechanism against a real MIT KDC (k5test), through the real daemon.
+
+A throwaway realm (``KRBTEST.COM``) runs MIT's ``krb5kdc``; the user principal
+has a real ticket in a credential cache, the service ``host/localhost`` a key
+in a keytab that only the acceptor is configured with.  Needs ``gssapi`` and
+``k5test`` (the ``krb5`` extra) and MIT's KDC (``make deps-krb5``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+gssapi = pytest.importorskip("gssapi", reason="the krb5 extra (gssapi) is not installed")
+k5test = pytest.importorskip("k5test", reason="k5test (krb5 extra tests) is not installed")
+if shutil.which("krb5kdc") is None and not Path("/usr/sbin/krb5kdc").exists():
+    pytest.skip("MIT krb5kdc is not installed (make deps-krb5)", allow_module_level=True)
+
+from handoffd.core.framing import FrameDecoder, FrameType, encode_frame  # noqa: E402
+from handoffd.core.handoff import Ack, Hello, Kind  # noqa: E402
+from handoffd.kernel.parking import AcceptorParking  # noqa: E402
+from handoffd.mech import KRB5, import_session  # noqa: E402
+from handoffd.mech.krb5 import Krb5AcceptorFactory  # noqa: E402
+from handoffd.minor import Minor  # noqa: E402
+from handoffd.runtime.client import connect, open_krb5_stream  # noqa: E402
+from handoffd.runtime.daemon import prepare_handoff, spawn_worker  # noqa: E402
+from handoffd.runtime.stream import SecureStream  # noqa: E402
+from handoffd.runtime.wire import accept_any_handshake  # noqa: E402
+from handoffd.status import (  # noqa: E402
+    GSS_ROUTINE_ERROR,
+    GSS_S_BAD_MECH,
+    GSS_S_DUPLICATE_TOKEN,
+    GSSError,
+)
+from tests.daemon_harness import RunningDaemon, start_daemon  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SERVICE = "host@localhost"
+# What the client process needs (config, its ticket cache); never the keytab.
+_CLIENT_ENV = ("KRB5_CONFIG", "KRB5_KDC_PROFILE", "KRB5CCNAME", "KRB5RCACHEDIR")
+
+
+@dataclass
+class Realm:
+    k5: Any
+    keytab: Path  # a copy for the acceptor only, mode 0600
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {k: v for k, v in self.k5.env.items() if k in _CLIENT_ENV}
+
+
+@pytest.fixture(scope="module")
+def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
+    # A random port base: another test run on the machine may hold the default ports.
+    k5 = k5test.K5Realm(portbase=random.randrange(61000, 64000, 10))
+    try:
+        k5.addprinc("other/localhost")  # in the KDC, not in the acceptor's keytab
+        keytab = tmp_path_factory.mktemp("acceptor") / "acceptor.keytab"
+        shutil.copyfile(k5.keytab, keytab)
+        os.chmod(keytab, 0o600)
+        os.unlink(k5.keytab)  # the only copy is the acceptor's
+        saved = {k: os.environ.get(k) for k in (*_CLIENT_ENV, "KRB5_KTNAME",
+                                               "KRB5_CLIENT_KTNAME")}
+        os.environ.update({k: v for k, v in k5.env.items() if k in _CLIENT_ENV})
+        for k in ("KRB5_KTNAME", "KRB5_CLIENT_KTNAME"):
+            os.environ.pop(k, None)
+        try:
+            yield Realm(k5, keytab)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        k5.stop()
+
+
+def krb5_config(realm: Realm, mechanisms: str = '["krb5", "noise"]') -> str:
+    return (f"[server]\nmechanisms = {mechanisms}\n"
+            f"[krb5]\nkeytab = {str(realm.keytab)!r}\nservice = {SERVICE!r}\n")
+
+
+async def read_line(stream: SecureStream) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        assert chunk, "closed before a full line"
+        data += chunk
+    return data
+
+
+async def krb5_connect(daemon: RunningDaemon, service: str = SERVICE) -> SecureStream:
+    return await connect(daemon.host, daemon.port, server_fingerprint=None, mech="krb5",
+                         service=service, timeout=20)
+
+
+async def test_client_with_a_ticket_is_served_by_a_worker_without_the_keytab(
+        realm: Realm, tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, workers=2, app="tests.krb5_apps:keytab_probe",
+                                extra=krb5_config(realm))
+    try:
+        stream = await krb5_connect(daemon)
+        async with stream:
+            # MIT names the target with the referral (empty) realm on the initiator side.
+            assert str(stream.info["peer_name"]).startswith("host/localhost@")
+            report = json.loads(await read_line(stream))
+            assert report["pid"] in await daemon.worker_pids()
+            assert report["mechanism"] == "krb5"
+            assert report["peer_name"] == "user@KRBTEST.COM"
+            # The worker knows no keytab and cannot get acceptor credentials; it never
+            # had the acceptor's keytab open.
+            assert "KRB5_KTNAME" not in report["env"]
+            assert str(realm.keytab) not in report["open_files"]
+            assert GSS_ROUTINE_ERROR(report["acquire_accept_creds"][0]) != 0
+            for payload in (b"kerberos echo", b"x" * 40000):
+                await stream.send_all(payload)
+                got = b""
+                while len(got) < len(payload):
+                    chunk = await stream.receive_some()
+                    assert chunk
+                    got += chunk
+                assert got == payload
+        # The same daemon, the same code paths, the other mechanism.
+        noise = await daemon.connect()
+        async with noise:
+            first = json.loads(await read_line(noise))
+            assert first["mechanism"] == "noise" and first["peer_name"] == "anonymous"
+        status = await daemon.status()
+        assert status["totals"]["acked"] == 2 and status["totals"]["lost"] == 0
+    finally:
+        await daemon.stop()
+
+
+async def test_a_replayed_wrap_token_after_the_handoff_is_a_duplicate(
+        realm: Realm, tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, workers=1, app="tests.apps:pid_echo",
+                                extra=krb5_config(realm))
+    try:
+        stream = await krb5_connect(daemon)
+        await read_line(stream)
+        # Sequence numbers continue across the handoff: the worker's imported context
+        # takes the client's next token, and detects the same token sent again.
+        token = stream.context.wrap(b"once")
+        frame = encode_frame(FrameType.MESSAGE, token)
+        await stream.transport.send_all(frame)
+        assert await stream.receive_some() == b"once"
+        await stream.transport.send_all(frame)
+        with pytest.raises(GSSError) as caught:
+            with trio.fail_after(10):
+                await stream.receive_some()
+        assert caught.value.major & GSS_S_DUPLICATE_TOKEN, caught.value
+        await stream.transport.aclose()
+    finally:
+        await daemon.stop()
+
+
+async def test_a_client_without_a_ticket_is_refused(realm: Realm, tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, workers=1, extra=krb5_config(realm))
+    saved = os.environ["KRB5CCNAME"]
+    os.environ["KRB5CCNAME"] = f"FILE:{tmp_path / 'empty.ccache'}"
+    try:
+        with pytest.raises(GSSError) as caught:
+            await krb5_connect(daemon)
+        # MIT's own status, unchanged: no credentials (and its text says so).
+        expected = expected_status(lambda: gssapi.SecurityContext(
+            name=gssapi.Name(SERVICE, gssapi.NameType.hostbased_service),
+            usage="initiate").step())
+        assert (caught.value.major, caught.value.minor) == expected
+        assert "credentials" in (caught.value.detail or "").lower()
+    finally:
+        os.environ["KRB5CCNAME"] = saved
+        await daemon.stop()
+
+
+def expected_status(call: Any) -> tuple[int, int]:
+    """(major, minor) the library itself reports for ``call`` (computed, not hard-coded)."""
+    try:
+        call()
+    except gssapi.raw.misc.GSSError as error:
+        return int(error.maj_code), int(error.min_code) & 0xFFFFFFFF
+    raise AssertionError("the library did not fail")
+
+
+async def test_a_ticket_for_another_service_is_refused_by_the_acceptor(
+        realm: Realm, tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, workers=1, extra=krb5_config(realm))
+    try:
+        # other/localhost exists in the KDC, so the client gets a ticket, but the
+        # acceptor has no key for it: the acceptor's refusal comes back as an ERROR frame.
+        with pytest.raises(GSSError) as caught:
+            await krb5_connect(daemon, service="other@localhost")
+        assert GSS_ROUTINE_ERROR(caught.value.major) != 0
+        assert caught.value.detail == "reported by the peer"
+        status = await daemon.status()
+        assert sum(status["handshake_failures"].values()) == 1
+        assert status["totals"]["handoffs"] == 0
+        # A service the KDC does not know fails on the client, before any byte is sent.
+        with pytest.raises(GSSError) as unknown:
+            await krb5_connect(daemon, service="nosuch@localhost")
+        assert GSS_ROUTINE_ERROR(unknown.value.major) != 0
+        assert "not found" in (unknown.value.detail or "").lower()
+    finally:
+        await daemon.stop()
+
+
+async def test_a_krb5_client_is_bad_mech_where_only_noise_is_enabled(
+        realm: Realm, tmp_path: Path) -> None:
+    daemon = await start_daemon(tmp_path, workers=1)
+    try:
+        with pytest.raises(GSSError) as caught:
+            await krb5_connect(daemon)
+        assert caught.value.major == GSS_S_BAD_MECH
+        assert caught.value.minor == Minor.TOKEN_BAD_MECH_OID
+    finally:
+        await daemon.stop()
+
+
+async def test_mit_export_imports_twice_but_a_handoff_imports_once(
+        realm: Realm, tmp_path: Path) -> None:
+    """The acceptor's export replayed: MIT alone takes it twice; handoffd's sealed
+    handoff is refused by a second worker and by the same worker again."""
+    factory = Krb5AcceptorFactory(keytab=realm.keytab, service=SERVICE)
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    transport = await trio.open_tcp_stream("127.0.0.1", port)
+    server_side = await listener.accept()
+    await listener.aclose()
+    client: SecureStream | None = None
+
+    async def run_client() -> None:
+        nonlocal client
+        client = await open_krb5_stream(transport, service=SERVICE)
+
+    decoder = FrameDecoder()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_client)
+        mechanism, context = await accept_any_handshake(
+            server_side, {factory.info.oid_der: factory}, decoder)
+    assert client is not None and mechanism.info is KRB5
+    inner = context.export(unread=decoder.unread())
+    # MIT's token: two live copies, no complaint.
+    first, _ = import_session(KRB5, inner, clock=trio.current_time)
+    second, _ = import_session(KRB5, inner, clock=trio.current_time)
+    assert first.peer_name == second.peer_name == "user@KRBTEST.COM"
+    first.delete()
+    second.delete()
+
+    parking = AcceptorParking.open(slots_per_worker=2)
+    workers = []
+    try:
+        for _ in range(2):
+            worker_id = os.urandom(16)
+            process, channel = spawn_worker(parking, worker_id, "tests.apps:pid_echo",
+                                            ["--pythonpath", str(REPO)])
+            workers.append((worker_id, process, channel))
+            with trio.fail_after(20):
+                hello = Hello.decode((await channel.receive()).payload)
+            assert hello.worker_id == worker_id
+            parking.worker_adopted(worker_id)
+        (a_id, a_process, a_channel), (_, _, b_channel) = workers
+        import time
+
+        _, message = prepare_handoff(parking, a_id, 1, inner, time.time(), mech=KRB5.seal_id)
+        fd = server_side.socket.fileno()
+        # Replayed to the second worker: it cannot open a token parked for the first.
+        spare = socket.socket(fileno=os.dup(fd))
+        await b_channel.send(Kind.HANDOFF, message, fd=spare.fileno())
+        spare.close()
+        with trio.fail_after(20):
+            refused = Ack.decode((await b_channel.receive()).payload)
+        assert refused.handoff_id == 1 and refused.major != 0
+        # The genuine delivery imports and serves the client.
+        await a_channel.send(Kind.HANDOFF, message, fd=fd)
+        with trio.fail_after(20):
+            assert Ack.decode((await a_channel.receive()).payload) == Ack(1)
+        assert int(await read_line(client)) == a_process.pid
+        await client.send_all(b"after handoff")
+        assert await client.receive_some() == b"after handoff"
+        # The same token again, even to its own worker: the parked key is burned.
+        spare = socket.socket(fileno=os.dup(fd))
+        await a_channel.send(Kind.HANDOFF, message, fd=spare.fileno())
+        spare.close()
+        with trio.fail_after(20):
+            again = Ack.decode((await a_channel.receive()).payload)
+        assert again.major != 0
+        server_side.socket.close()
+        await client.aclose()
+    finally:
+        for _, process, channel in workers:
+            process.kill()
+            await process.wait()
+            channel.close()
+        parking.close()
