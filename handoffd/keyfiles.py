@@ -37,13 +37,18 @@ PRIVATE_KEY_TYPE: Final = "handoffd-x25519-private"
 _MAX_FILE: Final = 1024 * 1024
 
 
+def _why(error: OSError | ValueError) -> str:
+    # os.open raises ValueError, not OSError, for a path with a NUL byte in it.
+    return (error.strerror or str(error)) if isinstance(error, OSError) else "NUL byte in the path"
+
+
 def _read_text(path: str | os.PathLike[str], what: str) -> tuple[str, os.stat_result]:
     try:
         # O_NONBLOCK: a FIFO planted at the path must be refused below, not hang the open.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise GSSError(GSS_S_NO_CRED, Minor.BAD_KEY_FILE,
-                       f"cannot open {what} {os.fspath(path)}: {error.strerror}") from None
+                       f"cannot open {what} {os.fspath(path)}: {_why(error)}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -94,9 +99,9 @@ def save_private_key(path: str | os.PathLike[str], keypair: StaticKeyPair,
     body = f"{PRIVATE_KEY_TYPE} {base64.b64encode(keypair.private_bytes).decode('ascii')}\n"
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise GSSError(GSS_S_FAILURE, Minor.BAD_KEY_FILE,
-                       f"cannot create {target}: {error.strerror}") from None
+                       f"cannot create {target}: {_why(error)}") from None
     public = target.with_name(target.name + ".pub")
     try:
         try:
