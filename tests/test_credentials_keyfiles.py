@@ -251,6 +251,20 @@ def test_not_a_readable_regular_file(tmp_path: Path, what: str) -> None:
         check(error, GSS_S_NO_CRED, Minor.BAD_KEY_FILE)
 
 
+def test_a_path_with_a_nul_byte_is_a_gsserror(tmp_path: Path) -> None:
+    """os.open raises ValueError, not OSError, for these: it must not escape raw."""
+    bad = f"{tmp_path}/key\x00name"
+    for load in (keyfiles.load_private_key, keyfiles.load_public_key,
+                 keyfiles.load_allow_list):
+        with pytest.raises(GSSError) as error:
+            load(bad)
+        check(error, GSS_S_NO_CRED, Minor.BAD_KEY_FILE)
+    with pytest.raises(GSSError) as error:
+        keyfiles.save_private_key(bad, StaticKeyPair(RFC7748_PRIVATE))
+    check(error, GSS_S_FAILURE, Minor.BAD_KEY_FILE)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("text", [
     "",
     "handoffd-x25519-private\n",
