@@ -16,3 +16,73 @@ async def pid_echo(stream: SecureStream) -> None:
 
 async def crash_on_import(stream: SecureStream) -> None:  # pragma: no cover - never loaded
     raise AssertionError("unreachable")
+
+
+async def hostile_to_acceptor(stream: SecureStream) -> None:
+    """``pid_echo``, except that on ``attack`` the worker writes on its channel, raw,
+    everything a compromised worker could send the acceptor; then it answers ``done``."""
+    await stream.send_all(f"{os.getpid()}\n".encode())
+    async for data in stream:
+        if data == b"attack":
+            await _attack_acceptor(int(os.environ["HANDOFFD_CHANNEL_FD"]))
+            data = b"done"
+        await stream.send_all(data)
+
+
+def _channel_frame(kind: int, payload: bytes, *, flags: int | None = None,
+                   magic: bytes | None = None, length: int | None = None) -> bytes:
+    from handoffd.core.handoff import FD_KINDS
+    from handoffd.kernel.channel import FLAG_FD, HEADER, MAGIC, VERSION
+
+    if flags is None:
+        flags = FLAG_FD if kind in FD_KINDS else 0
+    return HEADER.pack(MAGIC if magic is None else magic, VERSION, flags, kind, 0,
+                       len(payload) if length is None else length) + payload
+
+
+async def _attack_acceptor(channel_fd: int) -> None:
+    import array
+    import socket
+    import struct
+
+    import trio
+
+    from handoffd.core.handoff import Ack, Hello, Kind
+
+    null = os.open(os.devnull, os.O_RDONLY)
+    read_end, write_end = os.pipe()
+    ack = Ack(1).encode()
+    messages: list[tuple[bytes, list[int]]] = [
+        (b"", []),
+        (b"HD\x01", []),
+        (_channel_frame(Kind.ACK, ack, magic=b"??"), []),
+        (_channel_frame(Kind.ACK, ack[:5], length=len(ack)), []),
+        (_channel_frame(Kind.ACK, b"x" * 70000), []),
+        (_channel_frame(Kind.ACK, ack[:5]), []),
+        (_channel_frame(Kind.ACK, ack), [null]),
+        (_channel_frame(Kind.ACK, ack), [null] * 200),
+        (_channel_frame(Kind.REGISTERED, b"{}"), [read_end]),
+        (_channel_frame(Kind.HANDOFF, b"h"), [write_end]),
+        (_channel_frame(Kind.DRAINED, b""), []),
+        (_channel_frame(Kind.HELLO, Hello(b"\x00" * 16, 1).encode()), []),
+        (_channel_frame(99, b"unknown kind"), []),
+        # Acknowledgements of every handoff id so far, imported or refused: none is ours
+        # in flight, so none may close a connection or count as handled.
+        *[(_channel_frame(Kind.ACK, struct.pack(">QII", i, major, 0)), [])
+          for i in range(1, 40) for major in (0, 0x000D0000)],
+    ]
+    raw = socket.socket(fileno=os.dup(channel_fd))
+    try:
+        for data, fds in messages:
+            ancillary = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                         if fds else [])
+            while True:
+                try:
+                    raw.sendmsg([data], ancillary)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(raw)
+    finally:
+        raw.close()
+        for fd in (null, read_end, write_end):
+            os.close(fd)

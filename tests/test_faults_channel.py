@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -25,7 +26,8 @@ from handoffd.core.handoff import Ack, Handoff, Kind
 from handoffd.kernel.channel import FLAG_FD, HEADER, MAGIC, VERSION
 from handoffd.minor import Minor
 from handoffd.runtime.daemon import prepare_handoff
-from tests.daemon_harness import REPO
+from handoffd.runtime.stream import SecureStream
+from tests.daemon_harness import REPO, RunningDaemon, echo_session, start_daemon
 from tests.test_worker_library import Harness, read_line, trio_clock, worker_harness
 
 MAX_PAYLOAD = 65536  # the worker channel's default limit
@@ -217,3 +219,65 @@ async def test_a_sender_of_another_uid_is_refused_and_changes_nothing() -> None:
         with trio.fail_after(10):
             while worker_fds(pid) != baseline:
                 await trio.sleep(0.05)
+
+
+async def test_a_hostile_worker_cannot_crash_the_acceptor_or_touch_other_handoffs(
+    tmp_path: Path,
+) -> None:
+    """A compromised worker (``tests.apps:hostile_to_acceptor``) writes on its channel what
+    the acceptor never expects: empty, short, oversized, truncated and bad-magic messages,
+    ACKs with 1 and 200 fds, fds on REGISTERED and HANDOFF, kinds meant for workers, a
+    HELLO naming someone else, and ACKs for every handoff id so far.  The acceptor refuses
+    each, closes every fd it received, counts none of those ACKs, keeps both workers and
+    the other worker's session, and serves new clients."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=2, app="tests.apps:hostile_to_acceptor",
+                                log=log)
+    try:
+        workers = set(await daemon.worker_pids())
+        sessions: dict[int, SecureStream] = {}
+        with trio.fail_after(20):
+            while set(sessions) != workers:  # one open session on each worker
+                stream = await daemon.connect()
+                pid = int(await read_line(stream))
+                if pid in sessions:
+                    await stream.aclose()
+                else:
+                    sessions[pid] = stream
+        attacker, victim = sessions.values()
+        baseline = await daemon_fds(daemon)
+        acked = (await daemon.status())["totals"]["acked"]
+        await attacker.send_all(b"attack")
+        with trio.fail_after(10):
+            assert await attacker.receive_some() == b"done"
+            while "unexpected kind 99" not in log.read_text():
+                await trio.sleep(0.05)
+        await victim.send_all(b"unharmed")
+        assert await victim.receive_some() == b"unharmed"
+        status = await daemon.status()
+        assert status["totals"]["acked"] == acked and status["totals"]["lost"] == 0
+        assert set(await daemon.worker_pids()) == workers
+        assert daemon.process.returncode is None
+        for stream in sessions.values():
+            await stream.aclose()
+        await echo_session(daemon, messages=2)
+        # Acknowledged sessions hold no fd in the acceptor: the count is what it was.
+        assert await daemon_fds(daemon) == baseline
+        text = log.read_text()
+        for expected in ("sent a bad message", "acknowledged unknown handoff",
+                         "HELLO does not match"):
+            assert expected in text, expected
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def daemon_fds(daemon: RunningDaemon) -> int:
+    """The acceptor's fd count once it stops moving (status queries close a bit late)."""
+    previous = -1
+    with trio.fail_after(10):
+        while True:
+            await trio.sleep(0.2)
+            current = daemon.fd_count()
+            if current == previous:
+                return current
+            previous = current
