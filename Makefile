@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 all: test
 
-$(STAMP): pyproject.toml
+# The krb5 extra's gssapi builds against MIT's headers (deps-krb5) when no wheel fits.
+$(STAMP): pyproject.toml | deps-krb5
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,krb5]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -25,13 +26,25 @@ deps-debian:
 	  || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	       $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends systemd; }
 
+# MIT krb5 for the Kerberos mechanism and its tests (tests/test_krb5.py runs a real KDC
+# with k5test): headers and krb5-config for building gssapi, krb5kdc and kadmin.local for
+# the throwaway realm, kinit/klist; a no-op when they are already installed.
+.PHONY: deps-krb5
+deps-krb5:
+	@command -v krb5-config >/dev/null && { command -v krb5kdc || test -x /usr/sbin/krb5kdc; } \
+	  >/dev/null && { command -v kadmin.local || test -x /usr/sbin/kadmin.local; } >/dev/null \
+	  && command -v kinit >/dev/null && command -v gcc >/dev/null \
+	  || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	       $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends \
+	         libkrb5-dev krb5-kdc krb5-admin-server krb5-user gcc; }
+
 lint: venv
 	$(BIN)/ruff check handoffd tests examples
 
 typecheck: venv
 	$(BIN)/mypy --strict handoffd
 
-unit: venv deps-debian
+unit: venv deps-debian deps-krb5
 	$(BIN)/pytest
 
 test: lint typecheck unit

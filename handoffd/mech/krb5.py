@@ -21,6 +21,7 @@ library's major and minor status unchanged and its display text as detail.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import struct
 from collections.abc import Iterator
@@ -60,11 +61,11 @@ _KNOWN_FLAGS: Final = 0x1FF  # GSS_C_DELEG_FLAG .. GSS_C_TRANS_FLAG (RFC 2744)
 def _gssapi() -> Any:
     """The ``gssapi`` package, or ``GSS_S_UNAVAILABLE`` saying how to get it."""
     try:
-        import gssapi
-        import gssapi.raw.misc
+        # By name: mypy --strict stays clean where the optional extra is not installed.
+        importlib.import_module("gssapi.raw.misc")
+        return importlib.import_module("gssapi")
     except ImportError as error:
         raise GSSError(GSS_S_UNAVAILABLE, Minor.KRB5_UNAVAILABLE, str(error)) from None
-    return gssapi
 
 
 def available() -> bool:
@@ -88,11 +89,10 @@ def _translate(error: Any) -> GSSError:
 @contextlib.contextmanager
 def _library_calls() -> Iterator[None]:
     """Run library calls, turning ``gssapi.raw.misc.GSSError`` into handoffd's."""
-    import gssapi.raw.misc
-
+    library_error: Any = _gssapi().raw.misc.GSSError
     try:
         yield
-    except gssapi.raw.misc.GSSError as error:
+    except library_error as error:
         raise _translate(error) from None
 
 
