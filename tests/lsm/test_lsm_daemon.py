@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from lsm_support import (
     ACCEPTOR,
@@ -37,6 +38,8 @@ from lsm_support import (
     wait_ok,
 )
 
+from handoffd import keyfiles
+from handoffd.core.credentials import StaticKeyPair, fingerprint
 from handoffd.core.handoff import FD_KINDS, Kind
 from handoffd.kernel.channel import Channel
 from handoffd.minor import Minor
@@ -46,7 +49,6 @@ from handoffd.runtime.stream import SecureStream
 from handoffd.runtime.worker import HandoffReceiver, serve
 from handoffd.status import GSS_S_UNAUTHORIZED, GSSError
 from tests.apps import pid_echo
-from tests.daemon_harness import write_config
 
 REPO = Path(__file__).resolve().parents[2]
 ONLY_THE_ACCEPTOR = f'acceptor_labels = ["{ACCEPTOR.decode()}"]'
@@ -82,6 +84,29 @@ class LabelledDaemon:
         return self.log.read_text(errors="replace")
 
 
+def write_config(directory: Path, *, workers: int, extra: str) -> Path:
+    """A config like tests/daemon_harness's, with the key made in this process (each Python
+    start costs seconds in the TCG guest) and ``extra`` lines appended to their sections."""
+    keyfiles.save_private_key(directory / "server.key", StaticKeyPair.generate(os.urandom))
+    sections: dict[str, list[str]] = {
+        "server": ['listen = ["127.0.0.1:0"]', 'key = "server.key"'],
+        "workers": ['app = "tests.apps:pid_echo"', f"count = {workers}",
+                    f"pythonpath = [{str(REPO)!r}]"],
+        "control": ['socket = "control.sock"'],
+    }
+    section = ""
+    for line in extra.strip().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+            sections.setdefault(section, [])
+        elif line:
+            sections[section].append(line)
+    config = directory / "handoffd.toml"
+    config.write_text("".join(f"[{name}]\n" + "\n".join(lines) + "\n"
+                              for name, lines in sections.items()))
+    return config
+
+
 def launch(directory: Path, label: bytes, *, workers: int, extra: str) -> subprocess.Popen[bytes]:
     """Start ``handoffd serve`` in ``label``: sh sets its exec context, then execs Python."""
     config = write_config(directory, workers=workers, extra=extra)
@@ -95,9 +120,6 @@ def launch(directory: Path, label: bytes, *, workers: int, extra: str) -> subpro
 def wait_ready(directory: Path, process: subprocess.Popen[bytes], workers: int,
                timeout: float = 120) -> LabelledDaemon:
     """Wait until the daemon listens with ``workers`` ready workers."""
-    from handoffd import keyfiles
-    from handoffd.core.credentials import fingerprint
-
     control = directory / "control.sock"
     log = directory / "daemon.log"
     deadline = time.monotonic() + timeout
@@ -176,21 +198,33 @@ def log_lines(daemon_log: str, marker: str) -> list[str]:
     return [line for line in daemon_log.splitlines() if marker in line]
 
 
-def test_worker_accepts_and_serves_a_handoff_from_the_acceptor_label(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def acceptor_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelledDaemon]:
+    """One daemon in the acceptor domain, one worker accepting only the acceptor's label,
+    shared by cases 1 and 2 (every daemon and worker start costs seconds under TCG)."""
+    directory = tmp_path_factory.mktemp("acceptor")
+    with labelled_daemon(directory, ACCEPTOR, extra=f"[policy]\n{ONLY_THE_ACCEPTOR}") as daemon:
+        yield daemon
+
+
+def test_worker_accepts_and_serves_a_handoff_from_the_acceptor_label(
+    acceptor_daemon: LabelledDaemon,
+) -> None:
     """Case 1: the daemon runs as the acceptor, its worker (exec transition) as the worker,
     the worker accepts only the acceptor's label ([policy] acceptor_labels), and a real
     client gets its echo from that worker."""
-    with labelled_daemon(tmp_path, ACCEPTOR, extra=f"[policy]\n{ONLY_THE_ACCEPTOR}") as daemon:
-        [worker] = daemon.ready_workers()
-        assert label_of(daemon.pid) == ACCEPTOR
-        assert label_of(worker["pid"]) == WORKER
-        observe("daemon-acceptor", label_of(daemon.pid))
-        observe("daemon-spawned-worker", label_of(worker["pid"]))
-        assert echo(daemon) == worker["pid"]
-        assert echo(daemon) == worker["pid"]
-        status = daemon.status()
-        assert status["totals"]["acked"] == 2
-        assert "refused" not in daemon.log_text()
+    daemon = acceptor_daemon
+    [worker] = daemon.ready_workers()
+    assert label_of(daemon.pid) == ACCEPTOR
+    assert label_of(worker["pid"]) == WORKER
+    observe("daemon-acceptor", label_of(daemon.pid))
+    observe("daemon-spawned-worker", label_of(worker["pid"]))
+    acked = daemon.status()["totals"]["acked"]
+    refused = len(log_lines(daemon.log_text(), "refused"))
+    assert echo(daemon) == worker["pid"]
+    assert echo(daemon) == worker["pid"]
+    assert daemon.status()["totals"]["acked"] == acked + 2
+    assert len(log_lines(daemon.log_text(), "refused")) == refused
 
 
 def steal_and_send(daemon_pid: int, report: Path) -> None:
@@ -242,7 +276,9 @@ def steal_and_send(daemon_pid: int, report: Path) -> None:
     report.write_text(json.dumps(found))
 
 
-def test_impostor_with_the_acceptors_channel_end_is_refused(tmp_path: Path) -> None:
+def test_impostor_with_the_acceptors_channel_end_is_refused(
+    acceptor_daemon: LabelledDaemon, tmp_path: Path,
+) -> None:
     """Case 2: a root process in the impostor domain takes the acceptor's end of the
     worker's channel with pidfd_getfd(2) and sends a handoff carrying a TCP socket.  The
     worker refuses it (GSS_S_UNAUTHORIZED), closes the socket (the impostor's client
@@ -252,22 +288,24 @@ def test_impostor_with_the_acceptors_channel_end_is_refused(tmp_path: Path) -> N
     the daemon made the socketpair), so what names the thief is its SCM_CREDENTIALS pid:
     PEER_PID_MISMATCH.  A channel made in another domain is refused by label: see
     test_worker_refuses_a_channel_made_in_another_domain."""
-    with labelled_daemon(tmp_path, ACCEPTOR, extra=f"[policy]\n{ONLY_THE_ACCEPTOR}") as daemon:
-        [worker] = daemon.ready_workers()
-        report = tmp_path / "impostor.json"
-        wait_ok(fork_as(IMPOSTOR, lambda: steal_and_send(daemon.pid, report)))
-        found = json.loads(report.read_text())
-        observe("stolen-acceptor-end", found["own_label"].encode())
-        assert found["own_label"].rstrip("\0") == ACCEPTOR.decode()
-        assert found["peer_label"].rstrip("\0") == ACCEPTOR.decode()
-        assert found["client_saw"] == "eof"
-        refusals = log_lines(daemon.log_text(), "refused")
-        assert len(refusals) == 1, refusals
-        assert all(text in refusals[0]
-                   for text in status_text(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH))
-        assert daemon.ready_workers() == [worker]
-        assert echo(daemon) == worker["pid"]
-        assert daemon.status()["totals"]["acked"] == 1
+    daemon = acceptor_daemon
+    [worker] = daemon.ready_workers()
+    acked = daemon.status()["totals"]["acked"]
+    earlier = len(log_lines(daemon.log_text(), "refused"))
+    report = tmp_path / "impostor.json"
+    wait_ok(fork_as(IMPOSTOR, lambda: steal_and_send(daemon.pid, report)))
+    found = json.loads(report.read_text())
+    observe("stolen-acceptor-end", found["own_label"].encode())
+    assert found["own_label"].rstrip("\0") == ACCEPTOR.decode()
+    assert found["peer_label"].rstrip("\0") == ACCEPTOR.decode()
+    assert found["client_saw"] == "eof"
+    refusals = log_lines(daemon.log_text(), "refused")[earlier:]
+    assert len(refusals) == 1, refusals
+    assert all(text in refusals[0]
+               for text in status_text(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH))
+    assert daemon.ready_workers() == [worker]
+    assert echo(daemon) == worker["pid"]
+    assert daemon.status()["totals"]["acked"] == acked + 1
 
 
 def test_worker_refuses_a_channel_made_in_another_domain(tmp_path: Path) -> None:
