@@ -194,6 +194,10 @@ def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--known-servers", type=Path, help="known-servers file for --tofu")
     p.add_argument("--key", type=Path, help="client private key (default: anonymous)")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--mech", choices=("noise", "krb5"), default="noise",
+                   help="security mechanism (krb5 needs handoffd[krb5] and a ticket: kinit)")
+    p.add_argument("--service", help="krb5: the acceptor's service@host "
+                   "(default host@HOST)")
     p.set_defaults(handler=_cmd_connect)
 
     p = sub.add_parser("doctor", help="check this host: keyring, pidfds, LSM labels, limits")

@@ -303,3 +303,22 @@ async def test_mit_export_imports_twice_but_a_handoff_imports_once(
             await process.wait()
             channel.close()
         parking.close()
+
+
+async def test_handoffd_connect_cli_speaks_krb5(realm: Realm, tmp_path: Path) -> None:
+    import sys
+
+    daemon = await start_daemon(tmp_path, workers=1, extra=krb5_config(realm, '["krb5"]'))
+    try:
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                [sys.executable, "-m", "handoffd", "connect", "--mech", "krb5", "--service",
+                 SERVICE, f"{daemon.host}:{daemon.port}"],
+                stdin=b"over kerberos\n", capture_stdout=True, capture_stderr=True, cwd=REPO,
+                check=False)
+        assert result.returncode == 0, result.stderr
+        pid, echoed = result.stdout.decode().splitlines()
+        assert int(pid) in await daemon.worker_pids()
+        assert echoed == "over kerberos"
+    finally:
+        await daemon.stop()

@@ -32,10 +32,17 @@ async def run_connect(args: argparse.Namespace) -> int:
     """``handoffd connect``: pin or learn the server key, then copy stdin/stdout."""
     host, port = parse_address(args.server)
     server = f"{host}:{port}"
-    pinned = _pinned_fingerprint(args, server)
-    static_key = keyfiles.load_private_key(args.key) if args.key else None
-    stream = await connect(host, port, server_fingerprint=pinned, static_key=static_key,
-                           timeout=args.timeout)
+    mech = getattr(args, "mech", "noise")
+    if mech == "krb5":
+        # Kerberos authenticates the server by its service principal: no key to pin.
+        stream = await connect(host, port, server_fingerprint=None, mech="krb5",
+                               service=getattr(args, "service", None), timeout=args.timeout)
+        pinned: str | None = "krb5"
+    else:
+        pinned = _pinned_fingerprint(args, server)
+        static_key = keyfiles.load_private_key(args.key) if args.key else None
+        stream = await connect(host, port, server_fingerprint=pinned, static_key=static_key,
+                               timeout=args.timeout)
     if pinned is None:
         seen = str(stream.info["peer_fingerprint"])
         store = KnownServers(args.known_servers or default_known_servers())
