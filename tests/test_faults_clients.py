@@ -28,6 +28,7 @@ from handoffd.core.framing import (
     wrap_first_token,
 )
 from handoffd.minor import Minor
+from handoffd.runtime.stream import SecureStream
 from handoffd.runtime.wire import read_frame
 from handoffd.status import GSS_S_FAILURE
 from tests.daemon_harness import RunningDaemon, echo_session, start_daemon
@@ -187,7 +188,8 @@ async def test_silent_and_half_open_clients_are_cut_off_at_the_handshake_deadlin
 ) -> None:
     """Clients that stop talking (after connecting, halfway through the first frame, after
     message 1 without ever reading) look half-open to the acceptor: each is told
-    HANDSHAKE_TIMEOUT and closed at ``handshake_timeout``.  A client that half-closes
+    HANDSHAKE_TIMEOUT and closed at ``handshake_timeout``, and so is one that trickles
+    its first message a byte at a time.  A client that half-closes
     (shutdown SHUT_WR) is closed at once as PEER_CLOSED.  Nothing leaks."""
     log = tmp_path / "daemon.log"
     daemon = await start_daemon(tmp_path, workers=1, log=log,
@@ -206,22 +208,38 @@ async def test_silent_and_half_open_clients_are_cut_off_at_the_handshake_deadlin
         half_closed = await Client.open(daemon)
         await half_closed.send_message_1()
         await half_closed.transport.send_eof()
+        # A slow-loris: one byte of message 1 every 50 ms never earns more time (the
+        # deadline covers the whole handshake, not the silence between bytes).
+        trickle = await Client.open(daemon)
+        trickled = trickle.first_frame()
+
+        async def drip() -> None:
+            for byte in trickled[:-1]:
+                try:
+                    await trickle.transport.send_all(bytes([byte]))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                await trio.sleep(0.05)
 
         with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drip)
+                await _expect_timeout_error(trickle.transport, trickle.decoder)
+                nursery.cancel_scope.cancel()
             for client in (silent, partial):
                 await _expect_timeout_error(client.transport, client.decoder)
             await mute_after_1.read_message_2()  # it was sent: then the deadline struck
             await _expect_timeout_error(mute_after_1.transport, mute_after_1.decoder)
             await half_closed.read_message_2()
             assert await half_closed.transport.receive_some() == b""  # no ERROR: it left
-        for client in (silent, partial, mute_after_1, half_closed):
+        for client in (silent, partial, mute_after_1, half_closed, trickle):
             await client.transport.aclose()
 
         after = await settled(daemon, baseline)
-        assert after["failures"] - before["failures"] == 4
+        assert after["failures"] - before["failures"] == 5
         assert after["lost"] == 0 and after["acked"] == before["acked"]
         text = log.read_text()
-        assert text.count("The client did not finish the handshake in time") >= 3, text
+        assert text.count("The client did not finish the handshake in time") >= 4, text
         assert await echo_session(daemon, messages=2) in workers
     finally:
         assert await daemon.stop() == 0
@@ -266,5 +284,60 @@ async def test_a_flood_of_silent_connections_above_max_handshakes(tmp_path: Path
         assert after["acked"] - before["acked"] == 1
         assert after["lost"] == 0
         assert await echo_session(daemon, messages=1) in workers
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_a_burst_of_connections_reset_at_once(tmp_path: Path) -> None:
+    """200 clients connect and reset (RST) at once, some before the acceptor even called
+    accept(): the acceptor neither dies nor leaks, and serves the next client."""
+    daemon = await start_daemon(tmp_path, workers=1)
+    try:
+        await echo_session(daemon, messages=1)
+        workers = await daemon.worker_pids()
+        baseline = await steady_fds(daemon)
+
+        async def connect_and_reset() -> None:
+            client = await Client.open(daemon)
+            await client.vanish(reset=True)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(connect_and_reset)
+        after = await settled(daemon, baseline)
+        assert after["lost"] == 0 and after["accept_errors"] == 0
+        assert await echo_session(daemon, messages=1) in workers
+        assert daemon.process.returncode is None
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_a_client_that_says_everything_and_hangs_up_still_gets_its_answers(
+    tmp_path: Path,
+) -> None:
+    """Message 3, two messages and a CLOSE in one segment, then the client shuts its
+    sending side (FIN) before reading anything: the acceptor exports the bytes past the
+    handshake, the worker echoes both messages and closes, the client reads it all."""
+    daemon = await start_daemon(tmp_path, workers=1)
+    try:
+        client = await Client.open(daemon)
+        await client.send_message_1()
+        await client.read_message_2()
+        early = [b"said early\n", b"and hung up\n"]
+        await client.transport.send_all(
+            encode_frame(FrameType.HANDSHAKE, client.third)
+            + b"".join(encode_frame(FrameType.MESSAGE, client.context.wrap(data))
+                       for data in early)
+            + encode_frame(FrameType.CLOSE, b""))
+        await client.transport.send_eof()
+        stream = SecureStream(client.transport, client.context, decoder=client.decoder)
+        received = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some():
+                received += chunk
+        pid, _, echoed = received.partition(b"\n")
+        assert int(pid) in await daemon.worker_pids()
+        assert echoed == b"".join(early)
+        await stream.aclose()
     finally:
         assert await daemon.stop() == 0
