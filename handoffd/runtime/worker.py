@@ -331,6 +331,12 @@ async def _receive(channel: Channel, acceptor_process: int | None) -> Received:
     """
     message = await channel.receive()
     attributes = message.attributes
+    if acceptor_process is not None and attributes is not None and attributes.pidfd is None:
+        # The kernel sends a negative errno instead of a pidfd it could not install (this
+        # worker at its fd limit): fail closed rather than skip the pidfd check.
+        _close_fd(message.fd)
+        raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH,
+                       f"no pidfd for pid {attributes.pid} (fd limit?): cannot verify the sender")
     if attributes is not None and attributes.pidfd is not None:
         try:
             sender_process = os.fstat(attributes.pidfd).st_ino
