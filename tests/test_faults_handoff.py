@@ -300,3 +300,63 @@ async def test_acceptor_at_its_fd_limit_keeps_running_and_recovers(tmp_path: Pat
         assert await daemon.stop() == 0
         register.unlink(missing_ok=True)
         register.parent.rmdir()
+
+
+
+def starve(pid: int, spare: int) -> None:
+    """Lower ``pid``'s RLIMIT_NOFILE so that exactly ``spare`` more fds can be opened."""
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    limit, free = 0, 0
+    while free < spare or limit in used:
+        free += limit not in used
+        limit += 1
+    _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+
+
+async def test_workers_at_their_fd_limit_are_replaced_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    """Workers with no fd left: the kernel cannot install the connection's fd (nor the
+    sender's pidfd) in them (MSG_CTRUNC), so they refuse the message and never
+    acknowledge; the acceptor kills them after ``ack_timeout`` and redelivers to a fresh
+    worker: the client is served late, not lost."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=2, log=log,
+                                extra="[workers]\nack_timeout = 1.0")
+    try:
+        starved = await daemon.worker_pids()
+        for pid in starved:
+            starve(pid, 0)
+        with trio.fail_after(30):
+            served_by = await echo_session(daemon, messages=2)
+        assert served_by not in starved
+        status = await daemon.status()
+        assert status["totals"]["redelivered"] >= 1
+        assert status["totals"]["lost"] == 0
+        assert b"did not acknowledge handoff 1" in log.read_bytes()
+    finally:
+        assert await daemon.stop() == 0
+
+
+
+async def test_a_worker_that_cannot_receive_the_senders_pidfd_fails_closed(
+    tmp_path: Path,
+) -> None:
+    """One fd left: the connection's fd is installed but the kernel cannot make the
+    sender's pidfd (it sends a negative errno instead). The worker must not skip the
+    pidfd check: it refuses the handoff (fds closed, no ACK), the acceptor replaces it
+    after ``ack_timeout`` and the client is served by the new worker."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=1, log=log,
+                                extra="[workers]\nack_timeout = 1.0")
+    try:
+        [worker] = await daemon.worker_pids()
+        starve(worker, 1)
+        with trio.fail_after(30):
+            assert await echo_session(daemon, messages=2) != worker
+        assert b"no pidfd for pid" in log.read_bytes()
+        status = await daemon.status()
+        assert status["totals"]["lost"] == 0 and status["totals"]["redelivered"] == 1
+    finally:
+        assert await daemon.stop() == 0
