@@ -9,14 +9,14 @@
 # reused: the kernel .deb and its unpacked tree, the initramfs and the policy (rebuilt
 # only when their inputs change).
 #
-# Environment: LSM_TIMEOUT (seconds, default 600), LSM_MIN_CASES (default 18),
+# Environment: LSM_TIMEOUT (seconds, default 600), LSM_MIN_CASES (default 22),
 # LSM_PYTEST_ARGS (extra pytest arguments, comma-separated, no spaces).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LSM_DIR="$ROOT/.lsm"
 TIMEOUT=${LSM_TIMEOUT:-600}
-MIN_CASES=${LSM_MIN_CASES:-18}
+MIN_CASES=${LSM_MIN_CASES:-22}
 # Modules the Debian kernel needs for virtio-9p, in dependency order.
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 9pnet 9pnet_virtio netfs fscache 9p"
