@@ -43,6 +43,7 @@ from handoffd.kernel.channel import Channel, Received, validate_tcp_stream
 from handoffd.kernel.parking import ENV_FD, WorkerParking
 from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
 from handoffd.mech import import_session, sealed_mechanism
+from handoffd.mech import noise as _noise  # noqa: F401  # up front: see _accept_handoff
 from handoffd.minor import Minor
 from handoffd.runtime.stream import SecureStream
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
@@ -253,6 +254,8 @@ class HandoffReceiver:
             mechanism = sealed_mechanism(handoff.sealed)
             inner = open_sealed(key, handoff.sealed, worker_id=self.identity.worker_id,
                                 now=self.clock(), mech=mechanism.seal_id)
+            # Noise's module is imported at start-up, not lazily here: an import opens
+            # files, and a worker at its fd limit died of that OSError with all its sessions.
             context, unread = import_session(mechanism, inner, clock=self.clock)
         except GSSError as error:
             os.close(fd)
