@@ -275,8 +275,9 @@ async def test_acceptor_at_its_fd_limit_keeps_running_and_recovers(tmp_path: Pat
         with trio.fail_after(10):
             while b"registration accept: Too many open files" not in log.read_bytes():
                 await trio.sleep(0.05)
-        with pytest.raises((GSSError, OSError)):  # refused for lack of fds, not a crash
+        with trio.move_on_after(1) as waiting:  # no answer for lack of fds, yet no crash
             await daemon.status()
+        assert waiting.cancelled_caught
         assert b"control accept: Too many open files" in log.read_bytes()
         knock.close()
         # A worker dying now cannot be replaced (its channel needs fds): logged, retried.
