@@ -361,3 +361,32 @@ async def test_a_worker_that_cannot_receive_the_senders_pidfd_fails_closed(
         assert status["totals"]["lost"] == 0 and status["totals"]["redelivered"] == 1
     finally:
         assert await daemon.stop() == 0
+
+
+async def test_acceptor_killed_mid_handoff_the_worker_still_serves_the_client(
+    tmp_path: Path,
+) -> None:
+    """The acceptor dies between HANDOFF and ACK (the worker is stopped before claiming):
+    the worker claims, imports and fails to acknowledge (channel gone, logged), then
+    serves the client it holds, pipelined bytes included, and exits once it is done."""
+    marker = tmp_path / "paused.pid"
+    daemon = await start_daemon(
+        tmp_path, workers=1, app=FAULT_APP,
+        env={"HANDOFFD_TEST_FAULT": "before-claim", "HANDOFFD_TEST_FAULT_ONCE": str(marker)})
+    early = [b"pipelined\n"]
+    stream = await pipelined_client(daemon, early)
+    paused = await wait_paused(marker)
+    daemon.process.kill()
+    await daemon.process.wait()
+    os.kill(paused, signal.SIGCONT)
+    async with stream:
+        line = await read_until(stream, 1)
+        while line and not line.endswith(b"\n"):
+            line += await read_until(stream, 1)
+        assert int(line) == paused
+        assert await read_until(stream, len(early[0])) == early[0]
+        await stream.send_all(b"more")
+        assert await read_until(stream, 4) == b"more"
+    with trio.fail_after(20):
+        while process_state(paused) not in (None, "Z"):
+            await trio.sleep(0.05)
