@@ -129,3 +129,43 @@ async def test_keyring_quota_exhausted_means_backpressure_then_recovery(
         directory.rmdir()
         log.unlink()
         assert code == 0, text[-3000:]
+
+
+@pytest.mark.root
+async def test_keyring_quota_exhausted_at_start_is_a_clear_error(
+    daemon_user: tuple[int, int],
+) -> None:
+    """No key left when ``handoffd serve`` starts: it cannot park anything, so it exits 1
+    with the GSS status naming the quota (KEYRING_QUOTA, minor 302), not a traceback; a
+    supervisor (systemd ``Restart=``) retries it."""
+    from tests.daemon_harness import write_config
+
+    directory = Path(tempfile.mkdtemp(prefix="handoffd-quota-", dir="/tmp"))
+    env = {**os.environ, "PYTHONPATH": f"{SITE_PACKAGES}:{REPO}"}
+    config = write_config(directory, workers=1)
+    for path in (directory, *directory.iterdir()):
+        os.chown(path, *daemon_user)
+    identity = {"user": daemon_user[0], "group": daemon_user[1], "extra_groups": []}
+    filler = await trio.lowlevel.open_process(
+        [SYSTEM_PYTHON, "-c", _FILLER], env=env, cwd="/", stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, **identity)
+    try:
+        assert filler.stdout is not None and filler.stdin is not None
+        with trio.fail_after(20):
+            assert (await filler.stdout.receive_some(100)).startswith(b"full")
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                [SYSTEM_PYTHON, "-m", "handoffd", "serve", "--config", str(config)],
+                env=env, cwd=REPO, capture_stderr=True, check=False, **identity)
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr
+        assert "minor 302" in stderr and "quota is exhausted" in stderr
+        assert "Traceback" not in stderr
+    finally:
+        if filler.stdin is not None:
+            await filler.stdin.aclose()
+        with trio.fail_after(30):
+            await filler.wait()
+        for path in sorted(directory.iterdir()):
+            path.unlink()
+        directory.rmdir()
