@@ -87,6 +87,13 @@ def _check_config(config: Config) -> int:
     print(f"clients: {len(clients) if clients else 0} named"
           f"{', anonymous allowed' if config.server.allow_anonymous else ''}")
     print(f"app {config.workers.app}: an async handler, {config.workers.count} workers")
+    if "krb5" in config.server.mechanisms:
+        from handoffd.mech.krb5 import Krb5AcceptorFactory
+
+        # Acquires the acceptor credentials from the keytab, as serve does at start-up.
+        Krb5AcceptorFactory.from_config(config)
+        print(f"krb5: keytab {config.krb5.keytab}, service {config.krb5.service or 'any'}")
+    print(f"mechanisms: {', '.join(config.server.mechanisms)}")
     return 0
 
 

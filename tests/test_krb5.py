@@ -323,3 +323,29 @@ async def test_handoffd_connect_cli_speaks_krb5(realm: Realm, tmp_path: Path) ->
         assert echoed == "over kerberos"
     finally:
         await daemon.stop()
+
+
+async def test_serve_check_acquires_the_keytab_credentials(realm: Realm, tmp_path: Path) -> None:
+    import sys
+
+    from tests.daemon_harness import write_config
+
+    async def check(extra: str) -> trio.CompletedProcess[bytes]:
+        directory = tmp_path / str(len(list(tmp_path.iterdir())))
+        directory.mkdir()
+        config = write_config(directory, workers=1, extra=extra)
+        return await trio.run_process(
+            [sys.executable, "-m", "handoffd", "serve", "--config", str(config), "--check"],
+            capture_stdout=True, capture_stderr=True, cwd=REPO, check=False)
+
+    ok = await check(krb5_config(realm))
+    assert ok.returncode == 0, ok.stderr
+    assert f"krb5: keytab {realm.keytab}" in ok.stdout.decode()
+    missing = await check(krb5_config(realm).replace(str(realm.keytab),
+                                                     str(tmp_path / "absent.keytab")))
+    # MIT's status and text for a keytab that is not there, unchanged.
+    assert missing.returncode == 1, missing.stderr
+    expected = expected_status(lambda: gssapi.Credentials(
+        name=gssapi.Name(SERVICE, gssapi.NameType.hostbased_service), usage="accept",
+        store={"keytab": str(tmp_path / "elsewhere.keytab")}))
+    assert f"(major 0x{expected[0]:08x}, minor {expected[1]})" in missing.stderr.decode()
