@@ -53,6 +53,8 @@ class Krb5Config:
     service: str | None = None
     """Acceptor principal as ``service@host`` (e.g. ``host@example.org``); None: any
     principal of the keytab."""
+    allowed_principals: tuple[str, ...] = ()
+    """Client principals admitted (``user@REALM``); empty: any the KDC vouches for."""
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,7 @@ class Minor(IntEnum):
     KRB5_UNAVAILABLE = 1100
     KRB5_EXPORT_INVALID = 1101
     KRB5_NOT_ESTABLISHED = 1102
+    KRB5_PRINCIPAL_NOT_ALLOWED = 1103
 
 
 _TEXT: Final[dict[Minor, str]] = {
@@ -259,6 +260,8 @@ _TEXT: Final[dict[Minor, str]] = {
     "(pip install handoffd[krb5]) and MIT krb5",
     Minor.KRB5_EXPORT_INVALID: "A Kerberos export token inside a handoff is malformed",
     Minor.KRB5_NOT_ESTABLISHED: "The Kerberos context is not established",
+    Minor.KRB5_PRINCIPAL_NOT_ALLOWED: "The client's Kerberos principal is not in "
+    "[krb5] allowed_principals",
 }
 
 

@@ -349,3 +349,32 @@ async def test_serve_check_acquires_the_keytab_credentials(realm: Realm, tmp_pat
         name=gssapi.Name(SERVICE, gssapi.NameType.hostbased_service), usage="accept",
         store={"keytab": str(tmp_path / "elsewhere.keytab")}))
     assert f"(major 0x{expected[0]:08x}, minor {expected[1]})" in missing.stderr.decode()
+
+
+async def test_allowed_principals_admits_only_the_listed_clients(
+        realm: Realm, tmp_path: Path) -> None:
+    from handoffd.status import GSS_S_UNAUTHORIZED
+
+    (tmp_path / "only").mkdir()
+    (tmp_path / "user").mkdir()
+    only_other = await start_daemon(
+        tmp_path / "only", workers=1,
+        extra=krb5_config(realm) + 'allowed_principals = ["other@KRBTEST.COM"]\n')
+    try:
+        with pytest.raises(GSSError) as caught:
+            await krb5_connect(only_other)
+        assert (caught.value.major, caught.value.minor) == (
+            GSS_S_UNAUTHORIZED, Minor.KRB5_PRINCIPAL_NOT_ALLOWED)
+        status = await only_other.status()
+        assert status["totals"]["handoffs"] == 0
+    finally:
+        await only_other.stop()
+    listed = await start_daemon(
+        tmp_path / "user", workers=1,
+        extra=krb5_config(realm) + 'allowed_principals = ["user@KRBTEST.COM"]\n')
+    try:
+        stream = await krb5_connect(listed)
+        async with stream:
+            assert int(await read_line(stream)) in await listed.worker_pids()
+    finally:
+        await listed.stop()

@@ -38,6 +38,7 @@ from handoffd.status import (
     GSS_S_CONTINUE_NEEDED,
     GSS_S_DEFECTIVE_TOKEN,
     GSS_S_NO_CONTEXT,
+    GSS_S_UNAUTHORIZED,
     GSS_S_UNAVAILABLE,
     GSSError,
 )
@@ -184,10 +185,14 @@ class Krb5Session:
 
 
 class Krb5Acceptor:
-    """The acceptor's context for one connection, until it is exported."""
+    """The acceptor's context for one connection, until it is exported.
 
-    def __init__(self, context: Any) -> None:
+    ``allowed`` names the client principals admitted; empty admits any.
+    """
+
+    def __init__(self, context: Any, allowed: frozenset[str] = frozenset()) -> None:
         self._context: Any = context
+        self._allowed = allowed
 
     @property
     def peer_name(self) -> str:
@@ -208,6 +213,11 @@ class Krb5Acceptor:
         with _library_calls():
             output = self._context.step(token)
             complete = bool(self._context.complete)
+        if complete and self._allowed and self.peer_name not in self._allowed:
+            principal = self.peer_name
+            self._context = None  # refused: the context dies, as a Noise one does
+            raise GSSError(GSS_S_UNAUTHORIZED, Minor.KRB5_PRINCIPAL_NOT_ALLOWED,
+                           f"client principal {principal}")
         return (GSS_S_COMPLETE if complete else GSS_S_CONTINUE_NEEDED), bytes(output or b"")
 
     def export(self, unread: bytes = b"") -> bytes:
@@ -231,7 +241,8 @@ class Krb5AcceptorFactory:
 
     info: MechanismInfo = KRB5
 
-    def __init__(self, *, keytab: Path, service: str | None) -> None:
+    def __init__(self, *, keytab: Path, service: str | None,
+                 allowed_principals: tuple[str, ...] = ()) -> None:
         gssapi = _gssapi()
         with _library_calls():
             name = None if service is None else gssapi.Name(
@@ -241,12 +252,14 @@ class Krb5AcceptorFactory:
                 name=name, usage="accept", store={"keytab": str(keytab)})
         self.keytab = keytab
         self.service = service
+        self.allowed_principals = frozenset(allowed_principals)
 
     @classmethod
     def from_config(cls, config: Config) -> Krb5AcceptorFactory:
         """From ``[krb5] keytab`` and ``service``."""
         assert config.krb5.keytab is not None  # config validation requires it
-        return cls(keytab=config.krb5.keytab, service=config.krb5.service)
+        return cls(keytab=config.krb5.keytab, service=config.krb5.service,
+                   allowed_principals=config.krb5.allowed_principals)
 
     def first_token(self, token: bytes) -> bytes:
         """MIT takes the whole RFC 2743 token (it checks its own OID)."""
@@ -256,7 +269,8 @@ class Krb5AcceptorFactory:
         """A context for one connection."""
         gssapi = _gssapi()
         with _library_calls():
-            return Krb5Acceptor(gssapi.SecurityContext(creds=self._credentials, usage="accept"))
+            return Krb5Acceptor(gssapi.SecurityContext(creds=self._credentials, usage="accept"),
+                                self.allowed_principals)
 
 
 class Krb5Initiator(Krb5Session):
