@@ -36,15 +36,21 @@ from handoffd.status import (
 )
 
 READ_SIZE = 64 * 1024
+ACCEPT_READ_SIZE = 16 * 1024
+"""The acceptor's read size.  What it reads past the final handshake frame travels inside
+the exported context, and the HANDOFF message carrying that is limited to 64 KiB: reading
+less per call bounds those bytes whatever the client pipelines (the rest stays in the
+socket for the worker)."""
 
 
-async def read_frame(stream: trio.abc.ReceiveStream, decoder: FrameDecoder) -> Frame:
+async def read_frame(stream: trio.abc.ReceiveStream, decoder: FrameDecoder, *,
+                     max_read: int = READ_SIZE) -> Frame:
     """The next whole frame; EOF before it is ``PEER_CLOSED``."""
     while True:
         frame = decoder.next_frame()
         if frame is not None:
             return frame
-        data = await stream.receive_some(READ_SIZE)
+        data = await stream.receive_some(max_read)
         if not data:
             raise GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED,
                            "connection closed during the handshake")
@@ -67,7 +73,7 @@ async def accept_handshake(
     """Run the acceptor side until the context is established."""
     first = True
     while True:
-        body = _handshake_body(await read_frame(stream, decoder))
+        body = _handshake_body(await read_frame(stream, decoder, max_read=ACCEPT_READ_SIZE))
         token = unwrap_first_token(body) if first else body
         first = False
         major, output = context.step(token)
@@ -88,7 +94,7 @@ async def accept_any_handshake(
     any other OID is ``GSS_S_BAD_MECH``.  Returns the mechanism and its established
     context.
     """
-    body = _handshake_body(await read_frame(stream, decoder))
+    body = _handshake_body(await read_frame(stream, decoder, max_read=ACCEPT_READ_SIZE))
     oid_der, _ = read_first_token(body)
     factory = select(factories, oid_der)
     context = factory.new_context()
@@ -101,7 +107,7 @@ async def accept_any_handshake(
             return factory, context
         if major != GSS_S_CONTINUE_NEEDED:  # pragma: no cover - step raises on errors
             raise GSSError(major)
-        token = _handshake_body(await read_frame(stream, decoder))
+        token = _handshake_body(await read_frame(stream, decoder, max_read=ACCEPT_READ_SIZE))
 
 
 class _Initiator(Protocol):
