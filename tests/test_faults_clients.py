@@ -341,3 +341,38 @@ async def test_a_client_that_says_everything_and_hangs_up_still_gets_its_answers
         await stream.aclose()
     finally:
         assert await daemon.stop() == 0
+
+
+async def test_a_client_pipelining_far_more_than_a_handoff_message_holds(tmp_path: Path) -> None:
+    """128 KiB of messages in the segment of message 3: whatever the acceptor reads past
+    the handshake must fit in the 64 KiB HANDOFF message (the rest waits in the socket for
+    the worker).  It used to read all of it, fail to send the handoff, leave it in flight,
+    and SIGKILL every worker in turn at ``ack_timeout``."""
+    daemon = await start_daemon(tmp_path, workers=2, extra="[workers]\nack_timeout = 2")
+    try:
+        workers = await daemon.worker_pids()
+        client = await Client.open(daemon)
+        await client.send_message_1()
+        await client.read_message_2()
+        chunks = [bytes([65 + i]) * 16000 for i in range(8)]
+        await client.transport.send_all(
+            encode_frame(FrameType.HANDSHAKE, client.third)
+            + b"".join(encode_frame(FrameType.MESSAGE, client.context.wrap(chunk))
+                       for chunk in chunks))
+        stream = SecureStream(client.transport, client.context, decoder=client.decoder)
+        expected = b"".join(chunks)
+        received = b""
+        async with stream:
+            with trio.fail_after(10):
+                while not received.endswith(expected):
+                    chunk = await stream.receive_some()
+                    assert chunk, len(received)
+                    received += chunk
+        pid, _, echoed = received.partition(b"\n")
+        assert echoed == expected and int(pid) in workers
+        status = await daemon.status()
+        assert status["totals"]["acked"] == 1 and status["totals"]["redelivered"] == 0
+        assert status["totals"]["worker_restarts"] == 0
+        assert await daemon.worker_pids() == workers
+    finally:
+        assert await daemon.stop() == 0
