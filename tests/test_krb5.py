@@ -378,3 +378,50 @@ async def test_allowed_principals_admits_only_the_listed_clients(
             assert int(await read_line(stream)) in await listed.worker_pids()
     finally:
         await listed.stop()
+
+
+async def test_imported_session_mic_and_a_tampered_token_keep_the_library_status(
+        realm: Realm) -> None:
+    from handoffd.status import GSS_S_BAD_SIG, GSS_S_NO_CONTEXT
+
+    factory = Krb5AcceptorFactory(keytab=realm.keytab, service=SERVICE)
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    transport = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+    server_side = await listener.accept()
+    await listener.aclose()
+    client: SecureStream | None = None
+
+    async def run_client() -> None:
+        nonlocal client
+        client = await open_krb5_stream(transport, service=SERVICE)
+
+    decoder = FrameDecoder()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_client)
+        _, context = await accept_any_handshake(
+            server_side, {factory.info.oid_der: factory}, decoder)
+    assert client is not None
+    inner = context.export()
+    with pytest.raises(GSSError) as dead:
+        context.export()
+    assert dead.value.major == GSS_S_NO_CONTEXT  # exported: the acceptor's copy is gone
+    worker, unread = import_session(KRB5, inner, clock=trio.current_time)
+    assert unread == b""
+    mic = worker.get_mic(b"signed")
+    initiator = client.context
+    assert initiator.verify_mic(b"signed", mic) == 0
+    token = bytearray(initiator.wrap(b"secret"))
+    assert worker.unwrap(bytes(token)).data == b"secret"
+    token = bytearray(initiator.wrap(b"secret"))
+    token[-1] ^= 1
+    with pytest.raises(GSSError) as caught:
+        worker.unwrap(bytes(token))
+    # MIT's verdict as it gave it, with its own text rather than one of ours.
+    assert caught.value.major == GSS_S_BAD_SIG
+    assert caught.value.detail and "Minor" in caught.value.detail
+    worker.delete()
+    with pytest.raises(GSSError) as gone:
+        worker.wrap(b"x")
+    assert gone.value.major == GSS_S_NO_CONTEXT
+    await transport.aclose()
+    await server_side.aclose()
