@@ -425,3 +425,70 @@ async def test_imported_session_mic_and_a_tampered_token_keep_the_library_status
     assert gone.value.major == GSS_S_NO_CONTEXT
     await transport.aclose()
     await server_side.aclose()
+
+
+class FileOpens:
+    """fanotify (real kernel) on one file: the pid of every process that opens it."""
+
+    _FAN_CLASS_NOTIF, _FAN_CLOEXEC, _FAN_NONBLOCK = 0, 1, 2
+    _FAN_MARK_ADD, _FAN_OPEN, _AT_FDCWD = 1, 0x20, -100
+    _EVENT = "IBBHQii"  # fanotify_event_metadata: len, vers, reserved, metadata_len, mask, fd, pid
+
+    def __init__(self, path: Path) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
+                                       ctypes.c_int, ctypes.c_char_p]
+        self.fd = libc.fanotify_init(self._FAN_CLASS_NOTIF | self._FAN_CLOEXEC
+                                     | self._FAN_NONBLOCK, os.O_RDONLY)
+        if self.fd < 0:
+            pytest.skip(f"fanotify unavailable here: {os.strerror(ctypes.get_errno())}")
+        if libc.fanotify_mark(self.fd, self._FAN_MARK_ADD, self._FAN_OPEN, self._AT_FDCWD,
+                              str(path).encode()) != 0:
+            os.close(self.fd)
+            pytest.skip(f"fanotify_mark failed: {os.strerror(ctypes.get_errno())}")
+
+    def pids(self) -> list[int]:
+        import struct
+
+        out: list[int] = []
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return out
+            offset = 0
+            while offset < len(data):
+                length, _, _, _, _, event_fd, pid = struct.unpack_from(self._EVENT, data, offset)
+                if event_fd >= 0:
+                    os.close(event_fd)
+                out.append(pid)
+                offset += length
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def test_only_the_acceptor_ever_opens_the_keytab(realm: Realm, tmp_path: Path) -> None:
+    """Workers run as the daemon's uid here, so the file mode alone cannot keep them out;
+    the kernel's own record of every open of the keytab shows that no worker opens it."""
+    opens = FileOpens(realm.keytab)
+    try:
+        daemon = await start_daemon(tmp_path, workers=2, extra=krb5_config(realm))
+        try:
+            for _ in range(3):
+                stream = await krb5_connect(daemon)
+                async with stream:
+                    served_by = int(await read_line(stream))
+                    await stream.send_all(b"x")
+                    assert await stream.receive_some() == b"x"
+            workers = set(await daemon.worker_pids())
+            assert served_by in workers
+            openers = opens.pids()
+        finally:
+            await daemon.stop()
+    finally:
+        opens.close()
+    assert openers, "the acceptor must have read its keytab (else the watch saw nothing)"
+    assert set(openers) == {daemon.pid}, (openers, daemon.pid, workers)
