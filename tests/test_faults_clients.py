@@ -96,13 +96,24 @@ async def _after_message_3_before_reading(client: Client) -> None:
     await client.send_message_3()
 
 
+async def _mid_first_message_after_the_handshake(client: Client) -> None:
+    await client.send_message_1()
+    await client.read_message_2()
+    await client.send_message_3()
+    # Reaches the worker: half a MESSAGE frame, then the client is gone.
+    data = encode_frame(FrameType.MESSAGE, client.context.wrap(b"never finished"))
+    await client.transport.send_all(data[: len(data) // 2])
+
+
 STEPS: dict[str, Callable[[Client], Awaitable[None]]] = {
     "right-after-connect": _right_after_connect,
     "mid-first-frame": _mid_first_frame,
     "after-message-1": _after_message_1,
     "after-reading-message-2": _after_reading_message_2,
     "after-message-3-before-reading": _after_message_3_before_reading,
+    "mid-first-message-after-the-handshake": _mid_first_message_after_the_handshake,
 }
+HANDED_OFF = ("after-message-3-before-reading", "mid-first-message-after-the-handshake")
 
 
 def fd_count(pid: int) -> int:
@@ -144,7 +155,8 @@ async def test_clients_vanishing_at_every_handshake_step_leave_nothing_behind(
     tmp_path: Path,
 ) -> None:
     """At each step, with a FIN and with an RST: the acceptor counts a handshake failure
-    (or, after message 3, hands the connection off and the worker's session just ends),
+    (or, after message 3, hands the connection off and the worker's session just ends,
+    also when the client left halfway through its first message),
     nothing is lost, no fd stays open in the acceptor or a worker, and the next real
     client is served."""
     daemon = await start_daemon(tmp_path, workers=2)
@@ -159,7 +171,7 @@ async def test_clients_vanishing_at_every_handshake_step_leave_nothing_behind(
                 await step(client)
                 await client.vanish(reset=reset)
                 after = await settled(daemon, baseline)
-                handed_off = name == "after-message-3-before-reading"
+                handed_off = name in HANDED_OFF
                 # Reset after message 3: the worker may find the connection already dead
                 # and refuse it in its ACK; either way the acceptor hears back from it.
                 assert after["answered"] - before["answered"] == int(handed_off), (
