@@ -109,7 +109,14 @@ def save_private_key(path: str | os.PathLike[str], keypair: StaticKeyPair,
             os.fsync(fd)
         finally:
             os.close(fd)
-        public.write_text(public_key_line(keypair.public_bytes, comment) + "\n", encoding="ascii")
+        # A stale .pub of an earlier key is replaced; a symlink there is refused (run as
+        # root, following it would overwrite whatever it points at).
+        pub_fd = os.open(public, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(pub_fd, (public_key_line(keypair.public_bytes, comment) + "\n").encode())
+        finally:
+            os.close(pub_fd)
     except OSError as error:
         # No half-made key pair: a private key without its .pub would block the next attempt.
         target.unlink(missing_ok=True)

@@ -173,6 +173,25 @@ def test_save_creates_a_0600_private_key_and_a_public_key(tmp_path: Path) -> Non
     assert keyfiles.load_public_key(public) == RFC7748_PUBLIC
 
 
+def test_save_refuses_a_symlink_where_the_public_key_goes(tmp_path: Path) -> None:
+    """The .pub is written with O_NOFOLLOW: a symlink planted there is not followed (the
+    file it points at stays intact) and no private key is left without its .pub."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "server.key.pub").symlink_to(victim)
+    with pytest.raises(GSSError) as error:
+        keyfiles.save_private_key(tmp_path / "server.key", StaticKeyPair(RFC7748_PRIVATE))
+    check(error, GSS_S_FAILURE, Minor.BAD_KEY_FILE)
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "server.key").exists()
+
+
+def test_save_replaces_a_stale_public_key(tmp_path: Path) -> None:
+    (tmp_path / "server.key.pub").write_text("an older key's line\n")
+    keyfiles.save_private_key(tmp_path / "server.key", StaticKeyPair(RFC7748_PRIVATE))
+    assert keyfiles.load_public_key(tmp_path / "server.key.pub") == RFC7748_PUBLIC
+
+
 def test_save_never_overwrites(tmp_path: Path) -> None:
     path = tmp_path / "server.key"
     path.write_text("precious")
