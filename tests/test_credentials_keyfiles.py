@@ -131,8 +131,9 @@ def test_allow_list_parse_ignores_comments_and_blank_lines() -> None:
     (f"{KEY_TYPE} {b64(RFC7748_PUBLIC)}", "no name"),
     (f"{KEY_TYPE} {b64(RFC7748_PUBLIC)} al\u00efce", "printable ASCII"),
     (f"{KEY_TYPE} {b64(RFC7748_PUBLIC)} {'n' * 256}", "printable ASCII"),
+    (f"{KEY_TYPE} {b64(RFC7748_PUBLIC)} anonymous", "reserved"),
 ], ids=["wrong-type", "no-key", "four-fields", "bad-base64", "truncated-base64",
-        "short-key", "long-key", "no-name", "non-ascii-name", "long-name"])
+        "short-key", "long-key", "no-name", "non-ascii-name", "long-name", "anonymous-name"])
 def test_allow_list_bad_lines_are_clear_errors(line: str, why: str) -> None:
     text = f"# header\n\n{KEY_TYPE} {b64(bytes(32))} zero\n{line}\n"
     with pytest.raises(GSSError) as error:
@@ -150,7 +151,8 @@ def test_allow_list_refuses_a_key_listed_twice() -> None:
     assert "line 2" in str(error.value.detail) and "alice" in str(error.value.detail)
 
 
-@pytest.mark.parametrize("entries", [{bytes(31): "short"}, {bytes(32): ""}])
+@pytest.mark.parametrize("entries", [{bytes(31): "short"}, {bytes(32): ""},
+                                     {bytes(32): "anonymous"}])
 def test_allow_list_from_a_mapping_is_checked(entries: dict[bytes, str]) -> None:
     with pytest.raises(GSSError) as error:
         AllowList(entries)

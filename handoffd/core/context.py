@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from handoffd.core.credentials import AllowList, StaticKeyPair, fingerprint
+from handoffd.core.credentials import ANONYMOUS, AllowList, StaticKeyPair, fingerprint
 from handoffd.core.framing import MECH_OID
 from handoffd.core.noise import HandshakeState
 from handoffd.core.protection import MessageProtection
@@ -89,7 +89,7 @@ class Flags(enum.IntFlag):
 PROLOGUE: Final = b"handoffd noise-xx v1"
 """Mixed into the handshake hash: a peer speaking anything else fails at msg2."""
 
-ANONYMOUS_NAME: Final = "anonymous"
+ANONYMOUS_NAME: Final = ANONYMOUS  # no allow-list entry may carry it
 PROTOCOL_VERSION: Final = 1
 
 _WIRE_FLAGS: Final = Flags.MUTUAL | Flags.REPLAY | Flags.SEQUENCE | Flags.CONF | Flags.INTEG \

@@ -28,7 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_DEFECTIVE_CREDENTIAL, GSS_S_FAILURE, GSSError
 
-__all__ = ["KEY_TYPE", "AllowList", "StaticKeyPair", "fingerprint", "parse_public_key_line"]
+__all__ = [
+    "ANONYMOUS", "KEY_TYPE", "AllowList", "StaticKeyPair", "fingerprint", "parse_public_key_line",
+]
 
 KEY_TYPE: Final = "noise-x25519"
 KEY_SIZE: Final = 32
@@ -93,6 +95,12 @@ def parse_public_key_line(line: str, number: int = 1) -> tuple[bytes, str]:
     return key, name
 
 
+# Clients without a key are named "anonymous"; a listed client of that name would be
+# indistinguishable to an application that goes by name.
+ANONYMOUS: Final = "anonymous"
+_ANONYMOUS_TAKEN: Final = "'anonymous' is reserved for clients without a key"
+
+
 def _valid_name(name: str) -> bool:
     # One token of printable ASCII: it travels in the export token with a one-byte length.
     return 0 < len(name) <= _NAME_MAX and name.isascii() and name.isprintable() \
@@ -111,6 +119,8 @@ class AllowList(Mapping[bytes, str]):
                 raise GSSError(GSS_S_FAILURE, Minor.BAD_ALLOW_LIST,
                                "entries are 32-byte keys with names of 1 to 255 printable "
                                "ASCII characters, no spaces")
+            if name == ANONYMOUS:
+                raise GSSError(GSS_S_FAILURE, Minor.BAD_ALLOW_LIST, _ANONYMOUS_TAKEN)
             self._names[bytes(key)] = name
 
     @classmethod
@@ -124,6 +134,8 @@ class AllowList(Mapping[bytes, str]):
             key, name = parse_public_key_line(line, number)
             if not name:
                 raise _bad_line(number, "entry has no name")
+            if name == ANONYMOUS:
+                raise _bad_line(number, _ANONYMOUS_TAKEN)
             if key in names:
                 raise _bad_line(number, f"key already listed as {names[key]!r}")
             names[key] = name
