@@ -11,6 +11,7 @@ The reference of every key lives in the README ("Configuration") and in
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -168,6 +169,9 @@ def _convert(section: str, key: str, annotation: str, value: object, base: Path)
             raise _invalid(where, "expected a number")
         if annotation == "int" and not isinstance(value, int):
             raise _invalid(where, "expected a whole number")
+        if not math.isfinite(value):
+            # TOML has nan and inf; "nan <= 0" is false, so they would slip past below.
+            raise _invalid(where, "expected a finite number")
         if (section, key) in _POSITIVE and value <= 0:
             raise _invalid(where, "must be greater than zero")
         return int(value) if annotation == "int" else float(value)
