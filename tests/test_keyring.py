@@ -47,6 +47,13 @@ def minor_of(call: object) -> int:
     return caught.value.minor
 
 
+def test_read_with_size_hint_returns_the_whole_payload(ring: int) -> None:
+    key = keyring.add_key("hinted", b"a payload of 27 bytes......", ring)
+    assert keyring.read(key, size_hint=27) == b"a payload of 27 bytes......"
+    assert keyring.read(key, size_hint=64) == b"a payload of 27 bytes......"  # hint too large
+    assert keyring.read(key, size_hint=4) == b"a payload of 27 bytes......"  # too small: re-read
+
+
 def test_add_read_update_describe(ring: int) -> None:
     key = keyring.add_key("k1", b"first payload", ring)
     assert keyring.read(key) == b"first payload"

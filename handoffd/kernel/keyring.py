@@ -195,12 +195,15 @@ def update(key: int, payload: bytes) -> None:
     _keyctl("keyctl_update", _KEYCTL_UPDATE, key, payload, len(payload))
 
 
-def read(key: int) -> bytes:
+def read(key: int, *, size_hint: int = 0) -> bytes:
     """A key's payload (for a keyring: its links as native-endian 32-bit serials).
 
-    Asks the size first, then reads; loops if the payload grew in between.
+    Asks the size first, then reads; loops if the payload grew in between.  A caller
+    that knows the payload's size passes ``size_hint``: the first read then uses a
+    buffer that large and the size query (one keyctl per read) is skipped; a payload
+    larger than the hint is still read in full, by the same loop.
     """
-    size = _keyctl("keyctl_read", _KEYCTL_READ, key, None, 0)
+    size = size_hint if size_hint > 0 else _keyctl("keyctl_read", _KEYCTL_READ, key, None, 0)
     while True:
         buffer = ctypes.create_string_buffer(max(size, 1))
         try:

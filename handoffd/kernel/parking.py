@@ -473,7 +473,8 @@ class WorkerParking:
         if tag != _REF_KEYRING or where not in self._slots:
             raise _bad_ref()
         try:
-            state, parked_generation, key = _PAYLOAD.unpack(keyring.read(where))
+            payload = keyring.read(where, size_hint=_PAYLOAD.size)  # one keyctl, not two
+            state, parked_generation, key = _PAYLOAD.unpack(payload)
         except struct.error:
             raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "slot payload malformed") from None
         if state != _ARMED or parked_generation != generation:
