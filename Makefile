@@ -3,20 +3,28 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+KRB5_STAMP := $(VENV)/.krb5-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all venv demo test test-lsm lint typecheck unit bench bench-micro soak fuzz clean
+.PHONY: all venv venv-krb5 demo test test-lsm lint typecheck unit bench bench-micro soak fuzz clean
 
 all: test
 
-# The krb5 extra's gssapi builds against MIT's headers (deps-krb5) when no wheel fits.
-$(STAMP): pyproject.toml | deps-krb5
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,krb5]'
-	rm -f $(VENV)/.installed-*
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-* $(VENV)/.krb5-*
 	touch $@
 
 venv: $(STAMP)
+
+# The suite also needs the krb5 extra; its gssapi builds against MIT's headers
+# (deps-krb5) when no wheel fits.  `make demo` does not need any of it.
+$(KRB5_STAMP): $(STAMP) | deps-krb5
+	$(BIN)/python -m pip install --quiet -e '.[test,krb5]'
+	touch $@
+
+venv-krb5: $(KRB5_STAMP)
 
 # systemd-analyze, systemd-socket-activate and systemd-sysusers for the systemd tests
 # (Debian's systemd package); a no-op when they are already installed.
@@ -35,16 +43,17 @@ deps-krb5:
 	  >/dev/null && { command -v kadmin.local || test -x /usr/sbin/kadmin.local; } >/dev/null \
 	  && command -v kinit >/dev/null && command -v gcc >/dev/null \
 	  || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	       $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends \
+	       $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y --no-install-recommends \
 	         libkrb5-dev krb5-kdc krb5-admin-server krb5-user gcc; }
 
-lint: venv
+lint: venv-krb5
 	$(BIN)/ruff check handoffd tests examples
 
-typecheck: venv
+typecheck: venv-krb5
 	$(BIN)/mypy --strict handoffd
 
-unit: venv deps-debian deps-krb5
+unit: venv-krb5 deps-debian
 	$(BIN)/pytest
 
 test: lint typecheck unit
