@@ -236,3 +236,30 @@ def test_sender_gone_before_the_message_is_read(ends: tuple[Channel, socket.sock
     if message.attributes.pidfd is not None:
         assert not pidfd_alive(message.attributes.pidfd)
         os.close(message.attributes.pidfd)
+
+
+def test_pidfds_not_kept_are_closed_on_receipt_and_their_process_reported(
+    ends: tuple[Channel, socket.socket],
+) -> None:
+    """keep_pidfds=False: no pidfd reaches the caller, its pidfs identity does (each sender's)."""
+    channel, end = ends
+    channel.enable_extended_attributes(keep_pidfds=False)
+    first, second = Sender(end), Sender(end)
+    before = open_fds()
+    first.send(b"one")
+    second.send(b"two")
+    messages = receive(channel, 2)
+    assert open_fds() == before  # every pidfd the kernel installed is closed already
+    assert [m.attributes.pid for m in messages if m.attributes] == [first.pid, second.pid]
+    for message, sender in zip(messages, (first, second), strict=True):
+        assert message.attributes is not None and message.attributes.pidfd is None
+        expected = os.pidfd_open(sender.pid)
+        try:
+            if channel._attributes.pidfds:  # only where the kernel has pidfds
+                assert message.attributes.process == os.fstat(expected).st_ino
+            else:
+                assert message.attributes.process is None
+        finally:
+            os.close(expected)
+    first.finish()
+    second.finish()

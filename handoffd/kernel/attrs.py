@@ -64,13 +64,18 @@ Socket = socket.socket | trio.socket.SocketType
 
 @dataclass(frozen=True)
 class SenderAttributes:
-    """Who sent one message; ``pidfd`` (the caller closes it) and ``label`` when available."""
+    """Who sent one message; ``pidfd`` (the caller closes it) and ``label`` when available.
+
+    ``process`` is the pidfd's pidfs inode (one per process, never reused like a pid), read
+    before a pidfd the receiver does not keep is closed; None when no pidfd arrived.
+    """
 
     pid: int
     uid: int
     gid: int
     pidfd: int | None
     label: bytes | None
+    process: int | None = None
 
 
 def _pidfd_identity(pidfd: int | None) -> int | None:
@@ -98,6 +103,7 @@ class AttributeReceiver:
         self.pidfds = False
         self.labels = False
         self.new_only = False
+        self.keep_pidfds = True
         self._last: tuple[object, ...] | None = None
 
     def enable(self, sock: Socket) -> None:
@@ -170,10 +176,17 @@ class AttributeReceiver:
             raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_CREDENTIALS_UNAVAILABLE,
                            "sender unknown (message queued before attributes were enabled)")
         normalised = normalise_label(label) if label is not None else None
-        key = (pid, uid, gid, normalised, _pidfd_identity(pidfd))
+        process = _pidfd_identity(pidfd)
+        key = (pid, uid, gid, normalised, process)
         changed = key != self._last
         self._last = key
         if self.new_only and not changed:
             _close(pidfd)
             return None, False
-        return SenderAttributes(pid=pid, uid=uid, gid=gid, pidfd=pidfd, label=normalised), changed
+        if not self.keep_pidfds:
+            # The receiver only compares identities: reading the inode once here spares it a
+            # second fstat and rebuilding the frozen attributes without the closed pidfd.
+            _close(pidfd)
+            pidfd = None
+        return SenderAttributes(pid=pid, uid=uid, gid=gid, pidfd=pidfd, label=normalised,
+                                process=process), changed

@@ -164,9 +164,14 @@ class Channel:
 
     # --- attributes -----------------------------------------------------------------
 
-    def enable_extended_attributes(self) -> None:
-        """Attach the sender's pid/uid/gid (and pidfd, label where available) to each message."""
+    def enable_extended_attributes(self, *, keep_pidfds: bool = True) -> None:
+        """Attach the sender's pid/uid/gid (and pidfd, label where available) to each message.
+
+        ``keep_pidfds=False``: each message's pidfd is closed on receipt and only its
+        identity (``SenderAttributes.process``) is reported; the last call's choice holds.
+        """
         self._attributes.enable(self._sock)
+        self._attributes.keep_pidfds = keep_pidfds
 
     def set_new_attributes_only(self, on: bool) -> None:
         """Report attributes only when they differ from the last set (``ATTRS_NOT_ENABLED``

@@ -150,7 +150,7 @@ class HandoffReceiver:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         channel = Channel(sock, fd_kinds=FD_KINDS, validate_fd=None)
         # Credentials must be switched on before the acceptor's first message is sent.
-        channel.enable_extended_attributes()
+        channel.enable_extended_attributes(keep_pidfds=False)
         try:
             await sock.connect(path)
         except OSError as error:
@@ -192,7 +192,7 @@ class HandoffReceiver:
 
     async def hello(self) -> None:
         """Announce this worker to the acceptor (done by the first iteration if not before)."""
-        self.channel.enable_extended_attributes()
+        self.channel.enable_extended_attributes(keep_pidfds=False)
         await self.channel.send(Kind.HELLO, Hello(self.identity.worker_id, os.getpid()).encode())
         self._hello_sent = True
 
@@ -334,22 +334,24 @@ async def _receive(channel: Channel, acceptor_process: int | None) -> Received:
     """
     message = await channel.receive()
     attributes = message.attributes
-    if acceptor_process is not None and attributes is not None and attributes.pidfd is None:
+    if attributes is None:
+        return message
+    if attributes.pidfd is not None:  # a channel set to keep pidfds; ours closes them on receipt
+        os.close(attributes.pidfd)
+        attributes = replace(attributes, pidfd=None)
+        message = replace(message, attributes=attributes)
+    if acceptor_process is None:
+        return message
+    if attributes.process is None:
         # The kernel sends a negative errno instead of a pidfd it could not install (this
         # worker at its fd limit): fail closed rather than skip the pidfd check.
         _close_fd(message.fd)
         raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH,
                        f"no pidfd for pid {attributes.pid} (fd limit?): cannot verify the sender")
-    if attributes is not None and attributes.pidfd is not None:
-        try:
-            sender_process = os.fstat(attributes.pidfd).st_ino
-        finally:
-            os.close(attributes.pidfd)
-        message = replace(message, attributes=replace(attributes, pidfd=None))
-        if acceptor_process is not None and sender_process != acceptor_process:
-            _close_fd(message.fd)
-            raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH,
-                           f"pid {attributes.pid} is not the acceptor's process (pidfd)")
+    if attributes.process != acceptor_process:
+        _close_fd(message.fd)
+        raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH,
+                       f"pid {attributes.pid} is not the acceptor's process (pidfd)")
     return message
 
 
