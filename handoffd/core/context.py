@@ -95,6 +95,11 @@ PROTOCOL_VERSION: Final = 1
 _WIRE_FLAGS: Final = Flags.MUTUAL | Flags.REPLAY | Flags.SEQUENCE | Flags.CONF | Flags.INTEG \
     | Flags.ANON
 _ALWAYS: Final = Flags.MUTUAL | Flags.CONF | Flags.INTEG | Flags.TRANS | Flags.PROT_READY
+_ALWAYS_BITS: Final = int(_ALWAYS)
+_EXPORTABLE_BITS: Final = int(_WIRE_FLAGS | _ALWAYS)
+_REPLAY_BIT: Final = int(Flags.REPLAY)
+_SEQUENCE_BIT: Final = int(Flags.SEQUENCE)
+_ANON_BIT: Final = int(Flags.ANON)
 _MAX_LIFETIME_MS: Final = 0xFFFFFFFF
 
 # Handshake payloads, all version-first (docs/PROTOCOL.md).
@@ -572,8 +577,7 @@ def import_context(blob: bytes, *, clock: Clock) -> tuple[SecurityContext, bytes
     reader = _Reader(blob)
     _, role, raw_flags, expires_ms, hs_hash, peer_public = _EXPORT_HEAD.unpack(
         reader.take(_EXPORT_HEAD.size))
-    if role & ~(_ROLE_INITIATOR | _ROLE_ANONYMOUS) or raw_flags & ~int(
-            _WIRE_FLAGS | _ALWAYS):
+    if role & ~(_ROLE_INITIATOR | _ROLE_ANONYMOUS) or raw_flags & ~_EXPORTABLE_BITS:
         raise _defective(Minor.TOKEN_BAD_FIELD, "export token role or flags")
     if expires_ms > _MAX_EXPIRES_MS:
         raise _defective(Minor.TOKEN_BAD_FIELD, "export token expiry")
@@ -591,11 +595,11 @@ def import_context(blob: bytes, *, clock: Clock) -> tuple[SecurityContext, bytes
         raise _defective(Minor.TOKEN_BAD_FIELD, "export token role differs from its state")
     # Flags the context reports must be the ones in force: REPLAY/SEQUENCE as the window
     # checks them, ANON as the role says, and what every context has.
-    flags = Flags(raw_flags)
-    if (bool(flags & Flags.REPLAY), bool(flags & Flags.SEQUENCE),
-            bool(flags & Flags.ANON)) != (protection.flags_replay, protection.flags_sequence,
-                                          bool(role & _ROLE_ANONYMOUS)) \
-            or flags & _ALWAYS != _ALWAYS:
+    # (Tested on plain ints: each IntFlag operation costs ~0.6 us, on every handoff.)
+    if (bool(raw_flags & _REPLAY_BIT), bool(raw_flags & _SEQUENCE_BIT),
+            bool(raw_flags & _ANON_BIT)) != (protection.flags_replay, protection.flags_sequence,
+                                             bool(role & _ROLE_ANONYMOUS)) \
+            or raw_flags & _ALWAYS_BITS != _ALWAYS_BITS:
         raise _defective(Minor.TOKEN_BAD_FIELD, "export token flags differ from its state")
     context = SecurityContext(initiator=initiator, clock=clock)
     context._protection = protection
