@@ -28,6 +28,7 @@ from handoffd.kernel.channel import (
     VERSION,
     Channel,
     Received,
+    tcp_stream_socket,
     validate_tcp_stream,
 )
 from handoffd.minor import Minor
@@ -228,6 +229,24 @@ def test_validate_tcp_stream_accepts_only_connected_tcp() -> None:
         with make() as wrong:
             with pytest.raises(GSSError) as refused:
                 validate_tcp_stream(wrong.fileno())
+            assert refused.value.minor == minor
+            os.fstat(wrong.fileno())
+
+
+def test_tcp_stream_socket_owns_a_good_fd_and_leaves_a_bad_one_open() -> None:
+    """The returned socket is the fd (closing it closes the fd); a refused fd stays open."""
+    client, accepted = tcp_pair()
+    with client, accepted:
+        fd = os.dup(accepted.fileno())
+        sock = tcp_stream_socket(fd)
+        assert sock.fileno() == fd and sock.type == socket.SOCK_STREAM
+        sock.close()
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    for make, minor in WRONG_FDS:
+        with make() as wrong:
+            with pytest.raises(GSSError) as refused:
+                tcp_stream_socket(wrong.fileno())
             assert refused.value.minor == minor
             os.fstat(wrong.fileno())
 

@@ -46,7 +46,10 @@ from handoffd.status import (
     GSSError,
 )
 
-__all__ = ["HEADER", "MAGIC", "VERSION", "Channel", "Received", "validate_tcp_stream"]
+__all__ = [
+    "HEADER", "MAGIC", "VERSION", "Channel", "Received", "tcp_stream_socket",
+    "validate_tcp_stream",
+]
 
 HEADER: Final = struct.Struct(">2sBBHHI")  # magic, version, flags, kind, reserved, length
 MAGIC: Final = b"HD"
@@ -86,15 +89,21 @@ def _defective(minor: Minor, detail: str) -> GSSError:
 
 def validate_tcp_stream(fd: int) -> None:
     """Accept only a connected TCP stream socket (IPv4 or IPv6); ``fd`` is left open."""
+    tcp_stream_socket(fd).detach()  # the caller owns fd
+
+
+def tcp_stream_socket(fd: int) -> socket.socket:
+    """:func:`validate_tcp_stream`, then a socket object that owns ``fd`` (one is needed
+    to serve it anyway).  On error ``fd`` stays open and the caller's."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError as error:
         raise _defective(Minor.CHANNEL_FD_NOT_TCP,
                          f"fd is not a socket ({os.strerror(error.errno or 0)})") from None
     try:
-        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        domain = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
-        protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+        # socket(fileno=) asked the kernel already (getsockname's family, SO_TYPE,
+        # SO_PROTOCOL): asking again cost three getsockopt calls per handoff.
+        kind, domain, protocol = sock.type, sock.family, sock.proto
         if (
             kind != socket.SOCK_STREAM
             or domain not in (socket.AF_INET, socket.AF_INET6)
@@ -107,8 +116,10 @@ def validate_tcp_stream(fd: int) -> None:
         except OSError as error:
             raise _defective(Minor.CHANNEL_FD_NOT_CONNECTED,
                              f"getpeername: {os.strerror(error.errno or 0)}") from None
-    finally:
-        sock.detach()  # the caller owns fd
+    except BaseException:
+        sock.detach()  # the caller still owns fd
+        raise
+    return sock
 
 
 def _require_seqpacket(family: int, kind: int) -> None:

@@ -39,7 +39,7 @@ import trio
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import FD_KINDS, Ack, Handoff, Hello, Kind, Refused, Registered
 from handoffd.core.seal import open_sealed
-from handoffd.kernel.channel import Channel, Received, validate_tcp_stream
+from handoffd.kernel.channel import Channel, Received, tcp_stream_socket
 from handoffd.kernel.parking import ENV_FD, WorkerParking
 from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
 from handoffd.mech import import_session, sealed_mechanism
@@ -241,13 +241,14 @@ class HandoffReceiver:
             log.warning("handoff from an unauthorized sender refused: %s", error)
             return None
         handoff_id = 0
+        sock: socket.socket | None = None
         try:
             handoff = Handoff.decode(message.payload)
             handoff_id = handoff.handoff_id
             # From the acceptor, so it waits for an ACK even if the fd is unusable: a
             # client that reset its connection after the handshake leaves one that is no
             # longer connected, and without an ACK the acceptor would kill this worker.
-            validate_tcp_stream(fd)
+            sock = tcp_stream_socket(fd)  # owns fd from here on
             key = self.parking.claim(handoff.key_ref)
             # The mechanism the header claims picks the import; open_sealed checks the
             # claim once the tag verifies (the header is authenticated data).
@@ -258,13 +259,16 @@ class HandoffReceiver:
             # files, and a worker at its fd limit died of that OSError with all its sessions.
             context, unread = import_session(mechanism, inner, clock=self.clock)
         except GSSError as error:
-            os.close(fd)
+            if sock is not None:
+                sock.close()
+            else:
+                os.close(fd)
             self.refused += 1
             log.warning("handoff %d refused: %s", handoff_id, error)
             if handoff_id:
                 await self._ack(Ack(handoff_id, error.major, error.minor))
             return None
-        sock = socket.socket(fileno=fd)
+        assert sock is not None  # the try above returned unless it was set
         # The ACK goes out before any I/O on the client socket: see the module docstring.
         await self._ack(Ack(handoff_id))
         self.accepted += 1
