@@ -461,3 +461,23 @@ def test_arbitrary_bytes_never_break_the_channel(data: bytes, with_fd: bool) -> 
         channel.close()
         for sock in (theirs, client, accepted):
             sock.close()
+
+
+async def test_send_on_a_full_channel_waits_for_room_and_loses_nothing() -> None:
+    """Sends go out at once while the socket has room and wait (trio) when it is full:
+    every message arrives, in order, once the peer reads."""
+    left, right = Channel.pair(fd_kinds=FD_KINDS)
+    payload = b"x" * 4096
+    sent = 0
+    with trio.move_on_after(0.5):
+        while True:  # fill the socket until a send has to wait
+            await left.send(NOTE, payload + sent.to_bytes(4, "big"))
+            sent += 1
+    assert sent > 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(left.send, NOTE, payload + sent.to_bytes(4, "big"))
+        for index in range(sent + 1):
+            message = await right.receive()
+            assert message.payload[-4:] == index.to_bytes(4, "big")
+    left.close()
+    right.close()

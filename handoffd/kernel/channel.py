@@ -144,6 +144,8 @@ class Channel:
             raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_MESSAGE_TOO_LARGE,
                            f"max_payload {max_payload}")
         self._sock = sock
+        # The stdlib socket under trio's wrapper, for sends that need no wait (see send).
+        self._raw: socket.socket | None = getattr(sock, "_sock", None)
         self.fd_kinds = fd_kinds
         self.max_payload = max_payload
         self._validate_fd = validate_fd
@@ -217,7 +219,8 @@ class Channel:
         if fd is not None:
             ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", fd)))
         try:
-            await self._sock.sendmsg([header, payload], ancillary, socket.MSG_NOSIGNAL)
+            if not self._send_now([header, payload], ancillary):
+                await self._sock.sendmsg([header, payload], ancillary, socket.MSG_NOSIGNAL)
         except trio.ClosedResourceError:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "channel closed locally") from None
         except OSError as error:
@@ -229,6 +232,23 @@ class Channel:
                                os.strerror(error.errno or 0)) from None
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_SEND_FAILED,
                            os.strerror(error.errno or 0)) from None
+
+    def _send_now(self, buffers: list[bytes], ancillary: list[tuple[int, int, bytes]]) -> bool:
+        """Send without a trio round trip when the socket has room (nearly always: one
+        datagram, a peer that keeps reading); False when it would block.
+
+        trio's sendmsg yields to the run loop even when the send succeeds at once: one
+        more scheduler pass (and epoll_wait) per HANDOFF and per ACK.  The channel's
+        receive still checkpoints, so a loop over messages keeps yielding.
+        """
+        raw = self._raw
+        if raw is None:
+            return False
+        try:
+            raw.sendmsg(buffers, ancillary, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return False
+        return True
 
     # --- receiving --------------------------------------------------------------------
 
