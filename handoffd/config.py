@@ -11,7 +11,10 @@ The reference of every key lives in the README ("Configuration") and in
 
 from __future__ import annotations
 
+import grp
 import math
+import os
+import pwd
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -82,6 +85,12 @@ class WorkersConfig:
     """Key parking mode: ``auto``, ``keyring`` or ``fallback``."""
     pythonpath: tuple[str, ...] = ()
     """Extra import paths for the application (resolved against the config file)."""
+    user: str | None = None
+    """Run spawned workers as this user (name or uid; the acceptor must be root), so
+    the acceptor's own files (server key, krb5 keytab) are out of their reach by
+    permissions; None: the acceptor's user."""
+    group: str | None = None
+    """The spawned workers' group (name or gid); None: ``user``'s primary group."""
 
 
 @dataclass(frozen=True)
@@ -232,11 +241,41 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
         raise _invalid("[server] allow_anonymous",
                        "false with no allowed_clients file would refuse every client")
     _check_mechanisms(config)
+    worker_credentials(config.workers)
     for address in config.server.listen:
         parse_address(address)
     if config.control.metrics is not None:
         parse_address(config.control.metrics)
     return config
+
+
+def worker_credentials(workers: WorkersConfig) -> tuple[int, int] | None:
+    """``(uid, gid)`` spawned workers run as, from ``[workers] user``/``group``.
+
+    None when neither is set (workers keep the acceptor's credentials).  Unknown
+    names, and a switch of user by an acceptor that is not root, are config errors.
+    """
+    if workers.user is None and workers.group is None:
+        return None
+    try:
+        if workers.user is None:
+            uid = os.getuid()
+            gid = os.getgid()
+        else:
+            entry = pwd.getpwuid(int(workers.user)) if workers.user.isdigit() \
+                else pwd.getpwnam(workers.user)
+            uid, gid = entry.pw_uid, entry.pw_gid
+    except (KeyError, OverflowError):
+        raise _invalid("[workers] user", f"no such user {workers.user!r}") from None
+    if workers.group is not None:
+        try:
+            gid = int(workers.group) if workers.group.isdigit() \
+                else grp.getgrnam(workers.group).gr_gid
+        except KeyError:
+            raise _invalid("[workers] group", f"no such group {workers.group!r}") from None
+    if os.geteuid() != 0 and (uid, gid) != (os.getuid(), os.getgid()):
+        raise _invalid("[workers] user", "switching the workers' user needs a root acceptor")
+    return uid, gid
 
 
 _MECHANISMS = ("noise", "krb5")

@@ -86,3 +86,24 @@ async def _attack_acceptor(channel_fd: int) -> None:
         raw.close()
         for fd in (null, read_end, write_end):
             os.close(fd)
+
+
+async def identity_probe(stream: SecureStream) -> None:
+    """Report the worker's uid/gid/groups and, for each path in ``HANDOFFD_TEST_FILES``
+    (colon-separated), whether it can open it ("readable" or the errno name), as one
+    JSON line; then echo."""
+    import errno
+    import json
+
+    access = {}
+    for path in filter(None, os.environ.get("HANDOFFD_TEST_FILES", "").split(":")):
+        try:
+            with open(path, "rb"):
+                access[path] = "readable"
+        except OSError as error:
+            access[path] = errno.errorcode.get(error.errno or 0, str(error.errno))
+    report = {"pid": os.getpid(), "uid": os.getuid(), "euid": os.geteuid(),
+              "gid": os.getgid(), "groups": os.getgroups(), "access": access}
+    await stream.send_all(json.dumps(report).encode() + b"\n")
+    async for data in stream:
+        await stream.send_all(data)

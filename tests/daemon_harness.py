@@ -18,6 +18,10 @@ from handoffd.runtime.stream import SecureStream
 from handoffd.status import GSSError
 
 REPO = Path(__file__).resolve().parents[1]
+# To run a daemon or its workers as another user: the venv's interpreter lives under
+# /root, which no other user can enter; Debian's python3.11 with the venv's packages can.
+SYSTEM_PYTHON = "/usr/bin/python3.11"
+SITE_PACKAGES = REPO / ".venv" / "lib" / "python3.11" / "site-packages"
 
 
 @dataclass

@@ -43,7 +43,12 @@ from handoffd.status import (  # noqa: E402
     GSS_S_NO_CRED,
     GSSError,
 )
-from tests.daemon_harness import RunningDaemon, start_daemon  # noqa: E402
+from tests.daemon_harness import (  # noqa: E402
+    SITE_PACKAGES,
+    SYSTEM_PYTHON,
+    RunningDaemon,
+    start_daemon,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE = "host@localhost"
@@ -140,6 +145,49 @@ async def test_client_with_a_ticket_is_served_by_a_worker_without_the_keytab(
             assert first["mechanism"] == "noise" and first["peer_name"] == "anonymous"
         status = await daemon.status()
         assert status["totals"]["acked"] == 2 and status["totals"]["lost"] == 0
+    finally:
+        await daemon.stop()
+
+
+@pytest.mark.root
+async def test_workers_of_another_user_cannot_read_the_keytab(
+        realm: Realm, tmp_path: Path, worker_user: tuple[str, int, int],
+        open_dir: Path) -> None:
+    """``[workers] user``: the acceptor (root) reads its 0600 keytab, its workers run as
+    a throwaway user that gets EACCES opening it, and still serve the Kerberos client."""
+    name, uid, _ = worker_user
+    # In a directory the workers may traverse, as under /etc: the keytab (0600, root),
+    # krb5.conf (0644; MIT's import reads it) and a replay-cache directory (1777).
+    keytab = open_dir / "acceptor.keytab"
+    shutil.copyfile(realm.keytab, keytab)
+    os.chmod(keytab, 0o600)
+    profile = open_dir / "krb5.conf"
+    shutil.copyfile(realm.k5.env["KRB5_CONFIG"], profile)
+    os.chmod(profile, 0o644)
+    rcache = open_dir / "rcache"
+    rcache.mkdir()
+    os.chmod(rcache, 0o1777)
+    extra = (f'[server]\nmechanisms = ["krb5", "noise"]\n'
+             f"[krb5]\nkeytab = {str(keytab)!r}\nservice = {SERVICE!r}\n"
+             f'[workers]\nuser = "{name}"\n')
+    daemon = await start_daemon(
+        tmp_path, workers=2, app="tests.krb5_apps:keytab_probe", extra=extra,
+        env={"PYTHONPATH": f"{SITE_PACKAGES}:{REPO}", "KRB5_CONFIG": str(profile),
+             "KRB5RCACHEDIR": str(rcache), "HANDOFFD_TEST_KEYTAB": str(keytab)},
+        python=SYSTEM_PYTHON)
+    try:
+        stream = await krb5_connect(daemon)
+        async with stream:
+            report = json.loads(await read_line(stream))
+            assert report["uid"] == uid and report["peer_name"] == "user@KRBTEST.COM"
+            assert report["keytab_open"] == "EACCES", report
+            await stream.send_all(b"echo across uids")
+            got = b""
+            while len(got) < 16:
+                chunk = await stream.receive_some()
+                assert chunk
+                got += chunk
+            assert got == b"echo across uids"
     finally:
         await daemon.stop()
 

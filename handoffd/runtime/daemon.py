@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from handoffd.config import Config, parse_address
+from handoffd.config import Config, parse_address, worker_credentials
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import (
     FD_KINDS,
@@ -400,8 +400,9 @@ class Daemon:
         for label in self.config.policy.acceptor_labels:
             args += ["--acceptor-label", label]
         try:
-            w.process, w.channel = spawn_worker(self.parking, w.worker_id,
-                                                self.config.workers.app, args)
+            w.process, w.channel = spawn_worker(
+                self.parking, w.worker_id, self.config.workers.app, args,
+                credentials=worker_credentials(self.config.workers))
         except (GSSError, OSError) as error:
             # Out of keyring quota (EDQUOT), fds or processes: not the application's
             # fault, so not a boot failure; the slot retries with backoff.
@@ -775,11 +776,13 @@ class Daemon:
 
 
 def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
-                 args: list[str] | None = None) -> tuple[ChildProcess, Channel]:
+                 args: list[str] | None = None, *,
+                 credentials: tuple[int, int] | None = None) -> tuple[ChildProcess, Channel]:
     """Fork+exec one worker process with its channel end and key grant.
 
     This process creates the socketpair, so the worker's ``SO_PEERCRED`` on
     its end names us: that is how the worker knows its acceptor.
+    ``credentials``: ``(uid, gid)`` the worker runs as (``[workers] user``).
     """
     grant = parking.add_worker(worker_id)
     try:
@@ -796,7 +799,8 @@ def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
     env[worker_lib.ENV_ACCEPTOR_PID] = str(os.getpid())
     argv = [sys.executable, "-m", "handoffd.runtime.worker_process", "--app", app, *(args or [])]
     try:
-        process = ChildProcess.spawn(argv, env=env, pass_fds=(theirs.fileno(), *grant.pass_fds))
+        process = ChildProcess.spawn(argv, env=env, pass_fds=(theirs.fileno(), *grant.pass_fds),
+                                     credentials=credentials)
     except BaseException:
         ours.close()
         parking.remove_worker(worker_id)

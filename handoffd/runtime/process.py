@@ -30,9 +30,19 @@ class ChildProcess:
 
     @classmethod
     def spawn(cls, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-              pass_fds: Sequence[int] = (), cwd: str | None = None) -> ChildProcess:
-        """Start ``argv`` from the calling thread (keyrings are per thread)."""
-        return cls(subprocess.Popen(list(argv), env=env, pass_fds=tuple(pass_fds), cwd=cwd))
+              pass_fds: Sequence[int] = (), cwd: str | None = None,
+              credentials: tuple[int, int] | None = None) -> ChildProcess:
+        """Start ``argv`` from the calling thread (keyrings are per thread).
+
+        ``credentials`` ``(uid, gid)``: the child drops to them (and to no
+        supplementary groups) between fork and exec; needs root.
+        """
+        if credentials is None:
+            return cls(subprocess.Popen(list(argv), env=env, pass_fds=tuple(pass_fds),
+                                        cwd=cwd))
+        uid, gid = credentials
+        return cls(subprocess.Popen(list(argv), env=env, pass_fds=tuple(pass_fds), cwd=cwd,
+                                    user=uid, group=gid, extra_groups=[]))
 
     async def wait(self) -> int:
         """Wait for the exit without blocking trio; returns the exit status."""
