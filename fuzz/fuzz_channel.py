@@ -25,6 +25,7 @@ sent after the fuzzed one.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -50,6 +51,17 @@ def _tcp_connection() -> tuple[socket.socket, socket.socket]:
 # Long-lived descriptors the inputs attach (SCM_RIGHTS installs fresh copies in the receiver).
 _TCP_CLIENT, _TCP_SERVER = _tcp_connection()
 _PIPE_READ, _PIPE_WRITE = os.pipe()
+
+
+@atexit.register
+def _close_fixtures() -> None:
+    # Imported by tests/test_fuzz_corpus.py too: close them at exit rather than leave
+    # them to the interpreter's teardown, which reports them as unclosed.
+    _TCP_CLIENT.close()
+    _TCP_SERVER.close()
+    os.close(_PIPE_READ)
+    os.close(_PIPE_WRITE)
+
 _PROBE_KIND = 3  # ACK: a kind without an fd
 _PROBE = HEADER.pack(MAGIC, VERSION, 0, _PROBE_KIND, 0, 5) + b"probe"
 
