@@ -25,6 +25,7 @@ from pathlib import Path
 from handoffd.core.context import PROLOGUE, AcceptorContext, InitiatorContext, import_context
 from handoffd.core.credentials import AllowList, StaticKeyPair
 from handoffd.core.framing import (
+    CLOSE_MIC_MESSAGE,
     MECH_OID_DER,
     FrameType,
     encode_error,
@@ -204,16 +205,33 @@ def exchange() -> Example:
             ("tag", to_client[-16:], "AD = the 16-byte header"),
         ]))
     assert initiator.unwrap(to_client).data == TO_CLIENT
-    close = encode_frame(FrameType.CLOSE, b"")
-    frames.append(Frame("client → server: CLOSE", close, [
-        ("frame type", b"\x04", "CLOSE"), ("frame length", close[1:], "always 0")]))
-    frames.append(Frame("server → client: CLOSE (the echo application ends the session)",
-                        close, [("frame type", b"\x04", "CLOSE"),
-                                ("frame length", close[1:], "always 0")]))
+    client_close = initiator.get_mic(CLOSE_MIC_MESSAGE)
+    assert worker.verify_mic(CLOSE_MIC_MESSAGE, client_close) == 0
+    frames.append(Frame(f"client → server: CLOSE, a MIC over {CLOSE_MIC_MESSAGE.decode()!r} "
+                        "(SND_SEQ 1)", encode_frame(FrameType.CLOSE, client_close),
+                        _close_fields(client_close, "SentByAcceptor clear", "k_i", 1)))
+    server_close = worker.get_mic(CLOSE_MIC_MESSAGE)
+    assert initiator.verify_mic(CLOSE_MIC_MESSAGE, server_close) == 0
+    frames.append(Frame("server → client: CLOSE (the echo application ends the session; "
+                        "SND_SEQ 1)", encode_frame(FrameType.CLOSE, server_close),
+                        _close_fields(server_close, "SentByAcceptor", "k_a", 1)))
     error = encode_frame(FrameType.ERROR, encode_error(GSS_S_UNAUTHORIZED,
                                                        Minor.PEER_KEY_NOT_ALLOWED))
     assert public_key(CLIENT_STATIC) == client.public_bytes
     return Example(frames, hashes, k_i, k_a, error)
+
+
+def _close_fields(mic: bytes, flags: str, key: str, seq: int
+                  ) -> list[tuple[str, bytes, str]]:
+    return [
+        ("frame type", b"\x04", "CLOSE"),
+        ("frame length", struct.pack(">I", len(mic)), f"{len(mic)} bytes: a MIC token"),
+        ("TOK_ID", mic[0:2], "MIC"),
+        ("Flags", mic[2:3], flags),
+        ("Filler", mic[3:8], ""),
+        ("SND_SEQ", mic[8:16], f"{seq}: the next in this direction"),
+        ("tag", mic[16:], f"under {key}; AD = header || {CLOSE_MIC_MESSAGE.decode()!r}"),
+    ]
 
 
 def render(example: Example) -> str:

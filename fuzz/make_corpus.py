@@ -33,7 +33,13 @@ from fuzz._fixtures import (
 from fuzz._handshakes import Setup, established, exported_blobs, transcript
 from fuzz._harness import u16_join
 from handoffd.core.context import Flags
-from handoffd.core.framing import FrameType, encode_error, encode_frame, wrap_first_token
+from handoffd.core.framing import (
+    CLOSE_MIC_MESSAGE,
+    FrameType,
+    encode_error,
+    encode_frame,
+    wrap_first_token,
+)
 from handoffd.core.handoff import Ack, Handoff, Hello, Kind, Refused, Registered
 from handoffd.core.protection import MessageProtection
 from handoffd.core.seal import seal
@@ -279,10 +285,10 @@ def handshake_seeds() -> Seeds:
         "frames_all_types": _mode(0) + u16_join([
             encode_frame(FrameType.MESSAGE, wrap_token)
             + encode_frame(FrameType.ERROR, encode_error(0x90000, 208))
-            + encode_frame(FrameType.CLOSE, b"")]),
+            + encode_frame(FrameType.CLOSE, established()[0].get_mic(CLOSE_MIC_MESSAGE))]),
         "frames_small_limit": bytes([0x08])
         + u16_join([encode_frame(FrameType.MESSAGE, b"m" * 65)]),
-        "frames_close_with_body": _mode(0) + u16_join([b"\x04\x00\x00\x00\x01x"]),
+        "frames_close_without_mic": _mode(0) + u16_join([b"\x04\x00\x00\x00\x00"]),
         "frames_bad_type": _mode(0) + u16_join([b"\x09\x00\x00\x00\x00"]),
         "frames_error_short": _mode(0) + u16_join([b"\x03\x00\x00\x00\x04abcd"]),
         "frames_huge_length": _mode(0) + u16_join([b"\x02\xff\xff\xff\xff"]),

@@ -134,6 +134,7 @@ class Minor(IntEnum):
     WORKER_NOT_REGISTERED = 614
     REGISTRATION_REFUSED = 615
     MESSAGE_OUT_OF_SEQUENCE = 616
+    STREAM_TRUNCATED = 617
     # systemd adapter (680+)
     SYSTEMD_NOTIFY_SOCKET_INVALID = 680
     SYSTEMD_WATCHDOG_INVALID = 681
@@ -251,6 +252,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.REGISTRATION_REFUSED: "The acceptor refused the worker's registration",
     Minor.MESSAGE_OUT_OF_SEQUENCE: "A per-message token arrived out of sequence on a stream "
     "(replayed, dropped or reordered on the way)",
+    Minor.STREAM_TRUNCATED: "The connection ended without the peer's authenticated CLOSE, "
+    "so what arrived may have been cut short",
     Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
     "nor an abstract @name",
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",

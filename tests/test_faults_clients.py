@@ -21,6 +21,7 @@ import trio
 
 from handoffd.core.context import InitiatorContext
 from handoffd.core.framing import (
+    CLOSE_MIC_MESSAGE,
     FrameDecoder,
     FrameType,
     decode_error,
@@ -340,7 +341,7 @@ async def test_a_client_that_says_everything_and_hangs_up_still_gets_its_answers
             encode_frame(FrameType.HANDSHAKE, client.third)
             + b"".join(encode_frame(FrameType.MESSAGE, client.context.wrap(data))
                        for data in early)
-            + encode_frame(FrameType.CLOSE, b""))
+            + encode_frame(FrameType.CLOSE, client.context.get_mic(CLOSE_MIC_MESSAGE)))
         await client.transport.send_eof()
         stream = SecureStream(client.transport, client.context, decoder=client.decoder)
         received = b""

@@ -160,14 +160,14 @@ def test_arbitrary_first_tokens_raise_only_gsserror(token: bytes) -> None:
 
 def test_frame_layout() -> None:
     assert encode_frame(FrameType.MESSAGE, b"abc") == b"\x02\x00\x00\x00\x03abc"
-    assert encode_frame(FrameType.CLOSE, b"") == b"\x04\x00\x00\x00\x00"
+    assert encode_frame(FrameType.CLOSE, b"m" * 32) == b"\x04\x00\x00\x00\x20" + b"m" * 32
     assert [int(t) for t in FrameType] == [1, 2, 3, 4]
 
 
 def test_decoder_reassembles_byte_by_byte_and_keeps_the_rest() -> None:
     frames = [Frame(FrameType.HANDSHAKE, b"h" * 300), Frame(FrameType.MESSAGE, b""),
               Frame(FrameType.ERROR, encode_error(0x000D0000, 616)),
-              Frame(FrameType.CLOSE, b"")]
+              Frame(FrameType.CLOSE, b"c" * 32)]
     stream = b"".join(encode_frame(f.type, f.body) for f in frames) + b"\x02\x00\x00"
     decoder = FrameDecoder()
     out = []
@@ -199,11 +199,11 @@ def test_several_frames_in_one_feed_and_unread_payload() -> None:
         (struct.pack(">BI", 0xFF, 1), Minor.TOKEN_BAD_TYPE),
         (struct.pack(">BI", 2, MAX_FRAME + 1), Minor.TOKEN_TOO_LARGE),
         (struct.pack(">BI", 1, 0xFFFFFFFF), Minor.TOKEN_TOO_LARGE),
-        (struct.pack(">BI", 4, 1), Minor.TOKEN_BAD_FRAMING),
+        (struct.pack(">BI", 4, 0), Minor.TOKEN_BAD_FRAMING),
         (struct.pack(">BI", 3, 7), Minor.TOKEN_BAD_FRAMING),
         (struct.pack(">BI", 3, 9), Minor.TOKEN_BAD_FRAMING),
     ],
-    ids=["type-0", "type-5", "type-255", "over-max", "u32-max", "close-body", "error-7",
+    ids=["type-0", "type-5", "type-255", "over-max", "u32-max", "close-empty", "error-7",
          "error-9"],
 )
 def test_bad_headers_fail_before_the_body_and_change_nothing(header: bytes, minor: Minor) -> None:

@@ -48,10 +48,12 @@ CONFIRM = struct.Struct(">B32s")             # version, SHA-256 of the channel b
 WIRE_FLAGS, MUTUAL, ANON = 0x007E, 0x0002, 0x0040
 DEFAULT_FLAGS = 0x003E
 TOKEN_HEADER = struct.Struct(">HB5sQ")       # TOK_ID, Flags, Filler, SND_SEQ
-TOK_WRAP, SENT_BY_ACCEPTOR, SEALED = 0x0504, 0x01, 0x02
+TOK_WRAP, TOK_MIC, SENT_BY_ACCEPTOR, SEALED = 0x0504, 0x0404, 0x01, 0x02
+CLOSE_MIC_MESSAGE = b"handoffd CLOSE"         # Close: what the CLOSE's MIC covers
 FILLER = b"\xff" * 5
 GSS_S_UNAUTHORIZED, PEER_KEY_NOT_ALLOWED = 0x000F0000, 103
 GSS_S_FAILURE, GSS_S_DUPLICATE_TOKEN, MESSAGE_OUT_OF_SEQUENCE = 0x000D0000, 0x0002, 616
+GSS_S_DEFECTIVE_TOKEN, TOKEN_BAD_FRAMING = 0x00090000, 207
 
 
 def nonce(seq: int) -> bytes:
@@ -70,6 +72,20 @@ def wrap(key: bytes, seq: int, data: bytes, *, from_acceptor: bool, sealed: bool
     if sealed:
         return header + aead.encrypt(nonce(seq), data, header)
     return header + data + aead.encrypt(nonce(seq), b"", header + data)
+
+
+def mic(key: bytes, seq: int, message: bytes, *, from_acceptor: bool) -> bytes:
+    header = TOKEN_HEADER.pack(TOK_MIC, SENT_BY_ACCEPTOR if from_acceptor else 0, FILLER, seq)
+    return header + ChaCha20Poly1305(key).encrypt(nonce(seq), b"", header + message)
+
+
+def verify_mic(key: bytes, expected_seq: int, message: bytes, token: bytes, *,
+               from_acceptor: bool) -> None:
+    assert len(token) == 32
+    tok_id, flags, filler, seq = TOKEN_HEADER.unpack_from(token)
+    assert tok_id == TOK_MIC and filler == FILLER and seq == expected_seq
+    assert flags == (SENT_BY_ACCEPTOR if from_acceptor else 0)
+    ChaCha20Poly1305(key).decrypt(nonce(seq), token[16:], token[:16] + message)
 
 
 def unwrap(key: bytes, expected_seq: int, token: bytes, *, from_acceptor: bool) -> bytes:
@@ -162,7 +178,8 @@ def test_worked_example_reproduced_with_noiseprotocol() -> None:
 
     assert frames[3] == frame(MESSAGE, wrap(k_i, 0, b"hello, handoffd", from_acceptor=False))
     assert frames[4] == frame(MESSAGE, wrap(k_a, 0, b"hello, handoffd", from_acceptor=True))
-    assert frames[5] == frames[6] == frame(CLOSE, b"")
+    assert frames[5] == frame(CLOSE, mic(k_i, 1, CLOSE_MIC_MESSAGE, from_acceptor=False))
+    assert frames[6] == frame(CLOSE, mic(k_a, 1, CLOSE_MIC_MESSAGE, from_acceptor=True))
 
 
 # --- 3. a client from the document, against a real daemon ------------------------------
@@ -229,13 +246,20 @@ class DocClient:
         self.send_seq += 1
         self.sock.sendall(frame(MESSAGE, token))
 
+    def close(self) -> None:
+        """Send CLOSE: a MIC over the document's 14 bytes, the next SND_SEQ."""
+        token = mic(self.k_i, self.send_seq, CLOSE_MIC_MESSAGE, from_acceptor=False)
+        self.send_seq += 1
+        self.sock.sendall(frame(CLOSE, token))
+
     def receive(self) -> bytes | None:
-        """The next message's data; None at the server's CLOSE."""
+        """The next message's data; None at the server's (verified) CLOSE."""
         received = self.read_frame()
         assert received is not None, "end of stream without CLOSE"
         frame_type, body = received
         if frame_type == CLOSE:
-            assert body == b""
+            verify_mic(self.k_a, self.recv_seq, CLOSE_MIC_MESSAGE, body, from_acceptor=True)
+            self.recv_seq += 1
             return None
         assert frame_type == MESSAGE
         data = unwrap(self.k_a, self.recv_seq, body, from_acceptor=True)
@@ -260,7 +284,7 @@ def _echo_session(address: tuple[str, int], pin: str, static_private: bytes,
             assert data is not None, "CLOSE before the whole echo"
             echoed += data
         assert echoed == expected
-        sock.sendall(frame(CLOSE, b""))
+        client.close()
         assert client.receive() is None  # the echo application answers CLOSE with CLOSE
 
 
@@ -294,6 +318,21 @@ def _replayed_session(address: tuple[str, int], pin: str) -> None:
             GSS_S_FAILURE | GSS_S_DUPLICATE_TOKEN, MESSAGE_OUT_OF_SEQUENCE)
 
 
+def _forged_close_session(address: tuple[str, int], pin: str) -> None:
+    """An empty CLOSE (what anyone on the path could inject) ends nothing: it is refused
+    with an ERROR frame, and the data before it is still answered."""
+    with socket.create_connection(address, timeout=20) as sock:
+        client = DocClient(sock)
+        client.handshake(os.urandom(32), pin, anonymous=True)
+        client.send(b"first half")
+        sock.sendall(frame(CLOSE, b""))
+        assert client.receive() == b"first half"
+        with pytest.raises(Refused) as refused:
+            client.receive()
+        assert (refused.value.major, refused.value.minor) == (GSS_S_DEFECTIVE_TOKEN,
+                                                              TOKEN_BAD_FRAMING)
+
+
 async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Path) -> None:
     listed, unlisted = os.urandom(32), os.urandom(32)
     listed_public = _public(listed)
@@ -310,6 +349,7 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
                                       os.urandom(32), True)
         await trio.to_thread.run_sync(_refused_session, address, daemon.fingerprint, unlisted)
         await trio.to_thread.run_sync(_replayed_session, address, daemon.fingerprint)
+        await trio.to_thread.run_sync(_forged_close_session, address, daemon.fingerprint)
     finally:
         assert await daemon.stop() == 0
 

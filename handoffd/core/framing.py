@@ -6,7 +6,8 @@ Everything between a client and handoffd travels in frames (``docs/PROTOCOL.md``
 
 ``HANDSHAKE`` frames carry mechanism tokens, ``MESSAGE`` frames per-message
 tokens, ``ERROR`` a GSS status (major u32, minor u32, both big-endian) sent
-before closing, ``CLOSE`` (empty body) the end of the sender's stream.
+before closing, ``CLOSE`` the end of the sender's stream (its body is a MIC token,
+so that nobody on the path can forge a clean end: ``docs/PROTOCOL.md``).
 
 The client's first handshake token is wrapped as RFC 2743 §3.1 prescribes
 (``0x60``, DER length, the mechanism OID, the inner token) so that the
@@ -28,6 +29,7 @@ from handoffd.minor import Minor
 from handoffd.status import GSS_S_BAD_MECH, GSS_S_DEFECTIVE_TOKEN, GSSError
 
 __all__ = [
+    "CLOSE_MIC_MESSAGE",
     "FRAME_HEADER_SIZE",
     "MAX_FRAME",
     "MECH_OID",
@@ -49,6 +51,11 @@ MECH_OID: Final = "2.25.225041400964563648380695906358058613570"
 FRAME_HEADER_SIZE: Final = 5
 MAX_FRAME: Final = 1024 * 1024
 """Default cap on a frame body: far above a 16 KiB message token, far below memory trouble."""
+
+CLOSE_MIC_MESSAGE: Final = b"handoffd CLOSE"
+"""What a CLOSE frame's MIC token covers.  A MIC token cannot be retyped into a wrap
+token (its TOK_ID is authenticated), and it takes the next sequence number, so a CLOSE
+cannot be forged, replayed, or moved in front of data the sender sent before it."""
 
 _HEADER = struct.Struct(">BI")
 _ERROR = struct.Struct(">II")
@@ -83,7 +90,7 @@ def encode_frame(frame_type: FrameType, body: bytes) -> bytes:
 class FrameDecoder:
     """Incremental frame parser with a bound on the body size.
 
-    A defect (unknown type, body over ``max_frame``, a CLOSE with a body)
+    A defect (unknown type, body over ``max_frame``, a CLOSE without a body)
     raises ``GSS_S_DEFECTIVE_TOKEN`` and leaves the buffer as it was.
     """
 
@@ -108,8 +115,8 @@ class FrameDecoder:
         if length > self.max_frame:
             raise _defective(Minor.TOKEN_TOO_LARGE,
                              f"frame of {length} bytes (limit {self.max_frame})")
-        if frame_type == FrameType.CLOSE and length:
-            raise _defective(Minor.TOKEN_BAD_FRAMING, "CLOSE frame with a body")
+        if frame_type == FrameType.CLOSE and not length:
+            raise _defective(Minor.TOKEN_BAD_FRAMING, "CLOSE frame without its MIC token")
         if frame_type == FrameType.ERROR and length != _ERROR.size:
             raise _defective(Minor.TOKEN_BAD_FRAMING, "ERROR frame body is 8 bytes")
         end = FRAME_HEADER_SIZE + length

@@ -3,8 +3,10 @@
 Both the client and a worker that imported a handed-off context talk to the
 peer through :class:`SecureStream`.  Each ``send_all`` chunk becomes one
 per-message token in one MESSAGE frame; ``receive_some`` unwraps frames and
-returns plaintext.  A CLOSE frame is end of stream; an ERROR frame raises the
-GSS status the peer reported.
+returns plaintext.  The peer's CLOSE frame (a MIC token, so it cannot be forged)
+is end of stream; a connection that ends without one raises ``STREAM_TRUNCATED``,
+as TLS does without close_notify, so a cut cannot pass for a clean end.  An ERROR
+frame raises the GSS status the peer reported.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Protocol
 import trio
 
 from handoffd.core.framing import (
+    CLOSE_MIC_MESSAGE,
     Frame,
     FrameDecoder,
     FrameType,
@@ -41,6 +44,8 @@ class _Unwrapped(Protocol):
 class _Context(Protocol):
     def wrap(self, data: bytes, conf_req: bool = True, qop: int = 0) -> bytes: ...
     def unwrap(self, token: bytes) -> _Unwrapped: ...
+    def get_mic(self, message: bytes, qop: int = 0) -> bytes: ...
+    def verify_mic(self, message: bytes, token: bytes) -> int: ...
 
 
 class SecureStream(trio.abc.Stream):
@@ -69,12 +74,14 @@ class SecureStream(trio.abc.Stream):
         self._eof = False
         self._send_lock = trio.StrictFIFOLock()
         self._closed = False
+        self._close_sent = False
         self._peer_failed = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Wrap ``data`` into per-message tokens of at most ``MAX_CHUNK`` bytes and send them."""
-        if self._closed:
-            raise trio.ClosedResourceError("stream is closed")
+        if self._closed or self._close_sent:
+            raise trio.ClosedResourceError("stream is closed" if self._closed
+                                           else "CLOSE already sent")
         view = memoryview(data)
         async with self._send_lock:
             out = bytearray()
@@ -89,11 +96,13 @@ class SecureStream(trio.abc.Stream):
         await self.transport.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Unwrapped plaintext; ``b""`` at the peer's CLOSE or end of stream.
+        """Unwrapped plaintext; ``b""`` once the peer's CLOSE has arrived.
 
-        An ERROR frame from the peer raises its GSS status; a token that is not the
-        next in sequence (replayed, reordered or one skipped) raises ``GSS_S_FAILURE``
-        with its supplementary bits and ``MESSAGE_OUT_OF_SEQUENCE``.
+        The connection ending without that CLOSE raises ``GSS_S_FAILURE`` /
+        ``STREAM_TRUNCATED``: the data may have been cut short.  An ERROR frame from
+        the peer raises its GSS status; a token that is not the next in sequence
+        (replayed, reordered or one skipped) raises ``GSS_S_FAILURE`` with its
+        supplementary bits and ``MESSAGE_OUT_OF_SEQUENCE``.
         """
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
@@ -105,8 +114,8 @@ class SecureStream(trio.abc.Stream):
                     if self._decoder.unread():
                         raise GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.TOKEN_TRUNCATED,
                                        "connection closed in the middle of a frame")
-                    self._eof = True
-                    break
+                    raise GSSError(GSS_S_FAILURE, Minor.STREAM_TRUNCATED,
+                                   "connection closed before the peer's CLOSE")
                 self._decoder.feed(chunk)
                 continue
             self._handle(frame)
@@ -125,6 +134,10 @@ class SecureStream(trio.abc.Stream):
                                Minor.MESSAGE_OUT_OF_SEQUENCE)
             self._plain += result.data
         elif frame.type == FrameType.CLOSE:
+            supplementary = self.context.verify_mic(CLOSE_MIC_MESSAGE, frame.body)
+            if supplementary:
+                raise GSSError(GSS_S_FAILURE | supplementary, Minor.MESSAGE_OUT_OF_SEQUENCE,
+                               "CLOSE")
             self._eof = True
         elif frame.type == FrameType.ERROR:
             self._peer_failed = True
@@ -135,9 +148,21 @@ class SecureStream(trio.abc.Stream):
                            f"unexpected {frame.type.name} frame after the handshake")
 
     async def send_close(self) -> None:
-        """Tell the peer we are done (a CLOSE frame); the transport stays open for reading."""
+        """Tell the peer we are done (a CLOSE frame); the transport stays open for reading.
+
+        Raises the context's ``GSSError`` if it can no longer make the CLOSE's MIC
+        (expired, sequence numbers exhausted).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        await self._send_close()
+
+    async def _send_close(self) -> None:
         async with self._send_lock:
-            await self.transport.send_all(encode_frame(FrameType.CLOSE, b""))
+            if not self._close_sent:
+                frame = encode_frame(FrameType.CLOSE, self.context.get_mic(CLOSE_MIC_MESSAGE))
+                self._close_sent = True
+                await self.transport.send_all(frame)
 
     async def abort(self, error: GSSError) -> None:
         """End the session on a failure: an ERROR frame with ``error``'s status, no CLOSE.
@@ -160,14 +185,18 @@ class SecureStream(trio.abc.Stream):
             await self.transport.aclose()
 
     async def aclose(self) -> None:
-        """Send CLOSE (best effort, 1 s), then close the transport."""
+        """Send CLOSE (best effort, 1 s), then close the transport.
+
+        A context that can no longer make the CLOSE's MIC (expired) closes without it;
+        the peer then sees ``STREAM_TRUNCATED``, which is the truth.
+        """
         if self._closed:
             return
         self._closed = True
         try:
             with trio.move_on_after(1):
-                await self.transport.send_all(encode_frame(FrameType.CLOSE, b""))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await self._send_close()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, GSSError):
             pass
         finally:
             await self.transport.aclose()
