@@ -83,12 +83,13 @@ def reason_of(error: BaseException) -> str:
 
 
 async def read_exactly(stream: SecureStream, size: int) -> bytes:
-    """``size`` plaintext bytes, or :class:`EOFError` if the server closes first."""
+    """``size`` plaintext bytes, or :class:`EOFError` if the server's CLOSE comes first
+    (a connection cut without CLOSE raises ``GSSError`` ``STREAM_TRUNCATED``)."""
     data = bytearray()
     while len(data) < size:
         chunk = await stream.receive_some(size - len(data))
         if not chunk:
-            raise EOFError("server closed the connection")
+            raise EOFError("server sent CLOSE before the whole echo")
         data += chunk
     return bytes(data)
 
@@ -99,7 +100,7 @@ async def read_greeting(stream: SecureStream) -> int:
     while not line.endswith(b"\n"):
         chunk = await stream.receive_some(1)
         if not chunk:
-            raise EOFError("server closed before the greeting")
+            raise EOFError("server sent CLOSE before the greeting")
         line += chunk
         if len(line) > 16:
             raise ValueError(f"bad greeting {bytes(line)!r}")
