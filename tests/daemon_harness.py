@@ -86,12 +86,15 @@ def write_config(directory: Path, *, workers: int = 4, app: str = "tests.apps:pi
 async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.apps:pid_echo",
                        extra: str = "", timeout: float = 60, log: Path | None = None,
                        env: dict[str, str] | None = None, python: str = sys.executable,
-                       user: tuple[int, int] | None = None) -> RunningDaemon:
+                       user: tuple[int, int] | None = None,
+                       nofile: int | None = None) -> RunningDaemon:
     """Start ``handoffd serve`` and wait until it listens with ``workers`` ready workers.
 
     ``log``: a file that receives the daemon's (and its workers') stderr.  ``env``: added
     to the daemon's environment (its workers inherit it).  ``python``/``user``: the
     interpreter and the (uid, gid) to run as (fault tests run it unprivileged).
+    ``nofile``: a soft RLIMIT_NOFILE set before exec (root here lacks CAP_SYS_RESOURCE,
+    so it cannot ``prlimit`` a process of another user afterwards).
     """
     config = write_config(directory, workers=workers, app=app, extra=extra)
     fingerprint = _fingerprint(directory / "server.key.pub")
@@ -102,8 +105,9 @@ async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.a
     try:
         identity: dict[str, Any] = ({} if user is None else
                                     {"user": user[0], "group": user[1], "extra_groups": []})
+        limit = [] if nofile is None else ["prlimit", f"--nofile={nofile}:"]
         process = await trio.lowlevel.open_process(
-            [python, "-m", "handoffd", "serve", "--config", str(config)], cwd=REPO,
+            [*limit, python, "-m", "handoffd", "serve", "--config", str(config)], cwd=REPO,
             stderr=stderr, env=None if env is None else {**os.environ, **env}, **identity)
     finally:
         if stderr is not None:

@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,12 +26,15 @@ import trio
 
 from handoffd.core.context import InitiatorContext
 from handoffd.core.framing import FrameDecoder, FrameType, encode_frame, wrap_first_token
+from handoffd.minor import Minor
 from handoffd.runtime.client import open_secure_stream
 from handoffd.runtime.stream import SecureStream
 from handoffd.runtime.wire import read_frame
 from handoffd.status import GSSError
 from tests.daemon_harness import (
     REPO,
+    SITE_PACKAGES,
+    SYSTEM_PYTHON,
     RunningDaemon,
     _fingerprint,
     echo_session,
@@ -390,3 +394,70 @@ async def test_acceptor_killed_mid_handoff_the_worker_still_serves_the_client(
     with trio.fail_after(20):
         while process_state(paused) not in (None, "Z"):
             await trio.sleep(0.05)
+
+
+# Runs as the daemon's user: keeps 96 fds in flight in a socketpair nobody reads, until
+# its stdin closes.  The kernel counts in-flight fds per user and refuses SCM_RIGHTS
+# (ETOOMANYREFS) to a sender of that user whose RLIMIT_NOFILE is below the count.
+_FD_HOLDER = """
+import array, os, socket, sys
+left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+null = os.open("/dev/null", os.O_RDONLY)
+for _ in range(12):
+    left.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [null] * 8))])
+print("holding 96", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.root
+async def test_a_handoff_the_kernel_will_not_queue_is_retried_then_dropped_no_worker_killed(
+    worker_user: tuple[str, int, int], open_dir: Path,
+) -> None:
+    """The acceptor's HANDOFF ``sendmsg`` fails with something other than a gone worker
+    (here a real ETOOMANYREFS: the daemon's user has more fds in flight than the
+    acceptor's RLIMIT_NOFILE).  A SEQPACKET datagram is queued whole or not at all, so
+    the acceptor takes the handoff back (its key slot too), tries again with a growing
+    pause, and after 5 refusals drops that one connection, logged and counted; the
+    healthy worker is neither blamed nor killed by the ACK watchdog, and once the
+    kernel takes fds again the same worker serves the next client."""
+    _name, uid, gid = worker_user
+    log = open_dir / "daemon.log"
+    env = {"PYTHONPATH": f"{SITE_PACKAGES}:{REPO}"}
+    # Two key slots: a slot not given back on a failed send would stall the retries.
+    # RLIMIT_NOFILE 64: far above the ~15 fds the acceptor holds, below the 96 in flight.
+    daemon = await start_daemon(open_dir, workers=1, log=log, env=env, python=SYSTEM_PYTHON,
+                                user=(uid, gid), nofile=64, extra="[workers]\nmax_unacked = 2")
+    holder: trio.Process | None = None
+    try:
+        worker = await echo_session(daemon, messages=1)
+        holder = await trio.lowlevel.open_process(
+            [SYSTEM_PYTHON, "-c", _FD_HOLDER], cwd="/", stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, user=uid, group=gid, extra_groups=[])
+        assert holder.stdout is not None and holder.stdin is not None
+        with trio.fail_after(20):
+            assert (await holder.stdout.receive_some(100)).startswith(b"holding 96")
+
+        with pytest.raises(GSSError) as cut, trio.fail_after(20):
+            await echo_session(daemon, messages=1)
+        # The client's handshake succeeded; the acceptor then closed the connection it
+        # could not hand off, which the client sees as a stream cut before CLOSE.
+        assert cut.value.minor == Minor.STREAM_TRUNCATED
+        text = log.read_text()
+        assert text.count("Too many references: cannot splice): retrying") == 4, text[-3000:]
+        assert "not sent after 5 tries" in text
+        status = await daemon.status()
+        assert status["totals"]["lost"] == 1 and status["totals"]["worker_restarts"] == 0
+        assert [(w["pid"], w["in_flight"]) for w in status["workers"]] == [(worker, 0)]
+
+        await holder.stdin.aclose()
+        with trio.fail_after(20):
+            await holder.wait()
+        for _ in range(3):  # every key slot is usable again
+            assert await echo_session(daemon, messages=1) == worker
+        assert (await daemon.status())["totals"]["lost"] == 1
+    finally:
+        if holder is not None and holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+        assert await daemon.stop() == 0, log.read_text(errors="replace")[-3000:]

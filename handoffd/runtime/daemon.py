@@ -66,6 +66,10 @@ SEAL_LIFETIME = 30.0
 """Seconds a sealed handoff token stays valid: it only has to cross one socketpair."""
 
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_SEND_ATTEMPTS = 5
+_SEND_RETRY_DELAY = 0.05
+"""A HANDOFF the kernel refused to queue is tried again after 0.05, 0.1, ... s (to any
+worker); after ``_SEND_ATTEMPTS`` refusals the connection is dropped and logged."""
 
 
 @dataclass
@@ -665,6 +669,7 @@ class Daemon:
     async def _dispatch(self, pending: Pending) -> None:
         """Send a connection to the least-loaded worker; wait while all are full."""
         assert self.parking is not None
+        send_failures = 0
         while True:
             if self._fatal is not None:
                 self._drop(pending, "the daemon is failing")
@@ -693,10 +698,25 @@ class Daemon:
             try:
                 await w.channel.send(Kind.HANDOFF, message, fd=pending.stream.socket.fileno())
             except GSSError as error:
-                # The worker is going away; its death redelivers everything in flight.
-                log.warning("handoff %d to worker %s failed: %s", pending.handoff_id, w.pid,
-                            error)
-                return
+                if (error.minor == Minor.CHANNEL_CLOSED
+                        or w.in_flight.pop(pending.handoff_id, None) is None):
+                    # The worker is going away; its death redelivers everything in flight.
+                    log.warning("handoff %d to worker %s failed: %s", pending.handoff_id,
+                                w.pid, error)
+                    return
+                # A SEQPACKET datagram goes whole or not at all (ENOBUFS, ETOOMANYREFS...):
+                # the worker never saw this one.  Take it back and send it again, rather
+                # than leave it to the ACK watchdog, which would kill a healthy worker.
+                w.parking.release(w.worker_id, pending.key_ref)
+                send_failures += 1
+                if send_failures >= _SEND_ATTEMPTS:
+                    self._drop(pending, f"handoff not sent after {send_failures} tries: {error}")
+                    return
+                log.warning("handoff %d to worker %s not sent (%s): retrying",
+                            pending.handoff_id, w.pid, error)
+                self._wake_dispatchers()
+                await trio.sleep(_SEND_RETRY_DELAY * send_failures)
+                continue
             self.stats.handoffs += 1
             return
 
