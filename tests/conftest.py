@@ -8,10 +8,7 @@ never to a unit test's verdict.
 from __future__ import annotations
 
 import os
-import pwd
-import secrets
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.daemon_harness import SITE_PACKAGES, SYSTEM_PYTHON
+from tests.throwaway import throwaway_user
 
 settings.register_profile(
     "handoffd", deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -29,19 +27,12 @@ settings.load_profile("handoffd")
 
 @pytest.fixture
 def worker_user() -> Iterator[tuple[str, int, int]]:
-    """A throwaway system user (name, uid, gid) for ``[workers] user``; root only."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user (useradd) for the workers")
+    """A throwaway system user (name, uid, gid) to run workers or the daemon as; root only,
+    with Debian's python3.11 (the venv's interpreter lives where that user cannot read)."""
     if not os.access(SYSTEM_PYTHON, os.X_OK) or not SITE_PACKAGES.is_dir():
         pytest.skip("needs Debian's python3.11 beside a python3.11 venv")
-    name = f"hdw{secrets.token_hex(4)}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    name], check=True, capture_output=True)
-    try:
-        entry = pwd.getpwnam(name)
-        yield name, entry.pw_uid, entry.pw_gid
-    finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
+    with throwaway_user("hdw") as user:
+        yield user
 
 
 @pytest.fixture

@@ -11,21 +11,21 @@ keys update fixed-size slots, docs/KEYRING.md): only a worker (re)spawn does.
 from __future__ import annotations
 
 import os
-import pwd
-import secrets
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.daemon_harness import REPO, echo_session, start_daemon
-
-SYSTEM_PYTHON = "/usr/bin/python3.11"
-SITE_PACKAGES = REPO / ".venv" / "lib" / "python3.11" / "site-packages"
+from tests.daemon_harness import (
+    REPO,
+    SITE_PACKAGES,
+    SYSTEM_PYTHON,
+    echo_session,
+    start_daemon,
+)
 
 # Runs as the daemon's user: fill the quota, say so, keep it full until stdin closes.
 _FILLER = """
@@ -53,19 +53,9 @@ while not select.select([sys.stdin], [], [], 0.001)[0]:
 
 
 @pytest.fixture
-def daemon_user() -> Iterator[tuple[int, int]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user (useradd) and run the daemon as it")
-    if not os.access(SYSTEM_PYTHON, os.X_OK) or not SITE_PACKAGES.is_dir():
-        pytest.skip("needs Debian's python3.11 beside a python3.11 venv")
-    name = f"hdq{secrets.token_hex(4)}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    name], check=True, capture_output=True)
-    try:
-        entry = pwd.getpwnam(name)
-        yield entry.pw_uid, entry.pw_gid
-    finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
+def daemon_user(worker_user: tuple[str, int, int]) -> tuple[int, int]:
+    """(uid, gid) of a throwaway unprivileged user to run the daemon as."""
+    return worker_user[1], worker_user[2]
 
 
 @pytest.mark.root

@@ -23,6 +23,7 @@ from handoffd.kernel import keyring
 from handoffd.kernel.parking import AcceptorParking, WorkerGrant, WorkerParking
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_UNAVAILABLE, GSSError
+from tests.throwaway import throwaway_user
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOTS = 4
@@ -340,21 +341,11 @@ def test_keys_of_a_killed_worker_are_cleaned_up(spawn: Spawn) -> None:
 
 
 @pytest.fixture(scope="module")
-def throwaway_user() -> Iterator[tuple[int, int]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user (useradd) and switch to it")
+def other_user() -> Iterator[tuple[int, int]]:
     if not KEYCTL:
         pytest.skip("keyctl refused on this host")
-    name = f"hdkt{secrets.token_hex(4)}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    name], check=True, capture_output=True)
-    try:
-        import pwd
-
-        entry = pwd.getpwnam(name)
-        yield entry.pw_uid, entry.pw_gid
-    finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
+    with throwaway_user("hdkt") as (_name, uid, gid):
+        yield uid, gid
 
 
 def run_as(user: tuple[int, int], function: Callable[[], object]) -> object:
@@ -387,7 +378,7 @@ def run_as(user: tuple[int, int], function: Callable[[], object]) -> object:
 
 
 @pytest.mark.root
-def test_another_uid_cannot_read_parked_keys(throwaway_user: User, spawn: Spawn) -> None:
+def test_another_uid_cannot_read_parked_keys(other_user: User, spawn: Spawn) -> None:
     parking = AcceptorParking.open(slots_per_worker=2, mode="keyring")
     try:
         worker_id, w = new_worker(parking, spawn)
@@ -399,7 +390,7 @@ def test_another_uid_cannot_read_parked_keys(throwaway_user: User, spawn: Spawn)
             except GSSError as error:
                 return str(error.detail)
 
-        assert run_as(throwaway_user, attempt) == "keyctl_read: EACCES"
+        assert run_as(other_user, attempt) == "keyctl_read: EACCES"
         assert w.claim(ref) == key
     finally:
         parking.close()
@@ -493,9 +484,9 @@ def _soak() -> dict[str, object]:
 
 
 @pytest.mark.root
-def test_quota_soak_as_an_unprivileged_user(throwaway_user: User) -> None:
+def test_quota_soak_as_an_unprivileged_user(other_user: User) -> None:
     """20,000 park-and-claim cycles as a non-root user: no EDQUOT, no growth."""
-    result = run_as(throwaway_user, _soak)
+    result = run_as(other_user, _soak)
     assert isinstance(result, dict)
     assert result["maxkeys"] == int(Path("/proc/sys/kernel/keys/maxkeys").read_text())
     assert result["settled"], result
