@@ -32,6 +32,7 @@ import trio
 
 from bench import wrap
 from bench.common import children, cpu_seconds, fd_count, rss_mib
+from examples.echo.demo import write_config
 from handoffd import keyfiles
 from handoffd.core.credentials import StaticKeyPair
 from handoffd.runtime.control import query_control
@@ -137,25 +138,6 @@ def make_tls_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def write_daemon_config(directory: Path, workers: int) -> Path:
-    config = directory / "handoffd.toml"
-    config.write_text(
-        "[server]\n"
-        'listen = ["127.0.0.1:0"]\n'
-        'key = "server.key"\n'
-        "allow_anonymous = true\n"
-        "[workers]\n"
-        'app = "examples.echo.app:handler"\n'
-        f"count = {workers}\n"
-        f"pythonpath = [{str(REPO)!r}]\n"
-        "[control]\n"
-        'socket = "control.sock"\n'
-        "[log]\n"
-        'level = "warning"\n'
-    )
-    return config
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -193,7 +175,7 @@ class Server:
 
 
 def start_handoffd(directory: Path, workers: int) -> Server:
-    config = write_daemon_config(directory, workers)
+    config = write_config(directory, workers, log_level="warning")
     process = subprocess.Popen([PY, "-m", "handoffd", "serve", "--config", str(config)],
                                cwd=REPO)
     control = directory / "control.sock"

@@ -35,6 +35,7 @@ from typing import Any
 
 import trio
 
+from examples.echo.demo import write_config
 from handoffd.runtime.control import query_control
 from handoffd.status import GSSError
 from soak.loadgen import Session, Tally
@@ -186,18 +187,7 @@ def start_daemon(directory: Path, workers: int) -> Daemon:
     keygen = subprocess.run([*handoffd, "keygen", "--out", str(directory / "server.key")],
                             capture_output=True, text=True, check=True)
     fingerprint = keygen.stdout.split()[-1]
-    config = directory / "handoffd.toml"
-    config.write_text(
-        "[server]\n"
-        'listen = ["127.0.0.1:0"]\n'
-        'key = "server.key"\n'
-        "allow_anonymous = true\n"
-        "[workers]\n"
-        'app = "soak.app:handler"\n'
-        f"count = {workers}\n"
-        f"pythonpath = [{str(REPO)!r}]\n"
-        "[control]\n"
-        'socket = "control.sock"\n')
+    config = write_config(directory, workers, app="soak.app:handler")
     with (directory / "daemon.log").open("wb") as log:
         process = subprocess.Popen([*handoffd, "serve", "--config", str(config)], cwd=REPO,
                                    stdout=log, stderr=log)

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from handoffd.core.context import AcceptorContext, InitiatorContext, import_context
+from bench.common import established_pair
+from handoffd.core.context import AcceptorContext, import_context
 from handoffd.core.credentials import StaticKeyPair
 from handoffd.core.handoff import Handoff
 from handoffd.core.seal import open_sealed
@@ -25,18 +26,6 @@ from handoffd.status import GSS_S_NO_CONTEXT, GSSError
 SERVER = StaticKeyPair.generate(os.urandom)
 
 
-def _established() -> tuple[InitiatorContext, AcceptorContext]:
-    client = InitiatorContext(static_key=None, server_fingerprint=SERVER.fingerprint,
-                              clock=time.time, random=os.urandom)
-    server = AcceptorContext(static_key=SERVER, allow_list=None, allow_anonymous=True,
-                             clock=time.time, random=os.urandom)
-    _, first = client.step(None)
-    _, second = server.step(first)
-    _, third = client.step(second)
-    server.step(third)
-    return client, server
-
-
 def _traffic_keys(context: AcceptorContext) -> tuple[bytes, bytes]:
     # docs/PER-MESSAGE.md: protection state = version | flags | send_key | recv_key | ...
     assert context._protection is not None
@@ -46,7 +35,7 @@ def _traffic_keys(context: AcceptorContext) -> tuple[bytes, bytes]:
 
 @pytest.mark.parametrize("mode", ["keyring", "fallback"])
 def test_the_handoff_message_carries_no_key_in_the_clear(mode: str) -> None:
-    _, server = _established()
+    _, server = established_pair(SERVER)
     send_key, recv_key = _traffic_keys(server)
     inner = server.export(unread=b"pipelined")
     assert send_key in inner and recv_key in inner  # the export itself is secret material
@@ -71,7 +60,7 @@ def test_the_handoff_message_carries_no_key_in_the_clear(mode: str) -> None:
 
 
 def test_an_exported_context_is_single_use() -> None:
-    _, server = _established()
+    _, server = established_pair(SERVER)
     blob = server.export()
     with pytest.raises(GSSError) as caught:
         server.export()

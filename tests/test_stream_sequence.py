@@ -26,15 +26,16 @@ from handoffd.status import (
 )
 
 
-async def _receive_after(order: list[int]) -> tuple[bytes, GSSError | None]:
-    """The acceptor's stream reads the client's tokens 0..2 sent in ``order``."""
+async def _read_all(frames_of: Callable[[InitiatorContext], bytes]
+                    ) -> tuple[bytes, GSSError | None]:
+    """What the acceptor's stream delivers from the client's ``frames_of(client)``
+    followed by the end of TCP."""
     client, acceptor = established_pair(StaticKeyPair.generate(os.urandom))
-    tokens = [client.wrap(f"chunk {i};".encode()) for i in range(3)]
     left, right = trio.socket.socketpair()
     sender, receiver = trio.SocketStream(left), trio.SocketStream(right)
     stream = SecureStream(receiver, acceptor)
-    await sender.send_all(b"".join(encode_frame(FrameType.MESSAGE, tokens[i]) for i in order)
-                          + encode_frame(FrameType.CLOSE, client.get_mic(CLOSE_MIC_MESSAGE)))
+    await sender.send_all(frames_of(client))
+    await sender.aclose()
     received = b""
     try:
         while chunk := await stream.receive_some():
@@ -42,9 +43,18 @@ async def _receive_after(order: list[int]) -> tuple[bytes, GSSError | None]:
     except GSSError as error:
         return received, error
     finally:
-        await sender.aclose()
         await receiver.aclose()
     return received, None
+
+
+async def _receive_after(order: list[int]) -> tuple[bytes, GSSError | None]:
+    """The acceptor's stream reads the client's tokens 0..2 sent in ``order``, then CLOSE."""
+    def frames_of(client: InitiatorContext) -> bytes:
+        tokens = [client.wrap(f"chunk {i};".encode()) for i in range(3)]
+        return (b"".join(encode_frame(FrameType.MESSAGE, tokens[i]) for i in order)
+                + _close(client))
+
+    return await _read_all(frames_of)
 
 
 async def test_in_order_tokens_are_the_stream() -> None:
@@ -113,27 +123,6 @@ async def test_abort_does_not_answer_the_peers_error() -> None:
 
 
 # --- the end of the stream: CLOSE carries a MIC token -----------------------------------
-
-
-async def _read_all(frames_of: Callable[[InitiatorContext], bytes]
-                    ) -> tuple[bytes, GSSError | None]:
-    """What the acceptor's stream delivers from the client's ``frames_of(client)``
-    followed by the end of TCP."""
-    client, acceptor = established_pair(StaticKeyPair.generate(os.urandom))
-    left, right = trio.socket.socketpair()
-    sender, receiver = trio.SocketStream(left), trio.SocketStream(right)
-    stream = SecureStream(receiver, acceptor)
-    await sender.send_all(frames_of(client))
-    await sender.aclose()
-    received = b""
-    try:
-        while chunk := await stream.receive_some():
-            received += chunk
-    except GSSError as error:
-        return received, error
-    finally:
-        await receiver.aclose()
-    return received, None
 
 
 def _message(client: InitiatorContext, data: bytes) -> bytes:

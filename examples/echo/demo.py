@@ -27,7 +27,11 @@ from handoffd.status import GSSError
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_config(directory: Path, workers: int) -> Path:
+def write_config(directory: Path, workers: int, *, app: str = "examples.echo.app:handler",
+                 log_level: str | None = None) -> Path:
+    """``directory/handoffd.toml``: loopback, any free port, anonymous clients, the
+    key ``server.key`` and the control socket ``control.sock`` beside it (also used by
+    ``make bench`` and ``make soak``)."""
     config = directory / "handoffd.toml"
     config.write_text(
         "[server]\n"
@@ -35,11 +39,12 @@ def write_config(directory: Path, workers: int) -> Path:
         'key = "server.key"\n'
         "allow_anonymous = true\n"
         "[workers]\n"
-        'app = "examples.echo.app:handler"\n'
+        f'app = "{app}"\n'
         f"count = {workers}\n"
         f"pythonpath = [{str(REPO)!r}]\n"
         "[control]\n"
         'socket = "control.sock"\n'
+        + ("" if log_level is None else f'[log]\nlevel = "{log_level}"\n')
     )
     return config
 
