@@ -29,7 +29,12 @@ if shutil.which("krb5kdc") is None and not Path("/usr/sbin/krb5kdc").exists():
 from handoffd.core.framing import FrameDecoder, FrameType, encode_frame  # noqa: E402
 from handoffd.core.handoff import Ack, Hello, Kind  # noqa: E402
 from handoffd.kernel.parking import AcceptorParking  # noqa: E402
-from handoffd.mech import KRB5, import_session  # noqa: E402
+from handoffd.mech import (  # noqa: E402
+    KRB5,
+    AcceptorFactory,
+    AcceptorHandshake,
+    import_session,
+)
 from handoffd.mech.krb5 import Krb5AcceptorFactory  # noqa: E402
 from handoffd.minor import Minor  # noqa: E402
 from handoffd.runtime.client import connect, open_krb5_stream  # noqa: E402
@@ -276,14 +281,15 @@ async def test_a_krb5_client_is_bad_mech_where_only_noise_is_enabled(
         await daemon.stop()
 
 
-async def test_mit_export_imports_twice_but_a_handoff_imports_once(
-        realm: Realm, tmp_path: Path) -> None:
-    """The acceptor's export replayed: MIT alone takes it twice; handoffd's sealed
-    handoff is refused by a second worker and by the same worker again."""
+async def _handshake_in_process(realm: Realm) -> tuple[
+        SecureStream, trio.SocketStream, AcceptorFactory, AcceptorHandshake, FrameDecoder]:
+    """A krb5 client with a ticket and the acceptor's side of its handshake, both in this
+    process over loopback TCP: (client stream, the acceptor's end of the connection, the
+    mechanism picked by OID, its established context, the decoder holding what was read
+    past the handshake)."""
     factory = Krb5AcceptorFactory(keytab=realm.keytab, service=SERVICE)
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    transport = await trio.open_tcp_stream("127.0.0.1", port)
+    transport = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
     server_side = await listener.accept()
     await listener.aclose()
     client: SecureStream | None = None
@@ -297,7 +303,16 @@ async def test_mit_export_imports_twice_but_a_handoff_imports_once(
         nursery.start_soon(run_client)
         mechanism, context = await accept_any_handshake(
             server_side, {factory.info.oid_der: factory}, decoder)
-    assert client is not None and mechanism.info is KRB5
+    assert client is not None
+    return client, server_side, mechanism, context, decoder
+
+
+async def test_mit_export_imports_twice_but_a_handoff_imports_once(
+        realm: Realm, tmp_path: Path) -> None:
+    """The acceptor's export replayed: MIT alone takes it twice; handoffd's sealed
+    handoff is refused by a second worker and by the same worker again."""
+    client, server_side, mechanism, context, decoder = await _handshake_in_process(realm)
+    assert mechanism.info is KRB5
     inner = context.export(unread=decoder.unread())
     # MIT's token: two live copies, no complaint.
     first, _ = import_session(KRB5, inner, clock=trio.current_time)
@@ -432,23 +447,7 @@ async def test_imported_session_mic_and_a_tampered_token_keep_the_library_status
         realm: Realm) -> None:
     from handoffd.status import GSS_S_BAD_SIG, GSS_S_NO_CONTEXT
 
-    factory = Krb5AcceptorFactory(keytab=realm.keytab, service=SERVICE)
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    transport = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
-    server_side = await listener.accept()
-    await listener.aclose()
-    client: SecureStream | None = None
-
-    async def run_client() -> None:
-        nonlocal client
-        client = await open_krb5_stream(transport, service=SERVICE)
-
-    decoder = FrameDecoder()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_client)
-        _, context = await accept_any_handshake(
-            server_side, {factory.info.oid_der: factory}, decoder)
-    assert client is not None
+    client, server_side, _, context, _ = await _handshake_in_process(realm)
     inner = context.export()
     with pytest.raises(GSSError) as dead:
         context.export()
@@ -471,7 +470,7 @@ async def test_imported_session_mic_and_a_tampered_token_keep_the_library_status
     with pytest.raises(GSSError) as gone:
         worker.wrap(b"x")
     assert gone.value.major == GSS_S_NO_CONTEXT
-    await transport.aclose()
+    await client.transport.aclose()
     await server_side.aclose()
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "AcceptorFactory",
     "AcceptorHandshake",
     "MechanismInfo",
+    "PerMessage",
     "Session",
     "Unwrapped",
     "acceptor_factories",
@@ -63,7 +64,17 @@ class Unwrapped(Protocol):
     def supplementary(self) -> int: ...
 
 
-class Session(Protocol):
+class PerMessage(Protocol):
+    """Per-message protection of an established context, initiator or acceptor: all a
+    :class:`handoffd.runtime.stream.SecureStream` needs."""
+
+    def wrap(self, data: bytes, conf_req: bool = True, qop: int = 0) -> bytes: ...
+    def unwrap(self, token: bytes) -> Unwrapped: ...
+    def get_mic(self, message: bytes, qop: int = 0) -> bytes: ...
+    def verify_mic(self, message: bytes, token: bytes) -> int: ...
+
+
+class Session(PerMessage, Protocol):
     """An established (imported) context: the per-message surface a worker uses."""
 
     @property
@@ -77,10 +88,6 @@ class Session(Protocol):
     @property
     def context_id(self) -> str: ...
 
-    def wrap(self, data: bytes, conf_req: bool = True, qop: int = 0) -> bytes: ...
-    def unwrap(self, token: bytes) -> Unwrapped: ...
-    def get_mic(self, message: bytes, qop: int = 0) -> bytes: ...
-    def verify_mic(self, message: bytes, token: bytes) -> int: ...
     def delete(self) -> None: ...
 
 

@@ -25,11 +25,10 @@ import importlib
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from handoffd.core.context import Flags
+from handoffd.core.context import Flags, Unwrapped
 from handoffd.mech import KRB5, MechanismInfo
 from handoffd.minor import Minor
 from handoffd.status import (
@@ -104,14 +103,6 @@ def _flags(context: Any) -> Flags:
     return Flags(value & _KNOWN_FLAGS)
 
 
-@dataclass(frozen=True, slots=True)
-class _Unwrapped:
-    data: bytes
-    conf_state: bool
-    supplementary: int
-    qop_state: int = 0
-
-
 class Krb5Session:
     """An established krb5 context: wrap/unwrap/MIC; what a worker serves a client with."""
 
@@ -160,11 +151,11 @@ class Krb5Session:
         with _library_calls():
             return bytes(self._open().wrap(data, conf_req).message)
 
-    def unwrap(self, token: bytes) -> _Unwrapped:
+    def unwrap(self, token: bytes) -> Unwrapped:
         """Open a wrap token; a replayed or reordered one raises with its supplementary bits."""
         with _library_calls():
             result = self._open().unwrap(token)
-        return _Unwrapped(bytes(result.message), bool(result.encrypted), 0)
+        return Unwrapped(bytes(result.message), bool(result.encrypted), 0)
 
     def get_mic(self, message: bytes, qop: int = 0) -> bytes:
         """An RFC 4121 MIC token."""

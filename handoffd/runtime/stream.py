@@ -11,8 +11,6 @@ frame raises the GSS status the peer reported.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import trio
 
 from handoffd.core.framing import (
@@ -24,6 +22,7 @@ from handoffd.core.framing import (
     encode_error,
     encode_frame,
 )
+from handoffd.mech import PerMessage
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_DEFECTIVE_TOKEN, GSS_S_FAILURE, GSSError
 
@@ -32,20 +31,6 @@ MAX_CHUNK = 16 * 1024
 that the AEAD call dominates the per-token overhead."""
 
 _READ_SIZE = 64 * 1024
-
-
-class _Unwrapped(Protocol):
-    @property
-    def data(self) -> bytes: ...
-    @property
-    def supplementary(self) -> int: ...
-
-
-class _Context(Protocol):
-    def wrap(self, data: bytes, conf_req: bool = True, qop: int = 0) -> bytes: ...
-    def unwrap(self, token: bytes) -> _Unwrapped: ...
-    def get_mic(self, message: bytes, qop: int = 0) -> bytes: ...
-    def verify_mic(self, message: bytes, token: bytes) -> int: ...
 
 
 class SecureStream(trio.abc.Stream):
@@ -61,7 +46,7 @@ class SecureStream(trio.abc.Stream):
     def __init__(
         self,
         transport: trio.abc.Stream,
-        context: _Context,
+        context: PerMessage,
         *,
         decoder: FrameDecoder | None = None,
         info: dict[str, object] | None = None,
