@@ -6,15 +6,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from handoffd.core.context import InitiatorContext
+from handoffd.core.framing import FrameDecoder, FrameType, encode_frame, wrap_first_token
 from handoffd.runtime.client import connect
 from handoffd.runtime.control import query_control
 from handoffd.runtime.stream import SecureStream
+from handoffd.runtime.wire import read_frame
 from handoffd.status import GSSError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,3 +170,18 @@ async def _read_exactly(stream: SecureStream, size: int) -> bytes:
             raise EOFError("closed early")
         data += chunk
     return data
+
+
+async def pipelined_client(daemon: RunningDaemon, early: list[bytes]) -> SecureStream:
+    """A client whose first messages ride in the segment of its last handshake token."""
+    transport = await trio.open_tcp_stream(daemon.host, daemon.port)
+    context = InitiatorContext(static_key=None, server_fingerprint=daemon.fingerprint,
+                               clock=time.time, random=os.urandom)
+    decoder = FrameDecoder()
+    _, first = context.step(None)
+    await transport.send_all(encode_frame(FrameType.HANDSHAKE, wrap_first_token(first)))
+    second = await read_frame(transport, decoder)
+    _, third = context.step(second.body)
+    await transport.send_all(encode_frame(FrameType.HANDSHAKE, third) + b"".join(
+        encode_frame(FrameType.MESSAGE, context.wrap(data)) for data in early))
+    return SecureStream(transport, context, decoder=decoder)

@@ -9,19 +9,15 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from handoffd import keyfiles
-from handoffd.core.context import InitiatorContext
-from handoffd.core.framing import FrameDecoder, FrameType, encode_frame, wrap_first_token
+from handoffd.core.framing import FrameType, encode_frame
 from handoffd.runtime.client import connect
-from handoffd.runtime.stream import SecureStream
-from handoffd.runtime.wire import read_frame
-from tests.daemon_harness import REPO, start_daemon
+from tests.daemon_harness import REPO, pipelined_client, start_daemon
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -67,19 +63,8 @@ async def test_bytes_pipelined_after_the_last_handshake_message_reach_the_worker
     the acceptor read it before exporting, and it must arrive at the worker."""
     daemon = await start_daemon(tmp_path, workers=1)
     try:
-        transport = await trio.open_tcp_stream(daemon.host, daemon.port)
-        context = InitiatorContext(static_key=None, server_fingerprint=daemon.fingerprint,
-                                   clock=time.time, random=os.urandom)
-        decoder = FrameDecoder()
-        _, first = context.step(None)
-        await transport.send_all(encode_frame(FrameType.HANDSHAKE, wrap_first_token(first)))
-        second = await read_frame(transport, decoder)
-        _, third = context.step(second.body)
-        early = [context.wrap(b"sent before the handshake was even answered\n"),
-                 context.wrap(b"and a second one\n")]
-        await transport.send_all(encode_frame(FrameType.HANDSHAKE, third)
-                                 + b"".join(encode_frame(FrameType.MESSAGE, t) for t in early))
-        stream = SecureStream(transport, context, decoder=decoder)
+        stream = await pipelined_client(daemon, [b"sent before the handshake was even answered\n",
+                                                 b"and a second one\n"])
         async with stream:
             received = b""
             expected = b"sent before the handshake was even answered\nand a second one\n"

@@ -18,18 +18,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from handoffd.core.context import InitiatorContext
-from handoffd.core.framing import FrameDecoder, FrameType, encode_frame, wrap_first_token
 from handoffd.minor import Minor
 from handoffd.runtime.client import open_secure_stream
 from handoffd.runtime.stream import SecureStream
-from handoffd.runtime.wire import read_frame
 from handoffd.status import GSSError
 from tests.daemon_harness import (
     REPO,
@@ -38,6 +34,7 @@ from tests.daemon_harness import (
     RunningDaemon,
     _fingerprint,
     echo_session,
+    pipelined_client,
     start_daemon,
     write_config,
 )
@@ -85,19 +82,6 @@ async def settled_fds(daemon: RunningDaemon) -> int:
             count = now
 
 
-async def pipelined_client(daemon: RunningDaemon, early: list[bytes]) -> SecureStream:
-    """A client whose first messages ride in the segment of its last handshake token."""
-    transport = await trio.open_tcp_stream(daemon.host, daemon.port)
-    context = InitiatorContext(static_key=None, server_fingerprint=daemon.fingerprint,
-                               clock=time.time, random=os.urandom)
-    decoder = FrameDecoder()
-    _, first = context.step(None)
-    await transport.send_all(encode_frame(FrameType.HANDSHAKE, wrap_first_token(first)))
-    second = await read_frame(transport, decoder)
-    _, third = context.step(second.body)
-    await transport.send_all(encode_frame(FrameType.HANDSHAKE, third) + b"".join(
-        encode_frame(FrameType.MESSAGE, context.wrap(data)) for data in early))
-    return SecureStream(transport, context, decoder=decoder)
 
 
 async def read_until(stream: SecureStream, size: int) -> bytes:
