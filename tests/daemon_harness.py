@@ -144,7 +144,7 @@ async def echo_session(daemon: RunningDaemon, messages: int = 5) -> int:
     """One client: read the worker pid line, then verify ``messages`` echoes. Returns the pid."""
     stream = await daemon.connect()
     async with stream:
-        pid_line = await _read_line(stream)
+        pid_line = await read_line(stream)
         for i in range(messages):
             payload = f"message {i} ".encode() * (i + 1)
             await stream.send_all(payload)
@@ -152,12 +152,13 @@ async def echo_session(daemon: RunningDaemon, messages: int = 5) -> int:
     return int(pid_line)
 
 
-async def _read_line(stream: SecureStream) -> bytes:
+async def read_line(stream: SecureStream) -> bytes:
+    """Plaintext up to and including the next newline; EOFError at the peer's CLOSE."""
     data = b""
     while not data.endswith(b"\n"):
         chunk = await stream.receive_some(1)
         if not chunk:
-            raise EOFError("closed before the pid line")
+            raise EOFError("closed before a full line")
         data += chunk
     return data
 

@@ -27,8 +27,8 @@ from handoffd.kernel.channel import FLAG_FD, HEADER, MAGIC, VERSION
 from handoffd.minor import Minor
 from handoffd.runtime.daemon import prepare_handoff
 from handoffd.runtime.stream import SecureStream
-from tests.daemon_harness import REPO, RunningDaemon, echo_session, start_daemon
-from tests.test_worker_library import Harness, read_line, trio_clock, worker_harness
+from tests.daemon_harness import REPO, RunningDaemon, echo_session, read_line, start_daemon
+from tests.test_worker_library import Harness, trio_clock, worker_harness
 
 MAX_PAYLOAD = 65536  # the worker channel's default limit
 

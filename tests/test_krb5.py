@@ -52,6 +52,7 @@ from tests.daemon_harness import (  # noqa: E402
     SITE_PACKAGES,
     SYSTEM_PYTHON,
     RunningDaemon,
+    read_line,
     start_daemon,
 )
 
@@ -101,15 +102,6 @@ def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
 def krb5_config(realm: Realm, mechanisms: str = '["krb5", "noise"]') -> str:
     return (f"[server]\nmechanisms = {mechanisms}\n"
             f"[krb5]\nkeytab = {str(realm.keytab)!r}\nservice = {SERVICE!r}\n")
-
-
-async def read_line(stream: SecureStream) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = await stream.receive_some(1)
-        assert chunk, "closed before a full line"
-        data += chunk
-    return data
 
 
 async def krb5_connect(daemon: RunningDaemon, service: str = SERVICE) -> SecureStream:

@@ -28,6 +28,7 @@ from handoffd.runtime.daemon import prepare_handoff, spawn_worker
 from handoffd.runtime.process import ChildProcess
 from handoffd.runtime.stream import SecureStream
 from handoffd.runtime.wire import accept_handshake
+from tests.daemon_harness import read_line
 
 SERVER_KEY = StaticKeyPair.generate(os.urandom)
 
@@ -100,15 +101,6 @@ async def worker_harness() -> AsyncIterator[Harness]:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def read_line(stream: SecureStream) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = await stream.receive_some(1)
-        assert chunk, "closed before a full line"
-        data += chunk
-    return data
 
 
 async def test_genuine_handoff_is_served() -> None:

@@ -26,7 +26,7 @@ from tests.daemon_harness import (
     SITE_PACKAGES,
     SYSTEM_PYTHON,
     _read_exactly,
-    _read_line,
+    read_line,
     start_daemon,
 )
 
@@ -57,7 +57,7 @@ async def test_workers_run_as_the_configured_user_and_cannot_read_the_server_key
         for _ in range(3):
             stream = await daemon.connect()
             async with stream:
-                report = json.loads(await _read_line(stream))
+                report = json.loads(await read_line(stream))
                 await stream.send_all(b"still echoed")
                 assert await _read_exactly(stream, 12) == b"still echoed"
             assert (report["uid"], report["euid"], report["gid"]) == (uid, uid, gid)
