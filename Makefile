@@ -1,5 +1,8 @@
 # handoffd: all set-up happens here, so a fresh machine needs only `make demo` or `make test`.
-PYTHON ?= python3
+# The supervisor runs the acceptor and the workers under uids of their own, which must be
+# able to execute the venv's interpreter: a python under /root (pyenv) is out of their
+# reach, so the venv is made from the system's python3.11 where there is one.
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)

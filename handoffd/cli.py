@@ -64,12 +64,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from handoffd.config import load_config
     from handoffd.logs import setup_logging
     from handoffd.runtime.daemon import Daemon
+    from handoffd.runtime.supervisor import Supervisor, process_plan
 
     config = load_config(args.config)
     if args.check:
         return _check_config(config)
+    plan = process_plan(config)
+    if plan.separated:
+        # Root (or CAP_SETUID/SETGID/KILL): this process stays the supervisor, and the
+        # acceptor and workers run under their own uids.
+        setup_logging(config.log.level, config.log.format, role="supervisor")
+        return trio.run(Supervisor(config, plan).run)
     setup_logging(config.log.level, config.log.format, role="acceptor")
-    trio.run(Daemon(config).run)
+    trio.run(Daemon(config, privsep=plan.describe()).run)
     return 0
 
 
@@ -137,10 +144,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"handoffd pid {snapshot['pid']} {snapshot['state']}, up {snapshot['uptime_s']:.0f}s, "
           f"key parking: {snapshot['key_parking']}, listening on "
           f"{', '.join(snapshot['listen'])}")
-    print(f"{'worker':>6} {'pid':>8} {'state':>9} {'in-flight':>9} {'handled':>8} {'restarts':>8}")
+    privsep = snapshot.get("privilege_separation") or {}
+    if privsep:
+        print(("INSECURE: " if privsep["insecure_same_uid"] else "separated: ")
+              + f"acceptor uid {privsep['acceptor_uid']}, workers {privsep['workers']}")
+    print(f"{'worker':>6} {'pid':>8} {'uid':>7} {'state':>9} {'in-flight':>9} {'handled':>8} "
+          f"{'restarts':>8}")
     for w in snapshot["workers"]:
-        print(f"{w['index']:>6} {w['pid'] or '-':>8} {w['state']:>9} {w['in_flight']:>9} "
-              f"{w['handled']:>8} {w['restarts']:>8}")
+        print(f"{w['index']:>6} {w['pid'] or '-':>8} {w.get('uid') or '-':>7} {w['state']:>9} "
+              f"{w['in_flight']:>9} {w['handled']:>8} {w['restarts']:>8}")
     print("totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     if latency["p50"] is not None:
         print(f"handoff latency: p50 {latency['p50']:.0f} us, p99 {latency['p99']:.0f} us")
@@ -161,7 +173,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from handoffd.doctor import run_doctor
 
-    return run_doctor(json_output=args.json)
+    return run_doctor(json_output=args.json, config=args.config)
 
 
 def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -207,8 +219,10 @@ def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                    "(default host@HOST)")
     p.set_defaults(handler=_cmd_connect)
 
-    p = sub.add_parser("doctor", help="check this host: keyring, pidfds, LSM labels, limits")
+    p = sub.add_parser("doctor", help="check this host: keyring, pidfds, LSM labels, limits, "
+                       "privilege separation")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--config", help="also check which uids serve would run this config under")
     p.set_defaults(handler=_cmd_doctor)
 
 

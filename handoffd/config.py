@@ -46,6 +46,13 @@ class ServerConfig:
     backlog: int = 1024
     mechanisms: tuple[str, ...] = ("noise",)
     """Mechanisms offered (``noise``, ``krb5``); the client's first token picks one."""
+    user: str | None = None
+    """The acceptor's user (name or uid).  ``serve`` started as root (or with
+    CAP_SETUID/CAP_SETGID/CAP_KILL) stays a small supervisor and runs the acceptor,
+    which holds the key, as this user; required then, and never root."""
+    group: str | None = None
+    """The acceptor's group (name or gid); None: ``user``'s primary group (or gid =
+    uid for a uid with no passwd entry)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,18 @@ class WorkersConfig:
     the acceptor's own files (server key, krb5 keytab) are out of their reach by
     permissions; None: the acceptor's user."""
     group: str | None = None
-    """The spawned workers' group (name or gid); None: ``user``'s primary group."""
+    """The spawned workers' group (name or gid); None: ``user``'s primary group (with
+    ``uid_range``: gid = the worker's uid)."""
+    uid_range: tuple[int, ...] = ()
+    """``[first, last]``: one uid per worker from this range (no passwd entries needed),
+    so workers cannot read each other's memory either; needs the supervisor (root).
+    Excludes ``user``."""
+    insecure_same_uid: bool = False
+    """Opt in to workers under the acceptor's uid (a compromised worker can then read
+    the server key from the acceptor's memory); warned at every start, shown in
+    ``status`` and ``doctor``.  Off: ``serve`` refuses to start that way."""
+    register_group: str | None = None
+    """Group of ``register_socket`` (mode 0660); None: root's / the acceptor's group."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,8 @@ _POSITIVE: frozenset[tuple[str, str]] = frozenset({
     ("workers", "drain_timeout"), ("workers", "restart_backoff_max"),
     ("workers", "boot_failures_max"),
 })
+
+UID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to setresuid
 
 
 def _invalid(where: str, why: str) -> GSSError:
@@ -241,7 +261,7 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
         raise _invalid("[server] allow_anonymous",
                        "false with no allowed_clients file would refuse every client")
     _check_mechanisms(config)
-    worker_credentials(config.workers)
+    _check_identities(config)
     for address in config.server.listen:
         parse_address(address)
     if config.control.metrics is not None:
@@ -249,31 +269,81 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
     return config
 
 
-def worker_credentials(workers: WorkersConfig) -> tuple[int, int] | None:
+def _check_identities(config: Config) -> None:
+    workers, policy = config.workers, config.policy
+    if workers.uid_range:
+        if len(workers.uid_range) != 2 or not 0 < workers.uid_range[0] <= workers.uid_range[1] \
+                or workers.uid_range[1] > UID_MAX:
+            raise _invalid("[workers] uid_range", "expected [first, last] with 0 < first <= last")
+        if workers.user is not None:
+            raise _invalid("[workers] uid_range", "give either user or uid_range, not both")
+        size = workers.uid_range[1] - workers.uid_range[0] + 1
+        if size < workers.count:
+            raise _invalid("[workers] uid_range",
+                           f"{size} uids for {workers.count} workers (a draining worker keeps "
+                           "its uid: give at least twice count)")
+    acceptor_credentials(config.server)
+    worker_credentials(workers, check_switch=False)
+    if workers.register_socket is not None and not (
+            policy.worker_uids or policy.worker_gids or policy.worker_labels):
+        raise _invalid("[workers] register_socket",
+                       "external registration needs [policy] worker_uids, worker_gids or "
+                       "worker_labels naming who may register (nobody is admitted by default)")
+    if workers.register_group is not None:
+        group_id("[workers] register_group", workers.register_group)
+
+
+def group_id(where: str, group: str) -> int:
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise _invalid(where, f"no such group {group!r}") from None
+
+
+def _user_ids(where: str, user: str) -> tuple[int, int]:
+    """``(uid, primary gid)``; a number with no passwd entry is its own gid."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if user.isdigit() and int(user) <= UID_MAX:
+            return int(user), int(user)
+        raise _invalid(where, f"no such user {user!r}") from None
+    except OverflowError:
+        raise _invalid(where, f"no such user {user!r}") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def acceptor_credentials(server: ServerConfig) -> tuple[int, int] | None:
+    """``(uid, gid)`` the supervisor runs the acceptor as; None when ``user`` is unset."""
+    if server.user is None:
+        if server.group is not None:
+            raise _invalid("[server] group", "needs [server] user")
+        return None
+    uid, gid = _user_ids("[server] user", server.user)
+    if uid == 0:
+        raise _invalid("[server] user", "the acceptor never runs as root")
+    if server.group is not None:
+        gid = group_id("[server] group", server.group)
+    return uid, gid
+
+
+def worker_credentials(workers: WorkersConfig, *,
+                       check_switch: bool = True) -> tuple[int, int] | None:
     """``(uid, gid)`` spawned workers run as, from ``[workers] user``/``group``.
 
-    None when neither is set (workers keep the acceptor's credentials).  Unknown
-    names, and a switch of user by an acceptor that is not root, are config errors.
+    None when neither is set (workers keep the acceptor's credentials, or take theirs
+    from ``uid_range``).  Unknown names are config errors; with ``check_switch``, so is
+    a switch of user by a process that is not root.
     """
     if workers.user is None and workers.group is None:
         return None
-    try:
-        if workers.user is None:
-            uid = os.getuid()
-            gid = os.getgid()
-        else:
-            entry = pwd.getpwuid(int(workers.user)) if workers.user.isdigit() \
-                else pwd.getpwnam(workers.user)
-            uid, gid = entry.pw_uid, entry.pw_gid
-    except (KeyError, OverflowError):
-        raise _invalid("[workers] user", f"no such user {workers.user!r}") from None
+    if workers.user is None:
+        uid, gid = os.getuid(), os.getgid()
+    else:
+        uid, gid = _user_ids("[workers] user", workers.user)
     if workers.group is not None:
-        try:
-            gid = int(workers.group) if workers.group.isdigit() \
-                else grp.getgrnam(workers.group).gr_gid
-        except KeyError:
-            raise _invalid("[workers] group", f"no such group {workers.group!r}") from None
-    if os.geteuid() != 0 and (uid, gid) != (os.getuid(), os.getgid()):
+        gid = group_id("[workers] group", workers.group)
+    if check_switch and os.geteuid() != 0 and (uid, gid) != (os.getuid(), os.getgid()):
         raise _invalid("[workers] user", "switching the workers' user needs a root acceptor")
     return uid, gid
 

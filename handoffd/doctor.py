@@ -106,10 +106,38 @@ def _versions() -> Check:
     return Check("versions", True, ", ".join(parts), "")
 
 
-def run_doctor(*, json_output: bool = False) -> int:
+def _check_separation(config_path: str | None) -> Check:
+    """Which uid would run what: the process plan ``serve`` makes from the config."""
+    from handoffd.kernel.privileges import can_switch_users
+
+    privileged = can_switch_users()
+    if config_path is None:
+        return Check("privilege separation", privileged,
+                     "this process can run the acceptor and workers under their own uids"
+                     if privileged else f"uid {os.getuid()} cannot switch uids",
+                     "" if privileged else "serve must start as root (or with CAP_SETUID, "
+                     "CAP_SETGID, CAP_KILL) to separate; give --config to check a config")
+    from handoffd.config import load_config
+    from handoffd.runtime.supervisor import process_plan
+
+    try:
+        plan = process_plan(load_config(config_path), privileged=privileged)
+    except GSSError as error:
+        return Check("privilege separation", False, f"serve would refuse to start: {error}",
+                     "see docs/PRIVSEP.md")
+    described = plan.describe()
+    if described["insecure_same_uid"]:
+        return Check("privilege separation", False,
+                     f"INSECURE: workers run as {described['workers']}",
+                     "a compromised worker can read the server key from the acceptor's memory")
+    return Check("privilege separation", True,
+                 f"acceptor uid {described['acceptor_uid']}, workers: {described['workers']}", "")
+
+
+def run_doctor(*, json_output: bool = False, config: str | None = None) -> int:
     """Print the checks; exit status 0 even with warnings (the daemon still runs)."""
     checks = [_versions(), _check_keyring(), _check_quota(), _check_pidfd(), _check_labels(),
-              _check_nofile()]
+              _check_nofile(), _check_separation(config)]
     mode = "keyring" if checks[1].ok else "fallback"
     if json_output:
         print(json.dumps({"mode": mode, "checks": [asdict(c) for c in checks]}, indent=2))

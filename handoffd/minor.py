@@ -135,6 +135,14 @@ class Minor(IntEnum):
     REGISTRATION_REFUSED = 615
     MESSAGE_OUT_OF_SEQUENCE = 616
     STREAM_TRUNCATED = 617
+    BIND_FAILED = 618
+    # privilege separation: supervisor, acceptor and worker uids (650+)
+    PRIVSEP_SAME_UID = 650
+    PRIVSEP_NOT_PERMITTED = 651
+    SUPERVISOR_LINK = 652
+    SUPERVISOR_SPAWN_FAILED = 653
+    SUPERVISOR_UIDS_EXHAUSTED = 654
+    ACCEPTOR_DIED = 655
     # systemd adapter (680+)
     SYSTEMD_NOTIFY_SOCKET_INVALID = 680
     SYSTEMD_WATCHDOG_INVALID = 681
@@ -254,6 +262,16 @@ _TEXT: Final[dict[Minor, str]] = {
     "(replayed, dropped or reordered on the way)",
     Minor.STREAM_TRUNCATED: "The connection ended without the peer's authenticated CLOSE, "
     "so what arrived may have been cut short",
+    Minor.PRIVSEP_SAME_UID: "Workers would run under the acceptor's uid, which lets a "
+    "compromised worker read the server key (set [workers] insecure_same_uid to allow it)",
+    Minor.PRIVSEP_NOT_PERMITTED: "Running the acceptor and workers under their own uids "
+    "needs root or CAP_SETUID, CAP_SETGID and CAP_KILL",
+    Minor.SUPERVISOR_LINK: "A message between the supervisor and the acceptor is malformed "
+    "or the link is gone",
+    Minor.SUPERVISOR_SPAWN_FAILED: "The supervisor could not start a process",
+    Minor.SUPERVISOR_UIDS_EXHAUSTED: "Every uid of [workers] uid_range is in use",
+    Minor.ACCEPTOR_DIED: "The acceptor process died",
+    Minor.BIND_FAILED: "Could not bind a listening address or socket path",
     Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
     "nor an abstract @name",
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",

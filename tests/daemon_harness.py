@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 
 import trio
 
+from examples.echo.demo import separation_lines
 from handoffd.core.context import InitiatorContext
 from handoffd.core.framing import FrameDecoder, FrameType, encode_frame, wrap_first_token
 from handoffd.runtime.client import connect
@@ -27,6 +29,26 @@ REPO = Path(__file__).resolve().parents[1]
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 SITE_PACKAGES = REPO / ".venv" / "lib" / "python3.11" / "site-packages"
 
+# Run as root (CI), ``serve`` keeps a supervisor and runs the acceptor and each worker
+# under uids of their own: numeric uids with no passwd entry, a block per daemon so
+# that two daemons of one test never share a worker uid.
+_UID_BLOCKS = itertools.count()
+
+
+def separated_uids() -> tuple[int, tuple[int, int]]:
+    """A fresh ``(acceptor uid, (first, last) worker uids)`` block."""
+    base = 62000 + 100 * (next(_UID_BLOCKS) % 300)
+    return base, (base + 1, base + 64)
+
+
+def privsep_extra(directory: Path) -> str:
+    """Config lines for the process model ``serve`` will run in: separated uids when the
+    tests run as root, else the explicit same-uid opt-in (see the demo's
+    :func:`~examples.echo.demo.separation_lines`)."""
+    acceptor, workers = separated_uids()
+    server, worker = separation_lines(directory, acceptor, workers)
+    return f"[server]\n{server}[workers]\n{worker}"
+
 
 @dataclass
 class RunningDaemon:
@@ -37,9 +59,12 @@ class RunningDaemon:
     fingerprint: str
     control: Path
 
+    acceptor_pid: int = 0
+
     @property
     def pid(self) -> int:
-        return self.process.pid
+        """The acceptor's pid (the key holder; the supervisor is ``process.pid``)."""
+        return self.acceptor_pid or self.process.pid
 
     async def status(self) -> dict[str, Any]:
         return await query_control(self.control)
@@ -61,9 +86,13 @@ class RunningDaemon:
 
 
 def write_config(directory: Path, *, workers: int = 4, app: str = "tests.apps:pid_echo",
-                 extra: str = "") -> Path:
+                 extra: str = "", separated: bool = True) -> Path:
+    """``directory/handoffd.toml`` and a fresh key; ``extra`` lines override the
+    defaults.  ``separated``: add the process model's uids (:func:`privsep_extra`)."""
     subprocess.run([sys.executable, "-m", "handoffd", "keygen", "--out",
                     str(directory / "server.key")], check=True, capture_output=True)
+    if separated:
+        extra = privsep_extra(directory) + "\n" + extra
     config = directory / "handoffd.toml"
     sections: dict[str, list[str]] = {
         "server": ['listen = ["127.0.0.1:0"]', 'key = "server.key"'],
@@ -100,7 +129,10 @@ async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.a
     ``nofile``: a soft RLIMIT_NOFILE set before exec (root here lacks CAP_SYS_RESOURCE,
     so it cannot ``prlimit`` a process of another user afterwards).
     """
-    config = write_config(directory, workers=workers, app=app, extra=extra)
+    if user is not None:  # an unprivileged serve: workers can only share its uid
+        extra = "[workers]\ninsecure_same_uid = true\n" + extra
+    config = write_config(directory, workers=workers, app=app, extra=extra,
+                          separated=user is None)
     fingerprint = _fingerprint(directory / "server.key.pub")
     if user is not None:  # the daemon's user must own its directory, key and config
         for path in (directory, *directory.iterdir()):
@@ -130,7 +162,8 @@ async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.a
                 pass
             await trio.sleep(0.05)
     host, port = status["listen"][0].rsplit(":", 1)
-    return RunningDaemon(process, directory, host, int(port), fingerprint, control)
+    return RunningDaemon(process, directory, host.strip("[]"), int(port), fingerprint, control,
+                         acceptor_pid=status["pid"])
 
 
 def _fingerprint(public_key: Path) -> str:
@@ -186,3 +219,38 @@ async def pipelined_client(daemon: RunningDaemon, early: list[bytes]) -> SecureS
     await transport.send_all(encode_frame(FrameType.HANDSHAKE, third) + b"".join(
         encode_frame(FrameType.MESSAGE, context.wrap(data)) for data in early))
     return SecureStream(transport, context, decoder=decoder)
+
+
+def owner_of(pid: int) -> tuple[int, int]:
+    """The real ``(uid, gid)`` of a running process."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0])
+
+
+def set_nofile(pid: int, soft: int, hard: int | None = None) -> tuple[int, int]:
+    """Set ``pid``'s RLIMIT_NOFILE; returns the old ``(soft, hard)``.
+
+    Root here lacks CAP_SYS_RESOURCE, so a process of another uid (the acceptor, a
+    worker) is changed by ``prlimit`` run as that process's own uid and gid."""
+    import resource
+
+    with open(f"/proc/{pid}/limits") as limits:  # prlimit() reads need the same rights
+        line = next(row for row in limits if row.startswith("Max open files"))
+    old = (int(line.split()[3]), int(line.split()[4]))
+    hard = old[1] if hard is None else hard
+    uid, gid = owner_of(pid)
+    if uid == os.getuid():
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    else:
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True,
+                       user=uid, group=gid, extra_groups=[], cwd="/", capture_output=True)
+    return old
+
+
+def shared_dir(directory: Path) -> Path:
+    """``directory/shared``, writable by every uid (sticky): for files the workers write."""
+    path = directory / "shared"
+    path.mkdir(exist_ok=True)
+    os.chmod(path, 0o1777)
+    return path

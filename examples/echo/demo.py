@@ -27,21 +27,58 @@ from handoffd.status import GSSError
 REPO = Path(__file__).resolve().parents[2]
 
 
+DEMO_ACCEPTOR_UID = 69999
+DEMO_WORKER_UIDS = (70000, 70063)
+"""Run as root, the demo's acceptor and workers get these uids (no passwd entries
+needed): the key holder and each worker under a uid of its own."""
+
+
+def open_to(directory: Path) -> None:
+    """Let other uids traverse ``directory`` and any 0700 directory above it (up to /tmp)."""
+    for path in (directory, *directory.parents):
+        if str(path) in ("/", "/tmp"):
+            break
+        mode = os.stat(path).st_mode & 0o7777
+        if mode & 0o011 != 0o011:
+            os.chmod(path, mode | 0o011)
+
+
+def separation_lines(directory: Path, acceptor_uid: int = DEMO_ACCEPTOR_UID,
+                     worker_uids: tuple[int, int] = DEMO_WORKER_UIDS) -> tuple[str, str]:
+    """``([server] lines, [workers] lines)`` for the process model serve can run here.
+
+    As root: the acceptor under ``acceptor_uid`` (it gets the key and traverse rights on
+    ``directory``), one uid per worker from ``worker_uids``.  Otherwise workers can only
+    share the acceptor's uid: the explicit, warned-about opt-in."""
+    if os.geteuid() != 0:
+        return "", "insecure_same_uid = true\n"
+    open_to(directory)
+    for name in ("server.key", "server.key.pub"):
+        if (directory / name).exists():
+            os.chown(directory / name, acceptor_uid, acceptor_uid)
+    return (f'user = "{acceptor_uid}"\n',
+            f"uid_range = [{worker_uids[0]}, {worker_uids[1]}]\n")
+
+
 def write_config(directory: Path, workers: int, *, app: str = "examples.echo.app:handler",
                  log_level: str | None = None) -> Path:
     """``directory/handoffd.toml``: loopback, any free port, anonymous clients, the
-    key ``server.key`` and the control socket ``control.sock`` beside it (also used by
-    ``make bench`` and ``make soak``)."""
+    key ``server.key`` (made before) and the control socket ``control.sock`` beside it,
+    separated uids where this process can switch uids (also used by ``make bench`` and
+    ``make soak``)."""
+    server_lines, worker_lines = separation_lines(directory)
     config = directory / "handoffd.toml"
     config.write_text(
         "[server]\n"
         'listen = ["127.0.0.1:0"]\n'
         'key = "server.key"\n'
         "allow_anonymous = true\n"
+        + server_lines +
         "[workers]\n"
         f'app = "{app}"\n'
         f"count = {workers}\n"
         f"pythonpath = [{str(REPO)!r}]\n"
+        + worker_lines +
         "[control]\n"
         'socket = "control.sock"\n'
         + ("" if log_level is None else f'[log]\nlevel = "{log_level}"\n')
@@ -114,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         fingerprint = keygen.stdout.split()[-1]
         config = write_config(directory, args.workers)
         print(f"server key   {fingerprint}")
+        if os.geteuid() == 0:
+            print(f"separation   supervisor root, acceptor uid {DEMO_ACCEPTOR_UID}, one uid per "
+                  f"worker from {DEMO_WORKER_UIDS[0]}-{DEMO_WORKER_UIDS[1]}")
+        else:
+            print(f"separation   NONE: not root, so the workers share the acceptor's uid "
+                  f"{os.getuid()} and a compromised worker could read the server key; run "
+                  "`sudo make demo` to see the acceptor and each worker under its own uid")
         daemon = subprocess.Popen([*handoffd, "serve", "--config", str(config)], cwd=REPO)
         try:
             started = time.perf_counter()
@@ -137,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 exit_status = -9
 
     served = {w["pid"]: w["handled"] for w in status["workers"] if w["handled"]}  # type: ignore[index, union-attr]
+    uids = sorted({w["uid"] for w in status["workers"] if w["handled"]})  # type: ignore[index, union-attr]
     latency = status["handoff_latency_us"]
     print(f"clients      {args.clients} concurrent, {args.messages} messages each, "
           f"{elapsed:.2f}s")
@@ -144,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"echoes       {verified} verified of {args.clients * args.messages}")
     print("workers      " + ", ".join(f"pid {pid}: {n} connections"
                                       for pid, n in sorted(served.items())))
+    print(f"worker uids  {', '.join(map(str, uids))}")
     print(f"handoff      p50 {latency['p50']:.0f} µs, p99 {latency['p99']:.0f} µs "  # type: ignore[index]
           "(handshake done -> worker acknowledged the import)")
     print("             all clients start at once, so each handoff queues behind the other\n"

@@ -72,11 +72,13 @@ __all__ = [
     "ENV_MODE",
     "ENV_SLOTS",
     "ENV_WORKER",
+    "FALLBACK",
     "FALLBACK_WEAKNESSES",
     "KEY_SIZE",
     "AcceptorParking",
     "WorkerGrant",
     "WorkerParking",
+    "join_fresh_session_keyring",
 ]
 
 log = logging.getLogger("handoffd.keyring")
@@ -150,13 +152,24 @@ def _quietly(operation: Callable[[], None]) -> None:
 _acceptor_session: int | None = None
 
 
-def _acceptor_session_keyring() -> int:
+def _acceptor_session_keyring(join: bool) -> int:
     global _acceptor_session
     current = keyring.get_keyring_id(keyring.KEY_SPEC_SESSION_KEYRING, create=True)
-    if _acceptor_session is None or current != _acceptor_session:
-        _acceptor_session = keyring.join_session_keyring(None)
-        keyring.setperm(_acceptor_session, _PERMISSIONS)
+    if not join:
+        # Privilege-separated: the supervisor joined a fresh session keyring and spawns
+        # the workers; they inherit it, so worker keyrings must be linked into it.
+        _acceptor_session = current
+    elif _acceptor_session is None or current != _acceptor_session:
+        _acceptor_session = join_fresh_session_keyring()
     return _acceptor_session
+
+
+def join_fresh_session_keyring() -> int:
+    """Join a new anonymous session keyring, possessor-only: what the processes this
+    thread spawns from now on inherit (the supervisor's, or the lone acceptor's)."""
+    session = keyring.join_session_keyring(None)
+    keyring.setperm(session, _PERMISSIONS)
+    return session
 
 
 # --- the acceptor side ------------------------------------------------------------------------
@@ -205,13 +218,15 @@ class AcceptorParking:
 
     @classmethod
     def open(cls, *, slots_per_worker: int, mode: str = "auto",
-             random: Callable[[int], bytes] = os.urandom) -> AcceptorParking:
+             random: Callable[[int], bytes] = os.urandom,
+             join_session: bool = True) -> AcceptorParking:
         """Choose the mode (``auto``, ``keyring`` or ``fallback``) and set up.
 
         ``auto`` uses the keyring when :func:`keyring.probe` finds it available and
         falls back (with a WARNING) when keyctl is refused (EPERM/ENOSYS); an
         exhausted quota is an error in every mode.  ``keyring`` fails rather than
-        fall back.  In keyring mode the calling thread joins a fresh session keyring.
+        fall back.  In keyring mode the calling thread joins a fresh session keyring,
+        unless ``join_session`` is False (the supervisor joined one for it).
         """
         if not 1 <= slots_per_worker <= MAX_SLOTS:
             raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.KEYRING_BAD_ARGUMENT,
@@ -233,7 +248,7 @@ class AcceptorParking:
                 raise GSSError(GSS_S_UNAVAILABLE, minor, f"key parking: keyring {status.value}")
             _warn_fallback("acceptor", f"keyctl {status.value}")
             return cls(FALLBACK, slots_per_worker, random, 0, 0)
-        session = _acceptor_session_keyring()
+        session = _acceptor_session_keyring(join_session)
         process = keyring.get_keyring_id(keyring.KEY_SPEC_PROCESS_KEYRING, create=True)
         return cls(KEYRING, slots_per_worker, random, session, process)
 
@@ -367,6 +382,24 @@ class AcceptorParking:
             raise GSSError(GSS_S_FAILURE, Minor.PARKING_KEY_CLAIMED,
                            "key parking: release of a slot not in flight")
         return index
+
+    def claimed(self, worker_id: bytes, key_ref: bytes) -> bool | None:
+        """Whether the worker burned the slot behind ``key_ref`` (its claim), as the
+        slot reads now; None in fallback mode, where a claim leaves no trace here.
+
+        Only an honest worker burns what it claims: a compromised one can read the key
+        and leave the slot armed, so False does not prove the token was never opened.
+        """
+        w = self._workers.get(worker_id)
+        if w is None or self.mode == FALLBACK:
+            return None
+        index = self._slot_of(w, key_ref)
+        try:
+            payload = keyring.read(w.slots[index], size_hint=_PAYLOAD.size)
+            state, generation, _ = _PAYLOAD.unpack(payload)
+        except (GSSError, struct.error):
+            return None
+        return bool(state == _BURNED and generation == w.generations[index])
 
     def remove_worker(self, worker_id: bytes) -> None:
         """The worker is gone: revoke and unlink its slots and keyring (idempotent)."""

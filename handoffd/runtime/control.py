@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from handoffd.config import parse_address
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_UNAVAILABLE, GSSError
 
@@ -34,18 +33,11 @@ log = logging.getLogger("handoffd.acceptor")
 
 
 async def serve_control(
-    daemon: Daemon, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    daemon: Daemon, bound: socket.socket, *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Answer status requests on a Unix socket until cancelled."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    path.unlink(missing_ok=True)
-    old_umask = os.umask(0o177)
-    try:
-        await sock.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    sock.listen(16)
-    listener = trio.SocketListener(sock)
+    """Answer status requests on the bound Unix socket (mode 0600) until cancelled."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(bound))
     task_status.started()
     try:
         async with trio.open_nursery() as nursery:
@@ -64,7 +56,6 @@ async def serve_control(
                 nursery.start_soon(_answer, daemon, stream)
     finally:
         await listener.aclose()
-        path.unlink(missing_ok=True)
 
 
 async def _answer(daemon: Daemon, stream: trio.SocketStream) -> None:
@@ -134,7 +125,11 @@ def render_metrics(snapshot: dict[str, Any]) -> str:
         ("handshakes_ok", "Handshakes completed"),
         ("handoffs", "Handoffs sent to workers"),
         ("acked", "Handoffs acknowledged by workers"),
-        ("redelivered", "Handoffs redelivered after a worker died"),
+        ("redelivered", "Handoffs sent again because the kernel never queued them"),
+        ("died_after_claim", "Handoffs whose worker died after claiming the key, not "
+         "redelivered"),
+        ("died_unclaimed", "Handoffs sent to a worker that died before it burned the key "
+         "slot, not redelivered (it may have read the key)"),
         ("lost", "Connections dropped after a successful handshake"),
         ("worker_restarts", "Workers restarted after dying"),
         ("accept_errors", "accept() failures for lack of resources"),
@@ -156,11 +151,11 @@ def render_metrics(snapshot: dict[str, Any]) -> str:
 
 
 async def serve_metrics(
-    daemon: Daemon, address: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    daemon: Daemon, bound: socket.socket, *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve Prometheus metrics over HTTP/1.0 on ``host:port``."""
-    host, port = parse_address(address)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Serve Prometheus metrics over HTTP/1.0 on the bound TCP socket."""
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(bound))]
     task_status.started()
 
     async def respond(stream: trio.SocketStream) -> None:

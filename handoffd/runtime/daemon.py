@@ -1,16 +1,21 @@
-"""The daemon: supervisor of the worker pool and acceptor of client connections.
+"""The acceptor: the worker pool's manager and the only holder of the server's key.
 
-One process holds the server's long-term key.  It spawns N workers (never
-forking inside ``trio.run``: :mod:`handoffd.runtime.process` fork+execs them in C),
-accepts TCP connections, runs the handshake with each client, exports the
-context, seals it with a key parked in the target worker's keyring and hands
-fd + sealed token to the worker with the fewest handoffs in flight.
+It accepts TCP connections on the sockets the supervisor bound, runs the handshake
+with each client, exports the context, seals it with a key parked in the target
+worker's keyring and hands fd + sealed token to the worker with the fewest handoffs in
+flight.  Workers are started through a :mod:`~handoffd.runtime.spawner`: by the
+supervisor under uids of their own (the default), or forked here (only with
+``[workers] insecure_same_uid``).
 
-Nothing is lost: the acceptor keeps its copy of a connection (and the
-exported state) until the worker acknowledges the import.  If the worker dies
-first, the connection is redelivered to another worker; the worker never
-touched it, because it acknowledges before its first I/O.  ``max_unacked``
-bounds handoffs in flight per worker (and is its number of key slots).
+Never a second copy: the acceptor keeps its copy of a connection until the worker
+acknowledges the import, but a handoff it has *sent* is never given to another
+worker, even if that worker dies before acknowledging: a compromised worker can read
+its parked key without burning the slot, so nothing here can prove it did not import
+the context, and a second import would reuse the first one's nonces.  Such a session
+dies with its worker and is counted (``died_after_claim`` when the slot shows the
+claim, ``died_unclaimed`` otherwise).  Only a handoff the kernel refused to queue is
+redelivered.  ``max_unacked`` bounds handoffs in flight per worker (and is its number
+of key slots).
 
 Signals: TERM/INT drain and stop, HUP rolls the workers, TTIN/TTOU grow and
 shrink the pool.
@@ -30,12 +35,11 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
 
-from handoffd.config import Config, parse_address, worker_credentials
+from handoffd.config import Config
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import (
     FD_KINDS,
@@ -51,11 +55,11 @@ from handoffd.core.seal import seal
 from handoffd.kernel.channel import Channel
 from handoffd.kernel.parking import AcceptorParking
 from handoffd.kernel.peer import PeerPolicy
-from handoffd.kernel.systemd import Notifier, listen_fds, watchdog_interval
+from handoffd.kernel.systemd import Notifier, watchdog_interval
 from handoffd.mech import NOISE, acceptor_factories
 from handoffd.minor import Minor
-from handoffd.runtime import worker as worker_lib
-from handoffd.runtime.process import ChildProcess
+from handoffd.runtime.binding import BoundSockets, bind_all, show_address
+from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
 from handoffd.runtime.wire import accept_any_handshake, send_error
 from handoffd.status import GSS_S_FAILURE, GSSError, status_name
 
@@ -85,6 +89,7 @@ class Pending:
     key_ref: bytes = b""
     deliveries: int = 0
     sent_at: float = 0.0  # time.monotonic() of the last delivery
+    sent: bool = False  # the kernel queued the HANDOFF: it never goes to another worker
 
 
 @dataclass
@@ -94,7 +99,7 @@ class Worker:
     index: int
     worker_id: bytes
     parking: AcceptorParking
-    process: ChildProcess | None = None
+    process: WorkerProcess | None = None
     external_pid: int | None = None  # registered over the socket, not spawned by us
     channel: Channel | None = None
     state: str = "starting"  # starting -> ready -> draining -> dead
@@ -127,6 +132,8 @@ class Stats:
         self.acked = 0
         self.refused_by_worker: Counter[str] = Counter()
         self.redelivered = 0
+        self.died_after_claim = 0
+        self.died_unclaimed = 0
         self.lost = 0
         self.worker_restarts = 0
         self.accept_errors = 0
@@ -147,8 +154,19 @@ class Stats:
 class Daemon:
     """The acceptor + supervisor.  Run with ``await daemon.run(task_status=...)``."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 bound: BoundSockets | None = None, spawner: Spawner | None = None,
+                 notifier: Any = None, join_session: bool = True,
+                 watchdog_period: float | None = None,
+                 privsep: dict[str, Any] | None = None) -> None:
         self.config = config
+        self.bound = bound
+        self.spawner: Spawner = spawner if spawner is not None else LocalSpawner(config)
+        self.privsep = privsep if privsep is not None else {
+            "separated": False, "acceptor_uid": os.getuid(),
+            "workers": f"uid {os.getuid()} (the acceptor's: INSECURE)",
+            "insecure_same_uid": True}
+        self._join_session = join_session
         self.clock = clock
         self.stats = Stats()
         self.workers: dict[int, Worker] = {}
@@ -165,7 +183,11 @@ class Daemon:
         # [server] key and allowed_clients, krb5 acquires its keytab's credentials.
         self.mechanisms = acceptor_factories(config, clock=clock)
         self.parking: AcceptorParking | None = None
-        self.notifier = Notifier.from_environ()
+        self.notifier = notifier if notifier is not None else Notifier.from_environ()
+        if watchdog_period is None and notifier is None:
+            interval = watchdog_interval()
+            watchdog_period = interval / 2 if interval else None
+        self._watchdog_period = watchdog_period
         self._handoff_ids = itertools.count(1)
         self._capacity = trio.Event()
         self._handshake_slots = trio.Semaphore(config.server.max_handshakes)
@@ -179,16 +201,24 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         """Start workers, then listeners; serve until SIGTERM/SIGINT or :meth:`stop`."""
+        if self.bound is None:
+            self.bound = bind_all(self.config)
         self.parking = AcceptorParking.open(
             slots_per_worker=self.config.workers.max_unacked,
-            mode=self.config.workers.keyring,
+            mode=self.config.workers.keyring, join_session=self._join_session,
         )
         log.info("key parking mode: %s", self.parking.mode)
+        if not self.privsep["separated"] or self.privsep["insecure_same_uid"]:
+            log.warning("INSECURE: workers run under the acceptor's uid %d ([workers] "
+                        "insecure_same_uid): a compromised worker can read the server key "
+                        "from the acceptor's memory (%s)", os.getuid(),
+                        Minor.PRIVSEP_SAME_UID.name)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                            signal.SIGTTIN, signal.SIGTTOU) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    nursery.start_soon(self._serve_spawner)
                     for index in range(self.target_count):
                         nursery.start_soon(self._manage_slot, index)
                     await self._wait_workers_ready()
@@ -198,7 +228,7 @@ class Daemon:
                     await self._start_operations(nursery)
                     self._notify("READY=1", f"STATUS={self._status_line()}")
                     log.info("ready: %d workers, listening on %s", len(self.workers),
-                             ", ".join(f"{h}:{p}" for h, p in self.addresses))
+                             ", ".join(show_address(h, p) for h, p in self.addresses))
                     task_status.started(self)
                     await self._handle_signals(signals)
                     await self._shutdown()
@@ -206,6 +236,7 @@ class Daemon:
         finally:
             for listener in self.listeners:
                 await listener.aclose()
+            self.bound.close(unlink=not self.spawner.separated)
             for parking in (self.parking, self._external_parking):
                 if parking is not None:
                     parking.close()
@@ -213,6 +244,12 @@ class Daemon:
                 self.notifier.close()
         if self._fatal is not None:
             raise self._fatal
+
+    async def _serve_spawner(self) -> None:
+        try:
+            await self.spawner.serve()
+        except GSSError as error:
+            self._fail(error)
 
     def stop(self) -> None:
         """Ask the daemon to drain and stop (as SIGTERM does)."""
@@ -252,15 +289,16 @@ class Daemon:
     # ------------------------------------------------------------------ external workers
 
     async def _serve_registrations(
-        self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, bound: socket.socket, *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Accept external workers on a Unix socket; policy decides who may register."""
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        path.unlink(missing_ok=True)
-        await sock.bind(str(path))
-        # Anyone may knock; SO_PEERCRED and the [policy] section decide who gets in.
-        os.chmod(path, 0o666)
-        sock.listen(64)
+        """Accept external workers on the bound Unix socket (mode 0660, ``[workers]
+        register_group``); the ``[policy]`` section decides who may register."""
+        # listen() again from this process: a registering worker's SO_PEERCRED names
+        # whoever called listen() last, and it must name the acceptor that will send it
+        # handoffs, not the supervisor that bound the socket.
+        bound.listen(64)
+        sock = trio.socket.from_stdlib_socket(bound)
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -278,12 +316,13 @@ class Daemon:
                     nursery.start_soon(self._register, conn)
         finally:
             sock.close()
-            path.unlink(missing_ok=True)
 
     def _registration_policy(self) -> PeerPolicy:
+        """Only what ``[policy]`` names (config refuses a register_socket naming nobody);
+        never the acceptor's own uid unless listed there explicitly."""
         p = self.config.policy
         return PeerPolicy(
-            uids=frozenset(p.worker_uids) if p.worker_uids else frozenset({os.getuid()}),
+            uids=frozenset(p.worker_uids) if p.worker_uids else None,
             gids=frozenset(p.worker_gids) if p.worker_gids else None,
             labels=frozenset(label.encode() for label in p.worker_labels)
             if p.worker_labels else None,
@@ -397,16 +436,8 @@ class Daemon:
 
     async def _run_worker(self, w: Worker) -> None:
         assert self.parking is not None
-        args = ["--drain-timeout", str(self.config.workers.drain_timeout),
-                "--log-level", self.config.log.level, "--log-format", self.config.log.format]
-        for path in self.config.workers.pythonpath:
-            args += ["--pythonpath", path]
-        for label in self.config.policy.acceptor_labels:
-            args += ["--acceptor-label", label]
         try:
-            w.process, w.channel = spawn_worker(
-                self.parking, w.worker_id, self.config.workers.app, args,
-                credentials=worker_credentials(self.config.workers))
+            w.process, w.channel = await self.spawner.spawn(self.parking, w.worker_id)
         except (GSSError, OSError) as error:
             # Out of keyring quota (EDQUOT), fds or processes: not the application's
             # fault, so not a boot failure; the slot retries with backoff.
@@ -426,9 +457,8 @@ class Daemon:
     async def _ack_watchdog(self, w: Worker) -> None:
         """A worker holding a handoff past ``ack_timeout`` is stuck: kill it.
 
-        Killing, not redelivering behind its back: a live worker might still claim and
-        import the handoff, and two workers would then share the client.  Once it is
-        dead, the usual path redelivers what it never acknowledged.
+        Killed with everything it spawned (the supervisor sees to that), and what it
+        was sent is not redelivered: it may have imported it (see the module docstring).
         """
         assert w.process is not None
         timeout = self.config.workers.ack_timeout
@@ -510,6 +540,26 @@ class Daemon:
         w.state = "dead"
         if w.channel is not None:
             w.channel.close()
+        unacked = list(w.in_flight.values())
+        w.in_flight.clear()
+        redeliver = []
+        for pending in unacked:
+            if not pending.sent:
+                redeliver.append(pending)
+                continue
+            # Sent: it may have been imported, so it never goes to another worker.
+            claimed = w.parking.claimed(w.worker_id, pending.key_ref)
+            if claimed:
+                self.stats.died_after_claim += 1
+            else:
+                self.stats.died_unclaimed += 1
+            log.warning("connection %s ends with worker %s, which died before it acknowledged "
+                        "handoff %d (%s): not redelivered, a second import would reuse its "
+                        "keys", pending.peer, w.pid, pending.handoff_id,
+                        "claimed" if claimed else "key slot not burned" if claimed is False
+                        else "claim not visible in fallback mode")
+            pending.inner = b""
+            self._close_copy(pending)
         w.parking.remove_worker(w.worker_id)
         if w.external:
             self.external.pop(w.worker_id, None)
@@ -529,10 +579,8 @@ class Daemon:
         if w in self.retiring:
             self.retiring.remove(w)
         w.gone.set()
-        unacked = list(w.in_flight.values())
-        w.in_flight.clear()
-        for pending in unacked:
-            # The worker never acknowledged: it never used the connection.  Send it elsewhere.
+        for pending in redeliver:
+            # Never queued to the dead worker: it never saw the token.  Send it elsewhere.
             self.stats.redelivered += 1
             log.info("redelivering handoff %d from %s (worker %s died)", pending.handoff_id,
                      pending.peer, w.pid)
@@ -578,26 +626,12 @@ class Daemon:
     # ------------------------------------------------------------------ acceptor
 
     async def _open_listeners(self) -> None:
-        activated = listen_fds()
-        if activated:
-            for sock in activated:
-                s = socket.socket(fileno=sock.fd)
-                s.setblocking(False)
-                self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(s)))
-                self.addresses.append(s.getsockname()[:2])
-            log.info("using %d socket(s) from systemd activation", len(activated))
-            return
-        for address in self.config.server.listen:
-            host, port = parse_address(address)
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            listener = trio.socket.socket(family, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            await listener.bind((host, port))
-            listener.listen(self.config.server.backlog)
-            self.listeners.append(trio.SocketListener(listener))
-            self.addresses.append(listener.getsockname()[:2])
+        assert self.bound is not None
+        for sock in self.bound.listeners:
+            self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            self.addresses.append(sock.getsockname()[:2])
+        if self.bound.activated:
+            log.info("using %d socket(s) from systemd activation", len(self.listeners))
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         assert self._nursery is not None
@@ -700,7 +734,8 @@ class Daemon:
             except GSSError as error:
                 if (error.minor == Minor.CHANNEL_CLOSED
                         or w.in_flight.pop(pending.handoff_id, None) is None):
-                    # The worker is going away; its death redelivers everything in flight.
+                    # Not queued: the worker is going away, and its death redelivers
+                    # what it never received (pending.sent is still False).
                     log.warning("handoff %d to worker %s failed: %s", pending.handoff_id,
                                 w.pid, error)
                     return
@@ -717,6 +752,7 @@ class Daemon:
                 self._wake_dispatchers()
                 await trio.sleep(_SEND_RETRY_DELAY * send_failures)
                 continue
+            pending.sent = True
             self.stats.handoffs += 1
             return
 
@@ -731,15 +767,15 @@ class Daemon:
     async def _start_operations(self, nursery: trio.Nursery) -> None:
         from handoffd.runtime import control
 
-        if self.config.workers.register_socket is not None:
-            await nursery.start(self._serve_registrations, self.config.workers.register_socket)
-        if self.config.control.socket is not None:
-            await nursery.start(control.serve_control, self, self.config.control.socket)
-        if self.config.control.metrics is not None:
-            await nursery.start(control.serve_metrics, self, self.config.control.metrics)
-        interval = watchdog_interval()
-        if self.notifier is not None and interval:
-            nursery.start_soon(self._watchdog, interval / 2)
+        assert self.bound is not None
+        if self.bound.register is not None:
+            await nursery.start(self._serve_registrations, self.bound.register)
+        if self.bound.control is not None:
+            await nursery.start(control.serve_control, self, self.bound.control)
+        if self.bound.metrics is not None:
+            await nursery.start(control.serve_metrics, self, self.bound.metrics)
+        if self.notifier is not None and self._watchdog_period:
+            nursery.start_soon(self._watchdog, self._watchdog_period)
 
     async def _watchdog(self, period: float) -> None:
         assert self.notifier is not None
@@ -765,11 +801,13 @@ class Daemon:
             "uptime_s": round(time.time() - self.stats.started, 3),
             "state": "stopping" if self._stopping else "running",
             "key_parking": self.parking.mode if self.parking else None,
-            "listen": [f"{h}:{p}" for h, p in self.addresses],
+            "privilege_separation": self.privsep,
+            "listen": [show_address(h, p) for h, p in self.addresses],
             "workers": [
                 {
                     "index": w.index,
                     "pid": w.pid,
+                    "uid": getattr(w.process, "uid", None),
                     "state": w.state,
                     "in_flight": len(w.in_flight),
                     "handled": w.handled,
@@ -784,6 +822,8 @@ class Daemon:
                 "handoffs": self.stats.handoffs,
                 "acked": self.stats.acked,
                 "redelivered": self.stats.redelivered,
+                "died_after_claim": self.stats.died_after_claim,
+                "died_unclaimed": self.stats.died_unclaimed,
                 "lost": self.stats.lost,
                 "worker_restarts": self.stats.worker_restarts,
                 "accept_errors": self.stats.accept_errors,
@@ -797,40 +837,11 @@ class Daemon:
 
 def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
                  args: list[str] | None = None, *,
-                 credentials: tuple[int, int] | None = None) -> tuple[ChildProcess, Channel]:
-    """Fork+exec one worker process with its channel end and key grant.
-
-    This process creates the socketpair, so the worker's ``SO_PEERCRED`` on
-    its end names us: that is how the worker knows its acceptor.
-    ``credentials``: ``(uid, gid)`` the worker runs as (``[workers] user``).
-    """
-    grant = parking.add_worker(worker_id)
-    try:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    except OSError:  # EMFILE: give the grant back (keys and its pipe) before raising
-        for fd in grant.pass_fds:
-            os.close(fd)
-        parking.remove_worker(worker_id)
-        raise
-    env = dict(os.environ)
-    env.update(grant.env)
-    env[worker_lib.ENV_CHANNEL_FD] = str(theirs.fileno())
-    env[worker_lib.ENV_WORKER_ID] = worker_id.hex()
-    env[worker_lib.ENV_ACCEPTOR_PID] = str(os.getpid())
+                 credentials: tuple[int, int] | None = None) -> tuple[LocalChild, Channel]:
+    """Fork+exec one worker running ``app`` from this process (in-process tests and
+    benchmarks; the daemon goes through its spawner).  See :func:`spawn_local`."""
     argv = [sys.executable, "-m", "handoffd.runtime.worker_process", "--app", app, *(args or [])]
-    try:
-        process = ChildProcess.spawn(argv, env=env, pass_fds=(theirs.fileno(), *grant.pass_fds),
-                                     credentials=credentials)
-    except BaseException:
-        ours.close()
-        parking.remove_worker(worker_id)
-        raise
-    finally:
-        theirs.close()
-        for fd in grant.pass_fds:
-            os.close(fd)
-    channel = Channel(trio.socket.from_stdlib_socket(ours), fd_kinds=FD_KINDS, validate_fd=None)
-    return process, channel
+    return spawn_local(parking, worker_id, argv, credentials=credentials)
 
 
 def prepare_handoff(parking: AcceptorParking, worker_id: bytes, handoff_id: int, inner: bytes,

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
+from typing import Self
 
 import trio
 
@@ -31,18 +32,21 @@ class ChildProcess:
     @classmethod
     def spawn(cls, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
               pass_fds: Sequence[int] = (), cwd: str | None = None,
-              credentials: tuple[int, int] | None = None) -> ChildProcess:
+              credentials: tuple[int, int] | None = None,
+              new_session: bool = False) -> Self:
         """Start ``argv`` from the calling thread (keyrings are per thread).
 
         ``credentials`` ``(uid, gid)``: the child drops to them (and to no
-        supplementary groups) between fork and exec; needs root.
+        supplementary groups) between fork and exec; needs root.  ``new_session``:
+        the child leads a session and process group of its own (``setsid``).
         """
         if credentials is None:
             return cls(subprocess.Popen(list(argv), env=env, pass_fds=tuple(pass_fds),
-                                        cwd=cwd))
+                                        cwd=cwd, start_new_session=new_session))
         uid, gid = credentials
         return cls(subprocess.Popen(list(argv), env=env, pass_fds=tuple(pass_fds), cwd=cwd,
-                                    user=uid, group=gid, extra_groups=[]))
+                                    user=uid, group=gid, extra_groups=[],
+                                    start_new_session=new_session))
 
     async def wait(self) -> int:
         """Wait for the exit without blocking trio; returns the exit status."""

@@ -1,0 +1,242 @@
+"""Messages between the supervisor and the acceptor (docs/PRIVSEP.md has the table).
+
+The acceptor holds the key and creates each worker's channel (so a worker's
+``SO_PEERCRED`` names the acceptor), but it has no privilege: it asks the
+supervisor to start, signal and reap workers under their own uids.  The
+supervisor trusts the acceptor with nothing more than that: it builds the worker's
+command line from the configuration itself, takes only the key-parking grant
+variables from the request, picks the worker's uid, and signals only workers it
+spawned, with SIGTERM or SIGKILL.
+
+One SEQPACKET datagram per message: ``kind (u8) | payload``, integers big-endian.
+
+===========  =======  ================================================================
+kind         dir      payload
+===========  =======  ================================================================
+SPAWN        A -> S   worker_id (16) | grant (JSON object of HANDOFFD_PARKING_* strings)
+                      + fds: the worker's channel end, then the grant pipe (fallback mode)
+SPAWNED      S -> A   worker_id (16) | pid (u32) | uid (u32)
+SPAWN_FAILED S -> A   worker_id (16) | major (u32) | minor (u32) | detail (UTF-8)
+EXITED       S -> A   worker_id (16) | status (i32): the worker and all it spawned are gone
+SIGNAL       A -> S   worker_id (16) | signal (u8): 15 (TERM: drain) or 9 (KILL: with all
+                      it spawned)
+NOTIFY       A -> S   systemd notification lines (UTF-8), forwarded by the supervisor
+===========  =======  ================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from handoffd.minor import Minor
+from handoffd.status import GSS_S_FAILURE, GSSError
+
+__all__ = [
+    "ALLOWED_GRANT",
+    "ALLOWED_NOTIFY",
+    "ALLOWED_SIGNALS",
+    "MAX_MESSAGE",
+    "Exited",
+    "Notify",
+    "SigKind",
+    "Signal",
+    "Spawn",
+    "SpawnFailed",
+    "Spawned",
+    "decode",
+]
+
+MAX_MESSAGE: Final = 8192
+WORKER_ID_SIZE: Final = 16
+ALLOWED_GRANT: Final = frozenset({
+    "HANDOFFD_PARKING_MODE", "HANDOFFD_PARKING_KEYRING", "HANDOFFD_PARKING_SLOTS",
+    "HANDOFFD_PARKING_WORKER",
+})
+"""The only variables a SPAWN may set in the worker's environment (the grant pipe's fd
+number is the supervisor's to set)."""
+ALLOWED_SIGNALS: Final = frozenset({int(signal.SIGTERM), int(signal.SIGKILL)})
+ALLOWED_NOTIFY: Final = frozenset({"READY", "STATUS", "WATCHDOG", "STOPPING", "RELOADING",
+                                   "MONOTONIC_USEC"})
+"""systemd notification keys the acceptor may send (never MAINPID, FDSTORE, ...)."""
+
+
+class SigKind(IntEnum):
+    """Message kinds of the supervisor link."""
+
+    SPAWN = 1
+    SPAWNED = 2
+    SPAWN_FAILED = 3
+    EXITED = 4
+    SIGNAL = 5
+    NOTIFY = 6
+
+
+_ID = struct.Struct(">16s")
+_SPAWNED = struct.Struct(">16sII")
+_FAILED = struct.Struct(">16sII")
+_EXITED = struct.Struct(">16si")
+_SIGNAL = struct.Struct(">16sB")
+
+
+def _bad(what: str) -> GSSError:
+    return GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, what)
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start a worker with this id and key-parking grant."""
+
+    worker_id: bytes
+    grant: dict[str, str]
+
+    def encode(self) -> bytes:
+        return bytes([SigKind.SPAWN]) + self.worker_id + json.dumps(
+            self.grant, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Spawn:
+        if len(body) < WORKER_ID_SIZE:
+            raise _bad("SPAWN too short")
+        try:
+            grant = json.loads(body[WORKER_ID_SIZE:])
+        except (ValueError, UnicodeDecodeError):
+            raise _bad("SPAWN grant is not JSON") from None
+        if not isinstance(grant, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k in ALLOWED_GRANT
+                and v.isprintable() and len(v) <= 128 for k, v in grant.items()):
+            raise _bad("SPAWN grant holds other than HANDOFFD_PARKING_* strings")
+        return cls(body[:WORKER_ID_SIZE], grant)
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """The worker runs as ``pid`` under ``uid``."""
+
+    worker_id: bytes
+    pid: int
+    uid: int
+
+    def encode(self) -> bytes:
+        return bytes([SigKind.SPAWNED]) + _SPAWNED.pack(self.worker_id, self.pid, self.uid)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Spawned:
+        try:
+            return cls(*_SPAWNED.unpack(body))
+        except struct.error:
+            raise _bad("SPAWNED malformed") from None
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    """The worker could not be started; the status says why."""
+
+    worker_id: bytes
+    major: int
+    minor: int
+    detail: str
+
+    def encode(self) -> bytes:
+        return bytes([SigKind.SPAWN_FAILED]) + _FAILED.pack(
+            self.worker_id, self.major, self.minor) + self.detail.encode()[:1024]
+
+    @classmethod
+    def decode(cls, body: bytes) -> SpawnFailed:
+        try:
+            worker_id, major, minor = _FAILED.unpack_from(body)
+        except struct.error:
+            raise _bad("SPAWN_FAILED malformed") from None
+        return cls(worker_id, major, minor, body[_FAILED.size:].decode(errors="replace"))
+
+    def error(self) -> GSSError:
+        return GSSError(self.major, self.minor, self.detail)
+
+
+@dataclass(frozen=True)
+class Exited:
+    """The worker exited with ``status`` (``-N``: killed by signal N)."""
+
+    worker_id: bytes
+    status: int
+
+    def encode(self) -> bytes:
+        return bytes([SigKind.EXITED]) + _EXITED.pack(self.worker_id, self.status)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Exited:
+        try:
+            return cls(*_EXITED.unpack(body))
+        except struct.error:
+            raise _bad("EXITED malformed") from None
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Send ``signum`` (TERM or KILL) to the worker."""
+
+    worker_id: bytes
+    signum: int
+
+    def encode(self) -> bytes:
+        return bytes([SigKind.SIGNAL]) + _SIGNAL.pack(self.worker_id, self.signum)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Signal:
+        try:
+            message = cls(*_SIGNAL.unpack(body))
+        except struct.error:
+            raise _bad("SIGNAL malformed") from None
+        if message.signum not in ALLOWED_SIGNALS:
+            raise _bad(f"SIGNAL {message.signum} is not TERM or KILL")
+        return message
+
+
+@dataclass(frozen=True)
+class Notify:
+    """systemd notification fields to forward (``KEY=VALUE`` each)."""
+
+    fields: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return bytes([SigKind.NOTIFY]) + "\n".join(self.fields).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Notify:
+        try:
+            fields = tuple(body.decode().split("\n"))
+        except UnicodeDecodeError:
+            raise _bad("NOTIFY is not UTF-8") from None
+        for field in fields:
+            key, sep, _ = field.partition("=")
+            if not sep or key not in ALLOWED_NOTIFY:
+                raise _bad(f"NOTIFY field {key[:40]!r} not allowed")
+        return cls(fields)
+
+
+Message = Spawn | Spawned | SpawnFailed | Exited | Signal | Notify
+
+_DECODERS: Final[dict[SigKind, Callable[[bytes], Message]]] = {
+    SigKind.SPAWN: Spawn.decode,
+    SigKind.SPAWNED: Spawned.decode,
+    SigKind.SPAWN_FAILED: SpawnFailed.decode,
+    SigKind.EXITED: Exited.decode,
+    SigKind.SIGNAL: Signal.decode,
+    SigKind.NOTIFY: Notify.decode,
+}
+
+
+def decode(data: bytes) -> Message:
+    """One datagram to its message; anything malformed is ``SUPERVISOR_LINK``."""
+    if not data:
+        raise _bad("empty message")
+    try:
+        kind = SigKind(data[0])
+    except ValueError:
+        raise _bad(f"unknown kind {data[0]}") from None
+    return _DECODERS[kind](data[1:])

@@ -1,0 +1,161 @@
+"""Every socket the daemon listens on, bound before any process is started.
+
+The supervisor (root) binds the client listeners (or takes systemd's), the control
+socket, the metrics port and the registration socket, then passes them to the
+acceptor, which has no privilege to bind a low port or to create files in a root
+directory.  Binding first also means a port in use is one line at start-up, not a
+half-started daemon.
+
+Unix socket files are created without following symlinks: a stale file or a planted
+symlink is unlinked (``unlink`` removes the link itself), ``bind`` never follows one
+(an existing path is EADDRINUSE), the mode comes from the umask at bind time, and the
+group is set with ``lchown``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from handoffd.config import Config, parse_address
+from handoffd.kernel.systemd import listen_fds
+from handoffd.minor import Minor
+from handoffd.status import GSS_S_FAILURE, GSSError
+
+ENV_BOUND = "HANDOFFD_BOUND"
+"""``role=fd,...`` (roles ``listen``, ``control``, ``metrics``, ``register``), set by the
+supervisor for the acceptor."""
+
+
+def _bind_error(what: str, error: OSError) -> GSSError:
+    return GSSError(GSS_S_FAILURE, Minor.BIND_FAILED, f"{what}: {os.strerror(error.errno or 0)}")
+
+
+def show_address(host: str, port: int) -> str:
+    """``host:port``, IPv6 in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class BoundSockets:
+    """The daemon's listening sockets; ``paths`` are Unix socket files to remove at exit."""
+
+    listeners: list[socket.socket] = field(default_factory=list)
+    control: socket.socket | None = None
+    metrics: socket.socket | None = None
+    register: socket.socket | None = None
+    paths: list[Path] = field(default_factory=list)
+    activated: bool = False
+
+    def roles(self) -> list[tuple[str, socket.socket]]:
+        found = [("listen", s) for s in self.listeners]
+        for role, sock in (("control", self.control), ("metrics", self.metrics),
+                           ("register", self.register)):
+            if sock is not None:
+                found.append((role, sock))
+        return found
+
+    def fds(self) -> tuple[int, ...]:
+        return tuple(sock.fileno() for _, sock in self.roles())
+
+    def environ_value(self) -> str:
+        return ",".join(f"{role}={sock.fileno()}" for role, sock in self.roles())
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> BoundSockets | None:
+        """The sockets the supervisor passed, or None when it passed none."""
+        value = environ.get(ENV_BOUND)
+        if value is None:
+            return None
+        bound = cls()
+        for item in filter(None, value.split(",")):
+            role, _, number = item.partition("=")
+            sock = socket.socket(fileno=int(number))
+            sock.set_inheritable(False)
+            if role == "listen":
+                bound.listeners.append(sock)
+            elif role in ("control", "metrics", "register"):
+                setattr(bound, role, sock)
+            else:
+                raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, f"unknown role {role!r}")
+        return bound
+
+    def close(self, *, unlink: bool = False) -> None:
+        for _, sock in self.roles():
+            sock.close()
+        if unlink:
+            for path in self.paths:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def bind_tcp(address: str, backlog: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``[v6]:port`` is IPv6-only)."""
+    host, port = parse_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as error:
+        sock.close()
+        raise _bind_error(show_address(host, port), error) from None
+    sock.setblocking(False)
+    return sock
+
+
+def bind_unix(path: Path, kind: int, *, mode: int, group: int | None = None) -> socket.socket:
+    """A listening Unix socket at ``path`` with ``mode`` (and ``group``), symlink-safe."""
+    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        if group is not None:
+            os.chown(path, -1, group, follow_symlinks=False)
+        sock.listen(64)
+    except OSError as error:
+        sock.close()
+        raise _bind_error(str(path), error) from None
+    sock.setblocking(False)
+    return sock
+
+
+def bind_all(config: Config, *, register_group: int | None = None) -> BoundSockets:
+    """Bind everything ``config`` listens on; on any failure close what was bound."""
+    bound = BoundSockets()
+    try:
+        activated = listen_fds()
+        if activated:
+            bound.activated = True
+            for entry in activated:
+                sock = socket.socket(fileno=entry.fd)
+                sock.setblocking(False)
+                bound.listeners.append(sock)
+        else:
+            for address in config.server.listen:
+                bound.listeners.append(bind_tcp(address, config.server.backlog))
+        if config.control.socket is not None:
+            bound.control = bind_unix(config.control.socket, socket.SOCK_STREAM, mode=0o600)
+            bound.paths.append(config.control.socket)
+        if config.control.metrics is not None:
+            bound.metrics = bind_tcp(config.control.metrics, 16)
+        if config.workers.register_socket is not None:
+            bound.register = bind_unix(config.workers.register_socket, socket.SOCK_SEQPACKET,
+                                       mode=0o660, group=register_group)
+            bound.paths.append(config.workers.register_socket)
+    except BaseException:
+        bound.close(unlink=True)
+        raise
+    return bound

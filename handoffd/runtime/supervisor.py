@@ -1,0 +1,441 @@
+"""The supervisor: the one privileged process, which takes no network input and uses no key.
+
+``handoffd serve`` started as root (or with CAP_SETUID, CAP_SETGID and CAP_KILL)
+becomes this process, on OpenSSH's privilege-separation pattern:
+
+1. it binds every listening socket (or takes systemd's) and joins a fresh session
+   keyring that the acceptor and the workers inherit (key parking, docs/KEYRING.md);
+2. it starts the **acceptor** under ``[server] user``: that process holds the key,
+   runs the handshakes, has no capabilities and makes itself undumpable;
+3. on the acceptor's request (:mod:`handoffd.core.supervision`) it starts each
+   **worker** under a uid of its own from ``[workers] uid_range`` (or the shared
+   ``[workers] user``), with the channel end and key grant the acceptor made, and a
+   command line it builds from the configuration itself;
+4. it reaps workers, and before it reports a worker's exit it kills everything that
+   worker left behind: with one uid per worker, every process of that uid
+   (``kill(-1, SIGKILL)`` run as that uid, which no ``setsid`` or double fork
+   escapes); with a shared worker uid, the worker's process group;
+5. it forwards SIGTERM/SIGINT (drain), SIGHUP, SIGTTIN and SIGTTOU to the acceptor,
+   forwards the acceptor's systemd notifications, and restarts an acceptor that dies
+   after it was ready (the workers finish their sessions on their own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from handoffd.config import (
+    Config,
+    acceptor_credentials,
+    group_id,
+    worker_credentials,
+)
+from handoffd.core import supervision
+from handoffd.kernel import keyring
+from handoffd.kernel.parking import ENV_FD, FALLBACK, join_fresh_session_keyring
+from handoffd.kernel.privileges import can_switch_users
+from handoffd.kernel.systemd import Notifier, watchdog_interval
+from handoffd.minor import Minor
+from handoffd.runtime.binding import ENV_BOUND, BoundSockets, bind_all
+from handoffd.runtime.process import ChildProcess
+from handoffd.runtime.spawner import child_environment, worker_command
+from handoffd.runtime.supervisor_link import SupervisorLink
+from handoffd.runtime.worker import ENV_ACCEPTOR_PID, ENV_CHANNEL_FD, ENV_WORKER_ID
+from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError
+
+log = logging.getLogger("handoffd.supervisor")
+
+ENV_SUPERVISOR_FD = "HANDOFFD_SUPERVISOR_FD"
+ENV_SUPERVISOR_PID = "HANDOFFD_SUPERVISOR_PID"
+ENV_WATCHDOG_USEC = "HANDOFFD_WATCHDOG_USEC"
+_KILL_ALL = "import os\ntry:\n    os.kill(-1, 9)\nexcept OSError:\n    pass\n"
+_FORWARDED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """Which uid runs what; ``separated`` False only with ``insecure_same_uid``."""
+
+    separated: bool
+    acceptor: tuple[int, int]
+    worker_shared: tuple[int, int] | None = None
+    """One uid/gid for every worker (``[workers] user``); None with a uid range."""
+    worker_range: tuple[int, int] | None = None
+    worker_group: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """For ``status`` and ``doctor``."""
+        if self.worker_range is not None:
+            workers = f"one uid per worker from {self.worker_range[0]}-{self.worker_range[1]}"
+        elif self.worker_shared is not None:
+            workers = f"uid {self.worker_shared[0]} (shared by every worker)"
+        else:
+            workers = f"uid {self.acceptor[0]} (the acceptor's: INSECURE)"
+        return {"separated": self.separated, "acceptor_uid": self.acceptor[0],
+                "workers": workers, "insecure_same_uid": not self.separated or (
+                    self.worker_shared is not None and self.worker_shared[0] == self.acceptor[0])}
+
+
+def _privsep_error(minor: Minor, detail: str) -> GSSError:
+    return GSSError(GSS_S_FAILURE, minor, detail)
+
+
+def process_plan(config: Config, *, privileged: bool | None = None) -> ProcessPlan:
+    """Decide the uids from the config and this process's privilege, or refuse.
+
+    Refused (``PRIVSEP_SAME_UID``) whenever a worker would share the acceptor's uid
+    and ``[workers] insecure_same_uid`` is not set; ``PRIVSEP_NOT_PERMITTED`` when the
+    config asks for uids this process cannot switch to.
+    """
+    workers = config.workers
+    privileged = can_switch_users() if privileged is None else privileged
+    acceptor = acceptor_credentials(config.server)
+    if not privileged:
+        if acceptor is not None or workers.user is not None or workers.uid_range:
+            raise _privsep_error(Minor.PRIVSEP_NOT_PERMITTED,
+                                 "[server] user, [workers] user and uid_range need serve to "
+                                 "start as root (it then keeps only a small supervisor)")
+        if not workers.insecure_same_uid:
+            raise _privsep_error(
+                Minor.PRIVSEP_SAME_UID,
+                f"started as uid {os.getuid()} without the privilege to switch users: start "
+                "serve as root with [server] user and [workers] uid_range, or set [workers] "
+                "insecure_same_uid = true")
+        return ProcessPlan(False, (os.getuid(), os.getgid()))
+    if acceptor is None:
+        raise _privsep_error(Minor.PRIVSEP_NOT_PERMITTED,
+                             "serve started as root needs [server] user: the acceptor, which "
+                             "holds the key, never runs as root")
+    shared = worker_credentials(workers)
+    if workers.uid_range:
+        first, last = workers.uid_range
+        if first <= acceptor[0] <= last:
+            raise _privsep_error(Minor.PRIVSEP_SAME_UID,
+                                 f"[workers] uid_range includes the acceptor's uid {acceptor[0]}")
+        group = None if workers.group is None else group_id("[workers] group", workers.group)
+        return ProcessPlan(True, acceptor, worker_range=(first, last), worker_group=group)
+    if shared is None:
+        if not workers.insecure_same_uid:
+            raise _privsep_error(Minor.PRIVSEP_SAME_UID,
+                                 "no [workers] uid_range or user: the workers would run under "
+                                 "the acceptor's uid")
+        shared = acceptor
+    if shared[0] == acceptor[0] and not workers.insecure_same_uid:
+        raise _privsep_error(Minor.PRIVSEP_SAME_UID,
+                             f"[workers] user is the acceptor's uid {acceptor[0]}")
+    if shared[0] == 0:
+        raise _privsep_error(Minor.PRIVSEP_NOT_PERMITTED, "workers never run as root")
+    return ProcessPlan(True, acceptor, worker_shared=shared)
+
+
+def _processes_of(uid: int) -> list[int]:
+    """Pids of processes owned by ``uid`` that this process can see in /proc."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_uid == uid:
+                    found.append(int(entry.name))
+    return found
+
+
+class UidPool:
+    """One uid per live worker from ``[first, last]``; a uid with processes is skipped."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.used: set[int] = set()
+
+    def take(self) -> int:
+        for uid in range(self.first, self.last + 1):
+            if uid not in self.used and not _processes_of(uid):
+                self.used.add(uid)
+                return uid
+        raise GSSError(GSS_S_UNAVAILABLE, Minor.SUPERVISOR_UIDS_EXHAUSTED,
+                       f"{len(self.used)} workers hold uids {self.first}-{self.last}")
+
+    def give_back(self, uid: int) -> None:
+        self.used.discard(uid)
+
+
+@dataclass
+class Supervised:
+    """A worker this supervisor started."""
+
+    worker_id: bytes
+    child: ChildProcess
+    uid: int
+    own_uid: bool
+    generation: int
+    killed: bool = False
+
+
+@dataclass
+class _Acceptor:
+    child: ChildProcess
+    link: SupervisorLink
+    generation: int
+    ready: bool = False
+
+
+async def kill_everything_of(uid: int) -> None:
+    """SIGKILL every process of ``uid``: ``kill(-1)`` run as that uid reaches them all,
+    whatever process group or session they moved to."""
+    helper = ChildProcess.spawn([sys.executable, "-I", "-S", "-c", _KILL_ALL],
+                                credentials=(uid, uid), cwd="/")
+    await helper.wait()
+
+
+@dataclass
+class Supervisor:
+    """Runs the acceptor and the workers under their own uids; see the module docstring."""
+
+    config: Config
+    plan: ProcessPlan
+    bound: BoundSockets | None = None
+    workers: dict[bytes, Supervised] = field(default_factory=dict)
+    _acceptor: _Acceptor | None = None
+    _generation: int = 0
+    _stopping: bool = False
+    _status: int = 0
+
+    def __post_init__(self) -> None:
+        self._pool = (UidPool(*self.plan.worker_range) if self.plan.worker_range else None)
+        self._argv = worker_command(self.config)
+        self._notifier = Notifier.from_environ()
+        self._watchdog = watchdog_interval()
+
+    async def run(self) -> int:
+        """Bind, start the acceptor, supervise until it has drained after SIGTERM."""
+        if self.bound is None:
+            self.bound = bind_all(self.config, register_group=self._register_group())
+        if keyring.probe() is keyring.KeyringStatus.AVAILABLE:
+            join_fresh_session_keyring()
+        elif self.config.workers.keyring != FALLBACK:
+            log.info("kernel keyring not available to the supervisor: the acceptor decides")
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                           *_FORWARDED) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_signals, signals)
+                    await self._run_acceptors(nursery)
+                    nursery.cancel_scope.cancel()
+        finally:
+            await self._kill_leftovers()
+            self.bound.close(unlink=True)
+            if self._notifier is not None:
+                self._notifier.close()
+        return self._status
+
+    def _register_group(self) -> int | None:
+        group = self.config.workers.register_group
+        return None if group is None else group_id("[workers] register_group", group)
+
+    # ------------------------------------------------------------------ the acceptor
+
+    async def _run_acceptors(self, nursery: trio.Nursery) -> None:
+        backoff = 0.1
+        while True:
+            self._generation += 1
+            acceptor = self._start_acceptor()
+            started = time.monotonic()
+            log.info("acceptor started (pid %d, uid %d)", acceptor.child.pid,
+                     self.plan.acceptor[0])
+            async with trio.open_nursery() as link_nursery:
+                link_nursery.start_soon(self._serve_link, acceptor, nursery)
+                status = await acceptor.child.wait()
+                link_nursery.cancel_scope.cancel()
+            acceptor.link.close()
+            self._acceptor = None
+            if self._stopping or not acceptor.ready:
+                # Drained on request, or a start-up failure the acceptor reported itself:
+                # restarting would only repeat it.
+                self._status = 0 if self._stopping and status in (0, -signal.SIGTERM) \
+                    else (status if status > 0 else 1)
+                if not acceptor.ready and not self._stopping:
+                    log.error("acceptor exited with status %d before it was ready", status)
+                return
+            log.error("acceptor (pid %d) died with status %d: %s; its workers finish their "
+                      "sessions and leave, a new acceptor starts", acceptor.child.pid, status,
+                      Minor.ACCEPTOR_DIED.name)
+            backoff = 0.1 if time.monotonic() - started > 10 else min(backoff * 2, 5.0)
+            await trio.sleep(backoff)
+            if self._stopping:  # SIGTERM while no acceptor ran: nothing left to drain
+                self._status = 0
+                return
+
+    def _start_acceptor(self) -> _Acceptor:
+        assert self.bound is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = child_environment(os.environ)
+        env[ENV_BOUND] = self.bound.environ_value()
+        env[ENV_SUPERVISOR_FD] = str(theirs.fileno())
+        env[ENV_SUPERVISOR_PID] = str(os.getpid())
+        if self._watchdog:
+            env[ENV_WATCHDOG_USEC] = str(int(self._watchdog * 1e6))
+        argv = [sys.executable, "-m", "handoffd.runtime.acceptor_process"]
+        if self.config.path is not None:
+            argv += ["--config", str(self.config.path.resolve())]
+        try:
+            child = ChildProcess.spawn(argv, env=env, pass_fds=(*self.bound.fds(),
+                                                                 theirs.fileno()),
+                                       credentials=self.plan.acceptor, new_session=True,
+                                       cwd="/")
+        except OSError as error:
+            ours.close()
+            raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_SPAWN_FAILED,
+                           f"acceptor: {error.strerror}") from None
+        finally:
+            theirs.close()
+        self._acceptor = _Acceptor(child, SupervisorLink(ours), self._generation)
+        return self._acceptor
+
+    async def _serve_link(self, acceptor: _Acceptor, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                incoming = await acceptor.link.receive()
+            except GSSError as error:
+                if error.detail == "closed":
+                    return
+                log.error("acceptor sent a bad message: %s", error)
+                continue
+            message = incoming.message
+            if isinstance(message, supervision.Spawn):
+                await self._spawn(acceptor, message, incoming.fds, nursery)
+            elif isinstance(message, supervision.Signal):
+                self._signal(message)
+            elif isinstance(message, supervision.Notify):
+                if any(f == "READY=1" for f in message.fields):
+                    acceptor.ready = True
+                if self._notifier is not None:
+                    self._notifier.notify(*message.fields)
+            else:
+                log.error("acceptor sent an unexpected %s", type(message).__name__)
+
+    # ------------------------------------------------------------------ workers
+
+    async def _spawn(self, acceptor: _Acceptor, request: supervision.Spawn, fds: list[int],
+                     nursery: trio.Nursery) -> None:
+        try:
+            answer: supervision.Message = self._start_worker(acceptor, request, fds, nursery)
+        except GSSError as error:
+            log.error("cannot start a worker: %s", error)
+            answer = supervision.SpawnFailed(request.worker_id, error.major, error.minor,
+                                             error.detail or "")
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        with contextlib.suppress(GSSError):
+            await acceptor.link.send(answer)
+
+    def _start_worker(self, acceptor: _Acceptor, request: supervision.Spawn, fds: list[int],
+                      nursery: trio.Nursery) -> supervision.Spawned:
+        fallback = request.grant.get("HANDOFFD_PARKING_MODE") == FALLBACK
+        if len(fds) != (2 if fallback else 1) or request.worker_id in self.workers:
+            raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "SPAWN with the wrong fds")
+        channel = socket.socket(fileno=os.dup(fds[0]))
+        try:
+            if channel.family != socket.AF_UNIX or channel.type != socket.SOCK_SEQPACKET:
+                raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "channel is not SEQPACKET")
+        finally:
+            channel.close()
+        if fallback and not stat.S_ISFIFO(os.fstat(fds[1]).st_mode):
+            raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "grant is not a pipe")
+        env = child_environment(os.environ)
+        env.update(request.grant)
+        env[ENV_CHANNEL_FD] = str(fds[0])
+        env[ENV_WORKER_ID] = request.worker_id.hex()
+        env[ENV_ACCEPTOR_PID] = str(acceptor.child.pid)
+        if fallback:
+            env[ENV_FD] = str(fds[1])
+        if self._pool is not None:
+            uid = self._pool.take()
+            credentials = (uid, self.plan.worker_group if self.plan.worker_group is not None
+                           else uid)
+        else:
+            assert self.plan.worker_shared is not None
+            credentials = self.plan.worker_shared
+        try:
+            child = ChildProcess.spawn(self._argv, env=env, pass_fds=tuple(fds),
+                                       credentials=credentials, new_session=True, cwd="/")
+        except OSError as error:
+            if self._pool is not None:
+                self._pool.give_back(credentials[0])
+            raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_SPAWN_FAILED,
+                           f"worker: {error.strerror}") from None
+        worker = Supervised(request.worker_id, child, credentials[0], self._pool is not None,
+                            acceptor.generation)
+        self.workers[request.worker_id] = worker
+        nursery.start_soon(self._reap, worker)
+        return supervision.Spawned(request.worker_id, child.pid, credentials[0])
+
+    async def _reap(self, worker: Supervised) -> None:
+        status = await worker.child.wait()
+        await self._kill_remains(worker)
+        self.workers.pop(worker.worker_id, None)
+        if self._pool is not None:
+            self._pool.give_back(worker.uid)
+        acceptor = self._acceptor
+        if acceptor is not None and acceptor.generation == worker.generation:
+            with contextlib.suppress(GSSError):
+                await acceptor.link.send(supervision.Exited(worker.worker_id, status))
+
+    async def _kill_remains(self, worker: Supervised) -> None:
+        """Whatever the worker started dies with it (see the module docstring)."""
+        if worker.own_uid:
+            await kill_everything_of(worker.uid)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.child.pid, signal.SIGKILL)
+
+    def _signal(self, request: supervision.Signal) -> None:
+        worker = self.workers.get(request.worker_id)
+        if worker is None:
+            return
+        if request.signum == signal.SIGKILL:
+            worker.killed = True
+            if worker.own_uid:
+                # Everything of its uid, not only the worker: a child it detached
+                # must not keep the sessions of a worker declared dead.
+                trio.lowlevel.spawn_system_task(kill_everything_of, worker.uid)
+            else:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(worker.child.pid, signal.SIGKILL)
+        worker.child.send_signal(request.signum)
+
+    async def _kill_leftovers(self) -> None:
+        for worker in list(self.workers.values()):
+            worker.child.kill()
+            await self._kill_remains(worker)
+
+    # ------------------------------------------------------------------ signals
+
+    async def _watch_signals(self, signals: Any) -> None:
+        async for signum in signals:
+            acceptor = self._acceptor
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s: the acceptor drains", signal.Signals(signum).name)
+                self._stopping = True
+                if self._notifier is not None:
+                    self._notifier.notify("STOPPING=1")
+                # Kept until now for a restarted acceptor; once the acceptor closes its
+                # copies too, new connections are refused instead of queued.
+                assert self.bound is not None
+                for listener in self.bound.listeners:
+                    listener.close()
+                if acceptor is not None:
+                    acceptor.child.send_signal(signal.SIGTERM)
+            elif acceptor is not None:
+                acceptor.child.send_signal(signum)

@@ -1,0 +1,147 @@
+"""The supervisor-acceptor link and the process plan: codec, fds over a real socketpair,
+and which uid runs what (or why ``serve`` refuses to start)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from handoffd.config import Config, PolicyConfig, ServerConfig, WorkersConfig, parse_config
+from handoffd.core import supervision
+from handoffd.minor import Minor
+from handoffd.runtime.supervisor import process_plan
+from handoffd.runtime.supervisor_link import SupervisorLink
+from handoffd.status import GSSError
+
+WID = bytes(range(16))
+
+
+@pytest.mark.parametrize("message", [
+    supervision.Spawn(WID, {"HANDOFFD_PARKING_MODE": "keyring", "HANDOFFD_PARKING_SLOTS": "8"}),
+    supervision.Spawned(WID, 1234, 70001),
+    supervision.SpawnFailed(WID, 0xD0000, Minor.SUPERVISOR_UIDS_EXHAUSTED, "no uid"),
+    supervision.Exited(WID, -9),
+    supervision.Signal(WID, 15),
+    supervision.Notify(("READY=1", "STATUS=4/4 workers ready")),
+])
+def test_every_message_round_trips(message: supervision.Message) -> None:
+    assert supervision.decode(message.encode()) == message
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"", "empty"),
+    (b"\x63", "unknown kind"),
+    (bytes([supervision.SigKind.SPAWN]) + WID + b'{"PATH": "/tmp"}', "HANDOFFD_PARKING_"),
+    (bytes([supervision.SigKind.SPAWN]) + WID + b'{"HANDOFFD_PARKING_MODE": 1}', "strings"),
+    (bytes([supervision.SigKind.SPAWN]) + WID + b"not json", "JSON"),
+    (bytes([supervision.SigKind.SIGNAL]) + WID + bytes([19]), "TERM or KILL"),
+    (bytes([supervision.SigKind.NOTIFY]) + b"MAINPID=1", "not allowed"),
+    (bytes([supervision.SigKind.NOTIFY]) + b"FDSTORE=1", "not allowed"),
+    (bytes([supervision.SigKind.SPAWNED]) + WID, "malformed"),
+])
+def test_a_malformed_or_overreaching_message_is_refused(data: bytes, why: str) -> None:
+    """What a compromised acceptor could ask beyond its due is refused: other
+    environment variables, signals other than TERM/KILL, systemd fields like MAINPID."""
+    with pytest.raises(GSSError) as caught:
+        supervision.decode(data)
+    assert caught.value.minor == Minor.SUPERVISOR_LINK
+    assert why in (caught.value.detail or "")
+
+
+@given(st.binary(max_size=64))
+def test_decode_never_raises_anything_but_a_gss_error(data: bytes) -> None:
+    try:
+        supervision.decode(data)
+    except GSSError as error:
+        assert error.minor == Minor.SUPERVISOR_LINK
+
+
+async def test_spawn_carries_two_fds_and_other_kinds_none() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = SupervisorLink(a), SupervisorLink(b)
+    r, w = os.pipe()
+    try:
+        await ours.send(supervision.Spawn(WID, {}), (r, w))
+        incoming = await theirs.receive()
+        assert incoming.message == supervision.Spawn(WID, {}) and len(incoming.fds) == 2
+        for fd in incoming.fds:
+            os.close(fd)
+        # An fd on a kind that carries none is closed on arrival, and the link goes on.
+        before = len(os.listdir("/proc/self/fd"))
+        await ours.send(supervision.Exited(WID, 0), (r,))
+        with pytest.raises(GSSError, match="carries none"):
+            await theirs.receive()
+        assert len(os.listdir("/proc/self/fd")) == before
+        await ours.send(supervision.Signal(WID, 9))
+        assert (await theirs.receive()).message == supervision.Signal(WID, 9)
+        ours.close()
+        with pytest.raises(GSSError, match="closed"):
+            with trio.fail_after(5):
+                await theirs.receive()
+    finally:
+        os.close(r)
+        os.close(w)
+        theirs.close()
+
+
+def _config(server: ServerConfig | None = None, workers: WorkersConfig | None = None
+            ) -> Config:
+    return Config(server=server or ServerConfig(), workers=workers or WorkersConfig())
+
+
+def test_unprivileged_serve_refuses_same_uid_workers_without_the_opt_in() -> None:
+    with pytest.raises(GSSError) as caught:
+        process_plan(_config(), privileged=False)
+    assert caught.value.minor == Minor.PRIVSEP_SAME_UID
+    plan = process_plan(_config(workers=WorkersConfig(insecure_same_uid=True)),
+                        privileged=False)
+    assert not plan.separated and plan.describe()["insecure_same_uid"]
+
+
+def test_privileged_serve_needs_an_acceptor_user_and_worker_uids() -> None:
+    with pytest.raises(GSSError) as caught:
+        process_plan(_config(), privileged=True)
+    assert caught.value.minor == Minor.PRIVSEP_NOT_PERMITTED  # no [server] user
+    with pytest.raises(GSSError) as caught:
+        process_plan(_config(ServerConfig(user="70999")), privileged=True)
+    assert caught.value.minor == Minor.PRIVSEP_SAME_UID  # no worker uids
+    with pytest.raises(GSSError) as caught:
+        process_plan(_config(ServerConfig(user="70999"), WorkersConfig(user="70999")),
+                     privileged=True)
+    assert caught.value.minor == Minor.PRIVSEP_SAME_UID
+    with pytest.raises(GSSError) as caught:
+        process_plan(_config(ServerConfig(user="70001"),
+                             WorkersConfig(uid_range=(70000, 70010))), privileged=True)
+    assert caught.value.minor == Minor.PRIVSEP_SAME_UID  # the range holds the acceptor
+    plan = process_plan(_config(ServerConfig(user="70999"),
+                                WorkersConfig(uid_range=(70000, 70010))), privileged=True)
+    assert plan.separated and plan.acceptor == (70999, 70999)
+    assert plan.worker_range == (70000, 70010)
+    assert not plan.describe()["insecure_same_uid"]
+
+
+@pytest.mark.parametrize("document, needle", [
+    ({"server": {"user": "0"}}, "never runs as root"),
+    ({"workers": {"uid_range": [5]}}, "[first, last]"),
+    ({"workers": {"uid_range": [9, 3]}}, "[first, last]"),
+    ({"workers": {"uid_range": [70000, 70001], "count": 4}}, "2 uids for 4 workers"),
+    ({"workers": {"uid_range": [70000, 70100], "user": "70200"}}, "not both"),
+    ({"workers": {"register_socket": "r.sock"}}, "nobody is admitted by default"),
+])
+def test_identity_settings_are_validated(document: dict[str, object], needle: str) -> None:
+    with pytest.raises(GSSError) as caught:
+        parse_config(document, base=Path("/etc/handoffd"))
+    assert caught.value.minor == Minor.CONFIG_INVALID
+    assert needle in str(caught.value)
+
+
+def test_registration_socket_with_a_named_policy_is_accepted() -> None:
+    config = parse_config({"workers": {"register_socket": "r.sock"},
+                           "policy": {"worker_uids": [70500]}}, base=Path("/etc/handoffd"))
+    assert config.policy == PolicyConfig(worker_uids=(70500,))
