@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from bench.tlsgroups import set_groups
 from handoffd.runtime.client import open_secure_stream
 from handoffd.status import GSSError
 
@@ -61,7 +62,7 @@ def tls_client_context(cafile: str, group: str = "X25519") -> ssl.SSLContext:
     """TLS 1.3 only, offering the one key-exchange ``group``, verifying ``localhost``."""
     context = ssl.create_default_context(cafile=cafile)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.set_ecdh_curve(group)  # OpenSSL 3: the only group offered (supported_groups)
+    set_groups(context, group)  # OpenSSL 3: the only group offered (supported_groups)
     return context
 
 

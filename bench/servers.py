@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from bench.tlsgroups import set_groups
 from examples.echo.app import handler as echo
 from handoffd import keyfiles
 from handoffd.core.context import AcceptorContext
@@ -45,7 +46,7 @@ def tls_server_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(cert, key)
-    context.set_ecdh_curve("X25519")
+    set_groups(context, "X25519")
     context.num_tickets = 0
     return context
 
