@@ -21,11 +21,17 @@ Usage (synchronous; call it from a plain test function, never inside ``trio.run`
 The first connection (``service.trigger``) is what makes systemd-socket-activate
 start the program; it stays open in the listen backlog and the program accepts
 it like any other, so a test can use it as its first client.
+
+:func:`as_the_unit_runs` wraps an ``ExecStart=`` command so that it starts with the
+process settings of a shipped unit's ``[Service]`` section that decide whether
+handoffd's process model works (root, bounded capabilities, no new privileges,
+hidden /proc, umask); see there for what it does and does not reproduce.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -39,7 +45,59 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
+SETPRIV = shutil.which("setpriv")
+UNSHARE = shutil.which("unshare")
 _UCRED = struct.Struct("iII")
+
+
+def unit_settings(unit: Path) -> dict[str, list[str]]:
+    """``key -> [values]`` of a unit file, in file order (comments and sections skipped)."""
+    settings: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def as_the_unit_runs(argv: Sequence[str], service: Mapping[str, list[str]]) -> list[str]:
+    """``argv`` wrapped to start as the unit's ``[Service]`` settings ``service`` would:
+
+    * no ``User=``: root (asserted), with ``CapabilityBoundingSet=`` as the bounding set
+      and no inheritable or ambient capabilities (``AmbientCapabilities=`` empty), so
+      the program's effective set after execve is exactly the bounding set;
+    * ``NoNewPrivileges=yes``: ``PR_SET_NO_NEW_PRIVS``;
+    * ``ProtectProc=invisible``: a private mount namespace with a /proc of its own
+      mounted ``hidepid=invisible``;
+    * ``UMask=``.
+
+    Every wrapper execs in place (``unshare`` without ``--fork``, ``sh -c exec``,
+    ``setpriv``), so the program keeps the pid systemd-socket-activate gave it and
+    ``LISTEN_PID``/``NotifyAccess=main`` hold. Not reproduced (no PID 1 systemd here):
+    the seccomp filter (``SystemCallFilter=``, checked against systemd's own group
+    lists in test_systemd_units.py), ProtectSystem/ProtectHome/PrivateTmp/PrivateIPC
+    and the other namespaces, KeyringMode (the supervisor joins a fresh session
+    keyring itself).
+    """
+    if SETPRIV is None or UNSHARE is None:
+        raise RuntimeError("setpriv/unshare missing (util-linux)")
+    assert "User" not in service and "DynamicUser" not in service, "the unit starts as root"
+    assert os.geteuid() == 0, "only root can start a process as the unit would"
+    assert service.get("AmbientCapabilities", [""]) == [""]
+    (bounding,) = service["CapabilityBoundingSet"]
+    caps = ",".join(["-all", *(f"+{c.lower().removeprefix('cap_')}" for c in bounding.split())])
+    wrapped = [SETPRIV, f"--bounding-set={caps}", "--inh-caps=-all", "--ambient-caps=-all"]
+    if service.get("NoNewPrivileges") == ["yes"]:
+        wrapped.append("--no-new-privs")
+    wrapped += ["--", *argv]
+    script = []
+    if service.get("ProtectProc") == ["invisible"]:
+        script.append("mount -t proc -o hidepid=invisible proc /proc")
+    if "UMask" in service:
+        script.append(f"umask {service['UMask'][-1]}")
+    script.append("exec " + shlex.join(wrapped))
+    return [UNSHARE, "--mount", "--propagation=private", "--", "/bin/sh", "-ec",
+            " && ".join(script)]
 
 
 @dataclass(frozen=True)
@@ -204,4 +262,5 @@ def socket_activated(
             notify_socket.close()
 
 
-__all__ = ["SOCKET_ACTIVATE", "Activation", "Notification", "socket_activated"]
+__all__ = ["SOCKET_ACTIVATE", "Activation", "Notification", "as_the_unit_runs",
+           "socket_activated", "unit_settings"]
