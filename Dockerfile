@@ -10,6 +10,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The container starts as root and keeps only a small supervisor (needs SETUID,
+# SETGID and KILL, all in Docker's default capability set); the acceptor, which
+# holds the key, runs as this user ([server] user in docker/handoffd.toml) and each
+# worker under a bare uid of its own ([workers] uid_range, no passwd entries).
 # A fixed, unusual uid: the kernel key quota and user keyring are per uid and NOT
 # namespaced, so this uid shares them with any host process of the same uid.
 RUN groupadd --system --gid 10443 handoffd \
@@ -23,16 +27,23 @@ RUN pip install . && rm -rf build handoffd.egg-info
 COPY examples ./examples
 COPY docker/handoffd.toml /etc/handoffd/handoffd.toml
 COPY docker/entrypoint.py /usr/local/bin/handoffd-entrypoint
+# /var/lib/handoffd: the key, the acceptor's alone (the entrypoint generates it as
+# handoffd). /run/handoffd: root's; the supervisor binds the control socket there
+# (0600 root, for HEALTHCHECK and `docker exec ... handoffd status`).
 RUN chmod 0755 /usr/local/bin/handoffd-entrypoint \
- && install -d -o handoffd -g handoffd -m 0700 /var/lib/handoffd /run/handoffd
+ && install -d -o handoffd -g handoffd -m 0700 /var/lib/handoffd \
+ && install -d -o root -g root -m 0711 /run/handoffd
 
-USER handoffd
+# No USER: the supervisor must start as root to run the acceptor and the workers
+# under their own uids (docs/DEPLOY.md: --cap-drop ALL --cap-add SETUID
+# --cap-add SETGID --cap-add KILL is enough).
 VOLUME ["/var/lib/handoffd"]
 EXPOSE 7443
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["handoffd", "status", "--control", "/run/handoffd/control.sock"]
 
-# exec form: handoffd becomes PID 1 and gets docker stop's SIGTERM (it drains).
+# exec form: handoffd's supervisor becomes PID 1 and gets docker stop's SIGTERM,
+# which it forwards to the acceptor (it drains).
 ENTRYPOINT ["handoffd-entrypoint"]
 CMD ["serve", "--config", "/etc/handoffd/handoffd.toml"]
