@@ -41,12 +41,12 @@ def separated_uids() -> tuple[int, tuple[int, int]]:
     return base, (base + 1, base + 64)
 
 
-def privsep_extra(directory: Path) -> str:
+def privsep_extra(directory: Path, acceptor_uid: int | None = None) -> str:
     """Config lines for the process model ``serve`` will run in: separated uids when the
     tests run as root, else the explicit same-uid opt-in (see the demo's
     :func:`~examples.echo.demo.separation_lines`)."""
     acceptor, workers = separated_uids()
-    server, worker = separation_lines(directory, acceptor, workers)
+    server, worker = separation_lines(directory, acceptor_uid or acceptor, workers)
     return f"[server]\n{server}[workers]\n{worker}"
 
 
@@ -86,13 +86,14 @@ class RunningDaemon:
 
 
 def write_config(directory: Path, *, workers: int = 4, app: str = "tests.apps:pid_echo",
-                 extra: str = "", separated: bool = True) -> Path:
+                 extra: str = "", separated: bool = True,
+                 acceptor_uid: int | None = None) -> Path:
     """``directory/handoffd.toml`` and a fresh key; ``extra`` lines override the
     defaults.  ``separated``: add the process model's uids (:func:`privsep_extra`)."""
     subprocess.run([sys.executable, "-m", "handoffd", "keygen", "--out",
                     str(directory / "server.key")], check=True, capture_output=True)
     if separated:
-        extra = privsep_extra(directory) + "\n" + extra
+        extra = privsep_extra(directory, acceptor_uid) + "\n" + extra
     config = directory / "handoffd.toml"
     sections: dict[str, list[str]] = {
         "server": ['listen = ["127.0.0.1:0"]', 'key = "server.key"'],
@@ -106,10 +107,12 @@ def write_config(directory: Path, *, workers: int = 4, app: str = "tests.apps:pi
             section = line.strip("[]")
             sections.setdefault(section, [])
         elif line and section:
-            # A key given in ``extra`` replaces the harness default of the same name.
+            # A key given in ``extra`` replaces the harness default of the same name
+            # (a shared ``[workers] user`` replaces the per-worker ``uid_range``).
             key = line.split("=", 1)[0].strip()
+            replaced = {key, "uid_range"} if (section, key) == ("workers", "user") else {key}
             sections[section] = [kept for kept in sections[section]
-                                 if kept.split("=", 1)[0].strip() != key]
+                                 if kept.split("=", 1)[0].strip() not in replaced]
             sections[section].append(line)
     config.write_text("".join(f"[{name}]\n" + "\n".join(lines) + "\n"
                               for name, lines in sections.items()))
@@ -120,19 +123,21 @@ async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.a
                        extra: str = "", timeout: float = 60, log: Path | None = None,
                        env: dict[str, str] | None = None, python: str = sys.executable,
                        user: tuple[int, int] | None = None,
-                       nofile: int | None = None) -> RunningDaemon:
+                       nofile: int | None = None,
+                       acceptor_uid: int | None = None) -> RunningDaemon:
     """Start ``handoffd serve`` and wait until it listens with ``workers`` ready workers.
 
     ``log``: a file that receives the daemon's (and its workers') stderr.  ``env``: added
     to the daemon's environment (its workers inherit it).  ``python``/``user``: the
     interpreter and the (uid, gid) to run as (fault tests run it unprivileged).
     ``nofile``: a soft RLIMIT_NOFILE set before exec (root here lacks CAP_SYS_RESOURCE,
-    so it cannot ``prlimit`` a process of another user afterwards).
+    so it cannot ``prlimit`` a process of another user afterwards).  ``acceptor_uid``:
+    run as root, the acceptor's uid (default: a fresh one), for files it must own.
     """
     if user is not None:  # an unprivileged serve: workers can only share its uid
         extra = "[workers]\ninsecure_same_uid = true\n" + extra
     config = write_config(directory, workers=workers, app=app, extra=extra,
-                          separated=user is None)
+                          separated=user is None, acceptor_uid=acceptor_uid)
     fingerprint = _fingerprint(directory / "server.key.pub")
     if user is not None:  # the daemon's user must own its directory, key and config
         for path in (directory, *directory.iterdir()):

@@ -125,15 +125,19 @@ async def test_keyring_quota_exhausted_means_backpressure_then_recovery(
 async def test_keyring_quota_exhausted_at_start_is_a_clear_error(
     daemon_user: tuple[int, int],
 ) -> None:
-    """No key left when ``handoffd serve`` starts: it cannot park anything, so it exits 1
-    with the GSS status naming the quota (KEYRING_QUOTA, minor 302), not a traceback; a
-    supervisor (systemd ``Restart=``) retries it."""
-    from tests.daemon_harness import write_config
+    """No key left in the acceptor user's quota when ``handoffd serve`` starts (as root,
+    the acceptor under that user): it cannot park anything, so the acceptor exits 1 with
+    the GSS status naming the quota (KEYRING_QUOTA, minor 302), not a traceback, and the
+    supervisor exits 1 too instead of restarting it; systemd's ``Restart=`` retries."""
+    from tests.daemon_harness import separated_uids, write_config
 
     directory = Path(tempfile.mkdtemp(prefix="handoffd-quota-", dir="/tmp"))
+    os.chmod(directory, 0o711)
     env = {**os.environ, "PYTHONPATH": f"{SITE_PACKAGES}:{REPO}"}
-    config = write_config(directory, workers=1)
-    for path in (directory, *directory.iterdir()):
+    _, (first, last) = separated_uids()
+    config = write_config(directory, workers=1, separated=False, extra=(
+        f'[server]\nuser = "{daemon_user[0]}"\n[workers]\nuid_range = [{first}, {last}]'))
+    for path in (directory / "server.key", directory / "server.key.pub"):
         os.chown(path, *daemon_user)
     identity = {"user": daemon_user[0], "group": daemon_user[1], "extra_groups": []}
     filler = await trio.lowlevel.open_process(
@@ -146,7 +150,7 @@ async def test_keyring_quota_exhausted_at_start_is_a_clear_error(
         with trio.fail_after(30):
             result = await trio.run_process(
                 [SYSTEM_PYTHON, "-m", "handoffd", "serve", "--config", str(config)],
-                env=env, cwd=REPO, capture_stderr=True, check=False, **identity)
+                env=env, cwd=REPO, capture_stderr=True, check=False)
         stderr = result.stderr.decode()
         assert result.returncode == 1, stderr
         assert "minor 302" in stderr and "quota is exhausted" in stderr

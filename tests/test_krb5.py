@@ -26,6 +26,7 @@ k5test = pytest.importorskip("k5test", reason="k5test (krb5 extra tests) is not 
 if shutil.which("krb5kdc") is None and not Path("/usr/sbin/krb5kdc").exists():
     pytest.skip("MIT krb5kdc is not installed (make deps-krb5)", allow_module_level=True)
 
+from examples.echo.demo import open_to  # noqa: E402
 from handoffd.core.framing import FrameDecoder, FrameType, encode_frame  # noqa: E402
 from handoffd.core.handoff import Ack, Hello, Kind  # noqa: E402
 from handoffd.kernel.parking import AcceptorParking  # noqa: E402
@@ -53,11 +54,13 @@ from tests.daemon_harness import (  # noqa: E402
     SYSTEM_PYTHON,
     RunningDaemon,
     read_line,
+    separated_uids,
     start_daemon,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE = "host@localhost"
+KRB5_ACCEPTOR_UID = separated_uids()[0]
 # What the client process needs (config, its ticket cache); never the keytab.
 _CLIENT_ENV = ("KRB5_CONFIG", "KRB5_KDC_PROFILE", "KRB5CCNAME", "KRB5RCACHEDIR")
 
@@ -82,6 +85,15 @@ def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
         shutil.copyfile(k5.keytab, keytab)
         os.chmod(keytab, 0o600)
         os.unlink(k5.keytab)  # the only copy is the acceptor's
+        if os.geteuid() == 0:
+            # The acceptor runs under its own uid: it owns its keytab, reads the realm's
+            # krb5.conf and writes its replay cache.
+            os.chown(keytab, KRB5_ACCEPTOR_UID, KRB5_ACCEPTOR_UID)
+            open_to(keytab.parent)
+            open_to(Path(k5.env["KRB5_CONFIG"]).parent)
+            rcache = k5.env.get("KRB5RCACHEDIR")
+            if rcache:
+                os.chmod(rcache, 0o1777)
         saved = {k: os.environ.get(k) for k in (*_CLIENT_ENV, "KRB5_KTNAME",
                                                "KRB5_CLIENT_KTNAME")}
         os.environ.update({k: v for k, v in k5.env.items() if k in _CLIENT_ENV})
@@ -99,6 +111,11 @@ def realm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Realm]:
         k5.stop()
 
 
+async def start_krb5_daemon(*args: Any, **kw: Any) -> RunningDaemon:
+    """``start_daemon`` with the acceptor under the uid that owns the realm's keytab."""
+    return await start_daemon(*args, acceptor_uid=KRB5_ACCEPTOR_UID, **kw)
+
+
 def krb5_config(realm: Realm, mechanisms: str = '["krb5", "noise"]') -> str:
     return (f"[server]\nmechanisms = {mechanisms}\n"
             f"[krb5]\nkeytab = {str(realm.keytab)!r}\nservice = {SERVICE!r}\n")
@@ -111,7 +128,7 @@ async def krb5_connect(daemon: RunningDaemon, service: str = SERVICE) -> SecureS
 
 async def test_client_with_a_ticket_is_served_by_a_worker_without_the_keytab(
         realm: Realm, tmp_path: Path) -> None:
-    daemon = await start_daemon(tmp_path, workers=2, app="tests.krb5_apps:keytab_probe",
+    daemon = await start_krb5_daemon(tmp_path, workers=2, app="tests.krb5_apps:keytab_probe",
                                 extra=krb5_config(realm))
     try:
         stream = await krb5_connect(daemon)
@@ -150,14 +167,16 @@ async def test_client_with_a_ticket_is_served_by_a_worker_without_the_keytab(
 async def test_workers_of_another_user_cannot_read_the_keytab(
         realm: Realm, tmp_path: Path, worker_user: tuple[str, int, int],
         open_dir: Path) -> None:
-    """``[workers] user``: the acceptor (root) reads its 0600 keytab, its workers run as
-    a throwaway user that gets EACCES opening it, and still serve the Kerberos client."""
+    """``[workers] user``: the acceptor (its own uid) reads its 0600 keytab, its workers
+    run as a throwaway user that gets EACCES opening it, and still serve the Kerberos
+    client."""
     name, uid, _ = worker_user
     # In a directory the workers may traverse, as under /etc: the keytab (0600, root),
     # krb5.conf (0644; MIT's import reads it) and a replay-cache directory (1777).
     keytab = open_dir / "acceptor.keytab"
     shutil.copyfile(realm.keytab, keytab)
     os.chmod(keytab, 0o600)
+    os.chown(keytab, KRB5_ACCEPTOR_UID, KRB5_ACCEPTOR_UID)
     profile = open_dir / "krb5.conf"
     shutil.copyfile(realm.k5.env["KRB5_CONFIG"], profile)
     os.chmod(profile, 0o644)
@@ -167,7 +186,7 @@ async def test_workers_of_another_user_cannot_read_the_keytab(
     extra = (f'[server]\nmechanisms = ["krb5", "noise"]\n'
              f"[krb5]\nkeytab = {str(keytab)!r}\nservice = {SERVICE!r}\n"
              f'[workers]\nuser = "{name}"\n')
-    daemon = await start_daemon(
+    daemon = await start_krb5_daemon(
         tmp_path, workers=2, app="tests.krb5_apps:keytab_probe", extra=extra,
         env={"PYTHONPATH": f"{SITE_PACKAGES}:{REPO}", "KRB5_CONFIG": str(profile),
              "KRB5RCACHEDIR": str(rcache), "HANDOFFD_TEST_KEYTAB": str(keytab)},
@@ -191,8 +210,8 @@ async def test_workers_of_another_user_cannot_read_the_keytab(
 
 async def test_a_replayed_wrap_token_after_the_handoff_is_a_duplicate(
         realm: Realm, tmp_path: Path) -> None:
-    daemon = await start_daemon(tmp_path, workers=1, app="tests.apps:pid_echo",
-                                extra=krb5_config(realm))
+    daemon = await start_krb5_daemon(tmp_path, workers=1, app="tests.apps:pid_echo",
+                                     extra=krb5_config(realm))
     try:
         stream = await krb5_connect(daemon)
         await read_line(stream)
@@ -213,7 +232,7 @@ async def test_a_replayed_wrap_token_after_the_handoff_is_a_duplicate(
 
 
 async def test_a_client_without_a_ticket_is_refused(realm: Realm, tmp_path: Path) -> None:
-    daemon = await start_daemon(tmp_path, workers=1, extra=krb5_config(realm))
+    daemon = await start_krb5_daemon(tmp_path, workers=1, extra=krb5_config(realm))
     saved = os.environ["KRB5CCNAME"]
     os.environ["KRB5CCNAME"] = f"FILE:{tmp_path / 'empty.ccache'}"
     try:
@@ -241,7 +260,7 @@ def expected_status(call: Any) -> tuple[int, int]:
 
 async def test_a_ticket_for_another_service_is_refused_by_the_acceptor(
         realm: Realm, tmp_path: Path) -> None:
-    daemon = await start_daemon(tmp_path, workers=1, extra=krb5_config(realm))
+    daemon = await start_krb5_daemon(tmp_path, workers=1, extra=krb5_config(realm))
     try:
         # other/localhost exists in the KDC, so the client gets a ticket, but the
         # acceptor has no key for it: the acceptor's refusal comes back as an ERROR frame.
@@ -263,7 +282,7 @@ async def test_a_ticket_for_another_service_is_refused_by_the_acceptor(
 
 async def test_a_krb5_client_is_bad_mech_where_only_noise_is_enabled(
         realm: Realm, tmp_path: Path) -> None:
-    daemon = await start_daemon(tmp_path, workers=1)
+    daemon = await start_krb5_daemon(tmp_path, workers=1)
     try:
         with pytest.raises(GSSError) as caught:
             await krb5_connect(daemon)
@@ -364,7 +383,7 @@ async def test_mit_export_imports_twice_but_a_handoff_imports_once(
 async def test_handoffd_connect_cli_speaks_krb5(realm: Realm, tmp_path: Path) -> None:
     import sys
 
-    daemon = await start_daemon(tmp_path, workers=1, extra=krb5_config(realm, '["krb5"]'))
+    daemon = await start_krb5_daemon(tmp_path, workers=1, extra=krb5_config(realm, '["krb5"]'))
     try:
         with trio.fail_after(30):
             result = await trio.run_process(
@@ -412,7 +431,7 @@ async def test_allowed_principals_admits_only_the_listed_clients(
 
     (tmp_path / "only").mkdir()
     (tmp_path / "user").mkdir()
-    only_other = await start_daemon(
+    only_other = await start_krb5_daemon(
         tmp_path / "only", workers=1,
         extra=krb5_config(realm) + 'allowed_principals = ["other@KRBTEST.COM"]\n')
     try:
@@ -424,7 +443,7 @@ async def test_allowed_principals_admits_only_the_listed_clients(
         assert status["totals"]["handoffs"] == 0
     finally:
         await only_other.stop()
-    listed = await start_daemon(
+    listed = await start_krb5_daemon(
         tmp_path / "user", workers=1,
         extra=krb5_config(realm) + 'allowed_principals = ["user@KRBTEST.COM"]\n')
     try:
@@ -514,7 +533,7 @@ async def test_only_the_acceptor_ever_opens_the_keytab(realm: Realm, tmp_path: P
     the kernel's own record of every open of the keytab shows that no worker opens it."""
     opens = FileOpens(realm.keytab)
     try:
-        daemon = await start_daemon(tmp_path, workers=2, extra=krb5_config(realm))
+        daemon = await start_krb5_daemon(tmp_path, workers=2, extra=krb5_config(realm))
         try:
             for _ in range(3):
                 stream = await krb5_connect(daemon)

@@ -30,10 +30,13 @@ async def _external_workers(daemon_status: dict[str, object]) -> list[int]:
 async def test_prefork_http_workers_serve_handed_off_connections(tmp_path: Path) -> None:
     register = tmp_path / "register.sock"
     daemon = await start_daemon(tmp_path, workers=0,
-                                extra=f'[workers]\nregister_socket = "{register}"')
+                                extra=f'[workers]\nregister_socket = "{register}"\n'
+                                f'[policy]\nworker_uids = [{os.getuid()}]')
+    acceptor_uid = (await daemon.status())["privilege_separation"]["acceptor_uid"]
     master = await trio.lowlevel.open_process(
         [sys.executable, "-m", "examples.prefork_http.server", "--register", str(register),
-         "--workers", "2"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+         "--workers", "2", "--acceptor-uid", str(acceptor_uid)], cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         with trio.fail_after(30):
             while len(pids := await _external_workers(await daemon.status())) < 2:

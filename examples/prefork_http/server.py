@@ -27,17 +27,18 @@ from handoffd.runtime.worker import HandoffReceiver, serve
 from handoffd.status import GSSError
 
 
-async def worker_main(register: str, drain_timeout: float) -> None:
-    receiver = await HandoffReceiver.register(register)
+async def worker_main(register: str, drain_timeout: float,
+                      acceptor_uids: frozenset[int] | None) -> None:
+    receiver = await HandoffReceiver.register(register, acceptor_uids=acceptor_uids)
     try:
         await serve(receiver, serve_http, drain_timeout=drain_timeout)
     finally:
         receiver.close()
 
 
-def run_worker(register: str, drain_timeout: float) -> int:
+def run_worker(register: str, drain_timeout: float, acceptor_uids: frozenset[int] | None) -> int:
     try:
-        trio.run(worker_main, register, drain_timeout)
+        trio.run(worker_main, register, drain_timeout, acceptor_uids)
     except GSSError as error:
         print(f"prefork_http worker {os.getpid()}: {error}", file=sys.stderr)
         return 3
@@ -51,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--register", required=True, help="handoffd's registration socket")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--drain-timeout", type=float, default=10.0)
+    parser.add_argument("--acceptor-uid", type=int, action="append",
+                        help="uid the acceptor runs as ([server] user; repeatable); default: "
+                        "this process's uid or root")
     args = parser.parse_args(argv)
+    acceptor_uids = frozenset(args.acceptor_uid) if args.acceptor_uid else None
     setup_logging("info", "text", role="http-master")
 
     children: dict[int, float] = {}
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             setup_logging("info", "text", role="http-worker")
-            os._exit(run_worker(args.register, args.drain_timeout))
+            os._exit(run_worker(args.register, args.drain_timeout, acceptor_uids))
         children[pid] = time.monotonic()
 
     def on_term(signum: int, frame: object) -> None:

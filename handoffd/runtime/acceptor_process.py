@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                         privsep=plan.describe())
         trio.run(daemon.run)
     except GSSError as error:
-        log.error("%s", error)
+        log.error("acceptor cannot run: %s (major %#010x, minor %d)", error, error.major,
+                  error.minor)
         return 1
     except KeyboardInterrupt:
         return 0

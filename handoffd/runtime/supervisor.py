@@ -117,7 +117,7 @@ def process_plan(config: Config, *, privileged: bool | None = None) -> ProcessPl
         raise _privsep_error(Minor.PRIVSEP_NOT_PERMITTED,
                              "serve started as root needs [server] user: the acceptor, which "
                              "holds the key, never runs as root")
-    shared = worker_credentials(workers)
+    shared = worker_credentials(workers, check_switch=False)
     if workers.uid_range:
         first, last = workers.uid_range
         if first <= acceptor[0] <= last:
