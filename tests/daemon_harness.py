@@ -31,13 +31,15 @@ SITE_PACKAGES = REPO / ".venv" / "lib" / "python3.11" / "site-packages"
 
 # Run as root (CI), ``serve`` keeps a supervisor and runs the acceptor and each worker
 # under uids of their own: numeric uids with no passwd entry, a block per daemon so
-# that two daemons of one test never share a worker uid.
+# that two daemons of one test never share a worker uid.  Far from every range a host
+# uses (regular, DynamicUser, subuid, nspawn's up to 0x6FFFFFFF, the shipped configs'):
+# the supervisor kills every process of a worker uid when it frees it.
 _UID_BLOCKS = itertools.count()
 
 
 def separated_uids() -> tuple[int, tuple[int, int]]:
     """A fresh ``(acceptor uid, (first, last) worker uids)`` block."""
-    base = 62000 + 100 * (next(_UID_BLOCKS) % 300)
+    base = 1_900_000_000 + 100 * (next(_UID_BLOCKS) % 1000)
     return base, (base + 1, base + 64)
 
 

@@ -145,3 +145,48 @@ def test_registration_socket_with_a_named_policy_is_accepted() -> None:
     config = parse_config({"workers": {"register_socket": "r.sock"},
                            "policy": {"worker_uids": [70500]}}, base=Path("/etc/handoffd"))
     assert config.policy == PolicyConfig(worker_uids=(70500,))
+
+
+def test_key_quota_arithmetic_refuses_a_pool_a_non_root_acceptor_cannot_hold() -> None:
+    """200 keys for a non-root uid: 22 workers of 8 slots fit (1 + 22 x 9 = 199), 23 do
+    not; a pool that fits once but not twice (a SIGHUP roll) is a warning."""
+    from handoffd.kernel.keyring import read_key_users
+    from handoffd.kernel.parking import check_quota, quota_needed
+
+    assert quota_needed(4, 8) == (37, 1797)  # measured: 37 keys, 1765 bytes
+    nobody = 65534
+    limits = read_key_users(nobody)
+    if limits.maxkeys != 200:
+        pytest.skip(f"this host's non-root key quota is {limits.maxkeys} keys, not 200")
+    assert check_quota(4, 8, nobody) is None
+    assert "SIGHUP roll" in (check_quota(20, 8, nobody) or "")
+    with pytest.raises(GSSError) as caught:
+        check_quota(23, 8, nobody)
+    assert caught.value.minor == Minor.KEYRING_QUOTA and "kernel.keys.maxkeys" in str(
+        caught.value)
+    assert check_quota(1000, 8, 0) is None  # root's quota is a million keys
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the acceptor runs under its own uid")
+async def test_keys_charged_to_the_acceptor_uid_match_the_quota_arithmetic(
+    tmp_path: Path,
+) -> None:
+    """The real charge of a separated daemon's key parking on the acceptor uid's quota:
+    exactly ``1 + workers x (slots + 1)`` keys, and no more bytes than estimated."""
+    from handoffd.kernel.keyring import read_key_users
+    from handoffd.kernel.parking import quota_needed
+    from tests.daemon_harness import start_daemon
+
+    daemon = await start_daemon(tmp_path, workers=3, extra="[workers]\nmax_unacked = 5")
+    try:
+        status = await daemon.status()
+        uid = status["privilege_separation"]["acceptor_uid"]
+        assert status["key_parking"] == "keyring"
+        used = read_key_users(uid)
+        keys, nbytes = quota_needed(3, 5)
+        assert used.nkeys == keys and used.qnbytes <= nbytes
+        assert {w["uid"] for w in status["workers"]}.isdisjoint({uid})
+        assert len({w["uid"] for w in status["workers"]}) == 3  # one uid per worker
+    finally:
+        assert await daemon.stop() == 0

@@ -27,10 +27,12 @@ from handoffd.status import GSSError
 REPO = Path(__file__).resolve().parents[2]
 
 
-DEMO_ACCEPTOR_UID = 69999
-DEMO_WORKER_UIDS = (70000, 70063)
+DEMO_ACCEPTOR_UID = 69799
+DEMO_WORKER_UIDS = (69800, 69863)
 """Run as root, the demo's acceptor and workers get these uids (no passwd entries
-needed): the key holder and each worker under a uid of its own."""
+needed): the key holder and each worker under a uid of its own.  Apart from the shipped
+ranges (systemd/handoffd.toml 70000-70255, the image 80000-80255, the by-hand example
+69900-69963): the supervisor kills every process of a worker uid it frees."""
 
 
 def open_to(directory: Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +111,25 @@ def bind_tcp(address: str, backlog: int) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def _creating_as_group(group: int | None) -> Iterator[bool]:
+    """Files created inside get ``group``: by the effective gid where this process may
+    switch it (the supervisor: CAP_SETGID, but no CAP_CHOWN under the shipped unit);
+    otherwise yields True and the caller chowns afterwards."""
+    if group is None or os.getegid() == group:
+        yield False
+        return
+    try:
+        os.setegid(group)
+    except PermissionError:
+        yield True
+        return
+    try:
+        yield False
+    finally:
+        os.setegid(os.getgid())
+
+
 def bind_unix(path: Path, kind: int, *, mode: int, group: int | None = None) -> socket.socket:
     """A listening Unix socket at ``path`` with ``mode`` (and ``group``), symlink-safe."""
     sock = socket.socket(socket.AF_UNIX, kind)
@@ -119,10 +138,11 @@ def bind_unix(path: Path, kind: int, *, mode: int, group: int | None = None) -> 
             os.unlink(path)
         old = os.umask(0o777 & ~mode)
         try:
-            sock.bind(str(path))
+            with _creating_as_group(group) as needs_chown:
+                sock.bind(str(path))
         finally:
             os.umask(old)
-        if group is not None:
+        if group is not None and needs_chown:
             os.chown(path, -1, group, follow_symlinks=False)
         sock.listen(64)
     except OSError as error:

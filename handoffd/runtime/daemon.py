@@ -53,7 +53,7 @@ from handoffd.core.handoff import (
 )
 from handoffd.core.seal import seal
 from handoffd.kernel.channel import Channel
-from handoffd.kernel.parking import AcceptorParking
+from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
 from handoffd.kernel.peer import PeerPolicy
 from handoffd.kernel.systemd import Notifier, watchdog_interval
 from handoffd.mech import NOISE, acceptor_factories
@@ -208,6 +208,11 @@ class Daemon:
             mode=self.config.workers.keyring, join_session=self._join_session,
         )
         log.info("key parking mode: %s", self.parking.mode)
+        if self.parking.mode == KEYRING:
+            warning = check_quota(self.target_count, self.config.workers.max_unacked,
+                                  os.getuid())
+            if warning:
+                log.warning("key quota: %s", warning)
         if not self.privsep["separated"] or self.privsep["insecure_same_uid"]:
             log.warning("INSECURE: workers run under the acceptor's uid %d ([workers] "
                         "insecure_same_uid): a compromised worker can read the server key "
@@ -606,9 +611,22 @@ class Daemon:
     def _roll(self) -> None:
         """SIGHUP: every current worker drains; fresh ones take its place."""
         self._notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        rolled = {w.worker_id for w in self.workers.values()}
         for w in list(self.workers.values()):
             self._terminate(w)
-        self._notify("READY=1")
+        assert self._nursery is not None
+        self._nursery.start_soon(self._ready_after_roll, rolled)
+
+    async def _ready_after_roll(self, rolled: set[bytes]) -> None:
+        """READY=1 once every slot has a fresh, ready worker (or the drain time passed)."""
+        with trio.move_on_after(self.config.workers.drain_timeout + 10):
+            while True:
+                current = list(self.workers.values())
+                if len(current) >= self.target_count and all(
+                        w.worker_id not in rolled and w.ready.is_set() for w in current):
+                    break
+                await trio.sleep(0.02)
+        self._notify("READY=1", f"STATUS={self._status_line()}")
 
     def _resize(self, count: int) -> None:
         count = max(1, count)

@@ -142,8 +142,10 @@ class HandoffReceiver:
 
         The acceptor checks this process against its ``[policy]``; this side
         checks that whoever listens on ``path`` runs as one of
-        ``acceptor_uids`` (default: our own uid or root) and, if given, has one
-        of ``acceptor_labels`` (LSM contexts; checked again on every message).
+        ``acceptor_uids`` and, if given, has one of ``acceptor_labels`` (LSM contexts;
+        checked again on every message).  Under privilege separation (``serve`` as
+        root) the listener is the acceptor, under ``[server] user``: pass that uid.
+        The default, our own uid or root, fits only an acceptor that shares ours.
         Raises the acceptor's refusal as a ``GSSError``.
         """
         labels = _label_set(acceptor_labels)
