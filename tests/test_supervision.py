@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,5 +189,90 @@ async def test_keys_charged_to_the_acceptor_uid_match_the_quota_arithmetic(
         assert used.nkeys == keys and used.qnbytes <= nbytes
         assert {w["uid"] for w in status["workers"]}.isdisjoint({uid})
         assert len({w["uid"] for w in status["workers"]}) == 3  # one uid per worker
+    finally:
+        assert await daemon.stop() == 0
+
+
+@pytest.mark.root
+async def test_an_unprivileged_serve_refuses_same_uid_workers_and_warns_when_allowed(
+    worker_user: tuple[str, int, int], open_dir: Path,
+) -> None:
+    """Run as an ordinary user, ``serve`` cannot give workers their own uids: without
+    ``[workers] insecure_same_uid`` it exits 1 with one status line (minor 650), no
+    traceback; with it, the daemon serves, warns at start, and ``status`` and ``doctor``
+    say INSECURE."""
+    import subprocess
+
+    from tests.daemon_harness import (
+        REPO,
+        SITE_PACKAGES,
+        SYSTEM_PYTHON,
+        echo_session,
+        start_daemon,
+        write_config,
+    )
+
+    _, uid, gid = worker_user
+    env = {**os.environ, "PYTHONPATH": f"{SITE_PACKAGES}:{REPO}"}
+    config = write_config(open_dir, workers=1, separated=False)
+    for path in (open_dir, *open_dir.iterdir()):
+        os.chown(path, uid, gid)
+    refused = subprocess.run([SYSTEM_PYTHON, "-m", "handoffd", "serve", "--config",
+                              str(config)], env=env, cwd="/", capture_output=True, text=True,
+                             user=uid, group=gid, extra_groups=[], timeout=60)
+    assert refused.returncode == 1, refused.stderr
+    assert "minor 650" in refused.stderr and "insecure_same_uid" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    serving = open_dir / "serving"
+    serving.mkdir()
+    os.chmod(serving, 0o711)
+    log = open_dir / "daemon.log"
+    daemon = await start_daemon(serving, workers=1, log=log, python=SYSTEM_PYTHON,
+                                env={"PYTHONPATH": f"{SITE_PACKAGES}:{REPO}"},
+                                user=(uid, gid))
+    try:
+        assert await echo_session(daemon, messages=1)
+        assert b"INSECURE: workers run under the acceptor's uid" in log.read_bytes()
+        privsep = (await daemon.status())["privilege_separation"]
+        assert privsep["insecure_same_uid"] and not privsep["separated"]
+        shown = subprocess.run([sys.executable, "-m", "handoffd", "status", "--control",
+                                str(daemon.control)], capture_output=True, text=True,
+                               check=True, timeout=30)
+        assert f"INSECURE: acceptor uid {uid}" in shown.stdout
+        # doctor judges the config for the user who runs it, as serve would.
+        doctor = subprocess.run([SYSTEM_PYTHON, "-m", "handoffd", "doctor", "--config",
+                                 str(daemon.directory / "handoffd.toml")], env=env, cwd="/",
+                                user=uid, group=gid, extra_groups=[], capture_output=True,
+                                text=True, check=True, timeout=60)
+        assert "[warn] privilege separation: INSECURE" in doctor.stdout
+    finally:
+        assert await daemon.stop() == 0
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the acceptor runs under its own uid")
+async def test_status_and_doctor_show_the_separated_uids(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.daemon_harness import start_daemon
+
+    daemon = await start_daemon(tmp_path, workers=2)
+    try:
+        status = await daemon.status()
+        acceptor = status["privilege_separation"]["acceptor_uid"]
+        shown = subprocess.run([sys.executable, "-m", "handoffd", "status", "--control",
+                                str(daemon.control)], capture_output=True, text=True,
+                               check=True, timeout=30)
+        assert f"separated: acceptor uid {acceptor}, workers one uid per worker" in shown.stdout
+        for worker in status["workers"]:
+            assert str(worker["uid"]) in shown.stdout
+            assert os.stat(f"/proc/{worker['pid']}").st_uid == worker["uid"]
+        assert os.stat(f"/proc/{daemon.pid}").st_uid == acceptor
+        assert os.stat(f"/proc/{daemon.process.pid}").st_uid == 0  # the supervisor
+        doctor = subprocess.run([sys.executable, "-m", "handoffd", "doctor", "--config",
+                                 str(tmp_path / "handoffd.toml")], capture_output=True,
+                                text=True, check=True, timeout=60)
+        assert f"[ok  ] privilege separation: acceptor uid {acceptor}" in doctor.stdout
     finally:
         assert await daemon.stop() == 0
