@@ -62,6 +62,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
     from handoffd.config import load_config
+    from handoffd.kernel.privileges import make_undumpable
     from handoffd.logs import setup_logging
     from handoffd.runtime.daemon import Daemon
     from handoffd.runtime.supervisor import Supervisor, process_plan
@@ -75,6 +76,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # acceptor and workers run under their own uids.
         setup_logging(config.log.level, config.log.format, role="supervisor")
         return trio.run(Supervisor(config, plan).run)
+    # Unseparated, workers share our uid: being undumpable still keeps them (and any
+    # process of the uid) from ptrace, /proc/PID/mem and pidfd_getfd on the key holder,
+    # though not from the key file.
+    make_undumpable()
     setup_logging(config.log.level, config.log.format, role="acceptor")
     trio.run(Daemon(config, privsep=plan.describe()).run)
     return 0

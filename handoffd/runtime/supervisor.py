@@ -191,9 +191,14 @@ class _Acceptor:
 
 async def kill_everything_of(uid: int) -> None:
     """SIGKILL every process of ``uid``: ``kill(-1)`` run as that uid reaches them all,
-    whatever process group or session they moved to."""
-    helper = ChildProcess.spawn([sys.executable, "-I", "-S", "-c", _KILL_ALL],
-                                credentials=(uid, uid), cwd="/")
+    whatever process group or session they moved to.  A failure is logged, not raised:
+    the caller is reaping or killing and must go on."""
+    try:
+        helper = ChildProcess.spawn([sys.executable, "-I", "-S", "-c", _KILL_ALL],
+                                    credentials=(uid, uid), cwd="/")
+    except OSError as error:
+        log.error("cannot kill the processes of uid %d: %s", uid, error.strerror)
+        return
     await helper.wait()
 
 
