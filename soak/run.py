@@ -175,6 +175,9 @@ class Daemon:
     control: Path
     fingerprint: str
     port: int = 0
+    acceptor_pid: int = 0
+    """The key holder (``status`` pid); ``process`` is the supervisor when run as root."""
+    acceptor_uid: int = 0
 
     @property
     def pid(self) -> int:
@@ -214,14 +217,14 @@ async def wait_ready(daemon: Daemon, workers: int, timeout: float = 60) -> dict[
 
 async def sample(daemon: Daemon, t0: float) -> dict[str, Any]:
     """One point of the time series (fds read before the status query opens a socket)."""
-    acceptor = {"fds": fd_count(daemon.pid), "rss_mib": rss_mib(daemon.pid)}
+    acceptor = {"fds": fd_count(daemon.acceptor_pid), "rss_mib": rss_mib(daemon.acceptor_pid)}
     status = await query_control(daemon.control)
     workers = [{"index": w["index"], "pid": w["pid"], "state": w["state"],
                 "in_flight": w["in_flight"], "handled": w["handled"],
                 "fds": fd_count(w["pid"]), "rss_mib": rss_mib(w["pid"])}
                for w in status["workers"] if w["pid"] is not None]
     return {"t": round(time.monotonic() - t0, 2), "acceptor": acceptor, "workers": workers,
-            "key_users": key_users(os.geteuid()), "totals": status["totals"],
+            "key_users": key_users(daemon.acceptor_uid), "totals": status["totals"],
             "handshake_failures": status["handshake_failures"],
             "refused_by_worker": status["refused_by_worker"],
             "loadavg_1m": round(os.getloadavg()[0], 2)}
@@ -314,6 +317,8 @@ async def soak(daemon: Daemon, settings: Settings) -> dict[str, Any]:
     """Baseline, load + faults + sampling, quiet end; the raw material of the report."""
     status = await wait_ready(daemon, settings.workers)
     daemon.port = int(status["listen"][0].rsplit(":", 1)[1])
+    daemon.acceptor_pid = status["pid"]
+    daemon.acceptor_uid = status["privilege_separation"]["acceptor_uid"]
     t0 = time.monotonic()
     await warm_up(daemon, settings.workers * 8)
     gap = min(0.4, settings.sample_every / 10)
@@ -530,7 +535,9 @@ def summary(result: dict[str, Any]) -> str:
         f"after import ({result['worker_kills']} kills, {result['sighup_rolls']} SIGHUP roll)",
         f"lost         {result['lost']}" + "".join(
             f"\n  {n} x {reason}" for reason, n in result["failed_by_reason"].items()),
-        f"daemon       redelivered {result['daemon_totals']['redelivered']}, "
+        f"daemon       redelivered {result['daemon_totals']['redelivered']} (never queued), "
+        f"died with their worker {result['daemon_totals'].get('died_after_claim', 0)} "
+        f"claimed + {result['daemon_totals'].get('died_unclaimed', 0)} unclaimed, "
         f"lost {result['daemon_totals']['lost']}, exit {result['daemon_exit_status']}",
         f"flat         fds acceptor {fd['acceptor']:+d} worker {fd['worker']:+d}; "
         f"RSS acceptor {rss['acceptor']:+.1f} MiB worker {rss['worker']:+.1f} MiB; "
