@@ -17,6 +17,7 @@ from pathlib import Path
 from handoffd.kernel.attrs import SO_PASSCRED
 
 RUNNER = b"u:r:handoffd_runner_t"
+SUPERVISOR = b"u:r:handoffd_supervisor_t"
 ACCEPTOR = b"u:r:handoffd_acceptor_t"
 WORKER = b"u:r:handoffd_worker_t"
 IMPOSTOR = b"u:r:handoffd_impostor_t"

@@ -1,11 +1,15 @@
-"""The real daemon under real SELinux labels (guest only): ``handoffd serve`` as the acceptor.
+"""The real daemon under real SELinux labels (guest only): ``handoffd serve`` as shipped.
 
-Each test starts ``handoffd serve`` (the product's own entry point, no special build) in a
-domain chosen with ``/proc/self/attr/exec`` (setexeccon: a shell writes it, then execs
-Python), so the daemon runs as ``handoffd_acceptor_t`` (or, to be refused, as the
-impostor).  The policy's ``typetransition`` puts the workers the acceptor spawns into
-``handoffd_worker_t``.  Clients are real handoffd clients over loopback TCP; other parties
-(an impostor, external workers) are forked children in their own domains (lsm_support).
+Each test starts ``handoffd serve`` (the product's own entry point, no special build) as
+root in a domain chosen with ``/proc/self/attr/exec`` (setexeccon: a shell writes it, then
+execs Python).  That process is the **supervisor** (uid 0): it binds every socket and
+execs the **acceptor** under ``[server] user`` and each **worker** under a uid of its own
+from ``[workers] uid_range``.  Started as ``handoffd_supervisor_t``, the policy's
+``typetransition`` puts what the supervisor execs into ``handoffd_acceptor_t``: the
+acceptor and, since the supervisor execs them with the same interpreter, its workers too.
+Started as the impostor, every process of the daemon stays the impostor.  Clients are real
+handoffd clients over loopback TCP; other parties (an impostor, external workers) are
+forked children in their own domains (lsm_support).
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from lsm_support import (
     ACCEPTOR,
     EXTERNAL_WORKER,
     IMPOSTOR,
-    WORKER,
+    SUPERVISOR,
     fork_as,
     observe,
     raw_peer_label,
     wait_ok,
 )
 
+from examples.echo.demo import separation_lines
 from handoffd import keyfiles
 from handoffd.core.credentials import StaticKeyPair, fingerprint
 from handoffd.core.handoff import FD_KINDS, Kind
@@ -58,7 +63,10 @@ SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
 
 @dataclass
 class LabelledDaemon:
-    """A ``handoffd serve`` process started in a given SELinux domain."""
+    """A ``handoffd serve`` process started in a given SELinux domain.
+
+    ``process`` is the supervisor; the control socket is answered by the acceptor, whose
+    pid is ``status()["pid"]``."""
 
     process: subprocess.Popen[bytes]
     host: str
@@ -68,8 +76,12 @@ class LabelledDaemon:
     log: Path
 
     @property
-    def pid(self) -> int:
+    def supervisor_pid(self) -> int:
         return self.process.pid
+
+    def acceptor_pid(self) -> int:
+        pid: int = self.status()["pid"]
+        return pid
 
     async def connect(self, **kw: Any) -> SecureStream:
         return await connect(self.host, self.port, server_fingerprint=self.fingerprint, **kw)
@@ -84,14 +96,21 @@ class LabelledDaemon:
         return self.log.read_text(errors="replace")
 
 
+LSM_ACCEPTOR_UID = 1_800_000_000
+LSM_WORKER_UIDS = (1_800_000_001, 1_800_000_064)
+
+
 def write_config(directory: Path, *, workers: int, extra: str) -> Path:
     """A config like tests/daemon_harness's, with the key made in this process (each Python
     start costs seconds in the TCG guest) and ``extra`` lines appended to their sections."""
     keyfiles.save_private_key(directory / "server.key", StaticKeyPair.generate(os.urandom))
+    # The shipped process model: the supervisor (root, in the launch label) runs the
+    # acceptor and the workers under uids of their own (their domain: module docstring).
+    server, worker = separation_lines(directory, LSM_ACCEPTOR_UID, LSM_WORKER_UIDS)
     sections: dict[str, list[str]] = {
-        "server": ['listen = ["127.0.0.1:0"]', 'key = "server.key"'],
+        "server": ['listen = ["127.0.0.1:0"]', 'key = "server.key"', *server.split("\n")],
         "workers": ['app = "tests.apps:pid_echo"', f"count = {workers}",
-                    f"pythonpath = [{str(REPO)!r}]"],
+                    f"pythonpath = [{str(REPO)!r}]", *worker.split("\n")],
         "control": ['socket = "control.sock"'],
     }
     section = ""
@@ -131,7 +150,9 @@ def wait_ready(directory: Path, process: subprocess.Popen[bytes], workers: int,
             ready = [w for w in status["workers"] if w["state"] == "ready"]
             if status["listen"] and len(ready) >= workers:
                 break
-        except GSSError:
+        except (GSSError, trio.BrokenResourceError):
+            # Not answering yet, or reset: the daemon is going down (the poll above
+            # then reports its exit with the log).
             pass
         time.sleep(0.1)
     host, port = status["listen"][0].rsplit(":", 1)
@@ -159,6 +180,22 @@ def labelled_daemon(directory: Path, label: bytes, *, workers: int = 1,
 def label_of(pid: int) -> bytes:
     """A process's SELinux context, as /proc/<pid>/attr/current reports it."""
     return Path(f"/proc/{pid}/attr/current").read_bytes().rstrip(b"\0")
+
+
+def uid_of(pid: int) -> int:
+    """A process's real uid, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+def listener_label(path: Path) -> bytes:
+    """SO_PEERSEC seen by a process connecting to the Unix stream listener ``path``: the
+    label of the listening socket, i.e. of the process that created (bound) it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        return raw_peer_label(sock)
 
 
 def echo(daemon: LabelledDaemon) -> int:
@@ -200,25 +237,46 @@ def log_lines(daemon_log: str, marker: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def acceptor_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelledDaemon]:
-    """One daemon in the acceptor domain, one worker accepting only the acceptor's label,
-    shared by cases 1 and 2 (every daemon and worker start costs seconds under TCG)."""
+    """One daemon started as the supervisor, one worker accepting only the acceptor's
+    label, shared by cases 1 and 2 (every daemon and worker start costs seconds under
+    TCG)."""
     directory = tmp_path_factory.mktemp("acceptor")
-    with labelled_daemon(directory, ACCEPTOR, extra=f"[policy]\n{ONLY_THE_ACCEPTOR}") as daemon:
+    with labelled_daemon(directory, SUPERVISOR,
+                         extra=f"[policy]\n{ONLY_THE_ACCEPTOR}") as daemon:
         yield daemon
 
 
 def test_worker_accepts_and_serves_a_handoff_from_the_acceptor_label(
     acceptor_daemon: LabelledDaemon,
 ) -> None:
-    """Case 1: the daemon runs as the acceptor, its worker (exec transition) as the worker,
-    the worker accepts only the acceptor's label ([policy] acceptor_labels), and a real
-    client gets its echo from that worker."""
+    """Case 1: the supervisor (root) runs as the supervisor, the acceptor it execs (under
+    [server] user) as the acceptor, and so does the worker it execs (under a uid of its
+    own): one interpreter, one exec transition.  The worker accepts only the acceptor's
+    label ([policy] acceptor_labels), which its channel (made by the acceptor) carries,
+    and a real client gets its echo from that worker.  The sockets the supervisor bound
+    (here the control socket) carry the supervisor's label."""
     daemon = acceptor_daemon
     [worker] = daemon.ready_workers()
-    assert label_of(daemon.pid) == ACCEPTOR
-    assert label_of(worker["pid"]) == WORKER
-    observe("daemon-acceptor", label_of(daemon.pid))
-    observe("daemon-spawned-worker", label_of(worker["pid"]))
+    status = daemon.status()
+    acceptor = status["pid"]
+    assert acceptor != daemon.supervisor_pid
+    separation = status["privilege_separation"]
+    assert separation["separated"] and separation["acceptor_uid"] == LSM_ACCEPTOR_UID
+    roles = {"supervisor": daemon.supervisor_pid, "acceptor": acceptor,
+             "spawned-worker": worker["pid"]}
+    for role, pid in roles.items():
+        observe(f"daemon-{role} uid={uid_of(pid)}", label_of(pid))
+    assert uid_of(daemon.supervisor_pid) == 0
+    assert uid_of(acceptor) == LSM_ACCEPTOR_UID
+    assert LSM_WORKER_UIDS[0] <= uid_of(worker["pid"]) <= LSM_WORKER_UIDS[1]
+    assert worker["uid"] == uid_of(worker["pid"])
+    assert label_of(daemon.supervisor_pid) == SUPERVISOR
+    assert label_of(acceptor) == ACCEPTOR
+    # Not handoffd_worker_t: the supervisor execs acceptor and workers alike (docs/LSM.md).
+    assert label_of(worker["pid"]) == ACCEPTOR
+    control_label = listener_label(daemon.control)
+    observe("control-socket-bound-by-supervisor", control_label)
+    assert control_label.rstrip(b"\0") == SUPERVISOR
     acked = daemon.status()["totals"]["acked"]
     refused = len(log_lines(daemon.log_text(), "refused"))
     assert echo(daemon) == worker["pid"]
@@ -227,15 +285,23 @@ def test_worker_accepts_and_serves_a_handoff_from_the_acceptor_label(
     assert len(log_lines(daemon.log_text(), "refused")) == refused
 
 
-def steal_and_send(daemon_pid: int, report: Path) -> None:
+def steal_and_send(acceptor_pid: int, report: Path) -> None:
     """Impostor's part: take the acceptor's end of a worker channel with pidfd_getfd(2),
-    send a HANDOFF carrying a live TCP socket, and see the worker close it."""
+    send a HANDOFF carrying a live TCP socket, and see the worker close it.
+
+    The acceptor runs under its own uid and is undumpable (its /proc entries belong to
+    root); this root impostor still gets its fds because root has CAP_SYS_PTRACE and the
+    test policy allows ``process ptrace`` (handleunknown)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(daemon_pid)
+    found: dict[str, Any] = {
+        "acceptor_uid": uid_of(acceptor_pid),
+        "proc_fd_owner": os.stat(f"/proc/{acceptor_pid}/fd").st_uid,
+    }
+    pidfd = os.pidfd_open(acceptor_pid)
     stolen: socket.socket | None = None
-    for entry in os.listdir(f"/proc/{daemon_pid}/fd"):
+    for entry in os.listdir(f"/proc/{acceptor_pid}/fd"):
         try:
-            if not os.readlink(f"/proc/{daemon_pid}/fd/{entry}").startswith("socket:"):
+            if not os.readlink(f"/proc/{acceptor_pid}/fd/{entry}").startswith("socket:"):
                 continue
         except OSError:
             continue
@@ -245,17 +311,15 @@ def steal_and_send(daemon_pid: int, report: Path) -> None:
         creds = candidate.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         if (candidate.family == socket.AF_UNIX and candidate.type == socket.SOCK_SEQPACKET
                 and not candidate.getsockopt(socket.SOL_SOCKET, SO_ACCEPTCONN)
-                and struct.unpack("3i", creds)[0] == daemon_pid):
+                and struct.unpack("3i", creds)[0] == acceptor_pid):
             assert stolen is None, "more than one worker channel in the acceptor"
             stolen = candidate
         else:
             candidate.close()
     os.close(pidfd)
     assert stolen is not None, "no worker channel found in the acceptor"
-    found = {
-        "own_label": os.getxattr(stolen.fileno(), "security.selinux").decode(),
-        "peer_label": raw_peer_label(stolen).decode(),
-    }
+    found["own_label"] = os.getxattr(stolen.fileno(), "security.selinux").decode()
+    found["peer_label"] = raw_peer_label(stolen).decode()
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         client = socket.create_connection(server.getsockname())
@@ -280,7 +344,9 @@ def test_impostor_with_the_acceptors_channel_end_is_refused(
     acceptor_daemon: LabelledDaemon, tmp_path: Path,
 ) -> None:
     """Case 2: a root process in the impostor domain takes the acceptor's end of the
-    worker's channel with pidfd_getfd(2) and sends a handoff carrying a TCP socket.  The
+    worker's channel with pidfd_getfd(2) (the acceptor is undumpable and under its own
+    uid, which stops everything but CAP_SYS_PTRACE; root has it) and sends a handoff
+    carrying a TCP socket.  The
     worker refuses it (GSS_S_UNAUTHORIZED), closes the socket (the impostor's client
     sees EOF) and goes on serving real clients.
 
@@ -290,12 +356,15 @@ def test_impostor_with_the_acceptors_channel_end_is_refused(
     test_worker_refuses_a_channel_made_in_another_domain."""
     daemon = acceptor_daemon
     [worker] = daemon.ready_workers()
+    acceptor = daemon.acceptor_pid()
     acked = daemon.status()["totals"]["acked"]
     earlier = len(log_lines(daemon.log_text(), "refused"))
     report = tmp_path / "impostor.json"
-    wait_ok(fork_as(IMPOSTOR, lambda: steal_and_send(daemon.pid, report)))
+    wait_ok(fork_as(IMPOSTOR, lambda: steal_and_send(acceptor, report)))
     found = json.loads(report.read_text())
     observe("stolen-acceptor-end", found["own_label"].encode())
+    assert found["acceptor_uid"] == LSM_ACCEPTOR_UID
+    assert found["proc_fd_owner"] == 0  # undumpable: /proc/<acceptor> belongs to root
     assert found["own_label"].rstrip("\0") == ACCEPTOR.decode()
     assert found["peer_label"].rstrip("\0") == ACCEPTOR.decode()
     assert found["client_saw"] == "eof"
@@ -332,11 +401,23 @@ def test_worker_refuses_a_channel_made_in_another_domain(tmp_path: Path) -> None
     observe("refused-channel-maker", IMPOSTOR)
 
 
-def register_and_serve(path: str) -> None:
-    """External worker's part: register (checking the acceptor's label), serve until drained."""
+# Who an external worker sees at registration: the listener is the acceptor's uid (it
+# re-listens, so SO_PEERCRED names it), but the socket's label is its creator's, the
+# supervisor's, on connect (SO_PEERSEC) and on every message the acceptor sends over the
+# accepted socket (SCM_SECURITY).
+REGISTRATION_LISTENER: dict[str, Any] = {
+    "acceptor_uids": frozenset({LSM_ACCEPTOR_UID}), "acceptor_labels": [SUPERVISOR]}
+
+
+def register_and_serve(path: str, report: Path) -> None:
+    """External worker's part: register (checking the listener's uid and label), record
+    what it saw, serve until drained."""
 
     async def run() -> None:
-        receiver = await HandoffReceiver.register(path, acceptor_labels=[ACCEPTOR])
+        receiver = await HandoffReceiver.register(path, **REGISTRATION_LISTENER)
+        identity = receiver.channel.peer_identity()
+        report.write_text(json.dumps({"pid": identity.pid, "uid": identity.uid,
+                                      "label": (identity.label or b"").decode()}))
         try:
             await serve(receiver, pid_echo, drain_timeout=5)
         finally:
@@ -350,7 +431,7 @@ def register_refused(path: str, report: Path) -> None:
 
     async def run() -> None:
         try:
-            receiver = await HandoffReceiver.register(path, acceptor_labels=[ACCEPTOR])
+            receiver = await HandoffReceiver.register(path, **REGISTRATION_LISTENER)
         except GSSError as error:
             report.write_text(json.dumps([error.major, error.minor]))
             return
@@ -363,10 +444,12 @@ def register_refused(path: str, report: Path) -> None:
 def test_external_worker_registration_by_label(tmp_path: Path) -> None:
     """Case 3: with [policy] worker_labels = [the external worker's label], a root
     process in the impostor domain is refused at registration (PEER_LABEL_NOT_ALLOWED),
-    while one in the allowed domain registers and serves a real client."""
+    while one in the allowed domain registers and serves a real client.  The external
+    workers trust the listener's uid (the acceptor's) and label (the supervisor's, which
+    bound the socket: an external worker cannot pin the acceptor's label)."""
     extra = ("[workers]\nregister_socket = \"register.sock\"\n"
              f"[policy]\nworker_labels = [\"{EXTERNAL_WORKER.decode()}\"]")
-    with labelled_daemon(tmp_path, ACCEPTOR, workers=0, extra=extra) as daemon:
+    with labelled_daemon(tmp_path, SUPERVISOR, workers=0, extra=extra) as daemon:
         path = str(tmp_path / "register.sock")
         report = tmp_path / "refused.json"
         wait_ok(fork_as(IMPOSTOR, lambda: register_refused(path, report)))
@@ -377,7 +460,8 @@ def test_external_worker_registration_by_label(tmp_path: Path) -> None:
         refusals = log_lines(daemon.log_text(), "registration refused")
         assert len(refusals) == 1 and IMPOSTOR.decode() in refusals[0], refusals
 
-        worker_pid = fork_as(EXTERNAL_WORKER, lambda: register_and_serve(path))
+        seen = tmp_path / "registered.json"
+        worker_pid = fork_as(EXTERNAL_WORKER, lambda: register_and_serve(path, seen))
         try:
             deadline = time.monotonic() + 60
             while not daemon.ready_workers():
@@ -387,6 +471,11 @@ def test_external_worker_registration_by_label(tmp_path: Path) -> None:
             assert worker["external"] and worker["pid"] == worker_pid
             observe("registered-external-worker", label_of(worker_pid))
             assert label_of(worker_pid) == EXTERNAL_WORKER
+            listener = json.loads(seen.read_text())
+            observe(f"registration-listener uid={listener['uid']}", listener["label"].encode())
+            assert listener["pid"] == daemon.acceptor_pid()
+            assert listener["uid"] == LSM_ACCEPTOR_UID
+            assert listener["label"].rstrip("\0") == SUPERVISOR.decode()
             assert echo(daemon) == worker_pid
         finally:
             daemon.process.send_signal(signal.SIGTERM)
