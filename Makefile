@@ -65,6 +65,14 @@ test: lint typecheck unit
 test-lsm: venv
 	lsm/run.sh
 
+# The shipped Docker image (Dockerfile, docker/) built and run with a real engine, the
+# ways README and docs/DEPLOY.md show (see docs/DOCKER-TEST.md): installs Debian's
+# docker.io and debootstrap if missing, starts dockerd if none runs, builds a stand-in
+# base image when no registry is reachable (cached).  2 to 4 minutes (docs/DOCKER-TEST.md).
+.PHONY: test-docker
+test-docker: venv
+	$(BIN)/python docker/test/run.py
+
 demo: venv
 	$(BIN)/python -m examples.echo.demo
 
