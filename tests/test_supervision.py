@@ -276,3 +276,20 @@ async def test_status_and_doctor_show_the_separated_uids(tmp_path: Path) -> None
         assert f"[ok  ] privilege separation: acceptor uid {acceptor}" in doctor.stdout
     finally:
         assert await daemon.stop() == 0
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the acceptor runs under its own uid")
+async def test_fallback_key_parking_works_under_the_supervisor(tmp_path: Path) -> None:
+    """Where keyctl is refused (Docker's default seccomp profile), workers get their
+    grant pipe from the supervisor: the SPAWN carries the pipe as an fd, never its
+    number, and the workers start and serve."""
+    from tests.daemon_harness import echo_session, start_daemon
+
+    daemon = await start_daemon(tmp_path, workers=2, extra='[workers]\nkeyring = "fallback"')
+    try:
+        status = await daemon.status()
+        assert status["key_parking"] == "fallback"
+        assert await echo_session(daemon, messages=2) in await daemon.worker_pids()
+    finally:
+        assert await daemon.stop() == 0

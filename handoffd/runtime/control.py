@@ -95,7 +95,7 @@ async def query_control(path: Path | str, command: str = "status") -> dict[str, 
                     if not chunk:
                         break
                     data += chunk
-    except (OSError, trio.TooSlowError) as error:
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as error:
         raise GSSError(GSS_S_UNAVAILABLE, Minor.CONTROL_UNAVAILABLE,
                        f"{path}: {getattr(error, 'strerror', None) or error}") from None
     try:

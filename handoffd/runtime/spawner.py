@@ -29,7 +29,7 @@ from handoffd.config import Config
 from handoffd.core import supervision
 from handoffd.core.handoff import FD_KINDS
 from handoffd.kernel.channel import Channel
-from handoffd.kernel.parking import AcceptorParking, WorkerGrant
+from handoffd.kernel.parking import ENV_FD, AcceptorParking, WorkerGrant
 from handoffd.minor import Minor
 from handoffd.runtime.process import ChildProcess
 from handoffd.runtime.supervisor_link import SupervisorLink
@@ -235,7 +235,9 @@ class SupervisedSpawner:
         self._waiting[worker_id] = send
         try:
             try:
-                await self.link.send(supervision.Spawn(worker_id, dict(grant.env)),
+                # The grant pipe's fd number is the supervisor's to set (ALLOWED_GRANT).
+                grant_env = {k: v for k, v in grant.env.items() if k != ENV_FD}
+                await self.link.send(supervision.Spawn(worker_id, grant_env),
                                      (theirs.fileno(), *grant.pass_fds))
             finally:
                 theirs.close()
