@@ -293,3 +293,32 @@ async def test_fallback_key_parking_works_under_the_supervisor(tmp_path: Path) -
         assert await echo_session(daemon, messages=2) in await daemon.worker_pids()
     finally:
         assert await daemon.stop() == 0
+
+
+async def test_sigterm_before_the_workers_are_ready_stops_the_daemon(tmp_path: Path) -> None:
+    """Workers that never become ready (here: an app whose import hangs) must not make
+    the daemon deaf: SIGTERM stops it, workers included, with exit status 0."""
+    import signal
+
+    from tests.daemon_harness import REPO, write_config
+
+    config = write_config(tmp_path, workers=2, app="tests.never_ready_app:handler")
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as out:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "handoffd", "serve", "--config", str(config)], cwd=REPO,
+            stderr=out)
+    try:
+        with trio.fail_after(30):
+            while b"acceptor started" not in log.read_bytes() and \
+                    b"key parking mode" not in log.read_bytes():
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(60):
+            assert await process.wait() == 0, log.read_text()
+        assert b"before the workers were ready" in log.read_bytes()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -226,7 +226,12 @@ class Daemon:
                     nursery.start_soon(self._serve_spawner)
                     for index in range(self.target_count):
                         nursery.start_soon(self._manage_slot, index)
-                    await self._wait_workers_ready()
+                    if not await self._ready_or_stopped(signals):
+                        # SIGTERM before the pool was ever ready (spawns keep failing,
+                        # e.g. for key quota): stop instead of waiting for it forever.
+                        await self._shutdown()
+                        nursery.cancel_scope.cancel()
+                        return
                     await self._open_listeners()
                     for listener in self.listeners:
                         nursery.start_soon(self._accept_loop, listener)
@@ -380,6 +385,29 @@ class Daemon:
             await self._read_channel(w)
         finally:
             await self._worker_gone(w)
+
+    async def _ready_or_stopped(self, signals: Any) -> bool:
+        """True once every worker is ready; False if SIGTERM/SIGINT came first (other
+        signals before then are logged and ignored: there is no pool to roll yet)."""
+        ready = False
+
+        async def wait_ready(scope: trio.CancelScope) -> None:
+            nonlocal ready
+            await self._wait_workers_ready()
+            ready = True
+            scope.cancel()
+
+        async with trio.open_nursery() as race:
+            race.start_soon(wait_ready, race.cancel_scope)
+            async for signum in signals:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    log.info("received %s before the workers were ready: stopping",
+                             signal.Signals(signum).name)
+                    race.cancel_scope.cancel()
+                    break
+                log.info("%s ignored: the workers are not ready yet",
+                         signal.Signals(signum).name)
+        return ready
 
     async def _wait_workers_ready(self) -> None:
         while not all(w.ready.is_set() for w in self.workers.values()) or (
