@@ -261,3 +261,15 @@ def shared_dir(directory: Path) -> Path:
     path.mkdir(exist_ok=True)
     os.chmod(path, 0o1777)
     return path
+
+
+async def echo_back(stream: SecureStream, message: bytes) -> bytes:
+    """Send ``message`` and read as many bytes back (an echo app's answer)."""
+    async with stream:
+        await stream.send_all(message)
+        echoed = b""
+        while len(echoed) < len(message):
+            chunk = await stream.receive_some(64)
+            assert chunk, "closed before the echo came back"
+            echoed += chunk
+        return echoed

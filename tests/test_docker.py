@@ -49,7 +49,7 @@ from handoffd.minor import Minor
 from handoffd.runtime.client import connect
 from handoffd.runtime.control import query_control
 from handoffd.status import GSSError
-from tests.daemon_harness import _fingerprint, owner_of, separated_uids
+from tests.daemon_harness import _fingerprint, echo_back, owner_of, separated_uids
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -263,14 +263,7 @@ def test_a_mounted_key_is_used_as_is(container: Container) -> None:
 
 async def _echo(host: str, port: int, fingerprint: str, message: bytes) -> bytes:
     stream = await connect(host, port, server_fingerprint=fingerprint)
-    async with stream:
-        await stream.send_all(message)
-        echoed = b""
-        while len(echoed) < len(message):
-            chunk = await stream.receive_some(64)
-            assert chunk, "closed before the echo came back"
-            echoed += chunk
-        return echoed
+    return await echo_back(stream, message)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None,

@@ -36,7 +36,14 @@ from examples.echo.demo import open_to
 from handoffd.kernel.privileges import CAP_KILL, CAP_SETGID, CAP_SETUID, effective_capabilities
 from handoffd.runtime.client import open_secure_stream
 from handoffd.runtime.control import query_control
-from tests.daemon_harness import REPO, _fingerprint, owner_of, separated_uids, write_config
+from tests.daemon_harness import (
+    REPO,
+    _fingerprint,
+    echo_back,
+    owner_of,
+    separated_uids,
+    write_config,
+)
 from tests.systemd_activation import (
     SETPRIV,
     SOCKET_ACTIVATE,
@@ -139,14 +146,7 @@ async def _plain_echo(sock: socket.socket, fingerprint: str, message: bytes) -> 
     sock.setblocking(False)
     transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     stream = await open_secure_stream(transport, server_fingerprint=fingerprint)
-    async with stream:
-        await stream.send_all(message)
-        echoed = b""
-        while len(echoed) < len(message):
-            chunk = await stream.receive_some(64)
-            assert chunk, "closed before the echo came back"
-            echoed += chunk
-        return echoed
+    return await echo_back(stream, message)
 
 
 def test_socket_activated_serves_the_echo_demo_app(tmp_path: Path) -> None:
