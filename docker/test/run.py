@@ -626,8 +626,9 @@ def run_scenario(scenario: Scenario, cleanup: list[list[str]],
         check(f"{tag} host: a client pinning another fingerprint is refused, no echo",
               refused.returncode != 0 and message.strip() not in refused.stdout,
               f"rc={refused.returncode}, stdout={refused.stdout!r}")
-        ps = box.exec("ps", "-eo", "uid,pid,args")
-        check(f"{tag} DEPLOY.md's `docker exec CONTAINER ps -eo uid,pid,args` runs",
+        # The command DEPLOY.md gives for seeing the uids (the slim image has no ps).
+        ps = docker("top", box.name, "-eo", "uid,pid,args")
+        check(f"{tag} DEPLOY.md's `docker top CONTAINER -eo uid,pid,args` shows the acceptor",
               ps.returncode == 0 and str(ACCEPTOR_UID) in ps.stdout,
               f"rc={ps.returncode}: {(ps.stderr or ps.stdout).strip()[-300:]}")
 
