@@ -395,8 +395,8 @@ class AcceptorParking:
         w = self._workers.get(worker_id)
         if w is None or self.mode == FALLBACK:
             return None
-        index = self._slot_of(w, key_ref)
         try:
+            index = self._slot_of(w, key_ref)
             payload = keyring.read(w.slots[index], size_hint=_PAYLOAD.size)
             state, generation, _ = _PAYLOAD.unpack(payload)
         except (GSSError, struct.error):
