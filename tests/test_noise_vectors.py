@@ -7,9 +7,9 @@ be the vector's ciphertext byte for byte and decrypt to its payload on the
 other side, the handshake hash must match where the vector gives one, and
 after ``Split()`` the transport messages must match in both directions.
 
-The vector files live in the shared folder beside the checkout
-(``../shared/vectors``); a count check makes sure a parsing slip cannot
-silently select no vector at all.
+The vectors of our suite are vendored in ``tests/vectors`` (source in its README), so a
+clone needs nothing beside it; a count check makes sure a parsing slip cannot silently
+select no vector at all.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pytest
 
 from handoffd.core.noise import PROTOCOL_NAME, CipherState, HandshakeState
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
-FILES = ("cacophony.txt", "snow.txt")
+VECTORS = Path(__file__).resolve().parent / "vectors"
+FILES = ("cacophony-xx.json", "snow-xx.json")
 SUITE = PROTOCOL_NAME.decode("ascii")
 HANDSHAKE_MESSAGES = 3  # XX: -> e ; <- e, ee, s, es ; -> s, se
 
@@ -44,7 +44,8 @@ def _cases() -> list[Any]:
     cases = []
     for name in FILES:
         for index, vector in enumerate(_selected(name)):
-            cases.append(pytest.param(vector, id=f"{name.removesuffix('.txt')}-{SUITE}-{index}"))
+            source = name.removesuffix("-xx.json")
+            cases.append(pytest.param(vector, id=f"{source}-{SUITE}-{index}"))
     return cases
 
 
