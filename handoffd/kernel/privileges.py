@@ -27,7 +27,6 @@ __all__ = [
     "can_switch_users",
     "die_with_parent",
     "effective_capabilities",
-    "is_dumpable",
     "make_undumpable",
 ]
 
@@ -35,7 +34,6 @@ CAP_KILL: Final = 5
 CAP_SETGID: Final = 6
 CAP_SETUID: Final = 7
 _PR_SET_PDEATHSIG: Final = 1
-_PR_GET_DUMPABLE: Final = 3
 _PR_SET_DUMPABLE: Final = 4
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -68,10 +66,6 @@ def make_undumpable() -> None:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
 
-
-def is_dumpable() -> bool:
-    """The calling process's dumpable flag."""
-    return bool(_libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
 def die_with_parent(signum: int, parent: int) -> bool:

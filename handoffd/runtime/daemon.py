@@ -60,6 +60,7 @@ from handoffd.mech import NOISE, acceptor_factories
 from handoffd.minor import Minor
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
 from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
+from handoffd.runtime.supervisor import ProcessPlan
 from handoffd.runtime.wire import accept_any_handshake, send_error
 from handoffd.status import GSS_S_FAILURE, GSSError, status_name
 
@@ -162,10 +163,8 @@ class Daemon:
         self.config = config
         self.bound = bound
         self.spawner: Spawner = spawner if spawner is not None else LocalSpawner(config)
-        self.privsep = privsep if privsep is not None else {
-            "separated": False, "acceptor_uid": os.getuid(),
-            "workers": f"uid {os.getuid()} (the acceptor's: INSECURE)",
-            "insecure_same_uid": True}
+        self.privsep = privsep if privsep is not None else ProcessPlan(
+            False, (os.getuid(), os.getgid())).describe()
         self._join_session = join_session
         self.clock = clock
         self.stats = Stats()
@@ -213,7 +212,7 @@ class Daemon:
                                   os.getuid())
             if warning:
                 log.warning("key quota: %s", warning)
-        if not self.privsep["separated"] or self.privsep["insecure_same_uid"]:
+        if self.privsep["insecure_same_uid"]:
             log.warning("INSECURE: workers run under the acceptor's uid %d ([workers] "
                         "insecure_same_uid): a compromised worker can read the server key "
                         "from the acceptor's memory (%s)", os.getuid(),

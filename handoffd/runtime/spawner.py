@@ -186,9 +186,6 @@ class SupervisedChild:
             if not sent:
                 log.error("could not ask the supervisor to signal worker %s", self.pid)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 

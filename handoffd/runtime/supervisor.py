@@ -139,14 +139,13 @@ def process_plan(config: Config, *, privileged: bool | None = None) -> ProcessPl
     return ProcessPlan(True, acceptor, worker_shared=shared)
 
 
-def _processes_of(uid: int) -> list[int]:
-    """Pids of processes owned by ``uid`` that this process can see in /proc."""
-    found = []
+def _uids_with_processes() -> set[int]:
+    """The uids owning a process this process can see in /proc (one scan)."""
+    found = set()
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if entry.stat().st_uid == uid:
-                    found.append(int(entry.name))
+                found.add(entry.stat().st_uid)
     return found
 
 
@@ -158,8 +157,9 @@ class UidPool:
         self.used: set[int] = set()
 
     def take(self) -> int:
+        busy = self.used | _uids_with_processes()
         for uid in range(self.first, self.last + 1):
-            if uid not in self.used and not _processes_of(uid):
+            if uid not in busy:
                 self.used.add(uid)
                 return uid
         raise GSSError(GSS_S_UNAVAILABLE, Minor.SUPERVISOR_UIDS_EXHAUSTED,
@@ -178,7 +178,6 @@ class Supervised:
     uid: int
     own_uid: bool
     generation: int
-    killed: bool = False
 
 
 @dataclass
@@ -410,7 +409,6 @@ class Supervisor:
         if worker is None:
             return
         if request.signum == signal.SIGKILL:
-            worker.killed = True
             if worker.own_uid:
                 # Everything of its uid, not only the worker: a child it detached
                 # must not keep the sessions of a worker declared dead.
