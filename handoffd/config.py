@@ -40,7 +40,20 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     """Seconds a client has to finish the handshake."""
     max_handshakes: int = 256
-    """Handshakes in progress at once; further connections wait in the listen backlog."""
+    """Handshake slots: connections between accept() and the worker taking them.  When
+    every slot is taken, the one that has gone longest without progress is evicted for a
+    newcomer; only when every slot holds a finished handshake waiting for a worker do
+    new connections wait in the listen backlog."""
+    max_handshakes_per_source: int = 32
+    """Slots one source may hold at once (addresses grouped by ``source_prefix_v4`` /
+    ``source_prefix_v6``); a connection over it is closed at once.  0: no limit."""
+    source_prefix_v4: int = 32
+    """IPv4 prefix length that makes one source (32: each address)."""
+    source_prefix_v6: int = 64
+    """IPv6 prefix length that makes one source (64: one subnet, what one host gets)."""
+    first_token_timeout: float = 3.0
+    """Seconds from accept() to the client's whole first token (separate from, and
+    shorter than, ``handshake_timeout``): a connection that sends nothing is gone soon."""
     context_lifetime: float = 3600.0
     """Seconds a security context stays valid; clients re-handshake after."""
     backlog: int = 1024
@@ -83,6 +96,10 @@ class WorkersConfig:
     """Seconds a worker has to acknowledge a handoff before it is redelivered."""
     drain_timeout: float = 30.0
     """Seconds workers get to finish their sessions on SIGTERM before SIGKILL."""
+    wait_timeout: float = 10.0
+    """Seconds a client whose handshake finished may wait for a worker to take it (all
+    busy, none alive or none registered); then it gets an ERROR ``GSS_S_UNAVAILABLE``
+    (``NO_WORKER_AVAILABLE``) and is closed."""
     restart_backoff_max: float = 5.0
     boot_failures_max: int = 5
     """Consecutive workers dying before they are ready, after which the daemon gives up."""
@@ -133,6 +150,11 @@ class ControlConfig:
     socket: Path | None = Path("handoffd.control")
     metrics: str | None = None
     """host:port for the Prometheus text endpoint, or None."""
+    max_connections: int = 8
+    """Connections each endpoint (control socket, metrics) serves at once; more are
+    closed at once (counted, logged rate-limited), so they never take the fds clients need."""
+    timeout: float = 2.0
+    """Seconds a control or metrics connection has to send its request and take the answer."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +199,9 @@ _POSITIVE: frozenset[tuple[str, str]] = frozenset({
     ("server", "context_lifetime"), ("server", "backlog"),
     ("workers", "max_unacked"), ("workers", "ack_timeout"),
     ("workers", "drain_timeout"), ("workers", "restart_backoff_max"),
-    ("workers", "boot_failures_max"),
+    ("workers", "boot_failures_max"), ("workers", "wait_timeout"),
+    ("server", "source_prefix_v4"), ("server", "source_prefix_v6"),
+    ("server", "first_token_timeout"), ("control", "max_connections"), ("control", "timeout"),
 })
 
 UID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to setresuid
@@ -266,6 +290,11 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
         parse_address(address)
     if config.control.metrics is not None:
         parse_address(config.control.metrics)
+    server = config.server
+    if server.source_prefix_v4 > 32 or server.source_prefix_v6 > 128:
+        raise _invalid("[server] source_prefix_v4/v6", "at most 32 (IPv4) and 128 (IPv6)")
+    if server.max_handshakes_per_source < 0:
+        raise _invalid("[server] max_handshakes_per_source", "must not be negative")
     return config
 
 

@@ -136,6 +136,10 @@ class Minor(IntEnum):
     MESSAGE_OUT_OF_SEQUENCE = 616
     STREAM_TRUNCATED = 617
     BIND_FAILED = 618
+    HANDSHAKE_SOURCE_LIMIT = 619
+    HANDSHAKE_EVICTED = 620
+    FIRST_TOKEN_TIMEOUT = 621
+    CONTROL_BUSY = 622
     # privilege separation: supervisor, acceptor and worker uids (650+)
     PRIVSEP_SAME_UID = 650
     PRIVSEP_NOT_PERMITTED = 651
@@ -245,7 +249,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.CONFIG_INVALID: "The configuration is invalid",
     Minor.CONFIG_UNREADABLE: "The configuration file could not be read",
     Minor.HANDSHAKE_TIMEOUT: "The client did not finish the handshake in time",
-    Minor.HANDSHAKE_LIMIT: "Too many handshakes in progress; connection refused",
+    Minor.HANDSHAKE_LIMIT: "Every handshake slot holds a finished "
+    "handshake waiting for a worker; new connections wait in the listen backlog",
     Minor.NO_WORKER_AVAILABLE: "No worker is available to take the connection",
     Minor.WORKER_DIED: "The worker died before acknowledging the handoff",
     Minor.WORKER_BOOT_FAILED: "Workers keep failing at start-up",
@@ -272,6 +277,14 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.SUPERVISOR_UIDS_EXHAUSTED: "Every uid of [workers] uid_range is in use",
     Minor.ACCEPTOR_DIED: "The acceptor process died",
     Minor.BIND_FAILED: "Could not bind a listening address or socket path",
+    Minor.HANDSHAKE_SOURCE_LIMIT: "Too many handshakes in progress from this client's "
+    "address ([server] max_handshakes_per_source); connection closed",
+    Minor.HANDSHAKE_EVICTED: "Every handshake slot was taken: this stalled handshake was "
+    "evicted for a newer connection",
+    Minor.FIRST_TOKEN_TIMEOUT: "The client did not send its first token in time "
+    "([server] first_token_timeout)",
+    Minor.CONTROL_BUSY: "The control or metrics endpoint is at its connection limit "
+    "([control] max_connections)",
     Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
     "nor an abstract @name",
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",
