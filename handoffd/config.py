@@ -45,8 +45,10 @@ class ServerConfig:
     newcomer; only when every slot holds a finished handshake waiting for a worker do
     new connections wait in the listen backlog."""
     max_handshakes_per_source: int = 32
-    """Slots one source may hold at once (addresses grouped by ``source_prefix_v4`` /
-    ``source_prefix_v6``); a connection over it is closed at once.  0: no limit."""
+    """A source's share of the slots (addresses grouped by ``source_prefix_v4`` /
+    ``source_prefix_v6``).  While slots are free it limits nobody; once all are taken,
+    a connection from a source holding this many is closed at once, and sources over
+    it lose their stalled handshakes first.  0: no per-source limit."""
     source_prefix_v4: int = 32
     """IPv4 prefix length that makes one source (32: each address)."""
     source_prefix_v6: int = 64

@@ -116,9 +116,9 @@ class AcceptorFactory(Protocol):
 class MechanismInfo:
     """The three names of a mechanism (module docstring)."""
 
-    __slots__ = ("name", "oid", "oid_der", "seal_id")
+    __slots__ = ("max_handshake_frame", "name", "oid", "oid_der", "seal_id")
 
-    def __init__(self, name: str, oid: str, seal_id: int) -> None:
+    def __init__(self, name: str, oid: str, seal_id: int, *, max_handshake_frame: int) -> None:
         from handoffd.core.framing import encode_oid
 
         self.name = name
@@ -126,6 +126,9 @@ class MechanismInfo:
         contents = encode_oid(oid)
         self.oid_der = b"\x06" + bytes([len(contents)]) + contents
         self.seal_id = seal_id
+        # The largest HANDSHAKE frame body the acceptor reads for this mechanism: what
+        # bounds a handshake's memory (slots x this), whatever a client announces.
+        self.max_handshake_frame = max_handshake_frame
 
     def __repr__(self) -> str:
         return f"<mechanism {self.name} {self.oid}>"
@@ -137,8 +140,12 @@ def _noise_oid() -> str:
     return MECH_OID
 
 
-NOISE: Final = MechanismInfo("noise", _noise_oid(), 1)
-KRB5: Final = MechanismInfo("krb5", "1.2.840.113554.1.2.2", 2)
+# Noise XX messages are at most ~200 bytes here (the spec's own ceiling is 64 KiB); a
+# krb5 AP-REQ carries a ticket with its PAC, which Active Directory lets reach 64 KiB
+# (MaxTokenSize) and beyond for users in very many groups: 256 KiB leaves room.
+NOISE: Final = MechanismInfo("noise", _noise_oid(), 1, max_handshake_frame=64 * 1024)
+KRB5: Final = MechanismInfo("krb5", "1.2.840.113554.1.2.2", 2,
+                            max_handshake_frame=256 * 1024)
 MECHANISMS: Final = {m.name: m for m in (NOISE, KRB5)}
 """Every mechanism handoffd knows, by configuration name."""
 

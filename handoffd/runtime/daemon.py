@@ -40,7 +40,8 @@ from typing import Any
 import trio
 
 from handoffd.config import Config
-from handoffd.core.framing import FrameDecoder
+from handoffd.core.admission import Admission, Slot, SourceFull, Stage, source_of
+from handoffd.core.framing import FrameDecoder, FrameType, encode_error, encode_frame
 from handoffd.core.handoff import (
     FD_KINDS,
     Ack,
@@ -56,13 +57,15 @@ from handoffd.kernel.channel import Channel
 from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
 from handoffd.kernel.peer import PeerPolicy
 from handoffd.kernel.systemd import Notifier, watchdog_interval
+from handoffd.logs import ThrottledLog
 from handoffd.mech import NOISE, acceptor_factories
 from handoffd.minor import Minor
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
+from handoffd.runtime.pacing import ConnectionPace, SourceTurns
 from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
 from handoffd.runtime.supervisor import ProcessPlan
 from handoffd.runtime.wire import accept_any_handshake, send_error
-from handoffd.status import GSS_S_FAILURE, GSSError, status_name
+from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_name
 
 log = logging.getLogger("handoffd.acceptor")
 
@@ -138,6 +141,10 @@ class Stats:
         self.lost = 0
         self.worker_restarts = 0
         self.accept_errors = 0
+        self.refused_per_source = 0
+        self.evicted = 0
+        self.first_token_timeouts = 0
+        self.unavailable = 0
         self.latencies: deque[float] = deque(maxlen=4096)
 
     def latency_quantiles(self) -> dict[str, float | None]:
@@ -189,7 +196,13 @@ class Daemon:
         self._watchdog_period = watchdog_period
         self._handoff_ids = itertools.count(1)
         self._capacity = trio.Event()
-        self._handshake_slots = trio.Semaphore(config.server.max_handshakes)
+        server = config.server
+        self.admission = Admission(server.max_handshakes, server.max_handshakes_per_source)
+        self._slot_freed = trio.Event()
+        self._paces: dict[Slot, ConnectionPace] = {}
+        self._turns = SourceTurns()
+        self._waiting_for_worker = 0
+        self._throttled = ThrottledLog(log)
         self._boot_failures = 0
         self._stopping = False
         self._fatal: GSSError | None = None
@@ -251,6 +264,7 @@ class Daemon:
                     parking.close()
             if self.notifier is not None:
                 self.notifier.close()
+            self._throttled.flush()
         if self._fatal is not None:
             raise self._fatal
 
@@ -423,8 +437,8 @@ class Daemon:
             await listener.aclose()
         # Connections already handshaking get their chance to reach a worker.
         with trio.move_on_after(self.config.server.handshake_timeout):
-            while self._handshake_slots.value < self.config.server.max_handshakes:
-                await trio.sleep(0.01)
+            while len(self.admission):
+                await self._slot_freed.wait()
         everyone = [*self.workers.values(), *self.retiring]
         for w in everyone:
             self._terminate(w)
@@ -681,38 +695,73 @@ class Daemon:
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         assert self._nursery is not None
         while True:
-            await self._handshake_slots.acquire()
+            while self.admission.full:
+                # Every slot holds a finished handshake waiting for a worker: nothing to
+                # evict.  Newcomers wait in the listen backlog until a slot frees.
+                await self._slot_freed.wait()
             try:
                 stream = await listener.accept()
             except OSError as error:
-                self._handshake_slots.release()
                 if error.errno in _ACCEPT_CAPACITY_ERRNOS:
                     self.stats.accept_errors += 1
-                    log.error("accept: %s; waiting for capacity", os.strerror(error.errno or 0))
+                    self._throttled.log(logging.ERROR, "accept",
+                                        "accept: %s; waiting for capacity",
+                                        os.strerror(error.errno or 0))
                     await trio.sleep(0.1)
                     continue
                 raise
             except trio.ClosedResourceError:
-                self._handshake_slots.release()
                 return  # listener closed: we are draining
-            except BaseException:
-                self._handshake_slots.release()
-                raise
             self.stats.accepted += 1
-            self._nursery.start_soon(self._serve_client, stream)
+            self._admit(stream)
 
-    async def _serve_client(self, stream: trio.SocketStream) -> None:
-        """Handshake, then hand off; holds one handshake slot until a worker has it."""
+    def _admit(self, stream: trio.SocketStream) -> None:
+        """Give the connection a slot (evicting the most stalled handshake if all are
+        taken), or close it at once if its source holds its share."""
+        server = self.config.server
+        source = source_of(_peer_host(stream), prefix_v4=server.source_prefix_v4,
+                           prefix_v6=server.source_prefix_v6)
+        slot, evicted = self.admission.admit(source, trio.current_time())
+        if evicted is not None:
+            self.stats.evicted += 1
+            self._throttled.log(logging.WARNING, "evicted",
+                                "every handshake slot taken: evicted a stalled handshake "
+                                "from %s for a connection from %s (%s)", evicted.source,
+                                source, Minor.HANDSHAKE_EVICTED.name)
+            self._paces[evicted].evict()
+        if isinstance(slot, SourceFull):
+            self.stats.refused_per_source += 1
+            self._throttled.log(logging.WARNING, "per-source",
+                                "refused a connection from %s: it holds %d handshake slots "
+                                "([server] max_handshakes_per_source, %s)", source,
+                                slot.limit, Minor.HANDSHAKE_SOURCE_LIMIT.name)
+            _abandon(stream, GSSError(GSS_S_UNAVAILABLE, Minor.HANDSHAKE_SOURCE_LIMIT))
+            return
+        pace = ConnectionPace(self.admission, slot, self._turns,
+                              first_token_timeout=server.first_token_timeout,
+                              handshake_timeout=server.handshake_timeout)
+        self._paces[slot] = pace
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve_client, stream, pace)
+
+    def _free_slot(self, slot: Slot) -> None:
+        self.admission.release(slot)
+        self._paces.pop(slot, None)
+        self._slot_freed.set()
+        self._slot_freed = trio.Event()
+
+    async def _serve_client(self, stream: trio.SocketStream, pace: ConnectionPace) -> None:
+        """Handshake, then hand off; holds its slot until a worker has it."""
         peer = _peer_text(stream)
+        slot = pace.slot
         try:
-            decoder = FrameDecoder()
             try:
-                with trio.fail_after(self.config.server.handshake_timeout):
+                decoder = FrameDecoder()
+                with pace.scope:
                     mechanism, context = await accept_any_handshake(
-                        stream, self.mechanisms, decoder)
-            except trio.TooSlowError:
-                raise GSSError(GSS_S_FAILURE, Minor.HANDSHAKE_TIMEOUT,
-                               f"{self.config.server.handshake_timeout:g}s") from None
+                        stream, self.mechanisms, decoder, pace=pace)
+                if pace.scope.cancelled_caught:
+                    raise self._handshake_cut_short(slot)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED) from None
             done = time.perf_counter()
@@ -721,17 +770,31 @@ class Daemon:
             pending = Pending(next(self._handoff_ids), stream, inner, done,
                               f"{peer} ({context.peer_name})", mech=mechanism.info.seal_id)
         except GSSError as error:
+            self._free_slot(slot)
             self.stats.handshake_failures[status_name(error.major)] += 1
-            log.info("connection from %s closed: %s", peer, error)
-            if error.minor != Minor.PEER_CLOSED:
+            self._throttled.log(logging.INFO, f"handshake:{error.minor}",
+                                "connection from %s closed: %s", peer, error)
+            if error.minor == Minor.HANDSHAKE_EVICTED:
+                _abandon(stream, error)  # now: its slot is already someone else's
+            elif error.minor != Minor.PEER_CLOSED:
                 await send_error(stream, error)
             await stream.aclose()
-            self._handshake_slots.release()
             return
+        self.admission.progress(slot, Stage.WAITING_FOR_WORKER, trio.current_time())
         try:
             await self._dispatch(pending)
         finally:
-            self._handshake_slots.release()
+            self._free_slot(slot)
+
+    def _handshake_cut_short(self, slot: Slot) -> GSSError:
+        server = self.config.server
+        if slot.evicted:
+            return GSSError(GSS_S_UNAVAILABLE, Minor.HANDSHAKE_EVICTED)
+        if slot.stage == Stage.FIRST_TOKEN:
+            self.stats.first_token_timeouts += 1
+            return GSSError(GSS_S_FAILURE, Minor.FIRST_TOKEN_TIMEOUT,
+                            f"{min(server.first_token_timeout, server.handshake_timeout):g}s")
+        return GSSError(GSS_S_FAILURE, Minor.HANDSHAKE_TIMEOUT, f"{server.handshake_timeout:g}s")
 
     def _pick_worker(self) -> Worker | None:
         limit = self.config.workers.max_unacked
@@ -749,6 +812,7 @@ class Daemon:
         """Send a connection to the least-loaded worker; wait while all are full."""
         assert self.parking is not None
         send_failures = 0
+        give_up_at = trio.current_time() + self.config.workers.wait_timeout
         while True:
             if self._fatal is not None:
                 self._drop(pending, "the daemon is failing")
@@ -758,7 +822,9 @@ class Daemon:
                 if self._stopping and not self.workers:
                     self._drop(pending, "no worker left while stopping")
                     return
-                await self._capacity.wait()
+                if not await self._wait_for_worker(give_up_at):
+                    await self._unavailable(pending)
+                    return
                 continue
             try:
                 pending.key_ref, message = prepare_handoff(
@@ -800,6 +866,33 @@ class Daemon:
             pending.sent = True
             self.stats.handoffs += 1
             return
+
+    async def _wait_for_worker(self, give_up_at: float) -> bool:
+        """Wait until a worker may have room; False once ``give_up_at`` passed."""
+        if not any(w.state == "ready" for w in (*self.workers.values(),
+                                                *self.external.values())):
+            self._throttled.log(logging.WARNING, "no-worker",
+                                "no worker is ready: %d connections waiting for one",
+                                self._waiting_for_worker + 1)
+        self._waiting_for_worker += 1
+        try:
+            with trio.move_on_at(give_up_at):
+                await self._capacity.wait()
+                return True
+            return False
+        finally:
+            self._waiting_for_worker -= 1
+
+    async def _unavailable(self, pending: Pending) -> None:
+        """``[workers] wait_timeout`` passed with no worker taking the connection."""
+        self.stats.unavailable += 1
+        self._throttled.log(logging.WARNING, "unavailable",
+                            "connection %s closed: no worker took it within %gs "
+                            "([workers] wait_timeout, %s)", pending.peer,
+                            self.config.workers.wait_timeout, Minor.NO_WORKER_AVAILABLE.name)
+        pending.inner = b""
+        await send_error(pending.stream, GSSError(GSS_S_UNAVAILABLE, Minor.NO_WORKER_AVAILABLE))
+        self._close_copy(pending)
 
     def _drop(self, pending: Pending, why: str) -> None:
         self.stats.lost += 1
@@ -873,7 +966,18 @@ class Daemon:
                 "worker_restarts": self.stats.worker_restarts,
                 "accept_errors": self.stats.accept_errors,
                 "registrations_refused": self.registrations_refused,
+                "refused_per_source": self.stats.refused_per_source,
+                "evicted": self.stats.evicted,
+                "first_token_timeouts": self.stats.first_token_timeouts,
+                "unavailable": self.stats.unavailable,
             },
+            "handshake_slots": {
+                "capacity": self.admission.capacity,
+                "first_token": self.admission.count(Stage.FIRST_TOKEN),
+                "handshake": self.admission.count(Stage.HANDSHAKE),
+                "waiting_for_worker": self.admission.count(Stage.WAITING_FOR_WORKER),
+            },
+            "waiting_for_worker": self._waiting_for_worker,
             "handshake_failures": dict(self.stats.handshake_failures),
             "refused_by_worker": dict(self.stats.refused_by_worker),
             "handoff_latency_us": self.stats.latency_quantiles(),
@@ -902,6 +1006,23 @@ def prepare_handoff(parking: AcceptorParking, worker_id: bytes, handoff_id: int,
     sealed = seal(key, plaintext=inner, mech=mech, worker_id=worker_id,
                   expires_at=int(now + SEAL_LIFETIME), nonce=os.urandom(12))
     return key_ref, Handoff(handoff_id, key_ref, sealed).encode()
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "unknown peer"
+    return str(address[0]) if isinstance(address, tuple) else str(address)
+
+
+def _abandon(stream: trio.SocketStream, error: GSSError) -> None:
+    """Close a connection now, telling the client why if its socket buffer takes the
+    13-byte ERROR frame without waiting (it always does on a fresh connection)."""
+    frame = encode_frame(FrameType.ERROR, encode_error(error.major, error.minor))
+    with contextlib.suppress(OSError):
+        os.write(stream.socket.fileno(), frame)
+    stream.socket.close()
 
 
 def _peer_text(stream: trio.SocketStream) -> str:

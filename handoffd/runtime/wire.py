@@ -8,7 +8,8 @@ client pipelined is lost.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import trio
@@ -85,22 +86,59 @@ async def accept_handshake(
             raise GSSError(major)
 
 
+class HandshakePace(Protocol):
+    """How the acceptor paces one connection's handshake (the daemon's admission)."""
+
+    def token_arrived(self, first: bool) -> None:
+        """A whole token arrived (and, for the first, its mechanism is known)."""
+
+    def turn(self) -> AbstractAsyncContextManager[None]:
+        """Held around each expensive step, so one source's steps queue behind each
+        other instead of in front of everybody else's."""
+
+
+class _Unpaced:
+    def token_arrived(self, first: bool) -> None:
+        pass
+
+    def turn(self) -> AbstractAsyncContextManager[None]:
+        return _no_turn()
+
+
+@asynccontextmanager
+async def _no_turn() -> AsyncIterator[None]:
+    yield
+
+
+def max_handshake_frame(factories: Mapping[bytes, AcceptorFactory]) -> int:
+    """The frame cap before the first token names its mechanism: the largest enabled."""
+    return max(f.info.max_handshake_frame for f in factories.values())
+
+
 async def accept_any_handshake(
-    stream: trio.abc.Stream, factories: Mapping[bytes, AcceptorFactory], decoder: FrameDecoder
+    stream: trio.abc.Stream, factories: Mapping[bytes, AcceptorFactory], decoder: FrameDecoder,
+    *, pace: HandshakePace | None = None,
 ) -> tuple[AcceptorFactory, AcceptorHandshake]:
     """Pick the mechanism by the OID of the client's first token, then run its acceptor.
 
     Only mechanisms in ``factories`` (the enabled ones, by DER OID) are accepted;
-    any other OID is ``GSS_S_BAD_MECH``.  Returns the mechanism and its established
-    context.
+    any other OID is ``GSS_S_BAD_MECH``.  Nothing costly happens before the first
+    token parses (frame, RFC 2743 framing, an enabled OID, the mechanism's own
+    unwrapping); from then on frames are capped at that mechanism's
+    ``max_handshake_frame``.  Returns the mechanism and its established context.
     """
+    pace = pace or _Unpaced()
+    decoder.max_frame = min(decoder.max_frame, max_handshake_frame(factories))
     body = _handshake_body(await read_frame(stream, decoder, max_read=ACCEPT_READ_SIZE))
     oid_der, _ = read_first_token(body)
     factory = select(factories, oid_der)
-    context = factory.new_context()
     token = factory.first_token(body)
+    decoder.max_frame = min(decoder.max_frame, factory.info.max_handshake_frame)
+    pace.token_arrived(first=True)
+    context = factory.new_context()
     while True:
-        major, output = context.step(token)
+        async with pace.turn():
+            major, output = context.step(token)
         if output:
             await stream.send_all(encode_frame(FrameType.HANDSHAKE, output))
         if major == GSS_S_COMPLETE:
@@ -108,6 +146,7 @@ async def accept_any_handshake(
         if major != GSS_S_CONTINUE_NEEDED:  # pragma: no cover - step raises on errors
             raise GSSError(major)
         token = _handshake_body(await read_frame(stream, decoder, max_read=ACCEPT_READ_SIZE))
+        pace.token_arrived(first=False)
 
 
 class _Initiator(Protocol):
