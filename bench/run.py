@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,8 +175,13 @@ class Server:
                 p.wait()
 
 
-def start_handoffd(directory: Path, workers: int) -> Server:
+def start_handoffd(directory: Path, workers: int,
+                   configure: Callable[[Path], None] | None = None) -> Server:
+    """``handoffd serve`` on the demo's config (log level warning), once N workers are
+    ready; ``configure`` may edit the config file before the daemon starts."""
     config = write_config(directory, workers, log_level="warning")
+    if configure is not None:
+        configure(config)
     process = subprocess.Popen([PY, "-m", "handoffd", "serve", "--config", str(config)],
                                cwd=REPO)
     control = directory / "control.sock"
@@ -408,6 +414,15 @@ def wakeup_floor(s: Settings, rate: float) -> dict[str, Any]:
     return result
 
 
+def under_attack_section(quick: bool) -> dict[str, Any]:
+    """``bench/under_attack.py``'s scenario (``--quick``: its tiny counts)."""
+    from bench import under_attack
+
+    scenario = under_attack.Scenario.quick() if quick else under_attack.Scenario.full()
+    with tempfile.TemporaryDirectory(prefix="handoffd-bench-attack-") as tmp:
+        return under_attack.run(scenario, Path(tmp))
+
+
 def micro() -> dict[str, Any]:
     """``bench/micro.py``'s per-operation costs, if that module exists."""
     try:
@@ -517,11 +532,21 @@ def table(r: dict[str, Any]) -> str:
         f"{r['fd_count_before']:5d} / {r['fd_count_after']:<5d}",
         f"TLS contender: {r['tls_negotiated']['version']} {r['tls_negotiated']['group']} "
         f"{r['tls_negotiated']['cipher']}, {r['tls_negotiated']['certificate']} (asserted)",
+        *under_attack_lines(r),
         "",
         "targets: " + ", ".join(f"{k} {'MET' if v else 'NOT MET'}"
                                 for k, v in r["targets"].items()),
     ]
     return "\n".join(lines)
+
+
+def under_attack_lines(r: dict[str, Any]) -> list[str]:
+    """The ``under_attack`` rows of the table (none in a result from before it existed)."""
+    if "under_attack" not in r:
+        return []
+    from bench.under_attack import table_lines
+
+    return table_lines(r["under_attack"])
 
 
 def plot(r: dict[str, Any], path: Path) -> bool:
@@ -605,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     # The machine's floor for the same hop: a bare process wake-up at the same pace.
     result["wakeup_latency_us"] = wakeup_floor(s, result["moderate_conn_per_s"])
     result["micro"] = {"note": "skipped (--no-micro)"} if args.no_micro else micro()
+    # Last, on a fresh daemon: hostile clients beside a legitimate one (bench/under_attack).
+    print("under attack: slowloris + replay flood beside a legitimate client ...", flush=True)
+    result["under_attack"] = under_attack_section(args.quick)
     result["ratios"] = ratios(result)
     result["targets"] = targets(result)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
