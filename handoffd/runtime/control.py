@@ -5,21 +5,35 @@ Control protocol: connect to the Unix stream socket, send one JSON line
 created mode 0600: status is for the daemon's own user (and root).
 
 Metrics: a minimal HTTP/1.0 responder on ``[control] metrics`` serving the
-Prometheus text exposition format on any path.
+Prometheus text exposition format on ``/metrics`` (and ``/``); other paths are 404,
+methods other than GET and HEAD 405.
+
+Both endpoints stay out of the clients' way under a local flood: each serves at most
+``[control] max_connections`` connections at once (one more is accepted and closed at
+once with a short "busy" answer, counted in :class:`EndpointStats`), each connection has
+``[control] timeout`` seconds for its request and answer, and when accept() fails for
+lack of fds a reserved fd (:class:`~handoffd.kernel.fdreserve.FdReserve`) sheds the
+pending connection instead of leaving it in the backlog.  Both are logged at most once
+per 10 s with a count (:class:`~handoffd.logs.ThrottledLog`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from handoffd.kernel.fdreserve import SHED_ERRNOS, FdReserve
+from handoffd.logs import ThrottledLog
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_UNAVAILABLE, GSSError
 
@@ -28,16 +42,68 @@ if TYPE_CHECKING:
 
 _MAX_REQUEST = 4096
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_CAPACITY_WAIT = 0.1
+"""Seconds to wait after an accept() failure that shedding could not relieve."""
+_LOG_INTERVAL = 10.0
+_LINGER_BYTES = 65536
+"""Bytes of an unread request read off before closing after an error answer."""
 
 log = logging.getLogger("handoffd.acceptor")
 
 
+@dataclass
+class EndpointStats:
+    """Counters of one operations endpoint (control socket or metrics), for the
+    daemon's snapshot."""
+
+    busy_refused: int = 0
+    """Connections closed at once because ``max_connections`` were being served."""
+    accept_errors: int = 0
+    """accept() failures for lack of resources (EMFILE, ENFILE, ENOMEM, ENOBUFS)."""
+
+
+_CONTROL_BUSY = (json.dumps({"error": "busy: [control] max_connections reached",
+                             "minor": int(Minor.CONTROL_BUSY)}) + "\n").encode()
+
+
 async def serve_control(
-    daemon: Daemon, bound: socket.socket, *,
+    daemon: Daemon, bound: socket.socket, stats: EndpointStats | None = None, *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Answer status requests on the bound Unix socket (mode 0600) until cancelled."""
+    """Answer status requests on the bound Unix socket (mode 0600) until cancelled.
+
+    ``stats`` (positional, so ``nursery.start`` can pass it): counters to update; a
+    private one if omitted."""
+    await _serve("control", daemon, bound, stats, _answer, _CONTROL_BUSY, task_status)
+
+
+async def _serve(
+    endpoint: str, daemon: Daemon, bound: socket.socket, stats: EndpointStats | None,
+    handle: Callable[[Daemon, trio.SocketStream], Awaitable[None]], busy: bytes,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """Accept on ``bound`` and run ``handle`` for each connection, at most
+    ``max_connections`` at once, each within ``timeout`` seconds, until cancelled."""
+    if stats is None:
+        stats = EndpointStats()
+    limit = daemon.config.control.max_connections
+    timeout = daemon.config.control.timeout
+    throttled = ThrottledLog(log, _LOG_INTERVAL)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(bound))
+    reserve = FdReserve(1)
+    active = 0
+
+    async def run(stream: trio.SocketStream) -> None:
+        nonlocal active
+        try:
+            async with stream:
+                with trio.move_on_after(timeout):
+                    with contextlib.suppress(trio.BrokenResourceError,
+                                             trio.ClosedResourceError, OSError):
+                        await handle(daemon, stream)
+        finally:
+            active -= 1
+
     task_status.started()
     try:
         async with trio.open_nursery() as nursery:
@@ -46,40 +112,63 @@ async def serve_control(
                     stream = await listener.accept()
                 except OSError as error:
                     # Out of fds (or memory) is the moment an operator asks for status:
-                    # wait for capacity like the client accept loop, never die of it.
+                    # never die of it, never spin on a backlog we cannot take from.
                     if error.errno not in _CAPACITY_ERRNOS:
                         raise
-                    log.error("control accept: %s; waiting for capacity",
-                              os.strerror(error.errno or 0))
-                    await trio.sleep(0.1)
+                    stats.accept_errors += 1
+                    shed = error.errno in SHED_ERRNOS and reserve.shed(bound)
+                    throttled.log(logging.ERROR, "accept", "%s accept: %s; %s", endpoint,
+                                  os.strerror(error.errno or 0),
+                                  "shedding connections until fds are free" if shed
+                                  else "waiting for capacity")
+                    await trio.sleep(0 if shed else _CAPACITY_WAIT)
                     continue
-                nursery.start_soon(_answer, daemon, stream)
+                if active >= limit:
+                    stats.busy_refused += 1
+                    _refuse(stream, busy)
+                    throttled.log(logging.WARNING, "busy",
+                                  "%s: %d connections open ([control] max_connections): "
+                                  "closed a new one", endpoint, active)
+                    await trio.sleep(0)
+                    continue
+                active += 1
+                nursery.start_soon(run, stream)
     finally:
+        throttled.flush()
+        reserve.close()
         await listener.aclose()
 
 
+def _refuse(stream: trio.SocketStream, answer: bytes) -> None:
+    """Close a connection over the limit at once: a best-effort short answer (the
+    socket is fresh, its send buffer empty), what already arrived read off so that the
+    close is more likely a FIN than a reset, no await."""
+    fd = stream.socket.fileno()
+    try:
+        os.write(fd, answer)
+        os.read(fd, _MAX_REQUEST)  # the socket is non-blocking (trio's)
+    except OSError:
+        pass
+    stream.socket.close()
+
+
 async def _answer(daemon: Daemon, stream: trio.SocketStream) -> None:
-    async with stream:
-        try:
-            with trio.fail_after(5):
-                request = bytearray()
-                while b"\n" not in request and len(request) < _MAX_REQUEST:
-                    chunk = await stream.receive_some(_MAX_REQUEST)
-                    if not chunk:
-                        break
-                    request += chunk
-                reply: dict[str, Any]
-                try:
-                    command = json.loads(request.decode() or "{}").get("command", "status")
-                except (ValueError, AttributeError):
-                    command = None
-                if command == "status":
-                    reply = daemon.snapshot()
-                else:
-                    reply = {"error": "unknown command; try {\"command\": \"status\"}"}
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
-        except (trio.TooSlowError, trio.BrokenResourceError, OSError):
-            pass
+    request = bytearray()
+    while b"\n" not in request and len(request) < _MAX_REQUEST:
+        chunk = await stream.receive_some(_MAX_REQUEST)
+        if not chunk:
+            break
+        request += chunk
+    reply: dict[str, Any]
+    try:
+        command = json.loads(request.decode() or "{}").get("command", "status")
+    except (ValueError, AttributeError):
+        command = None
+    if command == "status":
+        reply = daemon.snapshot()
+    else:
+        reply = {"error": "unknown command; try {\"command\": \"status\"}"}
+    await stream.send_all(json.dumps(reply).encode() + b"\n")
 
 
 async def query_control(path: Path | str, command: str = "status") -> dict[str, Any]:
@@ -88,7 +177,9 @@ async def query_control(path: Path | str, command: str = "status") -> dict[str, 
         with trio.fail_after(5):
             stream = await trio.open_unix_socket(str(path))
             async with stream:
-                await stream.send_all(json.dumps({"command": command}).encode() + b"\n")
+                # Refused before it read the request, the busy answer may still be there.
+                with contextlib.suppress(OSError, trio.BrokenResourceError):
+                    await stream.send_all(json.dumps({"command": command}).encode() + b"\n")
                 data = bytearray()
                 while not data.endswith(b"\n"):
                     chunk = await stream.receive_some(65536)
@@ -98,11 +189,16 @@ async def query_control(path: Path | str, command: str = "status") -> dict[str, 
     except (OSError, trio.TooSlowError, trio.BrokenResourceError) as error:
         raise GSSError(GSS_S_UNAVAILABLE, Minor.CONTROL_UNAVAILABLE,
                        f"{path}: {getattr(error, 'strerror', None) or error}") from None
+    if not data:
+        raise GSSError(GSS_S_UNAVAILABLE, Minor.CONTROL_UNAVAILABLE,
+                       f"{path}: closed without an answer")
     try:
         reply: dict[str, Any] = json.loads(data)
     except ValueError:
         raise GSSError(GSS_S_UNAVAILABLE, Minor.CONTROL_UNAVAILABLE,
                        f"{path}: malformed reply") from None
+    if isinstance(reply, dict) and reply.get("minor") == Minor.CONTROL_BUSY:
+        raise GSSError(GSS_S_UNAVAILABLE, Minor.CONTROL_BUSY, str(path))
     return reply
 
 
@@ -135,6 +231,15 @@ def render_metrics(snapshot: dict[str, Any]) -> str:
         ("accept_errors", "accept() failures for lack of resources"),
     ]:
         metric(f"{key}_total", "counter", help_text, [({}, totals[key])])
+    for key, help_text in [
+        ("busy_refused", "Connections closed at once: [control] max_connections were open"),
+        ("accept_errors", "accept() failures for lack of resources"),
+    ]:
+        samples = [({"endpoint": endpoint}, totals[f"{endpoint}_{key}"])
+                   for endpoint in ("control", "metrics") if f"{endpoint}_{key}" in totals]
+        if samples:
+            metric(f"endpoint_{key}_total", "counter", f"Operations endpoints: {help_text}",
+                   samples)
     metric("handshake_failures_total", "counter", "Failed handshakes by GSS status",
            [({"status": k}, v) for k, v in sorted(snapshot["handshake_failures"].items())])
     metric("workers", "gauge", "Workers by state",
@@ -151,29 +256,62 @@ def render_metrics(snapshot: dict[str, Any]) -> str:
 
 
 async def serve_metrics(
-    daemon: Daemon, bound: socket.socket, *,
+    daemon: Daemon, bound: socket.socket, stats: EndpointStats | None = None, *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve Prometheus metrics over HTTP/1.0 on the bound TCP socket."""
-    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(bound))]
-    task_status.started()
+    """Serve Prometheus metrics over HTTP/1.0 on the bound TCP socket until cancelled.
 
-    async def respond(stream: trio.SocketStream) -> None:
-        async with stream:
-            try:
-                with trio.fail_after(5):
-                    request = bytearray()
-                    while b"\r\n\r\n" not in request and len(request) < _MAX_REQUEST:
-                        chunk = await stream.receive_some(_MAX_REQUEST)
-                        if not chunk:
-                            return
-                        request += chunk
-                    body = render_metrics(daemon.snapshot()).encode()
-                    head = (b"HTTP/1.0 200 OK\r\n"
-                            b"Content-Type: text/plain; version=0.0.4\r\n"
-                            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-                    await stream.send_all(head + body)
-            except (trio.TooSlowError, trio.BrokenResourceError, OSError):
-                pass
+    ``stats``: as for :func:`serve_control`."""
+    await _serve("metrics", daemon, bound, stats, _respond,
+                 _http(503, "Service Unavailable", b"busy: [control] max_connections "
+                       b"reached\n", extra=b"Retry-After: 1\r\n"), task_status)
 
-    await trio.serve_listeners(respond, listeners)
+
+async def _respond(daemon: Daemon, stream: trio.SocketStream) -> None:
+    request = bytearray()
+    while b"\r\n\r\n" not in request and b"\n\n" not in request:
+        if len(request) >= _MAX_REQUEST:
+            await _answer_error(stream, _http(400, "Bad Request", b"request too large\n"))
+            return
+        chunk = await stream.receive_some(_MAX_REQUEST)
+        if not chunk:
+            return
+        request += chunk
+    request_line = request.split(b"\n", 1)[0].rstrip(b"\r").split()
+    if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/"):
+        await _answer_error(stream, _http(400, "Bad Request", b"malformed request line\n"))
+        return
+    method, target = bytes(request_line[0]), bytes(request_line[1])
+    if method not in (b"GET", b"HEAD"):
+        await _answer_error(stream, _http(405, "Method Not Allowed", b"GET or HEAD only\n",
+                                          extra=b"Allow: GET, HEAD\r\n"))
+        return
+    if target.split(b"?", 1)[0] not in (b"/metrics", b"/"):
+        response = _http(404, "Not Found", b"metrics are at /metrics\n")
+    else:
+        response = _http(200, "OK", render_metrics(daemon.snapshot()).encode(),
+                         content_type=b"text/plain; version=0.0.4; charset=utf-8")
+    if method == b"HEAD":
+        response = response.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    await stream.send_all(response)
+
+
+async def _answer_error(stream: trio.SocketStream, response: bytes) -> None:
+    """Send an error answer to a request that may not have been read whole, then close
+    gently: closing with unread bytes would reset the connection and could destroy the
+    answer before the client reads it.  Bounded by the connection's timeout and
+    ``_LINGER_BYTES``."""
+    await stream.send_all(response)
+    await stream.send_eof()
+    drained = 0
+    while drained < _LINGER_BYTES and (chunk := await stream.receive_some(_MAX_REQUEST)):
+        drained += len(chunk)
+
+
+def _http(code: int, reason: str, body: bytes, *, extra: bytes = b"",
+          content_type: bytes = b"text/plain; charset=utf-8") -> bytes:
+    """One whole HTTP/1.0 response; the connection closes after it."""
+    return (f"HTTP/1.0 {code} {reason}\r\n".encode()
+            + b"Content-Type: " + content_type + b"\r\n"
+            + b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            + b"Connection: close\r\n" + extra + b"\r\n" + body)
