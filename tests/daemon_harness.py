@@ -132,8 +132,9 @@ async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.a
     ``log``: a file that receives the daemon's (and its workers') stderr.  ``env``: added
     to the daemon's environment (its workers inherit it).  ``python``/``user``: the
     interpreter and the (uid, gid) to run as (fault tests run it unprivileged).
-    ``nofile``: a soft RLIMIT_NOFILE set before exec (root here lacks CAP_SYS_RESOURCE,
-    so it cannot ``prlimit`` a process of another user afterwards).  ``acceptor_uid``:
+    ``nofile``: RLIMIT_NOFILE (soft and hard) set before exec (root here lacks
+    CAP_SYS_RESOURCE, so it cannot ``prlimit`` a process of another user afterwards; the
+    hard limit too, or the daemon would raise its soft limit to what its config needs).  ``acceptor_uid``:
     run as root, the acceptor's uid (default: a fresh one), for files it must own.
     """
     if user is not None:  # an unprivileged serve: workers can only share its uid
@@ -148,7 +149,7 @@ async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.a
     try:
         identity: dict[str, Any] = ({} if user is None else
                                     {"user": user[0], "group": user[1], "extra_groups": []})
-        limit = [] if nofile is None else ["prlimit", f"--nofile={nofile}:"]
+        limit = [] if nofile is None else ["prlimit", f"--nofile={nofile}:{nofile}"]
         process = await trio.lowlevel.open_process(
             [*limit, python, "-m", "handoffd", "serve", "--config", str(config)], cwd=REPO,
             stderr=stderr, env=None if env is None else {**os.environ, **env}, **identity)

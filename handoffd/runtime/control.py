@@ -229,22 +229,35 @@ def render_metrics(snapshot: dict[str, Any]) -> str:
         ("lost", "Connections dropped after a successful handshake"),
         ("worker_restarts", "Workers restarted after dying"),
         ("accept_errors", "accept() failures for lack of resources"),
+        ("shed", "Connections closed at once by the fd reserve while out of fds"),
+        ("refused_per_source", "Connections refused at once: every handshake slot taken and "
+         "their source at its share ([server] max_handshakes_per_source)"),
+        ("evicted", "Stalled handshakes evicted for a newer connection (every slot taken)"),
+        ("first_token_timeouts", "Connections closed for sending no whole first token within "
+         "[server] first_token_timeout"),
+        ("unavailable", "Clients told UNAVAILABLE: no worker took them within [workers] "
+         "wait_timeout"),
     ]:
         metric(f"{key}_total", "counter", help_text, [({}, totals[key])])
     for key, help_text in [
         ("busy_refused", "Connections closed at once: [control] max_connections were open"),
         ("accept_errors", "accept() failures for lack of resources"),
     ]:
-        samples = [({"endpoint": endpoint}, totals[f"{endpoint}_{key}"])
-                   for endpoint in ("control", "metrics") if f"{endpoint}_{key}" in totals]
-        if samples:
-            metric(f"endpoint_{key}_total", "counter", f"Operations endpoints: {help_text}",
-                   samples)
+        metric(f"endpoint_{key}_total", "counter", f"Operations endpoints: {help_text}",
+               [({"endpoint": endpoint}, totals[f"{endpoint}_{key}"])
+                for endpoint in ("control", "metrics")])
     metric("handshake_failures_total", "counter", "Failed handshakes by GSS status",
            [({"status": k}, v) for k, v in sorted(snapshot["handshake_failures"].items())])
     metric("workers", "gauge", "Workers by state",
            [({"state": state}, sum(1 for w in snapshot["workers"] if w["state"] == state))
             for state in ("starting", "ready", "draining")])
+    slots = snapshot["handshake_slots"]
+    metric("handshake_slots", "gauge", "Handshake slots in use by stage (capacity: "
+           "[server] max_handshakes)",
+           [({"stage": stage}, slots[stage])
+            for stage in ("first_token", "handshake", "waiting_for_worker")])
+    metric("waiting_for_worker", "gauge", "Connections whose handshake finished, waiting "
+           "for a worker to take them", [({}, snapshot["waiting_for_worker"])])
     metric("in_flight", "gauge", "Handoffs awaiting acknowledgement",
            [({}, sum(w["in_flight"] for w in snapshot["workers"]))])
     quantiles = snapshot["handoff_latency_us"]

@@ -54,6 +54,7 @@ from handoffd.core.handoff import (
 )
 from handoffd.core.seal import seal
 from handoffd.kernel.channel import Channel
+from handoffd.kernel.fdreserve import SHED_ERRNOS, FdReserve, nofile_needed, raise_nofile
 from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
 from handoffd.kernel.peer import PeerPolicy
 from handoffd.kernel.systemd import Notifier, watchdog_interval
@@ -61,6 +62,7 @@ from handoffd.logs import ThrottledLog
 from handoffd.mech import NOISE, acceptor_factories
 from handoffd.minor import Minor
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
+from handoffd.runtime.control import EndpointStats
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
 from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
 from handoffd.runtime.supervisor import ProcessPlan
@@ -141,6 +143,7 @@ class Stats:
         self.lost = 0
         self.worker_restarts = 0
         self.accept_errors = 0
+        self.shed = 0
         self.refused_per_source = 0
         self.evicted = 0
         self.first_token_timeouts = 0
@@ -203,6 +206,9 @@ class Daemon:
         self._turns = SourceTurns()
         self._waiting_for_worker = 0
         self._throttled = ThrottledLog(log)
+        self._fd_reserve: FdReserve | None = None
+        self.control_stats = EndpointStats()
+        self.metrics_stats = EndpointStats()
         self._boot_failures = 0
         self._stopping = False
         self._fatal: GSSError | None = None
@@ -220,6 +226,10 @@ class Daemon:
             mode=self.config.workers.keyring, join_session=self._join_session,
         )
         log.info("key parking mode: %s", self.parking.mode)
+        self._fd_reserve = FdReserve(1)
+        nofile_warning = raise_nofile(nofile_needed(self.config))
+        if nofile_warning:
+            log.warning("fd limit: %s", nofile_warning)
         if self.parking.mode == KEYRING:
             warning = check_quota(self.target_count, self.config.workers.max_unacked,
                                   os.getuid())
@@ -245,8 +255,9 @@ class Daemon:
                         nursery.cancel_scope.cancel()
                         return
                     await self._open_listeners()
-                    for listener in self.listeners:
-                        nursery.start_soon(self._accept_loop, listener)
+                    for listener, bound in zip(self.listeners, self.bound.listeners,
+                                               strict=True):
+                        nursery.start_soon(self._accept_loop, listener, bound)
                     await self._start_operations(nursery)
                     self._notify("READY=1", f"STATUS={self._status_line()}")
                     log.info("ready: %d workers, listening on %s", len(self.workers),
@@ -265,6 +276,8 @@ class Daemon:
             if self.notifier is not None:
                 self.notifier.close()
             self._throttled.flush()
+            if self._fd_reserve is not None:
+                self._fd_reserve.close()
         if self._fatal is not None:
             raise self._fatal
 
@@ -331,10 +344,8 @@ class Daemon:
                     except OSError as error:
                         if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
                             raise
-                        # Out of fds: wait like the client accept loop instead of dying.
-                        log.error("registration accept: %s; waiting for capacity",
-                                  os.strerror(error.errno or 0))
-                        await trio.sleep(0.1)
+                        # Out of fds: shed or wait like the client accept loop, never die.
+                        await self._out_of_fds("registration accept", bound, error)
                         continue
                     nursery.start_soon(self._register, conn)
         finally:
@@ -359,7 +370,8 @@ class Daemon:
             self._registration_policy().check(identity)
         except GSSError as error:
             self.registrations_refused += 1
-            log.warning("external worker registration refused: %s", error)
+            self._throttled.log(logging.WARNING, "registration-refused",
+                                "external worker registration refused: %s", error)
             with contextlib.suppress(GSSError):
                 await channel.send(Kind.REFUSED, Refused(error.major, error.minor).encode())
             channel.close()
@@ -692,7 +704,21 @@ class Daemon:
         if self.bound.activated:
             log.info("using %d socket(s) from systemd activation", len(self.listeners))
 
-    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+    async def _out_of_fds(self, what: str, bound: socket.socket, error: OSError) -> None:
+        """accept() failed for lack of fds or memory: drop the connection at the head of
+        the backlog with the reserved fd (its client sees the connection closed) rather
+        than leave everyone behind it hanging, or wait if that cannot help."""
+        assert self._fd_reserve is not None
+        shed = error.errno in SHED_ERRNOS and self._fd_reserve.shed(bound)
+        if shed:
+            self.stats.shed += 1
+        self._throttled.log(logging.ERROR, f"{what}:{error.errno}",
+                            "%s: %s; %s", what, os.strerror(error.errno or 0),
+                            "closing new connections until fds are free" if shed
+                            else "waiting for capacity")
+        await trio.sleep(0 if shed else 0.1)
+
+    async def _accept_loop(self, listener: trio.SocketListener, bound: socket.socket) -> None:
         assert self._nursery is not None
         while True:
             while self.admission.full:
@@ -704,10 +730,7 @@ class Daemon:
             except OSError as error:
                 if error.errno in _ACCEPT_CAPACITY_ERRNOS:
                     self.stats.accept_errors += 1
-                    self._throttled.log(logging.ERROR, "accept",
-                                        "accept: %s; waiting for capacity",
-                                        os.strerror(error.errno or 0))
-                    await trio.sleep(0.1)
+                    await self._out_of_fds("accept", bound, error)
                     continue
                 raise
             except trio.ClosedResourceError:
@@ -909,9 +932,11 @@ class Daemon:
         if self.bound.register is not None:
             await nursery.start(self._serve_registrations, self.bound.register)
         if self.bound.control is not None:
-            await nursery.start(control.serve_control, self, self.bound.control)
+            await nursery.start(control.serve_control, self, self.bound.control,
+                                self.control_stats)
         if self.bound.metrics is not None:
-            await nursery.start(control.serve_metrics, self, self.bound.metrics)
+            await nursery.start(control.serve_metrics, self, self.bound.metrics,
+                                self.metrics_stats)
         if self.notifier is not None and self._watchdog_period:
             nursery.start_soon(self._watchdog, self._watchdog_period)
 
@@ -966,6 +991,11 @@ class Daemon:
                 "worker_restarts": self.stats.worker_restarts,
                 "accept_errors": self.stats.accept_errors,
                 "registrations_refused": self.registrations_refused,
+                "shed": self.stats.shed,
+                "control_busy_refused": self.control_stats.busy_refused,
+                "control_accept_errors": self.control_stats.accept_errors,
+                "metrics_busy_refused": self.metrics_stats.busy_refused,
+                "metrics_accept_errors": self.metrics_stats.accept_errors,
                 "refused_per_source": self.stats.refused_per_source,
                 "evicted": self.stats.evicted,
                 "first_token_timeouts": self.stats.first_token_timeouts,
