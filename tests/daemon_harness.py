@@ -134,8 +134,8 @@ async def start_daemon(directory: Path, *, workers: int = 4, app: str = "tests.a
     interpreter and the (uid, gid) to run as (fault tests run it unprivileged).
     ``nofile``: RLIMIT_NOFILE (soft and hard) set before exec (root here lacks
     CAP_SYS_RESOURCE, so it cannot ``prlimit`` a process of another user afterwards; the
-    hard limit too, or the daemon would raise its soft limit to what its config needs).  ``acceptor_uid``:
-    run as root, the acceptor's uid (default: a fresh one), for files it must own.
+    hard limit too, or the daemon would raise its soft limit to what its config needs).
+    ``acceptor_uid``: run as root, the acceptor's uid (default: a fresh one), for files it must own.
     """
     if user is not None:  # an unprivileged serve: workers can only share its uid
         extra = "[workers]\ninsecure_same_uid = true\n" + extra
