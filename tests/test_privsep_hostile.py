@@ -459,7 +459,9 @@ async def test_registration_refused_by_default_from_acceptor_and_worker_uids(
             totals = (await daemon.status())["totals"]
             assert totals["registrations_refused"] == 4  # a connect and a register, each
             log = _log(tmp_path).read_text()
-            assert log.count("registration refused") == 4
+            # Logged rate-limited: the first refusal now, the next three as a count with
+            # the next line of its kind (or at shutdown).
+            assert log.count("registration refused") == 1
             assert "uid is not allowed by policy" in log
             # Control: the uid [policy] names, given the same group, does register: the
             # refusals above are the policy's, not a broken socket.
