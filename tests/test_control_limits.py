@@ -17,6 +17,7 @@ import trio
 from handoffd.minor import Minor
 from handoffd.status import GSSError
 from tests.daemon_harness import RunningDaemon, echo_session, set_nofile, start_daemon
+from tests.test_faults_handoff import settled_fds
 
 MAX_CONNECTIONS = 4
 TIMEOUT = 1.0
@@ -227,7 +228,7 @@ async def test_a_metrics_flood_at_the_fd_limit_is_shed_and_logged_a_few_times(
     flood: list[socket.socket] = []
     try:
         await echo_session(daemon, messages=1)
-        baseline = await _settled_fds(daemon)
+        baseline = await settled_fds(daemon)
         soft, hard = set_nofile(daemon.pid, baseline + 3)
         shed = 0
         with trio.fail_after(20):
@@ -277,17 +278,6 @@ def _cut(sock: socket.socket) -> bool:
         return False
     except OSError as error:
         return error.errno in (errno.ECONNRESET, errno.EPIPE)
-
-
-async def _settled_fds(daemon: RunningDaemon) -> int:
-    """The acceptor's fd count once the harness's last control query was closed."""
-    with trio.fail_after(10):
-        count = daemon.fd_count()
-        while True:
-            await trio.sleep(0.2)
-            if (now := daemon.fd_count()) == count:
-                return count
-            count = now
 
 
 async def test_metrics_show_the_flood_counters(tmp_path: Path) -> None:
