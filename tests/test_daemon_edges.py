@@ -234,3 +234,12 @@ async def test_a_worker_that_never_acknowledges_is_killed_and_its_handoffs_not_r
                 await trio.sleep(0.05)
     finally:
         assert await daemon.stop() == 0
+
+
+async def test_every_start_logs_the_server_key_fingerprint(tmp_path: Path) -> None:
+    """Clients pin the key's fingerprint: the acceptor logs it at every start (from the
+    key it loaded, so a restart that reuses a key shows it too, not only keygen)."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=1, log=log)
+    assert await daemon.stop() == 0
+    assert f"fingerprint {daemon.fingerprint}" in log.read_text()

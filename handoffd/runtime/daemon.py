@@ -226,6 +226,11 @@ class Daemon:
             mode=self.config.workers.keyring, join_session=self._join_session,
         )
         log.info("key parking mode: %s", self.parking.mode)
+        for factory in self.mechanisms.values():
+            static_key = getattr(factory, "static_key", None)
+            if static_key is not None:  # Noise: what clients pin, at every start
+                log.info("server key %s, fingerprint %s", self.config.server.key,
+                         static_key.fingerprint)
         self._fd_reserve = FdReserve(1)
         nofile_warning = raise_nofile(nofile_needed(self.config))
         if nofile_warning:
