@@ -859,8 +859,13 @@ class Daemon:
                     w.parking, w.worker_id, pending.handoff_id, pending.inner, self.clock(),
                     mech=pending.mech)
             except GSSError as error:
-                log.warning("cannot park a key for worker %s: %s", w.pid, error)
-                # An ack frees keys, but the quota may be held by someone else: retry soon.
+                self._throttled.log(logging.WARNING, f"park:{error.minor}",
+                                    "cannot park a key for worker %s: %s", w.pid, error)
+                # An ack frees keys, but the quota may be held by someone else: retry
+                # soon, as long as the client's wait for a worker lasts.
+                if trio.current_time() >= give_up_at:
+                    await self._unavailable(pending)
+                    return
                 with trio.move_on_after(0.2):
                     await self._capacity.wait()
                 continue
