@@ -17,7 +17,7 @@ import os
 import pwd
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +394,41 @@ def _check_mechanisms(config: Config) -> None:
         raise _invalid("[server] mechanisms", "a mechanism is listed twice")
     if "krb5" in names and config.krb5.keytab is None:
         raise _invalid("[krb5] keytab", "the krb5 mechanism needs the acceptor's keytab")
+
+
+RESTART_ONLY: frozenset[tuple[str, str]] = frozenset({
+    ("server", "listen"), ("server", "backlog"), ("server", "user"), ("server", "group"),
+    ("workers", "register_socket"), ("workers", "register_group"), ("workers", "user"),
+    ("workers", "group"), ("workers", "uid_range"), ("workers", "insecure_same_uid"),
+    ("workers", "keyring"), ("workers", "max_unacked"),
+    ("control", "socket"), ("control", "metrics"), ("log", "format"),
+})
+"""Settings a reload (SIGHUP) cannot change: sockets are bound, uids and key slots
+allocated, once at start.  Everything else applies on reload."""
+
+
+def merge_reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """``new`` with the :data:`RESTART_ONLY` settings kept from ``running``.
+
+    Returns ``(config, changed, need_restart)``: the ``[section] key`` names that changed
+    and apply now, and those that changed but wait for a restart."""
+    changed: list[str] = []
+    need_restart: list[str] = []
+    sections: dict[str, Any] = {}
+    for name in _SECTIONS:
+        old_section, new_section = getattr(running, name), getattr(new, name)
+        kept: dict[str, Any] = {}
+        for f in fields(old_section):
+            before, after = getattr(old_section, f.name), getattr(new_section, f.name)
+            if before == after:
+                continue
+            if (name, f.name) in RESTART_ONLY:
+                need_restart.append(f"[{name}] {f.name}")
+                kept[f.name] = before
+            else:
+                changed.append(f"[{name}] {f.name}")
+        sections[name] = replace(new_section, **kept)
+    return replace(new, **sections), changed, need_restart
 
 
 def load_config(path: Path | str) -> Config:

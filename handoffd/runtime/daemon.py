@@ -39,7 +39,7 @@ from typing import Any
 
 import trio
 
-from handoffd.config import Config
+from handoffd.config import Config, load_config, merge_reloaded
 from handoffd.core.admission import Admission, Slot, SourceFull, Stage, source_of
 from handoffd.core.framing import FrameDecoder, FrameType, encode_error, encode_frame
 from handoffd.core.handoff import (
@@ -226,11 +226,7 @@ class Daemon:
             mode=self.config.workers.keyring, join_session=self._join_session,
         )
         log.info("key parking mode: %s", self.parking.mode)
-        for factory in self.mechanisms.values():
-            static_key = getattr(factory, "static_key", None)
-            if static_key is not None:  # Noise: what clients pin, at every start
-                log.info("server key %s, fingerprint %s", self.config.server.key,
-                         static_key.fingerprint)
+        self._log_fingerprint()
         self._fd_reserve = FdReserve(1)
         nofile_warning = raise_nofile(nofile_needed(self.config))
         if nofile_warning:
@@ -286,6 +282,13 @@ class Daemon:
         if self._fatal is not None:
             raise self._fatal
 
+    def _log_fingerprint(self) -> None:
+        for factory in self.mechanisms.values():
+            static_key = getattr(factory, "static_key", None)
+            if static_key is not None:  # Noise: what clients pin, at every (re)start
+                log.info("server key %s, fingerprint %s", self.config.server.key,
+                         static_key.fingerprint)
+
     async def _serve_spawner(self) -> None:
         try:
             await self.spawner.serve()
@@ -307,8 +310,8 @@ class Daemon:
                     stop.set()
                     return
                 if signum == signal.SIGHUP:
-                    log.info("received SIGHUP: rolling workers")
-                    self._roll()
+                    log.info("received SIGHUP: reloading the configuration, rolling workers")
+                    self._reload()
                 elif signum == signal.SIGTTIN:
                     self._resize(self.target_count + 1)
                 elif signum == signal.SIGTTOU:
@@ -665,6 +668,34 @@ class Daemon:
             del self.workers[w.index]
             if not self._stopping and w.index < self.target_count and self._nursery:
                 self._nursery.start_soon(self._manage_slot, w.index)
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config file and what it names (server key, allow-list,
+        keytab); apply it to new connections and roll the workers.  Connections in
+        progress and sessions keep what they started with.  A config that does not load
+        changes nothing (logged); settings that need a restart are logged and kept."""
+        if self.config.path is not None:
+            try:
+                new = load_config(self.config.path)
+                config, changed, need_restart = merge_reloaded(self.config, new)
+                mechanisms = acceptor_factories(config, clock=self.clock)
+            except GSSError as error:
+                log.error("reload failed, nothing changed: %s", error)
+                return
+            if need_restart:
+                log.warning("reload: %s changed but take effect at the next restart",
+                            ", ".join(need_restart))
+            log.info("reloaded %s: %s", self.config.path,
+                     ", ".join(changed) if changed else "no setting changed")
+            self.config = config
+            self.mechanisms = mechanisms
+            self.admission.capacity = config.server.max_handshakes
+            self.admission.per_source = config.server.max_handshakes_per_source
+            self.spawner.reconfigure(config)
+            self._log_fingerprint()
+            if config.workers.count != self.target_count:
+                self._resize(config.workers.count)
+        self._roll()
 
     def _roll(self) -> None:
         """SIGHUP: every current worker drains; fresh ones take its place."""

@@ -87,6 +87,9 @@ class Spawner(Protocol):
             WorkerProcess, Channel]:
         """Start one worker with its channel end and key grant."""
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: workers spawned from now on run ``config``'s worker command."""
+
 
 def _open_channel(parking: AcceptorParking, worker_id: bytes
                   ) -> tuple[WorkerGrant, socket.socket, socket.socket]:
@@ -123,6 +126,10 @@ class LocalSpawner:
     separated = False
 
     def __init__(self, config: Config) -> None:
+        self._argv = worker_command(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Spawn from ``config``'s worker command from now on."""
         self._argv = worker_command(config)
 
     async def serve(self) -> None:
@@ -200,6 +207,10 @@ class SupervisedSpawner:
         self._children: dict[bytes, SupervisedChild] = {}
         self._waiting: dict[bytes, trio.MemorySendChannel[
             supervision.Spawned | supervision.SpawnFailed]] = {}
+
+    def reconfigure(self, config: Config) -> None:
+        """Nothing here: the supervisor builds the worker command, and re-reads the
+        configuration itself on the SIGHUP it forwards."""
 
     async def serve(self) -> None:
         """Dispatch the supervisor's answers; the link ending is fatal to the acceptor."""

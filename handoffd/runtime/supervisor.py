@@ -39,6 +39,8 @@ from handoffd.config import (
     Config,
     acceptor_credentials,
     group_id,
+    load_config,
+    merge_reloaded,
     worker_credentials,
 )
 from handoffd.core import supervision
@@ -440,5 +442,21 @@ class Supervisor:
                     listener.close()
                 if acceptor is not None:
                     acceptor.child.send_signal(signal.SIGTERM)
-            elif acceptor is not None:
-                acceptor.child.send_signal(signum)
+            else:
+                if signum == signal.SIGHUP:
+                    self._reload()
+                if acceptor is not None:
+                    acceptor.child.send_signal(signum)
+
+    def _reload(self) -> None:
+        """SIGHUP: workers spawned from now on run the re-read config's worker command
+        (app, pythonpath, drain and log settings); the acceptor re-reads the rest."""
+        if self.config.path is None:
+            return
+        try:
+            config = load_config(self.config.path)
+        except GSSError as error:
+            log.error("reload: %s; workers keep the running configuration", error)
+            return
+        self.config, _, _ = merge_reloaded(self.config, config)
+        self._argv = worker_command(self.config)
