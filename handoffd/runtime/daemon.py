@@ -126,6 +126,23 @@ class Worker:
         return self.external_pid is not None
 
 
+class LatencyWindow(deque[float]):
+    """The most recent handoff latencies (seconds, at most ``maxlen``) for the quantiles,
+    and the running ``total`` and ``observed`` (sum and number) of every latency ever
+    appended, a Prometheus summary's ``_sum`` and ``_count``.  Only :meth:`append` keeps
+    them (``deque.count`` is the deque's own method)."""
+
+    def __init__(self, maxlen: int) -> None:
+        super().__init__((), maxlen)
+        self.total = 0.0
+        self.observed = 0
+
+    def append(self, latency: float) -> None:
+        super().append(latency)
+        self.total += latency
+        self.observed += 1
+
+
 class Stats:
     """Counters and a latency sample for status and metrics."""
 
@@ -148,18 +165,25 @@ class Stats:
         self.evicted = 0
         self.first_token_timeouts = 0
         self.unavailable = 0
-        self.latencies: deque[float] = deque(maxlen=4096)
+        self.latencies = LatencyWindow(maxlen=4096)
 
-    def latency_quantiles(self) -> dict[str, float | None]:
-        """p50 and p99 of the recent handoff latencies, in microseconds."""
+    def latency_quantiles(self, scale: float = 1e6) -> dict[str, float | None]:
+        """p50 and p99 of the recent handoff latencies, in microseconds (``scale``: what a
+        second counts as; 1.0 for seconds)."""
         sample = sorted(self.latencies)
         if not sample:
             return {"p50": None, "p99": None}
 
         def q(p: float) -> float:
-            return sample[min(len(sample) - 1, int(p * len(sample)))] * 1e6
+            return sample[min(len(sample) - 1, int(p * len(sample)))] * scale
 
         return {"p50": q(0.50), "p99": q(0.99)}
+
+    def latency_summary(self) -> dict[str, float | None]:
+        """The handoff latency as a summary, in seconds: the running ``sum`` and ``count``
+        of every handoff since start, p50 and p99 of the recent ones (None: none yet)."""
+        return {"sum": self.latencies.total, "count": self.latencies.observed,
+                **self.latency_quantiles(1.0)}
 
 
 class Daemon:
@@ -1052,6 +1076,7 @@ class Daemon:
             "handshake_failures": dict(self.stats.handshake_failures),
             "refused_by_worker": dict(self.stats.refused_by_worker),
             "handoff_latency_us": self.stats.latency_quantiles(),
+            "handoff_latency_seconds": self.stats.latency_summary(),
         }
 
 
