@@ -23,15 +23,19 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
+import platform
+import resource
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from handoffd import __version__
 from handoffd.kernel.fdreserve import SHED_ERRNOS, FdReserve
 from handoffd.logs import ThrottledLog
 from handoffd.minor import Minor
@@ -202,19 +206,106 @@ async def query_control(path: Path | str, command: str = "status") -> dict[str, 
     return reply
 
 
-def render_metrics(snapshot: dict[str, Any]) -> str:
-    """Prometheus text exposition of a status snapshot."""
+_Sample = tuple[str, dict[str, str], float]
+"""One sample line: (full metric name, labels, value)."""
+
+
+def _escape_help(text: str) -> str:
+    """A HELP text as the text format wants it: backslash and newline escaped."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(value: str) -> str:
+    """A label value as the text format wants it: backslash, quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    """A sample value: integers as such, floats round-tripping, NaN and +Inf/-Inf
+    spelled the way Prometheus parses them."""
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _family(name: str, kind: str, help_text: str, samples: Iterable[_Sample]) -> list[str]:
+    """One metric family: its HELP and TYPE lines, then its samples."""
+    lines = [f"# HELP {name} {_escape_help(help_text)}", f"# TYPE {name} {kind}"]
+    for sample_name, labels, value in samples:
+        label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(labels.items()))
+        lines.append(f"{sample_name}{{{label_text}}} {_number(value)}" if label_text
+                     else f"{sample_name} {_number(value)}")
+    return lines
+
+
+def _read_proc(path: str) -> str | None:
+    """A /proc file's text (latin-1: a command name may hold any byte), None if unreadable."""
+    try:
+        with open(path, encoding="latin-1") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+def process_stats() -> dict[str, float]:
+    """This process's figures as Prometheus' client libraries export them (``process_*``),
+    from /proc/self (in the daemon: the acceptor, which serves the metrics).  Reading
+    /proc/self/stat, /proc/stat and the /proc/self/fd listing takes an fd each, briefly: a
+    figure that cannot be read (out of fds, no /proc) is left out rather than failing
+    the answer."""
+    stats: dict[str, float] = {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = _read_proc("/proc/self/stat")
+    if stat is not None:
+        # The fields after the command name, which is in parentheses and may hold spaces.
+        fields = stat.rpartition(")")[2].split()
+        stats["cpu_seconds_total"] = (int(fields[11]) + int(fields[12])) / ticks
+        stats["virtual_memory_bytes"] = int(fields[20])
+        stats["resident_memory_bytes"] = int(fields[21]) * resource.getpagesize()
+        boot = _read_proc("/proc/stat")
+        btime = [line.split()[1] for line in (boot or "").splitlines()
+                 if line.startswith("btime ")]
+        if btime:
+            stats["start_time_seconds"] = int(btime[0]) + int(fields[19]) / ticks
+    with contextlib.suppress(OSError):
+        # listdir's own fd is in the listing; client libraries count it too.
+        stats["open_fds"] = len(os.listdir("/proc/self/fd"))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    stats["max_fds"] = math.inf if soft == resource.RLIM_INFINITY else soft
+    return stats
+
+
+_PROCESS_METRICS = [
+    # (name without "process_", type, HELP as client_python writes it)
+    ("cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."),
+    ("virtual_memory_bytes", "gauge", "Virtual memory size in bytes."),
+    ("resident_memory_bytes", "gauge", "Resident memory size in bytes."),
+    ("start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds."),
+    ("open_fds", "gauge", "Number of open file descriptors."),
+    ("max_fds", "gauge", "Maximum number of open file descriptors."),
+]
+
+
+def render_metrics(snapshot: dict[str, Any],
+                   process: Mapping[str, float] | None = None) -> str:
+    """Prometheus text exposition (format 0.0.4) of a status snapshot, with build info
+    and the ``process_*`` figures of ``process`` (default: :func:`process_stats` of this
+    process).  Clean under ``promtool check metrics``: base units, ``_total`` counters,
+    the latency summary with ``_sum`` and ``_count``."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str,
                samples: list[tuple[dict[str, str], float]]) -> None:
-        lines.append(f"# HELP handoffd_{name} {help_text}")
-        lines.append(f"# TYPE handoffd_{name} {kind}")
-        for labels, value in samples:
-            label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-            lines.append(f"handoffd_{name}{{{label_text}}} {value}" if label_text
-                         else f"handoffd_{name} {value}")
+        full = f"handoffd_{name}"
+        lines.extend(_family(full, kind, help_text,
+                             ((full, labels, value) for labels, value in samples)))
 
+    metric("build_info", "gauge", "Always 1: the running handoffd's version and Python",
+           [({"version": __version__, "python": platform.python_version()}, 1)])
     totals = snapshot["totals"]
     for key, help_text in [
         ("accepted", "TCP connections accepted"),
@@ -260,11 +351,19 @@ def render_metrics(snapshot: dict[str, Any]) -> str:
            "for a worker to take them", [({}, snapshot["waiting_for_worker"])])
     metric("in_flight", "gauge", "Handoffs awaiting acknowledgement",
            [({}, sum(w["in_flight"] for w in snapshot["workers"]))])
-    quantiles = snapshot["handoff_latency_us"]
-    metric("handoff_latency_microseconds", "summary",
-           "Handshake completion to worker acknowledgement",
-           [({"quantile": q}, quantiles[key]) for q, key in (("0.5", "p50"), ("0.99", "p99"))
-            if quantiles[key] is not None])
+    latency = snapshot["handoff_latency_seconds"]
+    name = "handoffd_handoff_latency_seconds"
+    lines.extend(_family(
+        name, "summary", "Handshake completion to worker acknowledgement, in seconds "
+        "(quantiles: of the most recent handoffs, NaN before the first)",
+        [*((name, {"quantile": q}, math.nan if latency[key] is None else latency[key])
+           for q, key in (("0.5", "p50"), ("0.99", "p99"))),
+         (f"{name}_sum", {}, latency["sum"]), (f"{name}_count", {}, latency["count"])]))
+    figures = process_stats() if process is None else process
+    for key, kind, help_text in _PROCESS_METRICS:
+        if key in figures:
+            lines.extend(_family(f"process_{key}", kind, help_text,
+                                 [(f"process_{key}", {}, figures[key])]))
     return "\n".join(lines) + "\n"
 
 
