@@ -50,6 +50,18 @@ deps-krb5:
 	         apt-get install -y --no-install-recommends \
 	         libkrb5-dev krb5-kdc krb5-admin-server krb5-user gcc; }
 
+# promtool for tests/test_metrics_exposition.py, which checks the metrics endpoint with
+# `promtool check metrics` (skipped, saying so, without it); Debian's prometheus package
+# (promtool is all it is installed for: on a host running systemd its postinst also
+# starts the Prometheus server, on :9090).  Not a prerequisite of `make test`; .ci/run
+# runs it first.  A no-op when promtool is installed.
+.PHONY: deps-prometheus
+deps-prometheus:
+	@command -v promtool >/dev/null \
+	  || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	       $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y --no-install-recommends prometheus; }
+
 lint: venv-krb5
 	$(BIN)/ruff check handoffd tests examples
 
