@@ -25,6 +25,15 @@ COPY pyproject.toml README.md ./
 COPY handoffd ./handoffd
 RUN pip install . && rm -rf build handoffd.egg-info
 COPY examples ./examples
+# No private key in the image, ever: .dockerignore keeps *.key (a by-hand
+# `handoffd keygen --out examples/echo/server.key`) out of the build context; should
+# a key still arrive (another context, an edited .dockerignore), fail the build
+# rather than ship it. By name, and by content (a renamed handoffd private key).
+RUN keys="$(find /opt/handoffd -name '*.key' -o -name '*.keytab'; \
+            grep -rlIE '^handoffd-x25519-private [A-Za-z0-9+/]{43}=?$' /opt/handoffd)"; \
+    if [ -n "$keys" ]; then \
+        echo "refusing to build: private key(s) in the build context: $keys" >&2; exit 1; \
+    fi
 COPY docker/handoffd.toml /etc/handoffd/handoffd.toml
 COPY docker/entrypoint.py /usr/local/bin/handoffd-entrypoint
 # /var/lib/handoffd: the key, the acceptor's alone (the entrypoint generates it as
