@@ -10,6 +10,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# tini as PID 1: it forwards docker stop's SIGTERM to handoffd's supervisor (which
+# drains) and reaps orphaned processes (e.g. what a `docker exec` leaves behind),
+# which handoffd's supervisor, waiting only for its own children, does not.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
+
 # The container starts as root and keeps only a small supervisor (needs SETUID,
 # SETGID and KILL, all in Docker's default capability set); the acceptor, which
 # holds the key, runs as this user ([server] user in docker/handoffd.toml) and each
@@ -52,7 +59,8 @@ EXPOSE 7443
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["handoffd", "status", "--control", "/run/handoffd/control.sock"]
 
-# exec form: handoffd's supervisor becomes PID 1 and gets docker stop's SIGTERM,
-# which it forwards to the acceptor (it drains).
-ENTRYPOINT ["handoffd-entrypoint"]
+# exec form: tini is PID 1 and forwards docker stop's SIGTERM to its one child,
+# handoffd's supervisor (the entrypoint execs into `handoffd serve`), which forwards
+# it to the acceptor (it drains); tini exits with the supervisor's status.
+ENTRYPOINT ["/usr/bin/tini", "--", "handoffd-entrypoint"]
 CMD ["serve", "--config", "/etc/handoffd/handoffd.toml"]
