@@ -1,8 +1,19 @@
 # handoffd: the echo demo by default; any app via a mounted config.
 #   docker build -t handoffd .
-#   docker run --rm -p 7443:7443 --security-opt seccomp=docker/seccomp-keyring.json handoffd
+#   docker run --rm -p 7443:7443 --stop-timeout 40 -v handoffd-keys:/var/lib/handoffd \
+#       --security-opt seccomp=docker/seccomp-keyring.json handoffd
 # Without the seccomp option Docker's default profile refuses the kernel keyring
 # (EPERM) and handoffd runs in its logged fallback key mode. See docs/DEPLOY.md.
+#
+# The base is named by tag, not pinned by digest: a digest here has to be the
+# registry's manifest digest of the image you build on, and none was available when
+# this was written (the image is built and tested against a local stand-in made with
+# debootstrap + `docker import`, which has no registry digest at all; see
+# docs/DOCKER-TEST.md). To pin, on a host that reaches the registry:
+#   docker pull python:3.11-slim-bookworm
+#   docker image inspect --format '{{index .RepoDigests 0}}' python:3.11-slim-bookworm
+# and write what it prints here: FROM python:3.11-slim-bookworm@sha256:<digest>
+# (keep the tag in front for readers; Docker uses the digest). docs/DEPLOY.md.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
