@@ -2,14 +2,18 @@
 """``make test-docker``: the shipped Docker image, built and run with a real engine.
 
 The repository's ``Dockerfile`` is built as README and docs/DEPLOY.md say
-(``docker build .``, the classic builder) and the image is run the ways they show:
-Docker's default seccomp profile (fallback key parking, logged),
+(``docker build .``, the classic builder), with README's by-hand key
+``examples/echo/server.key`` present in the checkout (the image must hold no key), and
+the image is run with the ``docker run`` lines of README and DEPLOY.md, read from
+those files and run as written but for the host port, volume and image names
+(``as_run``): Docker's default seccomp profile (fallback key parking, logged),
 ``--security-opt seccomp=docker/seccomp-keyring.json`` (keyring mode) and DEPLOY.md's
-``--cap-drop ALL --cap-add SETUID --cap-add SETGID --cap-add KILL``, with a volume on
-``/var/lib/handoffd``.  Each run is checked from the outside: the process model
-(``docker top``), an echo through ``handoffd connect`` from the host, the
-HEALTHCHECK, a worker uid refused the key, ``docker stop``, the key kept by the
-volume.  See docs/DOCKER-TEST.md.
+``--cap-drop ALL --cap-add SETUID --cap-add SETGID --cap-add KILL``, each with a named
+volume on ``/var/lib/handoffd``.  Each run is checked from the outside: the process
+model (``docker top``: tini as PID 1, the supervisor its child), an echo through
+``handoffd connect`` from the host, the HEALTHCHECK, a worker uid refused the key,
+``docker stop`` (once draining an open session), the key and its logged fingerprint
+kept by the volume.  See docs/DOCKER-TEST.md.
 
 Set-up, all done here: Debian's ``docker.io`` and ``debootstrap`` are installed if
 missing; ``dockerd`` is started if none answers (and stopped at the end).  No image
@@ -38,12 +42,15 @@ import hashlib
 import json
 import os
 import re
+import select
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +81,11 @@ KEY = "/var/lib/handoffd/server.key"
 STOP_LIMIT = 10.0        # seconds: docker stop of an idle daemon (no sessions to drain)
 HEALTH_LIMIT = 75.0      # seconds: interval 30s + start period; first probe at ~30s
 FALLBACK_LOG = "key parking in fallback mode"
+FINGERPRINT_LOG = re.compile(r"server key (\S+), fingerprint (SHA256:\S+)")
+TINI = "/usr/bin/tini"
+# README's by-hand steps make this key in the checkout; the image must never hold it.
+PLANTED_KEY = ROOT / "examples" / "echo" / "server.key"
+DRAIN_HOLD = 3.0         # seconds a session stays open after docker stop began
 CAP_SETGID, CAP_SETUID, CAP_KILL = 6, 7, 5
 SUPERVISOR_CAPS = (1 << CAP_SETGID) | (1 << CAP_SETUID) | (1 << CAP_KILL)
 
@@ -332,6 +344,173 @@ def build_image(cleanup: list[list[str]]) -> None:
     say(f"built in {time.monotonic() - began:.0f}s, {int(size or 0) // 10**6} MB")
 
 
+@contextlib.contextmanager
+def planted_key() -> Iterator[None]:
+    """README's by-hand key, ``handoffd keygen --out examples/echo/server.key``, present
+    in the checkout while the image is built (made here if missing, and then removed
+    again, unless someone replaced it meanwhile); git must ignore it."""
+    pub = PLANTED_KEY.with_name(PLANTED_KEY.name + ".pub")
+    made: dict[Path, bytes] = {}
+    if PLANTED_KEY.exists():
+        say(f"{PLANTED_KEY.relative_to(ROOT)} already present: used, left as it is")
+    else:
+        say(f"handoffd keygen --out {PLANTED_KEY.relative_to(ROOT)}   (README's by-hand "
+            "step; removed after the build)")
+        existed_pub = pub.exists()
+        run([str(VENV_HANDOFFD), "keygen", "--out", str(PLANTED_KEY)], timeout=60,
+            check=True)
+        made = {PLANTED_KEY: PLANTED_KEY.read_bytes()}
+        if not existed_pub and pub.exists():
+            made[pub] = pub.read_bytes()
+    try:
+        for path in (PLANTED_KEY, pub):
+            ignored = run(["git", "check-ignore", "-q", str(path.relative_to(ROOT))],
+                          timeout=30)
+            RESULTS.check(f"git ignores {path.relative_to(ROOT)} (.gitignore)",
+                          ignored.returncode == 0, f"git check-ignore exited "
+                          f"{ignored.returncode} {ignored.stderr.strip()}")
+        yield
+    finally:
+        for path, data in made.items():
+            with contextlib.suppress(OSError):
+                if path.read_bytes() == data:
+                    path.unlink()
+
+
+def check_no_key_in_image() -> None:
+    """Built with examples/echo/server.key in the tree: no key in the image."""
+    found = docker("run", "--rm", "--entrypoint", "sh", IMAGE, "-c",
+                   'find / -name "*.key" -xdev', timeout=120)
+    keys = [line for line in found.stdout.splitlines() if line.strip()]
+    RESULTS.check("image built with examples/echo/server.key in the tree: `find / -name "
+                  "'*.key' -xdev` in it finds none from examples",
+                  found.returncode == 0 and not [k for k in keys if "examples" in k],
+                  f"rc={found.returncode}: {keys} {found.stderr.strip()[-300:]}")
+    RESULTS.check("the image holds no *.key file at all", found.returncode == 0 and not keys,
+                  f"found {keys}")
+
+
+def check_build_refuses_a_key() -> None:
+    """Should a key get past .dockerignore (another build context, an edited ignore
+    file), the Dockerfile refuses to build: the same files the Dockerfile copies, a
+    key made in examples/echo/ of that copy, and no .dockerignore."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.key", "*.key.pub")
+    with tempfile.TemporaryDirectory(prefix="handoffd-leak-ctx-") as scratch:
+        context = Path(scratch)
+        for name in ("Dockerfile", "pyproject.toml", "README.md"):
+            shutil.copy(ROOT / name, context / name)
+        for name in ("handoffd", "examples", "docker"):
+            shutil.copytree(ROOT / name, context / name, ignore=ignore)
+        key = context / "examples" / "echo" / "server.key"
+        run([str(VENV_HANDOFFD), "keygen", "--out", str(key)], timeout=60, check=True)
+        leaked = docker("build", "--force-rm", "-t", f"handoffd-test-leak:{RUN_ID}", ".",
+                        timeout=600, cwd=context)
+    output = leaked.stdout + leaked.stderr
+    # The steps that did succeed are cached images (the COPY one holds the throwaway
+    # key): remove the last, and with it its untagged parents not shared with IMAGE.
+    layers = re.findall(r"^ ---> ([0-9a-f]{12})$", output, re.MULTILINE)
+    if layers:
+        docker("rmi", layers[-1])
+    if leaked.returncode == 0:
+        docker("rmi", f"handoffd-test-leak:{RUN_ID}")
+    RESULTS.check("without .dockerignore, a key in examples/ makes the build fail "
+                  "(`refusing to build: private key(s) ...`), no image",
+                  leaked.returncode != 0
+                  and "refusing to build: private key(s) in the build context" in output
+                  and "/opt/handoffd/examples/echo/server.key" in output,
+                  f"docker build exited {leaked.returncode}: {output.strip()[-600:]}")
+
+
+# ---------------------------------------------------------------- the docs' commands
+
+DOC_IMAGE = "handoffd"          # the image name in the docs' commands
+DOC_VOLUME = "handoffd-keys"    # the named volume they mount on /var/lib/handoffd
+
+
+def doc_commands(path: Path, heading: str) -> list[list[str]]:
+    """The ``docker run`` commands of the first ``sh`` block after ``heading`` in
+    ``path``, as written there (continuation lines joined, comments dropped)."""
+    text = path.read_text()
+    at = text.find(heading)
+    block = re.search(r"```sh\n(.*?)```", text[at:], re.DOTALL) if at >= 0 else None
+    if block is None:
+        raise Abort(f"{path.relative_to(ROOT)}: no sh block after {heading!r}")
+    commands = []
+    for line in block.group(1).replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv[:2] == ["docker", "run"]:
+            commands.append(argv)
+    return commands
+
+
+def pick(commands: list[list[str]], where: str, *, keyring: bool) -> list[str]:
+    """The one command with (or without) the keyring seccomp profile."""
+    found = [c for c in commands if (f"seccomp={SECCOMP}" in c) == keyring]
+    if len(found) != 1:
+        raise Abort(f"{where}: expected one `docker run` line "
+                    f"{'with' if keyring else 'without'} seccomp={SECCOMP}, found {found}")
+    return found[0]
+
+
+def as_run(argv: list[str], volume: str) -> list[str]:
+    """A docs command's options as this suite runs them: every option exactly as
+    written (``--rm`` too) except three substitutions: the host port becomes
+    ``127.0.0.1::7443`` (a free one: another daemon may hold 7443 here), the volume
+    ``handoffd-keys`` this run's own, and the image (last) this run's; Container.start
+    adds ``-d --name``."""
+    args = argv[2:]
+    if args[-1:] != [DOC_IMAGE]:
+        raise Abort(f"`{shlex.join(argv)}`: expected the image {DOC_IMAGE!r} last")
+    options: list[str] = []
+    body = iter(args[:-1])
+    for arg in body:
+        if arg in ("-p", "--publish"):
+            published = next(body, "")
+            options += [arg, "127.0.0.1::7443" if published.endswith(":7443") else published]
+        elif arg in ("-v", "--volume"):
+            mount = next(body, "")
+            if mount.startswith(f"{DOC_VOLUME}:"):
+                mount = volume + mount[len(DOC_VOLUME):]
+            options += [arg, mount]
+        else:
+            options.append(arg)
+    return options
+
+
+def check_docs() -> None:
+    """What the docs say that is checked against the image rather than by running it."""
+    readme = doc_commands(ROOT / "README.md", "**With Docker**")
+    mounted = [any(a.startswith(f"{DOC_VOLUME}:/var/lib/handoffd") for a in c)
+               for c in readme]
+    RESULTS.check("README's `docker run` lines mount the named volume handoffd-keys "
+                  "on /var/lib/handoffd", bool(readme) and all(mounted),
+                  f"{[shlex.join(c) for c in readme]}")
+    deploy = (ROOT / "docs" / "DEPLOY.md").read_text()
+    base = base_image_name()
+    RESULTS.check(f"DEPLOY.md names the Dockerfile's base image {base}", base in deploy,
+                  "not mentioned")
+    entrypoint = docker("image", "inspect", "--format", "{{json .Config.Entrypoint}}",
+                        IMAGE).stdout.strip()
+    RESULTS.check("the image's ENTRYPOINT starts tini", json.loads(entrypoint or "[]")[:2]
+                  == [TINI, "--"], entrypoint)
+
+
+def read_until(stream: object, want: bytes, limit: float) -> bytes:
+    """Bytes from a child's unbuffered pipe until ``want`` arrives, EOF or ``limit``."""
+    fd = stream.fileno()  # type: ignore[attr-defined]
+    got = b""
+    deadline = time.monotonic() + limit
+    while want not in got:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 # ---------------------------------------------------------------- helpers for the runs
 
 
@@ -379,6 +558,33 @@ else:
     print('OK')
 """
 
+# An orphan: a grandchild whose parent exits at once is re-parented to the container's
+# PID 1, which must reap it when it exits (else a zombie stays).  Prints its parent
+# after the re-parenting and its state 2.5 s after it exited ("gone": reaped).
+ORPHAN = r"""
+import os, time
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    grandchild = os.fork()
+    if grandchild == 0:
+        time.sleep(1.0)
+        os._exit(0)
+    os.write(w, str(grandchild).encode())
+    os._exit(0)
+os.waitpid(child, 0)
+orphan = int(os.read(r, 32))
+def stat():
+    try:
+        return open(f'/proc/{orphan}/stat').read().rsplit(')', 1)[1].split()[:2]
+    except FileNotFoundError:
+        return ['gone', '-']
+time.sleep(0.3)
+parent = stat()[1]
+time.sleep(3.0)
+print(parent, stat()[0])
+"""
+
 STAT_KEY = r"""
 import json, os, sys
 print(json.dumps({p: [os.stat(p).st_uid, os.stat(p).st_gid, oct(os.stat(p).st_mode & 0o7777)]
@@ -390,12 +596,17 @@ print(json.dumps({p: [os.stat(p).st_uid, os.stat(p).st_gid, oct(os.stat(p).st_mo
 class Scenario:
     name: str
     doc: str                 # where the command comes from
-    options: list[str]       # docker run options besides -d/--name/-p
+    options: list[str]       # docker run options (the docs', see as_run) besides -d/--name
+    volume: str              # the named volume on /var/lib/handoffd ("" for none)
     mode: str                # key parking expected: "fallback" or "keyring"
     new_key: bool            # the entrypoint must generate the key (fresh volume)
-    capdrop: bool            # DEPLOY.md's --cap-drop ALL --cap-add SETUID/SETGID/KILL
     health: bool = True      # wait for the HEALTHCHECK to report healthy
-    extras: bool = False     # once: wrong fingerprint refused, DEPLOY's `docker exec ps`
+    extras: bool = False     # once: wrong fingerprint refused, docker top, orphans
+                             # reaped, docker stop drains an open session
+
+    @property
+    def capdrop(self) -> bool:  # DEPLOY.md's --cap-drop ALL --cap-add SETUID/SETGID/KILL
+        return "--cap-drop" in self.options
 
 
 class Container:
@@ -405,10 +616,41 @@ class Container:
         self.cleanup = cleanup
         self.port: int | None = None
         self.started = 0.0
+        self.final_logs: str | None = None   # once stopped (--rm removes the container)
 
     def logs(self) -> str:
+        if self.final_logs is not None:
+            return self.final_logs
         result = docker("logs", self.name, timeout=30)
         return result.stdout + result.stderr
+
+    def stop(self) -> tuple[subprocess.Popen[str], float, str]:
+        """``docker stop`` started (not awaited), the log followed and the exit status
+        awaited first, since ``--rm`` removes the container and its log when it exits.
+        Returns the stop process, its start time and how to get the exit status."""
+        env = dict(os.environ, DOCKER_BUILDKIT="0")
+        self._follow = subprocess.Popen([DOCKER, "logs", "-f", self.name], text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env=env)
+        self._wait = subprocess.Popen([DOCKER, "wait", self.name], text=True, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.5)  # both attached before the container can go away
+        began = time.monotonic()
+        stop = subprocess.Popen([DOCKER, "stop", self.name], text=True, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return stop, began, self.name
+
+    def stopped(self, limit: float = 60) -> str:
+        """After stop(): the exit status docker wait reported; the log kept."""
+        try:
+            status, _ = self._wait.communicate(timeout=limit)
+            logs, _ = self._follow.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._wait.kill()
+            self._follow.kill()
+            return "timeout"
+        self.final_logs = logs
+        return status.strip()
 
     def exec(self, *args: str, user: str | None = None,
              timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -423,8 +665,7 @@ class Container:
         return result.stdout.strip()
 
     def start(self) -> None:
-        command = ["run", "-d", "--name", self.name, "-p", "127.0.0.1::7443",
-                   *self.scenario.options, IMAGE]
+        command = ["run", "-d", "--name", self.name, *self.scenario.options, IMAGE]
         say(f"[{self.scenario.name}] docker {' '.join(command)}   ({self.scenario.doc})")
         self.cleanup.append(["rm", "-f", "-v", self.name])
         self.started = time.monotonic()
@@ -495,15 +736,26 @@ def run_scenario(scenario: Scenario, cleanup: list[list[str]],
     if scenario.new_key:
         logged = re.search(r"^fingerprint (SHA256:\S+)", logs, re.MULTILINE)
         check(f"{tag} first start: the entrypoint generates the key and logs its "
-              "fingerprint", generated and bool(logged) and logged.group(1) == fingerprint,
+              "fingerprint",
+              generated and logged is not None and logged.group(1) == fingerprint,
               f"generated={generated}, logged={logged and logged.group(1)}, "
               f"server.key.pub={fingerprint or pub.stderr.strip()}")
     else:
         check(f"{tag} restart with the same volume: no new key, same fingerprint",
-              not generated and fingerprint == known.get("volume"),
-              f"generated={generated}, before={known.get('volume')}, now={fingerprint}")
-    if scenario.new_key and "-v" in scenario.options:
-        known["volume"] = fingerprint
+              not generated and fingerprint == known.get(scenario.volume),
+              f"generated={generated}, before={known.get(scenario.volume)}, "
+              f"now={fingerprint}")
+    if scenario.new_key and scenario.volume:
+        known[scenario.volume] = fingerprint
+    # The acceptor logs the key and its fingerprint at every start: what clients pin.
+    announced = FINGERPRINT_LOG.findall(logs)
+    check(f"{tag} the acceptor logs `server key {KEY}, fingerprint` "
+          + ("of the key it generated" if scenario.new_key else "of the volume's key, "
+             "the same as the previous run's"),
+          announced == [(KEY, fingerprint)] and bool(fingerprint)
+          and (scenario.new_key or fingerprint == known.get(scenario.volume)),
+          f"logged {announced}, server.key.pub {fingerprint or '?'}, "
+          f"previous run {known.get(scenario.volume)}")
     try:
         # As the owner: with --cap-drop ALL root cannot look into the 0700 volume.
         modes = json.loads(box.python(STAT_KEY, "/var/lib/handoffd", KEY,
@@ -529,6 +781,14 @@ def run_scenario(scenario: Scenario, cleanup: list[list[str]],
         check(f"{tag} default seccomp profile: fallback key parking, logged as a warning",
               fallback_logged and parking == "fallback",
               f"warning logged={fallback_logged}, status key_parking={parking!r}")
+        # DEPLOY.md: once per process, the acceptor's at start-up, then each worker's.
+        sides = re.findall(re.escape(FALLBACK_LOG) + r" \((\w+),", logs)
+        for line in dict.fromkeys(re.findall(re.escape(FALLBACK_LOG) + r" \([^)]*\)", logs)):
+            say(f"{tag} logged: {line}")
+        check(f"{tag} the fallback warning: once by the acceptor, once by each of the "
+              f"{count} workers ({count + 1} lines)",
+              sides.count("acceptor") == 1 and sides.count("worker") == count
+              and len(sides) == count + 1, f"logged by {sides}")
     else:
         check(f"{tag} seccomp-keyring.json: keyring key parking, no fallback warning",
               not fallback_logged and parking == "keyring",
@@ -538,9 +798,11 @@ def run_scenario(scenario: Scenario, cleanup: list[list[str]],
                          if "kernel keyring" in line), "")
     advice = doctor.stdout.split(keyring_line, 1)[1].split("\n[", 1)[0] if keyring_line else ""
     if scenario.mode == "fallback":
-        check(f"{tag} `docker exec C handoffd doctor` flags the keyring and points to "
-              "docker/seccomp-keyring.json",
-              keyring_line.startswith(("[warn]", "[fail]"))
+        say(f"{tag} doctor (exit status {doctor.returncode}): {keyring_line.strip()} | "
+            f"{' '.join(advice.split())}")
+        check(f"{tag} `docker exec C handoffd doctor`: the keyring check `[warn]`, "
+              "exit status 0, pointing to docker/seccomp-keyring.json",
+              keyring_line.startswith("[warn]") and doctor.returncode == 0
               and "docker/seccomp-keyring.json" in advice,
               f"rc={doctor.returncode}: {keyring_line!r} {advice.strip()!r}")
     else:
@@ -557,14 +819,17 @@ def run_scenario(scenario: Scenario, cleanup: list[list[str]],
     top = docker("top", box.name, "-eo", "uid,pid,ppid,args")
     rows = [line.split(None, 3) for line in top.stdout.splitlines()[1:] if line.strip()]
     init_pid = docker("inspect", "--format", "{{.State.Pid}}", box.name).stdout.strip()
-    supervisors = [r for r in rows if r[1] == init_pid]
+    inits = [r for r in rows if r[1] == init_pid]
+    supervisors = [r for r in rows if r[2] == init_pid]
     acceptors = [r for r in rows if "handoffd.runtime.acceptor_process" in r[3]]
     worker_rows = [r for r in rows if "handoffd.runtime.worker_process" in r[3]]
     worker_uids = [int(r[0]) for r in worker_rows]
-    others = [r for r in rows if r not in supervisors + acceptors + worker_rows]
+    others = [r for r in rows if r not in inits + supervisors + acceptors + worker_rows]
     sup_pid = supervisors[0][1] if supervisors else "?"
-    check(f"{tag} docker top: the supervisor is PID 1, root, `handoffd serve`",
-          len(supervisors) == 1 and supervisors[0][0] == "0"
+    check(f"{tag} docker top: PID 1 is tini, root, its one child the supervisor, root, "
+          "`handoffd serve`",
+          len(inits) == 1 and inits[0][0] == "0" and inits[0][3].startswith(f"{TINI} --")
+          and len(supervisors) == 1 and supervisors[0][0] == "0"
           and "handoffd serve" in supervisors[0][3], top.stdout.strip() or top.stderr.strip())
     check(f"{tag} docker top: the acceptor runs as uid {ACCEPTOR_UID}, child of the supervisor",
           len(acceptors) == 1 and acceptors[0][0] == str(ACCEPTOR_UID)
@@ -578,7 +843,8 @@ def run_scenario(scenario: Scenario, cleanup: list[list[str]],
           f"also running: {others}")
     try:
         procs = json.loads(box.python(PROC_SNAPSHOT))
-        by_role = {"supervisor": [p for p in procs if p["pid"] == 1],
+        by_role = {"supervisor": [p for p in procs if p["pid"] != 1
+                                  and "serve --config" in p["args"]],
                    "acceptor": [p for p in procs if "acceptor_process" in p["args"]],
                    "worker": [p for p in procs if "worker_process" in p["args"]]}
         # Only the Uid line's four ids all equal: no saved root uid to go back to.
@@ -631,6 +897,13 @@ def run_scenario(scenario: Scenario, cleanup: list[list[str]],
         check(f"{tag} DEPLOY.md's `docker top CONTAINER -eo uid,pid,args` shows the acceptor",
               ps.returncode == 0 and str(ACCEPTOR_UID) in ps.stdout,
               f"rc={ps.returncode}: {(ps.stderr or ps.stdout).strip()[-300:]}")
+        try:
+            parent, state = box.python(ORPHAN).split()
+            check(f"{tag} an orphan (left by a docker exec) is re-parented to PID 1, tini, "
+                  "and reaped when it exits: no zombie",
+                  parent == "1" and state == "gone", f"parent {parent}, then state {state}")
+        except (RuntimeError, ValueError) as error:
+            check(f"{tag} an orphan is reaped by PID 1", False, str(error))
 
     if scenario.health:
         health, after = box.health()
@@ -639,41 +912,97 @@ def run_scenario(scenario: Scenario, cleanup: list[list[str]],
                   "inspect", "--format", "{{json .State.Health.Log}}", box.name
               ).stdout.strip()[-600:])
 
-    # docker stop: SIGTERM to the supervisor, forwarded; the idle daemon exits 0 at once.
-    began = time.monotonic()
-    stop = docker("stop", box.name, timeout=60)
-    took = time.monotonic() - began
-    state = docker("inspect", "--format", "{{.State.ExitCode}} {{.State.OOMKilled}}",
-                   box.name).stdout.split()
-    check(f"{tag} docker stop: done in {took:.1f}s (limit {STOP_LIMIT:.0f}s), exit status 0",
-          stop.returncode == 0 and took <= STOP_LIMIT and state[:1] == ["0"],
-          f"docker stop rc={stop.returncode}, container exit code/OOM {state}")
+    # docker stop: SIGTERM to tini, forwarded to the supervisor, forwarded to the
+    # acceptor: it drains.  Once with a session open (it is still served, and the
+    # container waits for it), else idle (exits 0 at once).
+    if scenario.extras and fingerprint:
+        drain(box, tag, fingerprint)
+    else:
+        stop, began, _ = box.stop()
+        try:
+            stop.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop.kill()
+        took = time.monotonic() - began
+        exited = box.stopped()
+        check(f"{tag} docker stop: done in {took:.1f}s (limit {STOP_LIMIT:.0f}s), "
+              "exit status 0", stop.returncode == 0 and took <= STOP_LIMIT and exited == "0",
+              f"docker stop rc={stop.returncode}, container exit status {exited!r}")
     if len(RESULTS.failed) > failures_before:
         explain(box)
-    docker("rm", "-v", box.name)
+    docker("rm", "-v", box.name)   # without --rm; with it the container is gone already
+
+
+def drain(box: Container, tag: str, fingerprint: str) -> None:
+    """docker stop while a client's session is open: SIGTERM reaches the supervisor
+    through tini, the acceptor drains, the worker keeps serving the session, the
+    container waits for it and exits 0 when the client closes."""
+    check = RESULTS.check
+    client = subprocess.Popen([str(VENV_HANDOFFD), "connect", f"127.0.0.1:{box.port}",
+                               "--fingerprint", fingerprint, "--timeout", "10"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, bufsize=0)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        client.stdin.write(b"before docker stop\n")
+        first = read_until(client.stdout, b"before docker stop\n", 15)
+        stop, began, _ = box.stop()
+        time.sleep(DRAIN_HOLD)
+        waiting = stop.poll() is None
+        try:
+            client.stdin.write(b"while draining\n")
+            second = read_until(client.stdout, b"while draining\n", 10)
+        except BrokenPipeError:
+            second = b""
+        client.stdin.close()
+        client.wait(timeout=20)
+        try:
+            stop.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop.kill()
+        took = time.monotonic() - began
+    finally:
+        if client.poll() is None:
+            client.kill()
+    status = box.stopped()
+    logs = box.logs()
+    check(f"{tag} docker stop with a session open: SIGTERM reaches the supervisor through "
+          "tini (`received SIGTERM: the acceptor drains`)",
+          "received SIGTERM: the acceptor drains" in logs and first.endswith(b"stop\n"),
+          f"first echo {first!r}; log tail {logs.strip().splitlines()[-5:]}")
+    check(f"{tag} while draining: the container waits for the open session "
+          f"({DRAIN_HOLD:.0f}s) and still echoes on it", waiting and second ==
+          b"while draining\n", f"docker stop still waiting={waiting}, echo {second!r}")
+    check(f"{tag} the session closed: docker stop returns in {took:.1f}s, exit status 0 "
+          "(drained, not killed after --stop-timeout)",
+          stop.returncode == 0 and status == "0" and took < DRAIN_HOLD + STOP_LIMIT,
+          f"docker stop rc={stop.returncode}, container exit status {status!r}")
 
 
 # ---------------------------------------------------------------- main
 
 
-def scenarios(volume: str) -> list[Scenario]:
-    keep = ["--stop-timeout", "40", "-v", f"{volume}:/var/lib/handoffd"]
-    caps = ["--cap-drop", "ALL", "--cap-add", "SETUID", "--cap-add", "SETGID",
-            "--cap-add", "KILL"]
-    seccomp = ["--security-opt", f"seccomp={SECCOMP}"]
+def scenarios(deploy_volume: str, readme_volume: str) -> list[Scenario]:
+    """The docs' `docker run` lines, as written (see as_run), in an order that makes
+    each named volume's first run generate the key and the next ones reuse it."""
+    readme = doc_commands(ROOT / "README.md", "**With Docker**")
+    deploy = doc_commands(ROOT / "docs" / "DEPLOY.md", "## Docker")
+    deploy_keyring = as_run(pick(deploy, "DEPLOY.md", keyring=True), deploy_volume)
     return [
-        Scenario("default-seccomp", "DEPLOY.md: without the profile, fallback key mode",
-                 keep, "fallback", new_key=True, capdrop=False, extras=True),
-        Scenario("keyring-capdrop", "DEPLOY.md: keyring, only the capabilities needed",
-                 [*keep[:2], *caps, *seccomp, *keep[2:]], "keyring", new_key=False,
-                 capdrop=True),
-        Scenario("readme-keyring", "README: the keyring profile, the image's own volume",
-                 ["--stop-timeout", "40", *seccomp], "keyring", new_key=True,
-                 capdrop=False),
+        Scenario("deploy-default", "DEPLOY.md: without the profile, fallback key mode",
+                 as_run(pick(deploy, "DEPLOY.md", keyring=False), deploy_volume),
+                 deploy_volume, "fallback", new_key=True, extras=True),
+        Scenario("deploy-keyring", "DEPLOY.md: keyring, only the capabilities needed",
+                 deploy_keyring, deploy_volume, "keyring", new_key=False),
+        Scenario("readme-keyring", "README: the keyring profile, first start",
+                 as_run(pick(readme, "README.md", keyring=True), readme_volume),
+                 readme_volume, "keyring", new_key=True),
+        Scenario("readme-default", "README: the default profile, the same volume again",
+                 as_run(pick(readme, "README.md", keyring=False), readme_volume),
+                 readme_volume, "fallback", new_key=False, health=False),
         Scenario("no-new-privileges", "DEPLOY.md: `--security-opt no-new-privileges` "
-                 "is compatible", [*keep[:2], *caps, *seccomp,
-                                   "--security-opt", "no-new-privileges", *keep[2:]],
-                 "keyring", new_key=False, capdrop=True, health=False),
+                 "is compatible", [*deploy_keyring, "--security-opt", "no-new-privileges"],
+                 deploy_volume, "keyring", new_key=False, health=False),
     ]
 
 
@@ -695,12 +1024,22 @@ def main() -> int:
         daemon.ensure()
         ensure_base(cleanup)
         say(f"base ready in {time.monotonic() - phase:.0f}s")
-        build_image(cleanup)
-        volume = f"handoffd-test-keys-{RUN_ID}"
-        docker("volume", "create", volume, check=True)
-        cleanup.append(["volume", "rm", "-f", volume])
+        # What a FROM ...@sha256: pin would need: a registry (manifest) digest.  An
+        # imported stand-in has none, and its image id changes with every import.
+        base = docker("image", "inspect", "--format", "{{.Id}} {{json .RepoDigests}}",
+                      base_image_name()).stdout.strip()
+        say(f"base image id and registry digests: {base}")
+        with planted_key():
+            build_image(cleanup)
+        check_no_key_in_image()
+        check_build_refuses_a_key()
+        check_docs()
+        volumes = [f"handoffd-test-{doc}-keys-{RUN_ID}" for doc in ("deploy", "readme")]
+        for volume in volumes:
+            docker("volume", "create", volume, check=True)
+            cleanup.append(["volume", "rm", "-f", volume])
         known: dict[str, str] = {}
-        for scenario in scenarios(volume):
+        for scenario in scenarios(*volumes):
             run_scenario(scenario, cleanup, known)
         complete = True
     except Abort as error:
