@@ -58,6 +58,8 @@ class Minor(IntEnum):
     BAD_QOP_REQUESTED = 119
     WRONG_ROLE = 120
     CHANNEL_BINDINGS_MISMATCH = 121
+    KEY_FILE_EXISTS = 122
+    KEY_FILE_IS_PUBLIC = 123
     PROTECTION_BAD_PARAMETER = 150
 
     # token codecs
@@ -88,6 +90,7 @@ class Minor(IntEnum):
     PARKING_SLOTS_EXHAUSTED = 310
     PARKING_KEY_CLAIMED = 311
     PARKING_FALLBACK_MODE = 312
+    PARKING_BAD_REFERENCE = 313
 
     # peer verification
     PEER_UID_NOT_ALLOWED = 400
@@ -115,6 +118,7 @@ class Minor(IntEnum):
     CHANNEL_SEND_FAILED = 510
     CHANNEL_FD_NOT_ALLOWED = 511
     CHANNEL_NOT_SEQPACKET = 512
+    CHANNEL_BAD_PAYLOAD = 513
 
     # daemon, worker library, client, configuration
     CONFIG_INVALID = 600
@@ -140,6 +144,9 @@ class Minor(IntEnum):
     HANDSHAKE_EVICTED = 620
     FIRST_TOKEN_TIMEOUT = 621
     CONTROL_BUSY = 622
+    USAGE_INVALID = 623
+    SERVER_KEY_NOT_PINNED = 624
+    MECHANISM_UNKNOWN = 625
     # privilege separation: supervisor, acceptor and worker uids (650+)
     PRIVSEP_SAME_UID = 650
     PRIVSEP_NOT_PERMITTED = 651
@@ -190,6 +197,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.BAD_QOP_REQUESTED: "Only the default quality of protection (0) is supported",
     Minor.WRONG_ROLE: "The call does not fit this side's role (initiator or acceptor)",
     Minor.CHANNEL_BINDINGS_MISMATCH: "The channel bindings (prologue) differ between the peers",
+    Minor.KEY_FILE_EXISTS: "The key file already exists; keygen never overwrites a key",
+    Minor.KEY_FILE_IS_PUBLIC: "The file is a public key file where a private key was expected",
     Minor.PROTECTION_BAD_PARAMETER: "The per-message protection parameters are invalid "
     "(key length, sequence number or window flags)",
     Minor.TOKEN_TRUNCATED: "The token is shorter than its structure requires",
@@ -221,6 +230,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.PARKING_KEY_CLAIMED: "The parked key was already claimed",
     Minor.PARKING_FALLBACK_MODE: "The kernel keyring is refused here; "
     "running in the weaker in-memory key mode",
+    Minor.PARKING_BAD_REFERENCE: "A key reference is malformed or names no key slot of "
+    "this worker",
     Minor.PEER_UID_NOT_ALLOWED: "The peer's uid is not allowed by policy",
     Minor.PEER_GID_NOT_ALLOWED: "The peer's gid is not allowed by policy",
     Minor.PEER_LABEL_NOT_ALLOWED: "The peer's LSM label is not allowed by policy",
@@ -246,6 +257,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.CHANNEL_SEND_FAILED: "Sending on the handoff channel failed",
     Minor.CHANNEL_FD_NOT_ALLOWED: "A handoff message of a kind without a descriptor carried one",
     Minor.CHANNEL_NOT_SEQPACKET: "The channel descriptor is not an AF_UNIX SOCK_SEQPACKET socket",
+    Minor.CHANNEL_BAD_PAYLOAD: "A handoff message's payload is malformed for its kind "
+    "(its header was well-formed)",
     Minor.CONFIG_INVALID: "The configuration is invalid",
     Minor.CONFIG_UNREADABLE: "The configuration file could not be read",
     Minor.HANDSHAKE_TIMEOUT: "The client did not finish the handshake in time",
@@ -285,6 +298,10 @@ _TEXT: Final[dict[Minor, str]] = {
     "([server] first_token_timeout)",
     Minor.CONTROL_BUSY: "The control or metrics endpoint is at its connection limit "
     "([control] max_connections)",
+    Minor.USAGE_INVALID: "The command or call was given invalid arguments",
+    Minor.SERVER_KEY_NOT_PINNED: "No server key was pinned: give --server-key, --fingerprint "
+    "or --tofu (trust on first use)",
+    Minor.MECHANISM_UNKNOWN: "No security mechanism of that name (known: noise, krb5)",
     Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
     "nor an abstract @name",
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",

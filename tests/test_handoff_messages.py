@@ -76,7 +76,7 @@ def test_malformed_payloads_are_defective_tokens(decode: object, payload: bytes)
     with pytest.raises(GSSError) as caught:
         decode(payload)  # type: ignore[operator]
     assert (caught.value.major, caught.value.minor) == (GSS_S_DEFECTIVE_TOKEN,
-                                                        Minor.CHANNEL_BAD_HEADER)
+                                                        Minor.CHANNEL_BAD_PAYLOAD)
 
 
 @given(st.binary(max_size=64))

@@ -28,3 +28,14 @@ def test_blocks_are_grouped_by_subsystem() -> None:
 def test_unknown_minor() -> None:
     assert minor.text(77777) is None
     assert minor.name(77777) == "77777"
+
+
+def test_codes_split_from_double_meanings_issue_19() -> None:
+    """Each of these used to share a code with something else (see issue 19)."""
+    assert (Minor.KEY_FILE_EXISTS, Minor.KEY_FILE_IS_PUBLIC) == (122, 123)
+    assert Minor.PARKING_BAD_REFERENCE == 313 != Minor.PARKING_KEY_CLAIMED == 311
+    assert Minor.CHANNEL_BAD_PAYLOAD == 513 != Minor.CHANNEL_BAD_HEADER == 506
+    assert Minor.MECHANISM_UNKNOWN == 625 != Minor.TOKEN_BAD_MECH_OID == 206
+    assert (Minor.USAGE_INVALID, Minor.SERVER_KEY_NOT_PINNED) == (623, 624)
+    assert "malformed" in (minor.text(Minor.PARKING_BAD_REFERENCE) or "")
+    assert "payload" in (minor.text(Minor.CHANNEL_BAD_PAYLOAD) or "")

@@ -179,11 +179,26 @@ def test_a_token_sent_to_another_worker_is_useless(parking: AcceptorParking, spa
     _, b = new_worker(parking, spawn)
     ref, key = parking.park(first)
     answer = b.ask(f"claim {ref.hex()}")
-    if parking.mode == "keyring":
-        assert answer[:2] == ["ERR", str(int(Minor.PARKING_KEY_CLAIMED))]
+    if parking.mode == "keyring":  # not one of b's slots: a foreign reference, not a replay
+        assert answer[:2] == ["ERR", str(int(Minor.PARKING_BAD_REFERENCE))]
     else:  # another worker's secret derives another key: the seal will not open
         assert answer[0] == "OK" and bytes.fromhex(answer[1].strip()) != key
     assert a.claim(ref) == key  # the foreign attempt did not burn it
+
+
+def test_a_malformed_reference_is_not_reported_as_a_claimed_key(
+        parking: AcceptorParking, spawn: Spawn) -> None:
+    worker_id, w = new_worker(parking, spawn)
+    ref, key = parking.park(worker_id)
+    other_tag = (b"F" if parking.mode == "keyring" else b"K") + ref[1:]
+    for bad in (ref[:-1], ref + b"\x00", other_tag):
+        answer = w.ask(f"claim {bad.hex()}")
+        assert answer[:2] == ["ERR", str(int(Minor.PARKING_BAD_REFERENCE))], answer
+        assert "malformed key reference" in answer[2]
+    assert w.claim(ref) == key  # nothing was burned
+    with pytest.raises(GSSError) as caught:
+        parking.release(worker_id, ref[:-1])
+    assert caught.value.minor == Minor.PARKING_BAD_REFERENCE
 
 
 def test_slots_bound_the_handoffs_in_flight(parking: AcceptorParking) -> None:

@@ -61,7 +61,7 @@ _ACK = struct.Struct(">QII")
 
 
 def _defective(what: str) -> GSSError:
-    return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.CHANNEL_BAD_HEADER, what)
+    return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.CHANNEL_BAD_PAYLOAD, what)
 
 
 @dataclass(frozen=True)

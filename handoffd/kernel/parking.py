@@ -17,7 +17,8 @@ kernel (6.18) measurably does, see ``docs/KEYRING.md``:
 * Slot payload (41 bytes): ``state (1: 0 burned, 1 armed) | generation (u64) |
   key (32, zeros when burned)``.  ``key_ref`` = ``b"K" | slot serial (u32) |
   generation (u64)``.  A replayed token finds the slot burned (or re-armed
-  with a newer generation) and fails with ``PARKING_KEY_CLAIMED``.
+  with a newer generation) and fails with ``PARKING_KEY_CLAIMED``; a reference that
+  is malformed or names no slot of this worker is ``PARKING_BAD_REFERENCE``.
 * Possession, not uid, grants access.  All keys are possessor-only
   (``KEY_POS_ALL``, no user/group/other bits).  The acceptor joins a fresh
   session keyring ``S`` and links each new worker keyring ``W`` into it; the
@@ -118,7 +119,7 @@ _HKDF_INFO: Final = b"handoffd parking v1"
 
 
 def _bad_ref() -> GSSError:
-    return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.PARKING_KEY_CLAIMED, "malformed key reference")
+    return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.PARKING_BAD_REFERENCE, "malformed key reference")
 
 
 def _claimed() -> GSSError:
@@ -525,7 +526,8 @@ class WorkerParking:
         """The key behind ``key_ref``, burned as it is read: a second claim fails.
 
         Raises ``GSSError(GSS_S_DEFECTIVE_TOKEN, PARKING_KEY_CLAIMED)`` for a
-        replayed, stale or foreign reference; keyring errors as they come.
+        replayed or stale reference, ``PARKING_BAD_REFERENCE`` for a malformed one or
+        one naming no slot of this worker (foreign); keyring errors as they come.
         """
         try:
             tag, where, generation = _REF.unpack(key_ref)
