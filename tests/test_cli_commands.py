@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from handoffd import keyfiles
+from handoffd.minor import Minor
+from handoffd.runtime.client import connect
+from handoffd.status import GSS_S_BAD_MECH, GSS_S_FAILURE, GSSError
 from tests.daemon_harness import REPO, RunningDaemon, start_daemon
 
 HANDOFFD = [sys.executable, "-m", "handoffd"]
@@ -161,3 +166,34 @@ async def test_serve_check_validates_without_starting(tmp_path: Path) -> None:
     config.write_text(config.read_text().replace("tests.apps:pid_echo", "tests.apps:nothing"))
     no_app = await handoffd("serve", "--config", str(config), "--check")
     assert no_app.returncode == 1 and "no attribute" in _text(no_app)
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_a_refused_connection_is_reported_as_refused_not_timed_out(tmp_path: Path
+                                                                         ) -> None:
+    port = _closed_port()
+    result = await handoffd("connect", f"127.0.0.1:{port}", "--fingerprint", "SHA256:x")
+    assert result.returncode == 1
+    err = result.stderr.decode()  # type: ignore[attr-defined]
+    assert "minor 609" in err and "Could not connect to the server" in err
+    assert f"127.0.0.1:{port}: connection refused" in err
+    assert "timed out" not in err
+    # The library says the same: CONNECT_FAILED, the address, the reason.
+    with pytest.raises(GSSError) as caught:
+        await connect("127.0.0.1", port, server_fingerprint=None)
+    assert (caught.value.major, caught.value.minor) == (GSS_S_FAILURE, Minor.CONNECT_FAILED)
+    assert caught.value.detail == f"127.0.0.1:{port}: connection refused"
+
+
+async def test_an_unknown_mechanism_name_is_not_reported_as_a_token_oid() -> None:
+    with pytest.raises(GSSError) as caught:
+        await connect("127.0.0.1", _closed_port(), server_fingerprint=None, mech="spnego")
+    assert (caught.value.major, caught.value.minor) == (GSS_S_BAD_MECH, Minor.MECHANISM_UNKNOWN)
+    assert caught.value.detail == "unknown mechanism 'spnego' (known: noise, krb5)"

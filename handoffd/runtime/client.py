@@ -9,6 +9,7 @@ known_hosts.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,13 +99,18 @@ async def connect(
     ``static_key`` are then unused.
     """
     if mech not in ("noise", "krb5"):
-        raise GSSError(GSS_S_BAD_MECH, Minor.TOKEN_BAD_MECH_OID, f"unknown mechanism {mech!r}")
+        raise GSSError(GSS_S_BAD_MECH, Minor.MECHANISM_UNKNOWN,
+                       f"unknown mechanism {mech!r} (known: noise, krb5)")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         with trio.fail_after(timeout):
             transport = await trio.open_tcp_stream(host, port)
-    except (OSError, trio.TooSlowError) as error:
-        why = getattr(error, "strerror", None) or "timed out"
-        raise GSSError(GSS_S_FAILURE, Minor.CONNECT_FAILED, f"{host}:{port}: {why}") from None
+    except trio.TooSlowError:
+        raise GSSError(GSS_S_FAILURE, Minor.CONNECT_FAILED,
+                       f"{address}: timed out after {timeout:g}s") from None
+    except OSError as error:
+        raise GSSError(GSS_S_FAILURE, Minor.CONNECT_FAILED,
+                       f"{address}: {connect_error_text(error)}") from None
     try:
         with trio.fail_after(timeout):
             if mech == "krb5":
@@ -121,6 +127,34 @@ async def connect(
     except BaseException:
         await transport.aclose()
         raise
+
+
+def connect_error_text(error: OSError) -> str:
+    """Why a TCP connect failed, e.g. ``connection refused``.
+
+    ``trio.open_tcp_stream`` raises an errno-less OSError ("all attempts to connect
+    ... failed") caused by a group of one OSError per address tried: the reasons are
+    in that group.
+    """
+    reasons: list[str] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        elif isinstance(exc, OSError) and (exc.errno or exc.strerror):
+            # trio's strerror reads "error connecting to (...): Connection refused":
+            # the errno's own text, for an errno from the kernel (not getaddrinfo's EAI_*).
+            text = (os.strerror(exc.errno) if exc.errno and not isinstance(exc, socket.gaierror)
+                    else str(exc.strerror))
+            reason = text[:1].lower() + text[1:]
+            if reason not in reasons:
+                reasons.append(reason)
+
+    collect(error)
+    if not reasons and error.__cause__ is not None:
+        collect(error.__cause__)
+    return "; ".join(reasons) or str(error)
 
 
 class KnownServers:
