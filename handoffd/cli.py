@@ -1,8 +1,10 @@
 """The ``handoffd`` command line: one sub-command per job.
 
 Every failure is reported as a GSS status: the display texts of the major
-and minor status, one per line on stderr, and exit status 1.  Usage errors
-exit with 2 (argparse's convention).
+and minor status, one per line on stderr, and exit status 1.  A config or usage
+error (:data:`handoffd.minor.OPERATOR_ERRORS`) is one line instead,
+``handoffd: <path>: [section] key: why (CONFIG_INVALID, minor 600)``, also exit 1;
+errors argparse finds exit with 2 (its convention).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from handoffd import status
+from handoffd.minor import Minor
 from handoffd.status import GSSError
 
 if TYPE_CHECKING:
@@ -34,9 +37,8 @@ def _parse_code(text: str) -> int:
 
 def _cmd_display_status(args: argparse.Namespace) -> int:
     if args.major is None and args.minor is None:
-        raise GSSError(
-            status.GSS_S_CALL_INACCESSIBLE_READ, detail="give a major status, --minor N, or both"
-        )
+        raise GSSError(status.GSS_S_CALL_INACCESSIBLE_READ, Minor.USAGE_INVALID,
+                       "display-status: give a major status, --minor N, or both")
     if args.major is not None:
         for message in status.status_messages(args.major, status.GSS_C_GSS_CODE):
             print(message)
@@ -251,7 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report(error: GSSError) -> None:
-    """Print a GSS error the way the seed's display loop does: one message per line."""
+    """Print a GSS error the way the seed's display loop does: one message per line.
+
+    A config or usage error is the one line of :meth:`GSSError.operator_line` instead:
+    its major's generic text would only hide the detail that names what to fix.
+    """
+    line = error.operator_line()
+    if line is not None:
+        print(f"handoffd: {line}", file=sys.stderr)
+        return
     print(
         f"handoffd: error (major 0x{error.major:08x}, minor {error.minor}):",
         file=sys.stderr,

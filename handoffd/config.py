@@ -2,8 +2,10 @@
 
 A missing file, a TOML syntax error, an unknown key or a value of the wrong
 type is a :class:`GSSError` (``GSS_S_FAILURE`` with ``Minor.CONFIG_UNREADABLE``
-or ``Minor.CONFIG_INVALID``) whose detail names the key: a typo never passes
-silently.  Relative paths are resolved against the config file's directory.
+or ``Minor.CONFIG_INVALID``) whose detail names the file and the key,
+``<path>: [section] key: why`` (:func:`load_config`; :func:`parse_config` has no
+path and leaves it out): a typo never passes silently.  Relative paths are
+resolved against the config file's directory.
 
 The reference of every key lives in the README ("Configuration") and in
 ``examples/echo/handoffd.toml``.
@@ -289,15 +291,22 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
     _check_mechanisms(config)
     _check_identities(config)
     for address in config.server.listen:
-        parse_address(address)
+        _check_address("[server] listen", address)
     if config.control.metrics is not None:
-        parse_address(config.control.metrics)
+        _check_address("[control] metrics", config.control.metrics)
     server = config.server
     if server.source_prefix_v4 > 32 or server.source_prefix_v6 > 128:
         raise _invalid("[server] source_prefix_v4/v6", "at most 32 (IPv4) and 128 (IPv6)")
     if server.max_handshakes_per_source < 0:
         raise _invalid("[server] max_handshakes_per_source", "must not be negative")
     return config
+
+
+def _check_address(where: str, address: str) -> None:
+    try:
+        parse_address(address)
+    except GSSError as error:
+        raise _invalid(where, str(error.detail)) from None
 
 
 def _check_identities(config: Config) -> None:
@@ -438,7 +447,7 @@ def load_config(path: Path | str) -> Config:
         raw = path.read_bytes()
     except OSError as error:
         raise GSSError(GSS_S_FAILURE, Minor.CONFIG_UNREADABLE,
-                       f"{path}: {error.strerror}") from None
+                       f"{path}: cannot read it: {error.strerror}") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
@@ -446,7 +455,11 @@ def load_config(path: Path | str) -> Config:
     except RecursionError:
         raise GSSError(GSS_S_FAILURE, Minor.CONFIG_INVALID,
                        f"{path}: arrays or tables nested too deeply") from None
-    return parse_config(data, base=path.resolve().parent, path=path)
+    try:
+        return parse_config(data, base=path.resolve().parent, path=path)
+    except GSSError as error:
+        # "<path>: [section] key: why": the operator sees which file, as for syntax errors.
+        raise GSSError(error.major, error.minor, f"{path}: {error.detail}") from None
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -316,6 +316,20 @@ _TEXT: Final[dict[Minor, str]] = {
 }
 
 
+OPERATOR_ERRORS: Final[frozenset[Minor]] = frozenset({
+    Minor.CONFIG_INVALID,
+    Minor.CONFIG_UNREADABLE,
+    Minor.USAGE_INVALID,
+    Minor.SERVER_KEY_NOT_PINNED,
+    Minor.MECHANISM_UNKNOWN,
+    Minor.KEY_FILE_EXISTS,
+})
+"""Config and usage errors: the operator's own input is wrong and the detail says where
+(``<path>: [section] key: why``, the option to give).  The CLI prints them as that one
+line with the minor's name and number, not the major's generic text
+(:meth:`handoffd.status.GSSError.operator_line`)."""
+
+
 def text(code: int) -> str | None:
     """Display text of a minor code, or None if handoffd does not define it."""
     try:

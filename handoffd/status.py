@@ -348,6 +348,19 @@ class GSSError(Exception):
     def __str__(self) -> str:
         return "; ".join(self.messages())
 
+    def operator_line(self) -> str | None:
+        """One line for a config or usage error (minor in :data:`handoffd.minor.OPERATOR_ERRORS`):
+        ``<detail> (<MINOR_NAME>, minor <n>)``; None for any other error.
+
+        Their major is a generic one (``GSS_S_FAILURE``: "Unspecified GSS failure...")
+        that tells an operator nothing; the detail names the file, key or option.
+        ``str()`` is unchanged, so log lines keep listing every message.
+        """
+        if self.minor not in _minor.OPERATOR_ERRORS:
+            return None
+        why = self.detail or _minor.text(self.minor) or ""
+        return f"{why} ({_minor.name(self.minor)}, minor {self.minor})"
+
     def __repr__(self) -> str:
         return (
             f"GSSError(major=0x{self.major:08x} {status_name(self.major)}, "

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from handoffd import keyfiles
+from handoffd.config import load_config
 from handoffd.minor import Minor
 from handoffd.runtime.client import connect
 from handoffd.status import GSS_S_BAD_MECH, GSS_S_FAILURE, GSSError
@@ -190,6 +191,27 @@ async def test_a_refused_connection_is_reported_as_refused_not_timed_out(tmp_pat
         await connect("127.0.0.1", port, server_fingerprint=None)
     assert (caught.value.major, caught.value.minor) == (GSS_S_FAILURE, Minor.CONNECT_FAILED)
     assert caught.value.detail == f"127.0.0.1:{port}: connection refused"
+
+
+async def test_a_config_error_is_one_line_naming_file_section_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "handoffd.toml"
+    config.write_text('[workers]\nkeyring = "sometimes"\n')
+    result = await handoffd("serve", "--config", str(config), "--check")
+    assert result.returncode == 1
+    assert result.stderr.decode() == (  # type: ignore[attr-defined]
+        f"handoffd: {config}: [workers] keyring: expected one of auto, keyring, fallback "
+        "(CONFIG_INVALID, minor 600)\n")
+    missing = await handoffd("serve", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 1
+    assert missing.stderr.decode() == (  # type: ignore[attr-defined]
+        f"handoffd: {tmp_path / 'nope.toml'}: cannot read it: No such file or directory "
+        "(CONFIG_UNREADABLE, minor 601)\n")
+    # Logs keep the full status: str() of the error is unchanged.
+    with pytest.raises(GSSError) as caught:
+        load_config(config)
+    assert str(caught.value).startswith("Unspecified GSS failure")
+    assert str(caught.value).endswith(f"{config}: [workers] keyring: expected one of auto, "
+                                      "keyring, fallback")
 
 
 async def test_an_unknown_mechanism_name_is_not_reported_as_a_token_oid() -> None:

@@ -51,3 +51,9 @@ def test_display_status_rejects_garbage() -> None:
     assert result.returncode == 2
     assert "not a status code" in result.stderr
     assert run("display-status", "-5").returncode == 2
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["display-status"]) == 1
+    assert capsys.readouterr().err == ("handoffd: display-status: give a major status, "
+                                       "--minor N, or both (USAGE_INVALID, minor 623)\n")

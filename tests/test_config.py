@@ -86,6 +86,17 @@ def test_invalid_config_names_the_key(tmp_path: Path, text: str, needle: str) ->
     assert needle in str(info.value)
 
 
+def test_load_config_errors_name_the_file_then_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nlisten = ["nope"]\n')
+    with pytest.raises(GSSError) as info:
+        load_config(path)
+    assert info.value.detail == (f"{path}: [server] listen: 'nope': expected host:port or "
+                                 "[ipv6]:port")
+    with pytest.raises(GSSError) as info:
+        parse_config({"control": {"metrics": "x"}}, base=tmp_path)
+    assert info.value.detail == "[control] metrics: 'x': expected host:port or [ipv6]:port"
+
+
 def test_unreadable_config(tmp_path: Path) -> None:
     with pytest.raises(GSSError) as info:
         load_config(tmp_path / "missing.toml")

@@ -39,3 +39,20 @@ def test_codes_split_from_double_meanings_issue_19() -> None:
     assert (Minor.USAGE_INVALID, Minor.SERVER_KEY_NOT_PINNED) == (623, 624)
     assert "malformed" in (minor.text(Minor.PARKING_BAD_REFERENCE) or "")
     assert "payload" in (minor.text(Minor.CHANNEL_BAD_PAYLOAD) or "")
+
+
+def test_operator_errors_are_config_and_usage_codes() -> None:
+    expected = {Minor.CONFIG_INVALID, Minor.CONFIG_UNREADABLE, Minor.USAGE_INVALID,
+                Minor.SERVER_KEY_NOT_PINNED, Minor.MECHANISM_UNKNOWN, Minor.KEY_FILE_EXISTS}
+    assert expected == minor.OPERATOR_ERRORS
+
+
+def test_operator_line_of_config_errors_and_not_of_others() -> None:
+    from handoffd.status import GSS_S_DEFECTIVE_TOKEN, GSS_S_FAILURE, GSSError
+
+    error = GSSError(GSS_S_FAILURE, Minor.CONFIG_INVALID, "/etc/h.toml: [log] level: why")
+    assert error.operator_line() == "/etc/h.toml: [log] level: why (CONFIG_INVALID, minor 600)"
+    assert str(error).startswith("Unspecified GSS failure")  # logs: every message, as ever
+    assert GSSError(GSS_S_FAILURE, Minor.USAGE_INVALID).operator_line() == (
+        "The command or call was given invalid arguments (USAGE_INVALID, minor 623)")
+    assert GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.TOKEN_TRUNCATED, "x").operator_line() is None
