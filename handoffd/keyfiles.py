@@ -22,7 +22,13 @@ from typing import Final
 
 from handoffd.core.credentials import KEY_TYPE, AllowList, StaticKeyPair, parse_public_key_line
 from handoffd.minor import Minor
-from handoffd.status import GSS_S_DEFECTIVE_CREDENTIAL, GSS_S_FAILURE, GSS_S_NO_CRED, GSSError
+from handoffd.status import (
+    GSS_S_DEFECTIVE_CREDENTIAL,
+    GSS_S_DUPLICATE_ELEMENT,
+    GSS_S_FAILURE,
+    GSS_S_NO_CRED,
+    GSSError,
+)
 
 __all__ = [
     "PRIVATE_KEY_TYPE",
@@ -94,11 +100,16 @@ def public_key_line(public_key: bytes, comment: str = "") -> str:
 
 def save_private_key(path: str | os.PathLike[str], keypair: StaticKeyPair,
                      comment: str = "") -> None:
-    """Write ``path`` (mode 0600, must not exist) and ``path.pub`` (0644)."""
+    """Write ``path`` (mode 0600, must not exist: else ``KEY_FILE_EXISTS``) and
+    ``path.pub`` (0644)."""
     target = Path(path)
     body = f"{PRIVATE_KEY_TYPE} {base64.b64encode(keypair.private_bytes).decode('ascii')}\n"
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise GSSError(GSS_S_DUPLICATE_ELEMENT, Minor.KEY_FILE_EXISTS,
+                       f"{target} already exists; keygen never overwrites a key (remove it "
+                       "first or choose another --out)") from None
     except (OSError, ValueError) as error:
         raise GSSError(GSS_S_FAILURE, Minor.BAD_KEY_FILE,
                        f"cannot create {target}: {_why(error)}") from None

@@ -47,7 +47,11 @@ async def test_keygen_writes_a_private_key_only_we_can_read(tmp_path: Path) -> N
     assert keyfiles.load_public_key(tmp_path / "client.key.pub") == pair.public_bytes
     assert pair.fingerprint in _text(result)
     again = await handoffd("keygen", "--out", str(key))
-    assert again.returncode != 0 and "File exists" in _text(again), "never overwrite a key"
+    assert again.returncode == 1, "never overwrite a key"
+    # Issue 19: not "not in the handoffd key format ... File exists".
+    assert again.stderr.decode() == (  # type: ignore[attr-defined]
+        f"handoffd: {key} already exists; keygen never overwrites a key (remove it first or "
+        "choose another --out) (KEY_FILE_EXISTS, minor 122)\n")
     assert keyfiles.load_private_key(key) == pair
 
 

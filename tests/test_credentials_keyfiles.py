@@ -25,7 +25,13 @@ from handoffd.core.credentials import (
     parse_public_key_line,
 )
 from handoffd.minor import Minor
-from handoffd.status import GSS_S_DEFECTIVE_CREDENTIAL, GSS_S_FAILURE, GSS_S_NO_CRED, GSSError
+from handoffd.status import (
+    GSS_S_DEFECTIVE_CREDENTIAL,
+    GSS_S_DUPLICATE_ELEMENT,
+    GSS_S_FAILURE,
+    GSS_S_NO_CRED,
+    GSSError,
+)
 
 RFC7748_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
 RFC7748_PUBLIC = bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
@@ -199,7 +205,8 @@ def test_save_never_overwrites(tmp_path: Path) -> None:
     path.write_text("precious")
     with pytest.raises(GSSError) as error:
         keyfiles.save_private_key(path, StaticKeyPair(RFC7748_PRIVATE))
-    check(error, GSS_S_FAILURE, Minor.BAD_KEY_FILE)
+    check(error, GSS_S_DUPLICATE_ELEMENT, Minor.KEY_FILE_EXISTS)
+    assert f"{path} already exists; keygen never overwrites" in str(error.value.detail)
     assert path.read_text() == "precious"
     assert not (tmp_path / "server.key.pub").exists()
 

@@ -18,7 +18,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from handoffd import keyfiles
 from handoffd.core.credentials import StaticKeyPair
 from handoffd.minor import Minor
-from handoffd.status import GSS_S_DEFECTIVE_CREDENTIAL, GSS_S_FAILURE, GSS_S_NO_CRED, GSSError
+from handoffd.status import (
+    GSS_S_DEFECTIVE_CREDENTIAL,
+    GSS_S_DUPLICATE_ELEMENT,
+    GSS_S_FAILURE,
+    GSS_S_NO_CRED,
+    GSSError,
+)
 
 PRIVATE = bytes(range(32))
 PAIR = StaticKeyPair(PRIVATE)
@@ -64,9 +70,10 @@ def test_save_without_comment_and_public_key_line() -> None:
 
 def test_save_never_overwrites(tmp_path: Path) -> None:
     key = _write(tmp_path / "server.key", "keep me\n")
-    error = _refused(lambda: keyfiles.save_private_key(key, PAIR), GSS_S_FAILURE,
-                     Minor.BAD_KEY_FILE)
-    assert str(key) in (error.detail or "")
+    error = _refused(lambda: keyfiles.save_private_key(key, PAIR), GSS_S_DUPLICATE_ELEMENT,
+                     Minor.KEY_FILE_EXISTS)
+    assert error.detail == (f"{key} already exists; keygen never overwrites a key (remove it "
+                            "first or choose another --out)")
     assert key.read_text() == "keep me\n"
     assert not (tmp_path / "server.key.pub").exists()
 
