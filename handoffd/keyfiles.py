@@ -74,8 +74,16 @@ def _read_text(path: str | os.PathLike[str], what: str) -> tuple[str, os.stat_re
 
 
 def load_private_key(path: str | os.PathLike[str]) -> StaticKeyPair:
-    """Load a private key file; refuse one that group or others can access."""
+    """Load a private key file; refuse one that group or others can access.
+
+    A public key file (``noise-x25519 ...``, a ``.pub``) given in its place is
+    ``KEY_FILE_IS_PUBLIC``, whatever its mode: saying "chmod 600 it" would mislead.
+    """
     text, info = _read_text(path, "private key")
+    if text.split(maxsplit=1)[:1] == [KEY_TYPE]:
+        raise GSSError(GSS_S_DEFECTIVE_CREDENTIAL, Minor.KEY_FILE_IS_PUBLIC,
+                       f"{os.fspath(path)} is a public key ({KEY_TYPE}); give the private key "
+                       f"file{_private_hint(path)}")
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         raise GSSError(GSS_S_NO_CRED, Minor.KEY_FILE_PERMISSIONS,
@@ -90,6 +98,13 @@ def load_private_key(path: str | os.PathLike[str]) -> StaticKeyPair:
         raise GSSError(GSS_S_DEFECTIVE_CREDENTIAL, Minor.BAD_KEY_FILE,
                        f"{os.fspath(path)}: key is not base64") from None
     return StaticKeyPair(private)
+
+
+def _private_hint(path: str | os.PathLike[str]) -> str:
+    name = os.fspath(path)
+    if name.endswith(".pub") and os.path.exists(name[:-4]):
+        return f", probably {name[:-4]}"
+    return " (handoffd keygen --out FILE writes FILE and FILE.pub)"
 
 
 def public_key_line(public_key: bytes, comment: str = "") -> str:

@@ -197,6 +197,20 @@ async def test_a_refused_connection_is_reported_as_refused_not_timed_out(tmp_pat
     assert caught.value.detail == f"127.0.0.1:{port}: connection refused"
 
 
+async def test_a_public_key_given_as_the_private_key_is_named_as_such(tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    assert (await handoffd("keygen", "--out", str(key))).returncode == 0
+    pub = tmp_path / "client.key.pub"
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644
+    result = await handoffd("connect", f"127.0.0.1:{_closed_port()}", "--fingerprint",
+                            "SHA256:x", "--key", str(pub))
+    assert result.returncode == 1
+    err = result.stderr.decode()  # type: ignore[attr-defined]
+    assert f"{pub} is a public key (noise-x25519); give the private key file, probably {key}" \
+        in err
+    assert "minor 123" in err and "chmod" not in err
+
+
 async def test_a_config_error_is_one_line_naming_file_section_and_key(tmp_path: Path) -> None:
     config = tmp_path / "handoffd.toml"
     config.write_text('[workers]\nkeyring = "sometimes"\n')

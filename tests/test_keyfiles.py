@@ -88,6 +88,25 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path, mode: int) ->
     assert "chmod 600" in (error.detail or "")
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o600])
+def test_a_public_key_file_given_as_the_private_key_is_named_as_such(
+        tmp_path: Path, mode: int) -> None:
+    """Issue 19: a 0644 .pub used to be refused with "chmod 600 it", which would only
+    make a public key private; it is a public key file, whatever its mode."""
+    keyfiles.save_private_key(tmp_path / "server.key", PAIR)
+    pub = tmp_path / "server.key.pub"
+    pub.chmod(mode)
+    error = _refused(lambda: keyfiles.load_private_key(pub), GSS_S_DEFECTIVE_CREDENTIAL,
+                     Minor.KEY_FILE_IS_PUBLIC)
+    assert error.detail == (f"{pub} is a public key (noise-x25519); give the private key "
+                            f"file, probably {tmp_path / 'server.key'}")
+    assert "chmod" not in str(error)
+    alone = _write(tmp_path / "lonely.pub", keyfiles.public_key_line(PAIR.public_bytes), 0o644)
+    error = _refused(lambda: keyfiles.load_private_key(alone), GSS_S_DEFECTIVE_CREDENTIAL,
+                     Minor.KEY_FILE_IS_PUBLIC)
+    assert "handoffd keygen --out FILE writes FILE and FILE.pub" in (error.detail or "")
+
+
 @pytest.mark.parametrize("mode", [0o600, 0o400, 0o700])
 def test_owner_only_modes_are_accepted(tmp_path: Path, mode: int) -> None:
     key = _write(tmp_path / "k", f"handoffd-x25519-private {PRIVATE_B64}\n", mode)
