@@ -266,19 +266,21 @@ async def test_silent_and_half_open_clients_are_cut_off_at_the_handshake_deadlin
 
 async def test_a_flood_of_silent_connections_above_max_handshakes(tmp_path: Path) -> None:
     """Three times ``max_handshakes`` connections that never speak: the acceptor holds at
-    most ``max_handshakes`` of them (the rest wait in the kernel's listen backlog, costing
-    it no fd), cuts each off at the deadline, and a real client queued behind the flood is
-    served once the flood drains; fds come back to the baseline."""
+    most ``max_handshakes`` of them at once (each newcomer evicts the oldest silent one,
+    closed before anything else happens), cuts the last ones off at the deadline, and a
+    real client arriving behind the flood is served; fds come back to the baseline."""
     slots = 4
     daemon = await start_daemon(tmp_path, workers=1, extra=(
         f"[server]\nhandshake_timeout = 1.0\nmax_handshakes = {slots}\nbacklog = 128"))
+    flood: list[trio.SocketStream] = []
     try:
         await echo_session(daemon, messages=1)
         workers = await daemon.worker_pids()
         baseline = await steady_fds(daemon)
         before = await settled(daemon, baseline)
 
-        flood = [await trio.open_tcp_stream(daemon.host, daemon.port) for _ in range(3 * slots)]
+        for _ in range(3 * slots):
+            flood.append(await trio.open_tcp_stream(daemon.host, daemon.port))
         peak = 0
         served: list[int] = []
 
@@ -304,6 +306,8 @@ async def test_a_flood_of_silent_connections_above_max_handshakes(tmp_path: Path
         assert after["lost"] == 0
         assert await echo_session(daemon, messages=1) in workers
     finally:
+        for stream in flood:
+            await stream.aclose()
         assert await daemon.stop() == 0
 
 

@@ -226,7 +226,7 @@ class Daemon:
         server = config.server
         self.admission = Admission(server.max_handshakes, server.max_handshakes_per_source)
         self._slot_freed = trio.Event()
-        self._paces: dict[Slot, ConnectionPace] = {}
+        self._paces: dict[Slot, tuple[ConnectionPace, trio.SocketStream]] = {}
         self._turns = SourceTurns()
         self._waiting_for_worker = 0
         self._throttled = ThrottledLog(log)
@@ -811,7 +811,10 @@ class Daemon:
                                 "every handshake slot taken: evicted a stalled handshake "
                                 "from %s for a connection from %s (%s)", evicted.source,
                                 source, Minor.HANDSHAKE_EVICTED.name)
-            self._paces[evicted].evict()
+            victim, victim_stream = self._paces.pop(evicted)
+            victim.evict()
+            # Closed now, not when its task runs: the newcomer's fd must not come on top.
+            _abandon(victim_stream, GSSError(GSS_S_UNAVAILABLE, Minor.HANDSHAKE_EVICTED))
         if isinstance(slot, SourceFull):
             self.stats.refused_per_source += 1
             self._throttled.log(logging.WARNING, "per-source",
@@ -823,7 +826,7 @@ class Daemon:
         pace = ConnectionPace(self.admission, slot, self._turns,
                               first_token_timeout=server.first_token_timeout,
                               handshake_timeout=server.handshake_timeout)
-        self._paces[slot] = pace
+        self._paces[slot] = (pace, stream)
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_client, stream, pace)
 
@@ -857,9 +860,7 @@ class Daemon:
             self.stats.handshake_failures[status_name(error.major)] += 1
             self._throttled.log(logging.INFO, f"handshake:{error.minor}",
                                 "connection from %s closed: %s", peer, error)
-            if error.minor == Minor.HANDSHAKE_EVICTED:
-                _abandon(stream, error)  # now: its slot is already someone else's
-            elif error.minor != Minor.PEER_CLOSED:
+            if error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED):
                 await send_error(stream, error)
             await stream.aclose()
             return
