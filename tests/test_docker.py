@@ -198,7 +198,8 @@ def _run_entry_command(config: Path, *, env_switch: bool) -> subprocess.Complete
     """ENTRYPOINT + CMD from the Dockerfile, with the config path pointed at ``config``."""
     entrypoint = _exec_form(_dockerfile_instruction("ENTRYPOINT"))
     command = _exec_form(_dockerfile_instruction("CMD"))
-    assert entrypoint == ["handoffd-entrypoint"]
+    # tini is PID 1 (it reaps orphans and forwards docker stop's SIGTERM).
+    assert entrypoint == ["/usr/bin/tini", "--", "handoffd-entrypoint"]
     assert "/etc/handoffd/handoffd.toml" in command
     args = [str(config) if a == "/etc/handoffd/handoffd.toml" else a for a in command]
     env = {**os.environ, "HANDOFFD": str(HANDOFFD)}
