@@ -85,6 +85,7 @@ async def test_connect_copies_stdin_and_pins_the_server_key(tmp_path: Path) -> N
         # No pin and no --tofu: refused with a hint.
         unpinned = await _connect(daemon, home=tmp_path)
         assert unpinned.returncode != 0 and "--tofu" in _text(unpinned)
+        assert "does not match" not in _text(unpinned)
 
         # Trust on first use: remembered, then checked.
         known = tmp_path / "known_servers"
@@ -209,6 +210,21 @@ async def test_a_public_key_given_as_the_private_key_is_named_as_such(tmp_path: 
     assert f"{pub} is a public key (noise-x25519); give the private key file, probably {key}" \
         in err
     assert "minor 123" in err and "chmod" not in err
+
+
+async def test_connect_without_a_pin_says_how_to_give_one(tmp_path: Path) -> None:
+    known = tmp_path / "known_servers"
+    result = await handoffd("connect", f"127.0.0.1:{_closed_port()}", "--known-servers",
+                            str(known))
+    assert result.returncode == 1
+    lines = result.stderr.decode().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("handoffd: connect: no key pinned for 127.0.0.1:")
+    assert f"none for it in {known}" in lines[0]
+    for option in ("--server-key", "--fingerprint", "--tofu"):
+        assert option in lines[0]
+    assert lines[0].endswith("(SERVER_KEY_NOT_PINNED, minor 624)")
+    assert "does not match" not in lines[0]
 
 
 async def test_a_config_error_is_one_line_naming_file_section_and_key(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from handoffd.config import parse_address
 from handoffd.core.credentials import fingerprint
 from handoffd.minor import Minor
 from handoffd.runtime.client import KnownServers, connect, default_known_servers
-from handoffd.status import GSS_S_NO_CRED, GSSError
+from handoffd.status import GSS_S_CALL_INACCESSIBLE_READ, GSS_S_NO_CRED, GSSError
 
 
 def _pinned_fingerprint(args: argparse.Namespace, server: str) -> str | None:
@@ -21,16 +21,23 @@ def _pinned_fingerprint(args: argparse.Namespace, server: str) -> str | None:
         return fingerprint(keyfiles.load_public_key(args.server_key))
     if args.fingerprint:
         return str(args.fingerprint)
-    known = KnownServers(args.known_servers or default_known_servers()).lookup(server)
+    store = KnownServers(args.known_servers or default_known_servers())
+    known = store.lookup(server)
     if known is None and not args.tofu:
-        raise GSSError(GSS_S_NO_CRED, Minor.SERVER_KEY_MISMATCH,
-                       f"no key pinned for {server}: give --server-key, --fingerprint or --tofu")
+        raise GSSError(GSS_S_NO_CRED, Minor.SERVER_KEY_NOT_PINNED,
+                       f"connect: no key pinned for {server} (none given, none for it in "
+                       f"{store.path}): give --server-key FILE.pub, --fingerprint SHA256:..., "
+                       "or --tofu to remember the key the server shows first")
     return known
 
 
 async def run_connect(args: argparse.Namespace) -> int:
     """``handoffd connect``: pin or learn the server key, then copy stdin/stdout."""
-    host, port = parse_address(args.server)
+    try:
+        host, port = parse_address(args.server)
+    except GSSError as error:
+        raise GSSError(GSS_S_CALL_INACCESSIBLE_READ, Minor.USAGE_INVALID,
+                       f"connect: {error.detail}") from None
     server = f"{host}:{port}"
     mech = getattr(args, "mech", "noise")
     if mech == "krb5":
