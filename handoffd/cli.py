@@ -240,12 +240,25 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
 ]
 
 
+def version() -> str:
+    """The installed distribution's version; ``handoffd.__version__`` when not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("handoffd")
+    except metadata.PackageNotFoundError:
+        import handoffd
+
+        return str(getattr(handoffd, "__version__", "unknown"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``handoffd`` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(
         prog="handoffd",
         description="Context-handoff daemon for pre-forked servers.",
     )
+    parser.add_argument("--version", action="version", version=f"handoffd {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _REGISTRARS:
         register(sub)

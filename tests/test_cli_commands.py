@@ -248,6 +248,15 @@ async def test_a_config_error_is_one_line_naming_file_section_and_key(tmp_path: 
                                       "keyring, fallback")
 
 
+async def test_version_prints_the_version_and_exits_0() -> None:
+    from importlib import metadata
+
+    result = await handoffd("--version")
+    assert result.returncode == 0, _text(result)
+    assert result.stdout.decode() == (  # type: ignore[attr-defined]
+        f"handoffd {metadata.version('handoffd')}\n")
+
+
 async def test_an_unknown_mechanism_name_is_not_reported_as_a_token_oid() -> None:
     with pytest.raises(GSSError) as caught:
         await connect("127.0.0.1", _closed_port(), server_fingerprint=None, mech="spnego")

@@ -53,6 +53,30 @@ def test_display_status_rejects_garbage() -> None:
     assert run("display-status", "-5").returncode == 2
 
 
+def test_version_falls_back_to_the_package_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib import metadata
+
+    import handoffd
+    from handoffd import cli
+
+    def not_installed(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    assert cli.version() == handoffd.__version__
+    monkeypatch.delattr(handoffd, "__version__")
+    assert cli.version() == "unknown"
+
+
+def test_version_option_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    from handoffd import cli
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"handoffd {cli.version()}\n"
+
+
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["display-status"]) == 1
     assert capsys.readouterr().err == ("handoffd: display-status: give a major status, "
