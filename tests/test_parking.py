@@ -507,3 +507,23 @@ def test_quota_soak_as_an_unprivileged_user(other_user: User) -> None:
     assert result["settled"], result
     assert result["back_to_start"], result
     print(f"soak: {SOAK_CYCLES} cycles in {result['seconds']:.2f} s", result)
+
+
+def test_the_fallback_warning_says_why_fallback_was_chosen(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 19: the external workers' parking warned "forced by configuration" though
+    the config said ``auto``; fallback asked for by the caller names who may have asked,
+    and a caller that gives its reason is quoted."""
+    from handoffd.kernel.parking import EXTERNAL_WORKERS_REASON
+
+    with caplog.at_level("WARNING", logger="handoffd.keyring"):
+        AcceptorParking.open(slots_per_worker=1, mode="fallback").close()
+        AcceptorParking.open(slots_per_worker=1, mode="fallback",
+                             reason=EXTERNAL_WORKERS_REASON).close()
+    requested, external = (r.getMessage() for r in caplog.records)
+    for message in (requested, external):
+        assert "forced by configuration" not in message
+        assert "PARKING_FALLBACK_MODE" in message
+    assert 'requested: [workers] keyring = "fallback", or the parking for external' in requested
+    assert "external workers ([workers] register_socket) cannot inherit a keyring" in external
+    assert "whatever [workers] keyring says" in external

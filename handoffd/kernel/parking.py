@@ -73,9 +73,11 @@ __all__ = [
     "ENV_MODE",
     "ENV_SLOTS",
     "ENV_WORKER",
+    "EXTERNAL_WORKERS_REASON",
     "FALLBACK",
     "FALLBACK_WEAKNESSES",
     "KEY_SIZE",
+    "REQUESTED_REASON",
     "AcceptorParking",
     "WorkerGrant",
     "WorkerParking",
@@ -116,6 +118,16 @@ _REF_FALLBACK: Final = b"F"
 _ZERO_KEY: Final = bytes(KEY_SIZE)
 _PERMISSIONS: Final = keyring.KEY_POS_ALL  # possessor only: no user/group/other bits
 _HKDF_INFO: Final = b"handoffd parking v1"
+
+
+REQUESTED_REASON: Final = ('mode "fallback" requested: [workers] keyring = "fallback", or the '
+                           "parking for external workers, which is always fallback")
+"""The fallback WARNING's reason when the caller of :meth:`AcceptorParking.open` gave none."""
+
+EXTERNAL_WORKERS_REASON: Final = ("external workers ([workers] register_socket) cannot inherit "
+                                  "a keyring, so their keys are always derived in fallback "
+                                  "mode, whatever [workers] keyring says")
+"""The reason to pass for the parking of external workers."""
 
 
 def _bad_ref() -> GSSError:
@@ -222,7 +234,7 @@ class AcceptorParking:
     @classmethod
     def open(cls, *, slots_per_worker: int, mode: str = "auto",
              random: Callable[[int], bytes] = os.urandom,
-             join_session: bool = True) -> AcceptorParking:
+             join_session: bool = True, reason: str | None = None) -> AcceptorParking:
         """Choose the mode (``auto``, ``keyring`` or ``fallback``) and set up.
 
         ``auto`` uses the keyring when :func:`keyring.probe` finds it available and
@@ -230,6 +242,12 @@ class AcceptorParking:
         exhausted quota is an error in every mode.  ``keyring`` fails rather than
         fall back.  In keyring mode the calling thread joins a fresh session keyring,
         unless ``join_session`` is False (the supervisor joined one for it).
+
+        ``reason`` says, in the fallback WARNING, why the caller asked for
+        ``fallback`` (e.g. :data:`EXTERNAL_WORKERS_REASON`); without it the warning
+        says only that fallback was requested, which is true whoever asked: the
+        config's ``[workers] keyring`` or the parking for external workers, which is
+        fallback whatever the config says.
         """
         if not 1 <= slots_per_worker <= MAX_SLOTS:
             raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.KEYRING_BAD_ARGUMENT,
@@ -238,7 +256,7 @@ class AcceptorParking:
             raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.KEYRING_BAD_ARGUMENT,
                            f"unknown key parking mode {mode!r}")
         if mode == FALLBACK:
-            _warn_fallback("acceptor", "forced by configuration")
+            _warn_fallback("acceptor", reason or REQUESTED_REASON)
             return cls(FALLBACK, slots_per_worker, random, 0, 0)
         status = keyring.probe()
         if status is keyring.KeyringStatus.QUOTA:
