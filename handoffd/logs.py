@@ -2,6 +2,12 @@
 
 Log lines carry GSS statuses as text, peers and ids — never key material: the
 only bytes that reach a log are names, fingerprints and status texts.
+
+A JSON line has ``ts``, ``level``, ``role``, ``pid``, ``logger`` and ``msg``, plus
+``exc`` for a traceback.  A record logged with ``extra={"peer": ..., "major": ...,
+"minor": ..., "minor_name": ...}`` (any of them; :func:`status_fields` builds them
+from a :class:`GSSError`) also gets those as top-level keys, so a log pipeline can
+filter on a peer or a status without parsing ``msg``.  Text lines ignore them.
 """
 
 from __future__ import annotations
@@ -13,6 +19,34 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from handoffd.status import GSSError
+
+STRUCTURED_FIELDS: Final = ("peer", "major", "minor", "minor_name")
+"""``extra=`` keys the JSON format emits as top-level keys when a record has them."""
+
+
+def status_fields(error: GSSError, peer: object = None) -> dict[str, object]:
+    """``extra=`` for a log call about ``error``: its major, minor, minor name (and peer)."""
+    from handoffd import minor
+
+    fields: dict[str, object] = {"major": error.major, "minor": error.minor,
+                                 "minor_name": minor.name(error.minor)}
+    if peer is not None:
+        fields["peer"] = str(peer)
+    return fields
+
+
+def _json_value(value: object) -> object:
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return int(value)  # a Minor (IntEnum): its number
+    if isinstance(value, float):
+        return float(value)
+    return str(value)  # an address tuple, a Path: never fail a log line over a type
 
 
 class _JsonFormatter(logging.Formatter):
@@ -29,6 +63,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for key in STRUCTURED_FIELDS:
+            if key in record.__dict__:
+                entry[key] = _json_value(record.__dict__[key])
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, separators=(",", ":"))
