@@ -18,7 +18,9 @@ redelivered.  ``max_unacked`` bounds handoffs in flight per worker (and is its n
 of key slots).
 
 Signals: TERM/INT drain and stop, HUP rolls the workers, TTIN/TTOU grow and
-shrink the pool.
+shrink the pool, USR2 (from the supervisor, once a new acceptor generation is ready on
+the same sockets) drains and stops like TERM but also stops answering the control,
+metrics and registration sockets at once, which now belong to the new generation.
 """
 
 from __future__ import annotations
@@ -238,6 +240,8 @@ class Daemon:
         self._fatal: GSSError | None = None
         self._nursery: trio.Nursery | None = None
         self._roll_generation = 0
+        self._operations = trio.CancelScope()
+        """Control, metrics and registrations: cancelled when a new generation takes over."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -267,7 +271,8 @@ class Daemon:
                         Minor.PRIVSEP_SAME_UID.name)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                           signal.SIGTTIN, signal.SIGTTOU) as signals:
+                                           signal.SIGTTIN, signal.SIGTTOU,
+                                           signal.SIGUSR2) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._serve_spawner)
@@ -331,6 +336,16 @@ class Daemon:
             async for signum in signals:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     log.info("received %s: draining", signal.Signals(signum).name)
+                    stop.set()
+                    return
+                if signum == signal.SIGUSR2:
+                    if not self.spawner.separated:
+                        log.warning("SIGUSR2 ignored: the zero-downtime restart needs serve "
+                                    "started as root (the supervisor)")
+                        continue
+                    log.info("received SIGUSR2: a new acceptor generation took over the "
+                             "sockets; handing over and draining")
+                    self._operations.cancel()
                     stop.set()
                     return
                 if signum == signal.SIGHUP:
@@ -992,19 +1007,27 @@ class Daemon:
     # ------------------------------------------------------------------ operations
 
     async def _start_operations(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self._serve_operations)
+        if self.notifier is not None and self._watchdog_period:
+            nursery.start_soon(self._watchdog, self._watchdog_period)
+
+    async def _serve_operations(self, *,
+                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                                ) -> None:
         from handoffd.runtime import control
 
         assert self.bound is not None
-        if self.bound.register is not None:
-            await nursery.start(self._serve_registrations, self.bound.register)
-        if self.bound.control is not None:
-            await nursery.start(control.serve_control, self, self.bound.control,
-                                self.control_stats)
-        if self.bound.metrics is not None:
-            await nursery.start(control.serve_metrics, self, self.bound.metrics,
-                                self.metrics_stats)
-        if self.notifier is not None and self._watchdog_period:
-            nursery.start_soon(self._watchdog, self._watchdog_period)
+        with self._operations:
+            async with trio.open_nursery() as nursery:
+                if self.bound.register is not None:
+                    await nursery.start(self._serve_registrations, self.bound.register)
+                if self.bound.control is not None:
+                    await nursery.start(control.serve_control, self, self.bound.control,
+                                        self.control_stats)
+                if self.bound.metrics is not None:
+                    await nursery.start(control.serve_metrics, self, self.bound.metrics,
+                                        self.metrics_stats)
+                task_status.started()
 
     async def _watchdog(self, period: float) -> None:
         assert self.notifier is not None
