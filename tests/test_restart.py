@@ -1,0 +1,337 @@
+"""The zero-downtime restart (SIGUSR2 to the supervisor), against a real ``handoffd serve``
+run as shipped (supervisor, acceptor and workers under uids of their own): clients in a
+loop through a reload and a restart all succeed, the acceptor is replaced while the
+supervisor stays, restart-only settings apply, a session opened before the restart keeps
+working and ends normally, and a new generation that fails leaves the old one serving."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from handoffd.runtime.client import connect
+from handoffd.runtime.control import query_control
+from handoffd.runtime.stream import SecureStream
+from handoffd.status import GSSError
+from tests.daemon_harness import (
+    REPO,
+    RunningDaemon,
+    _fingerprint,
+    echo_back,
+    echo_session,
+    owner_of,
+    read_line,
+    separated_uids,
+    start_daemon,
+    write_config,
+)
+from tests.systemd_activation import SOCKET_ACTIVATE, socket_activated
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="needs root: SIGUSR2 is the supervisor's")
+
+
+async def _wait_log(log: Path, text: str, count: int = 1) -> None:
+    with trio.fail_after(30):
+        while log.read_text().count(text) < count:
+            await trio.sleep(0.05)
+
+
+async def _control_pid(control: Path) -> int:
+    """The pid answering the control socket (a query cut off by a handover is retried)."""
+    while True:
+        try:
+            pid: int = (await query_control(control))["pid"]
+            return pid
+        except GSSError:
+            await trio.sleep(0.05)
+
+
+async def _acceptor_pid(daemon: RunningDaemon) -> int:
+    return await _control_pid(daemon.control)
+
+
+class Clients:
+    """Four clients, each running ``echo_session`` in a loop, counting what fails."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+        self.served = 0
+        self.failures: list[str] = []
+
+    async def _loop(self, stop: trio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await echo_session(self.daemon, messages=2)
+                self.served += 1
+            except (GSSError, OSError, trio.BrokenResourceError, AssertionError,
+                    EOFError) as error:
+                self.failures.append(repr(error))
+
+    async def more(self, count: int) -> None:
+        target = self.served + count
+        while self.served < target:
+            await trio.sleep(0.02)
+
+
+@asynccontextmanager
+async def clients_looping(daemon: Any) -> AsyncIterator[Clients]:
+    clients = Clients(daemon)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(clients._loop, stop)
+        await clients.more(10)
+        yield clients
+        stop.set()
+
+
+def _parent(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+async def test_clients_loop_through_a_reload_and_a_restart_without_a_failure(
+        tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=2, log=log)
+    config = tmp_path / "handoffd.toml"
+    supervisor = daemon.process.pid
+    try:
+        old_acceptor = daemon.pid
+        with trio.fail_after(120):
+            async with clients_looping(daemon) as clients:
+                # (a) SIGHUP: the workers roll.
+                old_workers = set(await daemon.worker_pids())
+                os.kill(supervisor, signal.SIGHUP)
+                await _wait_log(log, "reloaded")
+                while not set(await daemon.worker_pids()) - old_workers:
+                    await trio.sleep(0.05)
+                await clients.more(20)
+
+                # An idle session, open across the restart.
+                idle = await daemon.connect()
+                idle_worker = int(await read_line(idle))
+
+                # (b) SIGUSR2 with a restart-only setting changed: a new worker uid range.
+                _, (first, last) = separated_uids()
+                config.write_text(re.sub(r"uid_range = \[\d+, \d+\]",
+                                         f"uid_range = [{first}, {last}]", config.read_text()))
+                os.kill(supervisor, signal.SIGUSR2)
+                await _wait_log(log, "restarted: acceptor pid")
+                while await _acceptor_pid(daemon) == old_acceptor:
+                    await trio.sleep(0.05)
+                await clients.more(30)
+            assert clients.failures == [], f"{len(clients.failures)} clients failed"
+
+        new_acceptor = await _acceptor_pid(daemon)
+        assert daemon.process.returncode is None
+        assert _parent(new_acceptor) == supervisor  # same supervisor, new acceptor
+        status = await daemon.status()
+        assert owner_of(new_acceptor)[0] == status["privilege_separation"]["acceptor_uid"] != 0
+        new_workers = [w["pid"] for w in status["workers"] if w["state"] == "ready"]
+        assert idle_worker not in new_workers
+        assert all(first <= owner_of(pid)[0] <= last for pid in new_workers)
+
+        # The idle session still echoes through its old worker, then ends normally; its
+        # acceptor, which waited for it, is gone after it.
+        async with idle:
+            assert await echo_back(idle, b"still here") == b"still here"
+        with trio.fail_after(30):
+            while os.path.exists(f"/proc/{old_acceptor}"):
+                await trio.sleep(0.05)
+        text = log.read_text()
+        assert f"acceptor[{old_acceptor}] received SIGUSR2" in text
+        assert f"acceptor[{old_acceptor}] stopped" in text
+        assert "did not drain in time" not in text
+        assert "ACCEPTOR_DIED" not in text
+        assert await echo_session(daemon, messages=1) in new_workers
+    finally:
+        assert await daemon.stop() == 0
+
+
+BROKEN = {
+    "config": (lambda text: text.replace("count = 2", "count = 'many'"),
+               "restart failed, the running generation keeps serving: "),
+    "key": (lambda text: text.replace('key = "server.key"', 'key = "missing.key"'),
+            "exited with status 1 before it was ready; the running generation keeps serving"),
+    "never ready": (lambda text: text.replace(
+        'app = "tests.apps:pid_echo"',
+        'app = "tests.never_ready_app:handler"\ndrain_timeout = 2'),
+        "was not ready within 2s ([workers] drain_timeout); the running generation"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+async def test_a_failed_restart_leaves_the_old_generation_serving(
+        tmp_path: Path, broken: str) -> None:
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=2, log=log)
+    config = tmp_path / "handoffd.toml"
+    good = config.read_text()
+    breaking, logged = BROKEN[broken]
+    try:
+        acceptor = daemon.pid
+        workers = set(await daemon.worker_pids())
+        with trio.fail_after(120):
+            async with clients_looping(daemon) as clients:
+                config.write_text(breaking(good))
+                os.kill(daemon.process.pid, signal.SIGUSR2)
+                await _wait_log(log, logged)
+                await clients.more(10)
+            assert clients.failures == [], f"{len(clients.failures)} clients failed"
+        assert await _acceptor_pid(daemon) == acceptor
+        assert set(await daemon.worker_pids()) == workers
+        # The failed generation is gone, and the next restart works.
+        config.write_text(good)
+        os.kill(daemon.process.pid, signal.SIGUSR2)
+        await _wait_log(log, "restarted: acceptor pid")
+        with trio.fail_after(30):
+            while await _acceptor_pid(daemon) == acceptor:
+                await trio.sleep(0.05)
+        await echo_session(daemon, messages=1)
+    finally:
+        assert await daemon.stop() == 0
+
+
+@dataclass
+class Endpoint:
+    """What :func:`echo_session` needs of a daemon the harness did not start."""
+
+    host: str
+    port: int
+    fingerprint: str
+
+    async def connect(self) -> SecureStream:
+        return await connect(self.host, self.port, server_fingerprint=self.fingerprint)
+
+
+@pytest.mark.skipif(SOCKET_ACTIVATE is None,
+                    reason="systemd-socket-activate missing: make deps-debian")
+def test_under_socket_activation_a_restart_is_reloading_then_ready_from_the_main_pid(
+        tmp_path: Path) -> None:
+    config = write_config(tmp_path, workers=2)
+    control = tmp_path / "control.sock"
+    argv = [sys.executable, "-m", "handoffd", "serve", "--config", str(config)]
+    with socket_activated(argv, env={"PYTHONPATH": str(REPO)}) as service:
+        service.wait_for("READY", "1")
+        main = service.process.pid
+        endpoint = Endpoint(*service.address, _fingerprint(tmp_path / "server.key.pub"))
+
+        async def restart() -> tuple[int, int]:
+            with trio.fail_after(120):
+                return await restart_under_clients()
+
+        async def restart_under_clients() -> tuple[int, int]:
+            before = await _control_pid(control)
+            idle = await endpoint.connect()
+            await read_line(idle)
+            async with clients_looping(endpoint) as clients:
+                os.kill(main, signal.SIGUSR2)
+                for key in ("RELOADING", "READY"):
+                    notified = await trio.to_thread.run_sync(
+                        lambda key=key: service.wait_for(key, "1", timeout=30))
+                    assert notified.pid == main, f"{key}=1 from the main pid"
+                await clients.more(20)
+            assert clients.failures == [], f"{len(clients.failures)} clients failed"
+            async with idle:
+                assert await echo_back(idle, b"across") == b"across"
+            while (after := await _control_pid(control)) == before:
+                await trio.sleep(0.05)  # the old acceptor may answer until it hands over
+            return before, after
+
+        before, after = trio.run(restart)
+        assert after != before and service.process.poll() is None
+        assert not any("STOPPING" in n.fields for n in service.received)
+        assert service.stop() == 0
+
+
+# Socket activation by hand: the listening socket at fd 3 with LISTEN_* for this very pid,
+# then exec (the pid stays, as systemd's activation needs).
+_ACTIVATED = """\
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="handoffd")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def _start_activated(listener: Any, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "-c", _ACTIVATED, str(listener.fileno()), "-m", "handoffd",
+             "serve", "--config", str(config)], pass_fds=(listener.fileno(),), cwd=REPO,
+            stdin=subprocess.DEVNULL, stderr=output)
+
+
+async def _until_ready(control: Path, workers: int, process: subprocess.Popen[bytes]) -> None:
+    while True:
+        assert process.poll() is None, "serve exited"
+        try:
+            status = await query_control(control)
+            if len([w for w in status["workers"] if w["state"] == "ready"]) >= workers:
+                return
+        except GSSError:
+            pass
+        await trio.sleep(0.05)
+
+
+async def _record(served: list[int], endpoint: Endpoint) -> None:
+    served.append(await echo_session(endpoint, messages=1))  # type: ignore[arg-type]
+
+
+async def test_a_stop_and_start_on_a_kept_socket_serves_what_queued_meanwhile(
+        tmp_path: Path) -> None:
+    """``systemctl restart`` under socket activation: systemd keeps the socket, the old
+    instance stops accepting at SIGTERM and drains, the new one takes the backlog.  With
+    short sessions no client fails (with a long one the stop waits for it, up to
+    ``[workers] drain_timeout``: that case is the SIGUSR2 restart's)."""
+    import socket
+
+    config = write_config(tmp_path, workers=2)
+    control, log = tmp_path / "control.sock", tmp_path / "daemon.log"
+    with socket.create_server(("127.0.0.1", 0), backlog=1024) as listener:
+        endpoint = Endpoint("127.0.0.1", listener.getsockname()[1],
+                            _fingerprint(tmp_path / "server.key.pub"))
+        first = _start_activated(listener, config, log)
+        second: subprocess.Popen[bytes] | None = None
+        try:
+            with trio.fail_after(120):
+                await _until_ready(control, 2, first)
+                async with clients_looping(endpoint) as clients:
+                    first.send_signal(signal.SIGTERM)
+                    while first.poll() is None:
+                        await trio.sleep(0.02)
+                    served_by_first = clients.served
+                    # No process accepts now: this connection can only wait in the backlog.
+                    async with trio.open_nursery() as nursery:
+                        queued: list[int] = []
+                        nursery.start_soon(lambda: _record(queued, endpoint))
+                        await trio.sleep(0.5)
+                        assert not queued
+                        second = _start_activated(listener, config, log)
+                        await _until_ready(control, 2, second)
+                    assert queued, "the connection queued between the instances was served"
+                    await clients.more(20)
+            assert first.returncode == 0
+            assert clients.failures == [], f"{len(clients.failures)} clients failed"
+            assert clients.served > served_by_first
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+                    process.wait(30)
