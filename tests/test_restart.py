@@ -254,6 +254,16 @@ def test_under_socket_activation_a_restart_is_reloading_then_ready_from_the_main
         before, after = trio.run(restart)
         assert after != before and service.process.poll() is None
         assert not any("STOPPING" in n.fields for n in service.received)
+
+        # A new generation that fails (no key): RELOADING=1, then READY=1 again, the same
+        # acceptor serving.
+        config.write_text(config.read_text().replace('key = "server.key"',
+                                                     'key = "missing.key"'))
+        os.kill(main, signal.SIGUSR2)
+        for key in ("RELOADING", "READY"):
+            assert service.wait_for(key, "1", timeout=30).pid == main
+        assert trio.run(_control_pid, control) == after
+        trio.run(echo_session, endpoint, 1)
         assert service.stop() == 0
 
 
