@@ -2,7 +2,11 @@
 run as shipped (supervisor, acceptor and workers under uids of their own): clients in a
 loop through a reload and a restart all succeed, the acceptor is replaced while the
 supervisor stays, restart-only settings apply, a session opened before the restart keeps
-working and ends normally, and a new generation that fails leaves the old one serving."""
+working and ends normally, a handshake in progress at the handover is served by the old
+generation, and a new generation that fails leaves the old one serving; under
+``systemd-socket-activate`` the main pid sends RELOADING=1 then READY=1.  Also: a stop
+and start on a socket the manager keeps (``systemctl restart`` under socket activation)
+serves what queued between the two, and an unprivileged ``serve`` ignores SIGUSR2."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,9 +25,12 @@ from typing import Any
 import pytest
 import trio
 
+from handoffd.core.context import InitiatorContext
+from handoffd.core.framing import FrameDecoder, FrameType, encode_frame, wrap_first_token
 from handoffd.runtime.client import connect
 from handoffd.runtime.control import query_control
 from handoffd.runtime.stream import SecureStream
+from handoffd.runtime.wire import read_frame
 from handoffd.status import GSSError
 from tests.daemon_harness import (
     REPO,
@@ -38,7 +46,7 @@ from tests.daemon_harness import (
 )
 from tests.systemd_activation import SOCKET_ACTIVATE, socket_activated
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
+supervised = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: SIGUSR2 is the supervisor's")
 
 
@@ -102,6 +110,7 @@ def _parent(pid: int) -> int:
     return int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
 
 
+@supervised
 async def test_clients_loop_through_a_reload_and_a_restart_without_a_failure(
         tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
@@ -161,6 +170,38 @@ async def test_clients_loop_through_a_reload_and_a_restart_without_a_failure(
         assert await daemon.stop() == 0
 
 
+@supervised
+async def test_a_handshake_in_progress_at_the_handover_goes_to_the_old_generation(
+        tmp_path: Path) -> None:
+    """The old acceptor, told to hand over, stops accepting but finishes the handshakes
+    it holds and hands each to one of its own workers."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=2, log=log)
+    try:
+        old_acceptor, old_workers = daemon.pid, set(await daemon.worker_pids())
+        with trio.fail_after(60):
+            transport = await trio.open_tcp_stream(daemon.host, daemon.port)
+            context = InitiatorContext(static_key=None, server_fingerprint=daemon.fingerprint,
+                                       clock=time.time, random=os.urandom)
+            decoder = FrameDecoder()
+            _, first = context.step(None)
+            await transport.send_all(encode_frame(FrameType.HANDSHAKE, wrap_first_token(first)))
+            second = await read_frame(transport, decoder)  # the old acceptor answered
+            os.kill(daemon.process.pid, signal.SIGUSR2)
+            await _wait_log(log, f"acceptor[{old_acceptor}] received SIGUSR2")
+            _, third = context.step(second.body)
+            await transport.send_all(encode_frame(FrameType.HANDSHAKE, third))
+            stream = SecureStream(transport, context, decoder=decoder)
+            served_by = int(await read_line(stream))
+            assert served_by in old_workers
+            assert await echo_back(stream, b"handed over") == b"handed over"
+            while await _acceptor_pid(daemon) == old_acceptor:
+                await trio.sleep(0.05)
+        assert await echo_session(daemon, messages=1) not in old_workers
+    finally:
+        assert await daemon.stop() == 0
+
+
 BROKEN = {
     "config": (lambda text: text.replace("count = 2", "count = 'many'"),
                "restart failed, the running generation keeps serving: "),
@@ -173,6 +214,7 @@ BROKEN = {
 }
 
 
+@supervised
 @pytest.mark.parametrize("broken", BROKEN)
 async def test_a_failed_restart_leaves_the_old_generation_serving(
         tmp_path: Path, broken: str) -> None:
@@ -217,6 +259,7 @@ class Endpoint:
         return await connect(self.host, self.port, server_fingerprint=self.fingerprint)
 
 
+@supervised
 @pytest.mark.skipif(SOCKET_ACTIVATE is None,
                     reason="systemd-socket-activate missing: make deps-debian")
 def test_under_socket_activation_a_restart_is_reloading_then_ready_from_the_main_pid(
@@ -345,3 +388,27 @@ async def test_a_stop_and_start_on_a_kept_socket_serves_what_queued_meanwhile(
                 if process is not None and process.poll() is None:
                     process.send_signal(signal.SIGTERM)
                     process.wait(30)
+
+
+@pytest.mark.root
+async def test_an_unprivileged_serve_ignores_sigusr2_with_a_reason(
+        worker_user: tuple[str, int, int], open_dir: Path) -> None:
+    """Without the supervisor there is no second generation to start: ``serve`` run as
+    an ordinary user logs why and keeps serving (SIGUSR2's default would kill it)."""
+    from tests.daemon_harness import SITE_PACKAGES, SYSTEM_PYTHON
+
+    _, uid, gid = worker_user
+    log = open_dir / "daemon.log"
+    daemon = await start_daemon(open_dir, workers=1, log=log, python=SYSTEM_PYTHON,
+                                env={"PYTHONPATH": f"{SITE_PACKAGES}:{REPO}"},
+                                user=(uid, gid))
+    try:
+        acceptor = daemon.pid
+        os.kill(daemon.process.pid, signal.SIGUSR2)
+        await _wait_log(log, "SIGUSR2 ignored: the zero-downtime restart needs serve "
+                             "started as root")
+        assert daemon.process.returncode is None
+        assert await _acceptor_pid(daemon) == acceptor
+        await echo_session(daemon, messages=1)
+    finally:
+        assert await daemon.stop() == 0

@@ -534,12 +534,14 @@ class Supervisor:
             failure = await self._until_ready(incoming, config.workers.drain_timeout)
         finally:
             self._incoming = None
-        if failure is not None or self._stopping:
+        if self._stopping:  # SIGTERM meanwhile reached every generation, this one too
+            log.info("restart abandoned: stopping")
+            return
+        if failure is not None:
             incoming.child.send_signal(signal.SIGTERM)
-            if failure is not None:
-                log.error("restart failed: the new acceptor (pid %d) %s; the running "
-                          "generation keeps serving", incoming.child.pid, failure)
-                self._notify("READY=1", "STATUS=restart failed: the running generation serves")
+            log.error("restart failed: the new acceptor (pid %d) %s; the running "
+                      "generation keeps serving", incoming.child.pid, failure)
+            self._notify("READY=1", "STATUS=restart failed: the running generation serves")
             return
         old, self._acceptor = self._acceptor, incoming
         self.config, self.plan, self._argv, self._pool = config, plan, argv, pool
