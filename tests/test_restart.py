@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,7 +46,13 @@ from tests.daemon_harness import (
     start_daemon,
     write_config,
 )
-from tests.systemd_activation import SOCKET_ACTIVATE, socket_activated
+from tests.systemd_activation import (
+    SETPRIV,
+    SOCKET_ACTIVATE,
+    as_the_unit_runs,
+    socket_activated,
+    unit_settings,
+)
 
 supervised = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="needs root: SIGUSR2 is the supervisor's")
@@ -58,12 +66,13 @@ async def _wait_log(log: Path, text: str, count: int = 1) -> None:
 
 async def _control_pid(control: Path) -> int:
     """The pid answering the control socket (a query cut off by a handover is retried)."""
-    while True:
-        try:
-            pid: int = (await query_control(control))["pid"]
-            return pid
-        except GSSError:
-            await trio.sleep(0.05)
+    with trio.fail_after(30):
+        while True:
+            try:
+                pid: int = (await query_control(control))["pid"]
+                return pid
+            except GSSError:
+                await trio.sleep(0.05)
 
 
 async def _acceptor_pid(daemon: RunningDaemon) -> int:
@@ -353,8 +362,6 @@ async def test_a_stop_and_start_on_a_kept_socket_serves_what_queued_meanwhile(
     instance stops accepting at SIGTERM and drains, the new one takes the backlog.  With
     short sessions no client fails (with a long one the stop waits for it, up to
     ``[workers] drain_timeout``: that case is the SIGUSR2 restart's)."""
-    import socket
-
     config = write_config(tmp_path, workers=2)
     control, log = tmp_path / "control.sock", tmp_path / "daemon.log"
     with socket.create_server(("127.0.0.1", 0), backlog=1024) as listener:
@@ -412,3 +419,50 @@ async def test_an_unprivileged_serve_ignores_sigusr2_with_a_reason(
         await echo_session(daemon, messages=1)
     finally:
         assert await daemon.stop() == 0
+
+
+@supervised
+@pytest.mark.skipif(SOCKET_ACTIVATE is None or SETPRIV is None,
+                    reason="systemd-socket-activate and setpriv (util-linux) needed")
+def test_the_shipped_unit_allows_the_restart(tmp_path: Path) -> None:
+    """handoffd.service's ExecStart= as written, with the unit's capabilities, hidden
+    /proc and umask, and the shipped config: what ``systemctl kill --signal=USR2
+    --kill-whom=main`` sends (SIGUSR2 to the main pid) replaces the acceptor and its
+    workers, still separated, and the service stops cleanly after."""
+    from tests.test_systemd_daemon import (
+        SHIPPED_CONFIG,
+        UNITS,
+        _check_separation,
+        _plain_echo,
+        _shipped_config,
+    )
+
+    service = unit_settings(UNITS / "handoffd.service")
+    directory = tmp_path / "etc-handoffd"
+    directory.mkdir()
+    config, acceptor_uid, (first, last) = _shipped_config(directory)
+    control = directory / "control.sock"
+    argv = [str(Path(sys.executable).with_name("handoffd")),
+            *[str(config) if a == SHIPPED_CONFIG else a
+              for a in shlex.split(service["ExecStart"][0])[1:]]]
+    endpoint_key = _fingerprint(directory / "server.key.pub")
+    with socket_activated(as_the_unit_runs(argv, service),
+                          env={"PYTHONPATH": str(REPO)}) as run:
+        run.wait_for("READY", "1")
+        main = run.process.pid
+        before = trio.run(query_control, control)
+        os.kill(main, signal.SIGUSR2)
+        assert run.wait_for("RELOADING", "1", timeout=30).pid == main
+        assert run.wait_for("READY", "1", timeout=30).pid == main
+        while trio.run(_control_pid, control) == before["pid"]:
+            time.sleep(0.05)  # the old acceptor may answer until it hands over
+        after = trio.run(query_control, control)
+        _check_separation(main, after)
+        assert owner_of(after["pid"])[0] == acceptor_uid
+        assert all(first <= w["uid"] <= last for w in after["workers"])
+        later = socket.create_connection(run.address, timeout=30)
+        assert trio.run(_plain_echo, later, endpoint_key, b"restarted") == b"restarted"
+        assert run.stop() == 0, run.output()
+    leftovers = [pid for pid in os.listdir("/proc") if pid.isdigit()
+                 and first <= os.stat(f"/proc/{pid}").st_uid <= last]
+    assert leftovers == []
