@@ -165,6 +165,17 @@ class Minor(IntEnum):
     KRB5_NOT_ESTABLISHED = 1102
     KRB5_PRINCIPAL_NOT_ALLOWED = 1103
 
+    # TLS 1.3 mechanism: the record layer a worker continues (handoffd.core.tls_record)
+    TLS_SUITE_UNSUPPORTED = 1200
+    TLS_STATE_INVALID = 1201
+    TLS_BAD_RECORD_MAC = 1202
+    TLS_RECORD_OVERFLOW = 1203
+    TLS_UNEXPECTED_MESSAGE = 1204
+    TLS_DECODE_ERROR = 1205
+    TLS_ILLEGAL_PARAMETER = 1206
+    TLS_ALERT_RECEIVED = 1207
+    TLS_SESSION_CLOSED = 1208
+
 
 _TEXT: Final[dict[Minor, str]] = {
     Minor.NONE: "No further information",
@@ -313,6 +324,18 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.KRB5_NOT_ESTABLISHED: "The Kerberos context is not established",
     Minor.KRB5_PRINCIPAL_NOT_ALLOWED: "The client's Kerberos principal is not in "
     "[krb5] allowed_principals",
+    Minor.TLS_SUITE_UNSUPPORTED: "The TLS cipher suite is not one of TLS 1.3's AEAD suites "
+    "handoffd continues (AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305)",
+    Minor.TLS_STATE_INVALID: "The exported TLS session state is malformed",
+    Minor.TLS_BAD_RECORD_MAC: "A TLS record failed authentication (bad_record_mac)",
+    Minor.TLS_RECORD_OVERFLOW: "A TLS record exceeds the size limit (record_overflow)",
+    Minor.TLS_UNEXPECTED_MESSAGE: "A TLS record or message arrived that the session cannot "
+    "accept now (unexpected_message)",
+    Minor.TLS_DECODE_ERROR: "A TLS message is malformed (decode_error)",
+    Minor.TLS_ILLEGAL_PARAMETER: "A TLS message field has a value the protocol forbids "
+    "(illegal_parameter)",
+    Minor.TLS_ALERT_RECEIVED: "The TLS peer ended the session with a fatal alert",
+    Minor.TLS_SESSION_CLOSED: "The TLS session was already closed by this side",
 }
 
 
