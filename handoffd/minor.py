@@ -175,6 +175,10 @@ class Minor(IntEnum):
     TLS_ILLEGAL_PARAMETER = 1206
     TLS_ALERT_RECEIVED = 1207
     TLS_SESSION_CLOSED = 1208
+    TLS_HANDSHAKE_FAILED = 1209
+    TLS_CLIENT_NOT_ALLOWED = 1210
+    TLS_NOT_TLS = 1211
+    TLS_CERTIFICATE_INVALID = 1212
 
 
 _TEXT: Final[dict[Minor, str]] = {
@@ -336,6 +340,11 @@ _TEXT: Final[dict[Minor, str]] = {
     "(illegal_parameter)",
     Minor.TLS_ALERT_RECEIVED: "The TLS peer ended the session with a fatal alert",
     Minor.TLS_SESSION_CLOSED: "The TLS session was already closed by this side",
+    Minor.TLS_HANDSHAKE_FAILED: "The TLS handshake failed (OpenSSL's reason follows; a "
+    "TLS 1.2-only client gets protocol_version)",
+    Minor.TLS_CLIENT_NOT_ALLOWED: "The client certificate is not on [tls] allowed_clients",
+    Minor.TLS_NOT_TLS: "The first bytes on a TLS port are not a TLS handshake record",
+    Minor.TLS_CERTIFICATE_INVALID: "The TLS certificate, key or CA bundle cannot be loaded",
 }
 
 

@@ -92,6 +92,7 @@ class AlertDescription(IntEnum):
     certificate_expired = 45
     certificate_unknown = 46
     illegal_parameter = 47
+    access_denied = 49
     unknown_ca = 48
     decode_error = 50
     decrypt_error = 51
