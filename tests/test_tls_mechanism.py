@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from handoffd.core.tls_export import TlsExport
@@ -336,3 +337,22 @@ async def test_openssl_s_client_key_updates_both_ways(server: Start, pki: Pki) -
     seen = await trio.to_thread.run_sync(s_client_session, port, pki["ca"], lines)
     assert b"after\n" in seen
     assert served.errors == []
+
+
+async def test_a_requested_key_update_is_sent_at_once_not_with_the_next_data() -> None:
+    from handoffd.core.tls_keys import SUITES
+    from handoffd.core.tls_record import ApplicationData, KeyUpdated, TlsRecordSession
+
+    suite = SUITES[0x1303]
+    c_secret, s_secret = bytes(32), bytes(range(32))
+    client = TlsRecordSession(suite, read_secret=s_secret, write_secret=c_secret, role="client")
+    server_end, client_end = trio.testing.memory_stream_pair()
+    stream = TlsStream(
+        server_end, TlsRecordSession(suite, read_secret=c_secret, write_secret=s_secret)
+    )
+    await client_end.send_all(client.key_update(request_peer=True) + client.send(b"x"))
+    assert await stream.receive_some() == b"x"  # the app reads and sends nothing
+    with trio.fail_after(5):
+        assert client.receive_data(await client_end.receive_some()) == [KeyUpdated(False)]
+    await stream.send_all(b"y")
+    assert client.receive_data(await client_end.receive_some()) == [ApplicationData(b"y")]
