@@ -7,7 +7,7 @@ back every byte it receives until the client closes.
 
 from __future__ import annotations
 
-from handoffd.runtime.stream import SecureStream
+from handoffd.worker import SecureStream
 
 
 async def handler(stream: SecureStream) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from handoffd.runtime.client import connect
+from handoffd.client import connect
 from handoffd.runtime.control import query_control
 from handoffd.status import GSSError
 
