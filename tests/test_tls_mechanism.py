@@ -356,3 +356,46 @@ async def test_a_requested_key_update_is_sent_at_once_not_with_the_next_data() -
         assert client.receive_data(await client_end.receive_some()) == [KeyUpdated(False)]
     await stream.send_all(b"y")
     assert client.receive_data(await client_end.receive_some()) == [ApplicationData(b"y")]
+
+
+def test_the_tls_section_of_the_configuration(tmp_path: Path, pki: Pki) -> None:
+    from handoffd.config import load_config
+    from handoffd.mech.tls import TlsAcceptorFactory as Factory
+
+    path = tmp_path / "handoffd.toml"
+    path.write_text(
+        "[tls]\n"
+        'listen = ["127.0.0.1:8443"]\n'
+        f'certificate = "{pki["server_cert"]}"\n'
+        f'key = "{pki["server_key"]}"\n'
+        'alpn = ["h2", "http/1.1"]\n'
+        f'sni = ["Other.Example {pki["other_cert"]} {pki["other_key"]}"]\n'
+        f'client_ca = "{pki["ca"]}"\n'
+        'allowed_clients = ["spki:AB12"]\n'
+        'peer_name = "spki"\n'
+    )
+    config = load_config(path)
+    assert config.tls.sni == (("other.example", pki["other_cert"], pki["other_key"]),)
+    factory = Factory.from_config(config)
+    assert factory.settings.alpn == ("h2", "http/1.1") and factory.settings.peer_name == "spki"
+    for bad, why in (
+        ('[tls]\nlisten = ["127.0.0.1:8443"]\n', "need a certificate"),
+        ('[tls]\nsni = ["only-a-name"]\n', "<server name> <certificate> <key>"),
+        ('[tls]\nallowed_clients = ["cn:alice"]\n', "expected subject:"),
+        ("[tls]\nrequire_client_certificate = true\n", "CA bundle"),
+        ('[tls]\npeer_name = "cn"\n', "expected one of subject, san, spki"),
+    ):
+        path.write_text(bad)
+        with pytest.raises(GSSError) as err:
+            load_config(path)
+        assert err.value.minor == Minor.CONFIG_INVALID and why in str(err.value)
+
+
+def test_a_certificate_that_does_not_load_is_named(tmp_path: Path, pki: Pki) -> None:
+    (tmp_path / "broken.pem").write_text("not a certificate")
+    with pytest.raises(GSSError) as err:
+        TlsAcceptorFactory(TlsSettings(certificate=tmp_path / "broken.pem", key=pki["server_key"]))
+    assert err.value.minor == Minor.TLS_CERTIFICATE_INVALID and "broken.pem" in str(err.value)
+    with pytest.raises(GSSError) as err:  # a key that is not the certificate's
+        TlsAcceptorFactory(TlsSettings(certificate=pki["server_cert"], key=pki["other_key"]))
+    assert err.value.minor == Minor.TLS_CERTIFICATE_INVALID

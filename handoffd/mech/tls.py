@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -40,6 +40,9 @@ from handoffd.status import (
     GSS_S_UNAUTHORIZED,
     GSSError,
 )
+
+if TYPE_CHECKING:
+    from handoffd.config import Config
 
 __all__ = ["TLS", "TlsAcceptorFactory", "TlsServerHandshake", "TlsSettings", "certificate_identity"]
 
@@ -130,6 +133,21 @@ class TlsAcceptorFactory:
     """The acceptor's TLS contexts: one per certificate (the default and each SNI name)."""
 
     info = TLS
+
+    @classmethod
+    def from_config(cls, config: Config) -> TlsAcceptorFactory:
+        """The factory for ``[tls]`` (whose certificate and key ``parse_config`` required)."""
+        tls = config.tls
+        assert tls.certificate is not None and tls.key is not None
+        return cls(
+            TlsSettings(
+                certificate=tls.certificate, key=tls.key, alpn=tls.alpn,
+                sni={name: (cert, key) for name, cert, key in tls.sni},
+                client_ca=tls.client_ca, require_client_certificate=tls.require_client_certificate,
+                allowed_clients=tls.allowed_clients, peer_name=tls.peer_name,
+                context_lifetime=config.server.context_lifetime,
+            )
+        )  # fmt: skip
 
     def __init__(self, settings: TlsSettings) -> None:
         self.settings = settings
