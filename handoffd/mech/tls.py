@@ -16,7 +16,6 @@ the worker continues with :class:`handoffd.core.tls_record.TlsRecordSession`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Mapping
@@ -24,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 
 from handoffd.core.tls_export import TlsExport
+from handoffd.core.tls_identity import allowed, certificate_identity, peer_name
 from handoffd.core.tls_keys import SUITES, suite_by_code
 from handoffd.core.tls_record import HEADER, MAX_CIPHERTEXT, AlertDescription, TlsRecordSession
-from handoffd.mech import MechanismInfo
+from handoffd.mech import TLS
 from handoffd.minor import Minor
 from handoffd.status import (
     GSS_S_DEFECTIVE_TOKEN,
@@ -44,13 +42,8 @@ from handoffd.status import (
 if TYPE_CHECKING:
     from handoffd.config import Config
 
-__all__ = ["TLS", "TlsAcceptorFactory", "TlsServerHandshake", "TlsSettings", "certificate_identity"]
+__all__ = ["TLS", "TlsAcceptorFactory", "TlsServerHandshake", "TlsSettings"]
 
-# Never on the wire (TLS listeners speak TLS from the first byte); the OID names the
-# mechanism in handoffd's registry and the seal id in sealed handoff tokens.
-TLS: Final = MechanismInfo(
-    "tls", "2.25.69207048195977104655848167048146508387", 3, max_handshake_frame=MAX_CIPHERTEXT
-)
 
 _RECORD_HANDSHAKE: Final = 22
 _RECORD_ALERT: Final = 21
@@ -75,58 +68,6 @@ class TlsSettings:
     context_lifetime: float = 3600.0
     # The client's whole handshake flight (a certificate chain included) is bounded.
     max_handshake_bytes: int = 256 * 1024
-
-
-def certificate_identity(cert: x509.Certificate) -> dict[str, object]:
-    """The identity of a client certificate as a worker sees it (``stream.info["peer"]``)."""
-    try:
-        san_ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        sans = [_general_name(n) for n in san_ext]
-    except x509.ExtensionNotFound:
-        sans = []
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return {
-        "subject": cert.subject.rfc4514_string(),
-        "issuer": cert.issuer.rfc4514_string(),
-        "san": sans,
-        "spki_sha256": hashlib.sha256(spki).hexdigest(),
-        "not_after": int(cert.not_valid_after_utc.timestamp()),
-    }
-
-
-def _general_name(name: x509.GeneralName) -> str:
-    kinds = {x509.DNSName: "DNS", x509.RFC822Name: "email", x509.UniformResourceIdentifier: "URI"}
-    if isinstance(name, x509.IPAddress):
-        return f"IP:{name.value}"
-    for kind, label in kinds.items():
-        if isinstance(name, kind):
-            return f"{label}:{name.value}"
-    return f"other:{name.value!r}"
-
-
-def _allowed(identity: Mapping[str, Any], allowed: tuple[str, ...]) -> bool:
-    for entry in allowed:
-        kind, _, value = entry.partition(":")
-        if kind == "subject" and identity["subject"] == value:
-            return True
-        if kind == "san" and value in identity["san"]:
-            return True
-        if kind == "spki" and identity["spki_sha256"] == value.lower():
-            return True
-    return False
-
-
-def peer_name(identity: Mapping[str, Any], how: str) -> str:
-    """The name a worker sees for a client certificate (``[tls] peer_name``)."""
-    if not identity:
-        return "anonymous"
-    if how == "spki":
-        return f"spki:{identity['spki_sha256']}"
-    if how == "san" and identity["san"]:
-        return str(identity["san"][0])
-    return str(identity["subject"])
 
 
 class TlsAcceptorFactory:
@@ -287,8 +228,8 @@ class TlsServerHandshake:
         return bytes(out)
 
     def _authorize(self, unsent: bytes) -> None:
-        allowed = self._factory.settings.allowed_clients
-        if not allowed or _allowed(self.peer_identity, allowed):
+        allow_list = self._factory.settings.allowed_clients
+        if not allow_list or allowed(self.peer_identity, allow_list):
             return
         self.refused_client = True
         name = self.peer_name
@@ -379,6 +320,8 @@ class TlsServerHandshake:
                 GSS_S_FAILURE, Minor.TLS_STATE_INVALID, "OpenSSL logged no traffic secret"
             ) from None
         identity = self.peer_identity
+        if identity:
+            identity["name"] = peer_name(identity, self._factory.settings.peer_name)
         expiry = time.time() + self._factory.settings.context_lifetime
         if identity:
             expiry = min(expiry, float(identity["not_after"]))  # type: ignore[arg-type]

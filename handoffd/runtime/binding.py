@@ -27,8 +27,12 @@ from handoffd.minor import Minor
 from handoffd.status import GSS_S_FAILURE, GSSError
 
 ENV_BOUND = "HANDOFFD_BOUND"
-"""``role=fd,...`` (roles ``listen``, ``control``, ``metrics``, ``register``), set by the
-supervisor for the acceptor."""
+"""``role=fd,...`` (roles ``listen``, ``tls``, ``control``, ``metrics``, ``register``), set
+by the supervisor for the acceptor."""
+
+TLS_FD_NAME_SUFFIX = "tls"
+"""A socket systemd passes with a ``FileDescriptorName=`` ending in this is a ``[tls]``
+listener (``handoffd-tls``); every other passed socket serves Noise/krb5."""
 
 
 def _bind_error(what: str, error: OSError) -> GSSError:
@@ -45,6 +49,7 @@ class BoundSockets:
     """The daemon's listening sockets; ``paths`` are Unix socket files to remove at exit."""
 
     listeners: list[socket.socket] = field(default_factory=list)
+    tls_listeners: list[socket.socket] = field(default_factory=list)
     control: socket.socket | None = None
     metrics: socket.socket | None = None
     register: socket.socket | None = None
@@ -53,6 +58,7 @@ class BoundSockets:
 
     def roles(self) -> list[tuple[str, socket.socket]]:
         found = [("listen", s) for s in self.listeners]
+        found += [("tls", s) for s in self.tls_listeners]
         for role, sock in (("control", self.control), ("metrics", self.metrics),
                            ("register", self.register)):
             if sock is not None:
@@ -78,6 +84,8 @@ class BoundSockets:
             sock.set_inheritable(False)
             if role == "listen":
                 bound.listeners.append(sock)
+            elif role == "tls":
+                bound.tls_listeners.append(sock)
             elif role in ("control", "metrics", "register"):
                 setattr(bound, role, sock)
             else:
@@ -162,10 +170,15 @@ def bind_all(config: Config, *, register_group: int | None = None) -> BoundSocke
             for entry in activated:
                 sock = socket.socket(fileno=entry.fd)
                 sock.setblocking(False)
-                bound.listeners.append(sock)
+                if entry.name.endswith(TLS_FD_NAME_SUFFIX):
+                    bound.tls_listeners.append(sock)
+                else:
+                    bound.listeners.append(sock)
         else:
             for address in config.server.listen:
                 bound.listeners.append(bind_tcp(address, config.server.backlog))
+            for address in config.tls.listen:
+                bound.tls_listeners.append(bind_tcp(address, config.server.backlog))
         if config.control.socket is not None:
             bound.control = bind_unix(config.control.socket, socket.SOCK_STREAM, mode=0o600)
             bound.paths.append(config.control.socket)

@@ -59,13 +59,15 @@ from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
 from handoffd.kernel.peer import PeerPolicy
 from handoffd.kernel.systemd import Notifier, watchdog_interval
 from handoffd.logs import ThrottledLog
-from handoffd.mech import NOISE, acceptor_factories
+from handoffd.mech import NOISE, TLS, acceptor_factories
+from handoffd.mech.tls import TlsAcceptorFactory
 from handoffd.minor import Minor
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
 from handoffd.runtime.control import EndpointStats
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
 from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
 from handoffd.runtime.supervisor import ProcessPlan
+from handoffd.runtime.tls_stream import accept_tls_handshake
 from handoffd.runtime.wire import accept_any_handshake, send_error
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_name
 
@@ -212,9 +214,13 @@ class Daemon:
         self.restarts: Counter[int] = Counter()
         self.listeners: list[trio.SocketListener] = []
         self.addresses: list[tuple[str, int]] = []
+        self.tls_addresses: list[tuple[str, int]] = []
         # The enabled mechanisms by the DER OID a client's first token names: Noise loads
         # [server] key and allowed_clients, krb5 acquires its keytab's credentials.
         self.mechanisms = acceptor_factories(config, clock=clock)
+        # [tls] listeners: OpenSSL loads the certificate and key (the acceptor's to read).
+        self.tls = TlsAcceptorFactory.from_config(config) if config.tls.listen else None
+        self.tls_listeners: list[trio.SocketListener] = []
         self.parking: AcceptorParking | None = None
         self.notifier = notifier if notifier is not None else Notifier.from_environ()
         if watchdog_period is None and notifier is None:
@@ -283,16 +289,21 @@ class Daemon:
                     for listener, bound in zip(self.listeners, self.bound.listeners,
                                                strict=True):
                         nursery.start_soon(self._accept_loop, listener, bound)
+                    for listener, bound in zip(self.tls_listeners, self.bound.tls_listeners,
+                                               strict=True):
+                        nursery.start_soon(self._accept_loop, listener, bound, True)
                     await self._start_operations(nursery)
                     self._notify("READY=1", f"STATUS={self._status_line()}")
                     log.info("ready: %d workers, listening on %s", len(self.workers),
-                             ", ".join(show_address(h, p) for h, p in self.addresses))
+                             ", ".join([*(show_address(h, p) for h, p in self.addresses),
+                                        *(f"{show_address(h, p)} (TLS)"
+                                          for h, p in self.tls_addresses)]))
                     task_status.started(self)
                     await self._handle_signals(signals)
                     await self._shutdown()
                     nursery.cancel_scope.cancel()
         finally:
-            for listener in self.listeners:
+            for listener in (*self.listeners, *self.tls_listeners):
                 await listener.aclose()
             self.bound.close(unlink=not self.spawner.separated)
             for parking in (self.parking, self._external_parking):
@@ -477,7 +488,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         self._stopping = True
         self._notify("STOPPING=1", "STATUS=draining")
-        for listener in self.listeners:
+        for listener in (*self.listeners, *self.tls_listeners):
             await listener.aclose()
         # Connections already handshaking get their chance to reach a worker.
         with trio.move_on_after(self.config.server.handshake_timeout):
@@ -703,6 +714,7 @@ class Daemon:
                 new = load_config(self.config.path)
                 config, changed, need_restart = merge_reloaded(self.config, new)
                 mechanisms = acceptor_factories(config, clock=self.clock)
+                tls = TlsAcceptorFactory.from_config(config) if config.tls.listen else None
             except GSSError as error:
                 log.error("reload failed, nothing changed: %s", error)
                 return
@@ -713,6 +725,7 @@ class Daemon:
                      ", ".join(changed) if changed else "no setting changed")
             self.config = config
             self.mechanisms = mechanisms
+            self.tls = tls
             self.admission.capacity = config.server.max_handshakes
             self.admission.per_source = config.server.max_handshakes_per_source
             self.spawner.reconfigure(config)
@@ -761,6 +774,12 @@ class Daemon:
         for sock in self.bound.listeners:
             self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
             self.addresses.append(sock.getsockname()[:2])
+        if self.bound.tls_listeners and self.tls is None:
+            raise GSSError(GSS_S_FAILURE, Minor.CONFIG_INVALID,
+                           "[tls] listen: sockets for TLS were passed, but [tls] is not configured")
+        for sock in self.bound.tls_listeners:
+            self.tls_listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            self.tls_addresses.append(sock.getsockname()[:2])
         if self.bound.activated:
             log.info("using %d socket(s) from systemd activation", len(self.listeners))
 
@@ -778,7 +797,8 @@ class Daemon:
                             else "waiting for capacity")
         await trio.sleep(0 if shed else 0.1)
 
-    async def _accept_loop(self, listener: trio.SocketListener, bound: socket.socket) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, bound: socket.socket,
+                           tls: bool = False) -> None:
         assert self._nursery is not None
         while True:
             while self.admission.full:
@@ -796,9 +816,9 @@ class Daemon:
             except trio.ClosedResourceError:
                 return  # listener closed: we are draining
             self.stats.accepted += 1
-            self._admit(stream)
+            self._admit(stream, tls)
 
-    def _admit(self, stream: trio.SocketStream) -> None:
+    def _admit(self, stream: trio.SocketStream, tls: bool = False) -> None:
         """Give the connection a slot (evicting the most stalled handshake if all are
         taken), or close it at once if its source holds its share."""
         server = self.config.server
@@ -828,7 +848,7 @@ class Daemon:
                               handshake_timeout=server.handshake_timeout)
         self._paces[slot] = (pace, stream)
         assert self._nursery is not None
-        self._nursery.start_soon(self._serve_client, stream, pace)
+        self._nursery.start_soon(self._serve_client, stream, pace, tls)
 
     def _free_slot(self, slot: Slot) -> None:
         self.admission.release(slot)
@@ -836,31 +856,38 @@ class Daemon:
         self._slot_freed.set()
         self._slot_freed = trio.Event()
 
-    async def _serve_client(self, stream: trio.SocketStream, pace: ConnectionPace) -> None:
+    async def _serve_client(self, stream: trio.SocketStream, pace: ConnectionPace,
+                            tls: bool = False) -> None:
         """Handshake, then hand off; holds its slot until a worker has it."""
         peer = _peer_text(stream)
         slot = pace.slot
         try:
             try:
-                decoder = FrameDecoder()
                 with pace.scope:
-                    mechanism, context = await accept_any_handshake(
-                        stream, self.mechanisms, decoder, pace=pace)
+                    if tls:
+                        mech, inner, peer_name = await self._tls_handshake(stream, pace)
+                    else:
+                        decoder = FrameDecoder()
+                        mechanism, context = await accept_any_handshake(
+                            stream, self.mechanisms, decoder, pace=pace)
+                        mech, peer_name = mechanism.info.seal_id, context.peer_name
+                        inner = context.export(unread=decoder.unread())
                 if pace.scope.cancelled_caught:
                     raise self._handshake_cut_short(slot)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED) from None
             done = time.perf_counter()
             self.stats.handshakes_ok += 1
-            inner = context.export(unread=decoder.unread())
             pending = Pending(next(self._handoff_ids), stream, inner, done,
-                              f"{peer} ({context.peer_name})", mech=mechanism.info.seal_id)
+                              f"{peer} ({peer_name})", mech=mech)
         except GSSError as error:
             self._free_slot(slot)
             self.stats.handshake_failures[status_name(error.major)] += 1
             self._throttled.log(logging.INFO, f"handshake:{error.minor}",
                                 "connection from %s closed: %s", peer, error)
-            if error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED):
+            # A TLS client is told in TLS (OpenSSL's alert, sent by the handshake driver),
+            # never with a handoffd ERROR frame it could not parse.
+            if error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED) and not tls:
                 await send_error(stream, error)
             await stream.aclose()
             return
@@ -869,6 +896,15 @@ class Daemon:
             await self._dispatch(pending)
         finally:
             self._free_slot(slot)
+
+    async def _tls_handshake(self, stream: trio.SocketStream,
+                             pace: ConnectionPace) -> tuple[int, bytes, str]:
+        """OpenSSL's TLS 1.3 handshake; the sealed export's mechanism, bytes and peer."""
+        assert self.tls is not None
+        handshake = self.tls.new_handshake()
+        await accept_tls_handshake(stream, handshake, pace=pace)
+        export = handshake.export()
+        return TLS.seal_id, export.encode(), str(export.peer.get("name", "anonymous"))
 
     def _handshake_cut_short(self, slot: Slot) -> GSSError:
         server = self.config.server
@@ -1032,6 +1068,7 @@ class Daemon:
             "key_parking": self.parking.mode if self.parking else None,
             "privilege_separation": self.privsep,
             "listen": [show_address(h, p) for h, p in self.addresses],
+            "tls_listen": [show_address(h, p) for h, p in self.tls_addresses],
             "workers": [
                 {
                     "index": w.index,

@@ -438,7 +438,7 @@ class Supervisor:
                 # Kept until now for a restarted acceptor; once the acceptor closes its
                 # copies too, new connections are refused instead of queued.
                 assert self.bound is not None
-                for listener in self.bound.listeners:
+                for listener in (*self.bound.listeners, *self.bound.tls_listeners):
                     listener.close()
                 if acceptor is not None:
                     acceptor.child.send_signal(signal.SIGTERM)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,10 +27,12 @@ from handoffd.core.tls_record import (
     TlsAlert,
     TlsRecordSession,
 )
-from handoffd.mech.tls import TlsServerHandshake
 from handoffd.minor import Minor
 from handoffd.runtime.wire import ACCEPT_READ_SIZE, HandshakePace, _Unpaced
 from handoffd.status import GSS_S_CONTEXT_EXPIRED, GSS_S_FAILURE, GSSError
+
+if TYPE_CHECKING:
+    from handoffd.mech.tls import TlsServerHandshake
 
 _READ_SIZE = 64 * 1024
 
@@ -46,13 +49,12 @@ async def accept_tls_handshake(
                 raise GSSError(
                     GSS_S_FAILURE, Minor.PEER_CLOSED, "connection closed during the TLS handshake"
                 )
-            first = not handshake.first_record_arrived
+            records_before = handshake.records_seen
             async with pace.turn():
                 out = handshake.receive_data(bytes(data))
-            if first and handshake.first_record_arrived:
-                pace.token_arrived(first=True)
-            elif handshake.first_record_arrived:
-                pace.token_arrived(first=False)
+            if handshake.records_seen > records_before:
+                # progress is a whole record, never a dribble of bytes (eviction order)
+                pace.token_arrived(first=records_before == 0)
             if out:
                 await stream.send_all(out)
     except GSSError:

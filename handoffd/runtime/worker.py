@@ -39,13 +39,15 @@ import trio
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import FD_KINDS, Ack, Handoff, Hello, Kind, Refused, Registered
 from handoffd.core.seal import open_sealed
+from handoffd.core.tls_export import TlsExport
 from handoffd.kernel.channel import Channel, Received, tcp_stream_socket
 from handoffd.kernel.parking import ENV_FD, WorkerParking
 from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
-from handoffd.mech import import_session, sealed_mechanism
+from handoffd.mech import TLS, import_session, sealed_mechanism
 from handoffd.mech import noise as _noise  # noqa: F401  # up front: see _accept_handoff
 from handoffd.minor import Minor
 from handoffd.runtime.stream import SecureStream
+from handoffd.runtime.tls_stream import TlsStream, session_from_export
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
 
 log = logging.getLogger("handoffd.worker")
@@ -54,7 +56,7 @@ ENV_CHANNEL_FD = "HANDOFFD_CHANNEL_FD"
 ENV_WORKER_ID = "HANDOFFD_WORKER_ID"
 ENV_ACCEPTOR_PID = "HANDOFFD_ACCEPTOR_PID"
 
-Handler = Callable[[SecureStream], Awaitable[None]]
+Handler = Callable[[SecureStream | TlsStream], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -204,10 +206,10 @@ class HandoffReceiver:
             self._draining = True
             await self.channel.send(Kind.DRAINING, b"")
 
-    def __aiter__(self) -> AsyncIterator[SecureStream]:
+    def __aiter__(self) -> AsyncIterator[SecureStream | TlsStream]:
         return self._streams()
 
-    async def _streams(self) -> AsyncIterator[SecureStream]:
+    async def _streams(self) -> AsyncIterator[SecureStream | TlsStream]:
         if not self._hello_sent:
             await self.hello()
         while True:
@@ -231,7 +233,7 @@ class HandoffReceiver:
             if stream is not None:
                 yield stream
 
-    async def _accept_handoff(self, message: Received) -> SecureStream | None:
+    async def _accept_handoff(self, message: Received) -> SecureStream | TlsStream | None:
         fd = message.fd
         assert fd is not None  # the channel enforces one fd for HANDOFF
         try:
@@ -257,9 +259,13 @@ class HandoffReceiver:
             mechanism = sealed_mechanism(handoff.sealed)
             inner = open_sealed(key, handoff.sealed, worker_id=self.identity.worker_id,
                                 now=self.clock(), mech=mechanism.seal_id)
-            # Noise's module is imported at start-up, not lazily here: an import opens
-            # files, and a worker at its fd limit died of that OSError with all its sessions.
-            context, unread = import_session(mechanism, inner, clock=self.clock)
+            if mechanism is TLS:
+                tls_export = TlsExport.decode(inner)  # defects refused before the ACK
+            else:
+                # Noise's module is imported at start-up, not lazily here: an import opens
+                # files, and a worker at its fd limit died of that OSError with all its
+                # sessions.
+                context, unread = import_session(mechanism, inner, clock=self.clock)
         except GSSError as error:
             if sock is not None:
                 sock.close()
@@ -274,12 +280,14 @@ class HandoffReceiver:
         # The ACK goes out before any I/O on the client socket: see the module docstring.
         await self._ack(Ack(handoff_id))
         self.accepted += 1
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        if mechanism is TLS:
+            return self._tls_stream(transport, tls_export, handoff_id, message)
         log.debug("handoff %d imported: peer %s, flags %s, context %s", handoff_id,
                   context.peer_name, int(context.flags), context.context_id)
         decoder = FrameDecoder()
         if unread:
             decoder.feed(unread)
-        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         info: dict[str, object] = {
             "peer_name": context.peer_name,
             "peer_fingerprint": context.peer_fingerprint,
@@ -291,6 +299,29 @@ class HandoffReceiver:
             "worker_pid": os.getpid(),
         }
         return SecureStream(transport, context, decoder=decoder, info=info)
+
+    def _tls_stream(self, transport: trio.SocketStream, export: TlsExport, handoff_id: int,
+                    message: Received) -> TlsStream:
+        """A TLS session continued here (docs/TLS.md): the app sees ``SecureStream``'s
+        surface, with ALPN, SNI and the client certificate's identity in ``info``."""
+        peer = export.peer
+        log.debug("handoff %d imported: TLS %s, ALPN %r, SNI %r, context %s", handoff_id,
+                  hex(export.suite), export.alpn.decode(errors="replace"), export.sni,
+                  export.context_id.hex())
+        info: dict[str, object] = {
+            "peer_name": str(peer.get("name", "anonymous")),
+            "peer": peer,
+            "anonymous": not peer,
+            "alpn": export.alpn.decode(errors="replace"),
+            "sni": export.sni,
+            "handoff_id": handoff_id,
+            "context_id": export.context_id.hex(),
+            "mechanism": TLS.name,
+            "sender": message.attributes,
+            "worker_pid": os.getpid(),
+        }
+        return TlsStream(transport, session_from_export(export), unread=export.unread,
+                         expiry=export.expiry, info=info)
 
     def _verify_sender(self, message: Received) -> None:
         _check_sender(message, self._policy)
@@ -399,7 +430,7 @@ async def serve(
     """
     import signal
 
-    async def run_session(stream: SecureStream) -> None:
+    async def run_session(stream: SecureStream | TlsStream) -> None:
         try:
             async with stream:
                 try:
