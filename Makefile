@@ -88,6 +88,12 @@ test-docker: venv
 demo: venv
 	$(BIN)/python -m examples.echo.demo
 
+# HTTPS through handoffd: a throwaway CA, a [tls] listener, curl against 4 workers that
+# never hold the TLS key (examples/https/demo.py, README "HTTPS for curl and browsers").
+.PHONY: demo-https
+demo-https: venv
+	$(BIN)/python -m examples.https.demo
+
 # handoffd against its alternatives (docs/BENCHMARKS.md); not part of `make test`.
 # Writes bench/results/latest.json and latest.png, prints the table (~4 min on 2 cores).
 bench: venv
