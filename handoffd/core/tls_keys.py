@@ -115,5 +115,4 @@ class TrafficKeys:
 
     def nonce(self, sequence: int) -> bytes:
         """The per-record nonce (RFC 8446 §5.3): the IV XOR the 64-bit sequence number."""
-        padded = sequence.to_bytes(IV_LENGTH, "big")
-        return bytes(a ^ b for a, b in zip(self.iv, padded, strict=True))
+        return (int.from_bytes(self.iv, "big") ^ sequence).to_bytes(IV_LENGTH, "big")
