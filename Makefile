@@ -62,6 +62,17 @@ deps-prometheus:
 	       $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
 	         apt-get install -y --no-install-recommends prometheus; }
 
+# Chromium and curl for the TLS tests with real clients (tests/test_tls_browser.py loads a
+# page headless and checks its screenshot; skipped, saying so, without Chromium); Debian's
+# chromium package.  Not a prerequisite of `make test`; .ci/run runs it first.  A no-op
+# when both are installed.
+.PHONY: deps-chromium
+deps-chromium:
+	@{ command -v chromium >/dev/null && command -v curl >/dev/null; } \
+	  || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	       $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y --no-install-recommends chromium curl; }
+
 lint: venv-krb5
 	$(BIN)/ruff check handoffd tests examples
 
