@@ -6,24 +6,33 @@ PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TEST_STAMP := $(VENV)/.test-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 KRB5_STAMP := $(VENV)/.krb5-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all venv venv-krb5 demo test test-lsm lint typecheck unit bench bench-micro soak fuzz clean
+.PHONY: all venv venv-test venv-krb5 demo test test-lsm lint typecheck unit bench bench-micro soak fuzz clean
 
 all: test
 
+# The runtime alone (what `make demo` needs: trio, cryptography, pyOpenSSL).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	rm -f $(VENV)/.installed-* $(VENV)/.krb5-*
+	$(BIN)/python -m pip install --quiet -e .
+	rm -f $(VENV)/.installed-* $(VENV)/.test-* $(VENV)/.krb5-*
 	touch $@
 
 venv: $(STAMP)
 
+# The test extras (pytest, mypy, ruff, ...) on top, for the suites.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv-test: $(TEST_STAMP)
+
 # The suite also needs the krb5 extra; its gssapi builds against MIT's headers
 # (deps-krb5) when no wheel fits.  `make demo` does not need any of it.
-$(KRB5_STAMP): $(STAMP) | deps-krb5
+$(KRB5_STAMP): $(TEST_STAMP) | deps-krb5
 	$(BIN)/python -m pip install --quiet -e '.[test,krb5]'
 	touch $@
 
@@ -85,7 +94,7 @@ unit: venv-krb5 deps-debian
 test: lint typecheck unit
 
 # SO_PEERSEC against real SELinux labels: boots a qemu guest (see lsm/run.sh, docs/LSM.md).
-test-lsm: venv
+test-lsm: venv-test
 	lsm/run.sh
 
 # The shipped Docker image (Dockerfile, docker/) built and run with a real engine, the
