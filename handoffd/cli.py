@@ -71,7 +71,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.check:
-        return _check_config(config)
+        return _check_config(config, activated=args.activated)
     plan = process_plan(config)
     if plan.separated:
         # Root (or CAP_SETUID/SETGID/KILL): this process stays the supervisor, and the
@@ -87,27 +87,47 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_config(config: Config) -> int:
-    """``serve --check``: everything ``serve`` reads before it starts, without starting."""
-    from handoffd import keyfiles
-    from handoffd.runtime.app import load_app
+def _check_config(config: Config, *, activated: bool = False) -> int:
+    """``serve --check``: everything ``serve`` reads and binds before it starts, without
+    starting (``handoffd.runtime.preflight``)."""
+    import os
 
-    key = keyfiles.load_private_key(config.server.key)
+    from handoffd import keyfiles
+    from handoffd.runtime import preflight
+    from handoffd.runtime.app import load_app
+    from handoffd.runtime.supervisor import process_plan
+
+    plan = process_plan(config)
     clients = (keyfiles.load_allow_list(config.server.allowed_clients)
                if config.server.allowed_clients else None)
-    load_app(config.workers.app, pythonpath=config.workers.pythonpath)
+    if plan.separated and os.geteuid() == 0:
+        # Keys as the acceptor reads them, the app as a worker imports it: never as root.
+        fingerprint = preflight.check_keys_as_acceptor(config, plan)
+        preflight.check_app_as_worker(config, plan)
+    else:
+        fingerprint = keyfiles.load_private_key(config.server.key).fingerprint
+        load_app(config.workers.app, pythonpath=config.workers.pythonpath)
+        if "krb5" in config.server.mechanisms:
+            from handoffd.mech.krb5 import Krb5AcceptorFactory
+
+            # Acquires the acceptor credentials from the keytab, as serve does at start-up.
+            Krb5AcceptorFactory.from_config(config)
+        if config.tls.listen:
+            from handoffd.mech.tls import TlsAcceptorFactory
+
+            TlsAcceptorFactory.from_config(config)
+    bound = preflight.check_sockets(config, activated=activated)
     print(f"config {config.path}: OK")
-    print(f"server key {key.fingerprint}")
+    print(f"server key {fingerprint}")
     print(f"clients: {len(clients) if clients else 0} named"
           f"{', anonymous allowed' if config.server.allow_anonymous else ''}")
     print(f"app {config.workers.app}: an async handler, {config.workers.count} workers")
     if "krb5" in config.server.mechanisms:
-        from handoffd.mech.krb5 import Krb5AcceptorFactory
-
-        # Acquires the acceptor credentials from the keytab, as serve does at start-up.
-        Krb5AcceptorFactory.from_config(config)
         print(f"krb5: keytab {config.krb5.keytab}, service {config.krb5.service or 'any'}")
-    print(f"mechanisms: {', '.join(config.server.mechanisms)}")
+    print(f"mechanisms: {', '.join(config.server.mechanisms)}"
+          f"{', tls' if config.tls.listen else ''}")
+    print(f"sockets bound and released: {', '.join(bound) or 'none'}"
+          f"{' (client listeners: systemd, --activated)' if activated else ''}")
     return 0
 
 
@@ -191,6 +211,9 @@ def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                        "terminal). SIGTERM drains, SIGHUP rolls workers, SIGTTIN/SIGTTOU "
                        "resize the pool.")
     p.add_argument("--config", required=True, type=Path, help="TOML configuration file")
+    p.add_argument("--activated", action="store_true",
+                   help="with --check: the client listeners come from systemd (socket "
+                        "activation); do not test-bind them")
     p.add_argument("--check", action="store_true",
                    help="validate the config, keys, allow-list and app, then exit")
     p.set_defaults(handler=_cmd_serve)

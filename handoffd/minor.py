@@ -147,6 +147,7 @@ class Minor(IntEnum):
     USAGE_INVALID = 623
     SERVER_KEY_NOT_PINNED = 624
     MECHANISM_UNKNOWN = 625
+    PREFLIGHT_FAILED = 626
     # privilege separation: supervisor, acceptor and worker uids (650+)
     PRIVSEP_SAME_UID = 650
     PRIVSEP_NOT_PERMITTED = 651
@@ -317,6 +318,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.SERVER_KEY_NOT_PINNED: "No server key was pinned: give --server-key, --fingerprint "
     "or --tofu (trust on first use)",
     Minor.MECHANISM_UNKNOWN: "No security mechanism of that name (known: noise, krb5)",
+    Minor.PREFLIGHT_FAILED: "serve --check: a check run under the acceptor's or a worker's "
+    "uid failed",
     Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
     "nor an abstract @name",
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",
@@ -355,6 +358,14 @@ OPERATOR_ERRORS: Final[frozenset[Minor]] = frozenset({
     Minor.SERVER_KEY_NOT_PINNED,
     Minor.MECHANISM_UNKNOWN,
     Minor.KEY_FILE_EXISTS,
+    Minor.BIND_FAILED,
+    Minor.PRIVSEP_SAME_UID,
+    Minor.PRIVSEP_NOT_PERMITTED,
+    Minor.BAD_KEY_FILE,
+    Minor.KEY_FILE_PERMISSIONS,
+    Minor.KEY_FILE_IS_PUBLIC,
+    Minor.TLS_CERTIFICATE_INVALID,
+    Minor.PREFLIGHT_FAILED,
 })
 """Config and usage errors: the operator's own input is wrong and the detail says where
 (``<path>: [section] key: why``, the option to give).  The CLI prints them as that one

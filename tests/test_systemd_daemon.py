@@ -222,6 +222,14 @@ def test_the_shipped_unit_runs_the_shipped_config_separated(tmp_path: Path) -> N
     argv = [str(Path(sys.executable).with_name("handoffd")),
             *[str(config) if a == SHIPPED_CONFIG else a for a in argv[1:]]]
     fingerprint = _fingerprint(directory / "server.key.pub")
+    (exec_pre,) = service["ExecStartPre"]  # serve --check, with the unit's capabilities
+    pre = shlex.split(exec_pre)
+    assert pre[0] == "/usr/bin/handoffd" and "--check" in pre
+    pre = [argv[0], *[str(config) if a == SHIPPED_CONFIG else a for a in pre[1:]]]
+    checked = subprocess.run(as_the_unit_runs(pre, service), capture_output=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert checked.returncode == 0, checked.stderr.decode()
+    assert b"client listeners: systemd" in checked.stdout
     with socket_activated(as_the_unit_runs(argv, service), env={"PYTHONPATH": str(REPO)},
                           watchdog_usec=4_000_000) as service_run:
         ready = service_run.wait_for("READY", "1")

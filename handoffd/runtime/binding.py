@@ -15,6 +15,7 @@ group is set with ``lchown``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Iterator, Mapping
@@ -35,8 +36,20 @@ TLS_FD_NAME_SUFFIX = "tls"
 listener (``handoffd-tls``); every other passed socket serves Noise/krb5."""
 
 
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process listens there (ss -ltnp / ss -lxp shows which)",
+    errno.EADDRNOTAVAIL: "no interface of this host has that address",
+    errno.EACCES: "no permission (a port below 1024 needs root or CAP_NET_BIND_SERVICE; a "
+                  "socket directory must be writable by the user serve starts as)",
+    errno.ENOENT: "the directory does not exist (create it, or RuntimeDirectory= in the unit)",
+    errno.EROFS: "the file system is read-only (under ProtectSystem=strict: use /run/handoffd)",
+}
+
+
 def _bind_error(what: str, error: OSError) -> GSSError:
-    return GSSError(GSS_S_FAILURE, Minor.BIND_FAILED, f"{what}: {os.strerror(error.errno or 0)}")
+    hint = _BIND_HINTS.get(error.errno or 0)
+    return GSSError(GSS_S_FAILURE, Minor.BIND_FAILED,
+                    f"{what}: {os.strerror(error.errno or 0)}" + (f": {hint}" if hint else ""))
 
 
 def show_address(host: str, port: int) -> str:
