@@ -168,18 +168,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     totals = snapshot["totals"]
     latency = snapshot["handoff_latency_us"]
+    addresses = [*snapshot["listen"], *(f"{a} (TLS)" for a in snapshot.get("tls_listen", []))]
     print(f"handoffd pid {snapshot['pid']} {snapshot['state']}, up {snapshot['uptime_s']:.0f}s, "
           f"key parking: {snapshot['key_parking']}, listening on "
-          f"{', '.join(snapshot['listen'])}")
+          f"{', '.join(addresses)}")
     privsep = snapshot.get("privilege_separation") or {}
     if privsep:
         print(("INSECURE: " if privsep["insecure_same_uid"] else "separated: ")
               + f"acceptor uid {privsep['acceptor_uid']}, workers {privsep['workers']}")
     print(f"{'worker':>6} {'pid':>8} {'uid':>7} {'state':>9} {'in-flight':>9} {'handled':>8} "
-          f"{'restarts':>8}")
+          f"{'active':>7} {'restarts':>8}")
     for w in snapshot["workers"]:
         print(f"{w['index']:>6} {w['pid'] or '-':>8} {w.get('uid') or '-':>7} {w['state']:>9} "
-              f"{w['in_flight']:>9} {w['handled']:>8} {w['restarts']:>8}")
+              f"{w['in_flight']:>9} {w['handled']:>8} {w.get('active', 0):>7} "
+              f"{w['restarts']:>8}")
+    slots = snapshot.get("handshake_slots", {})
+    print(f"sessions: {snapshot.get('sessions_active', 0)} active; ended "
+          f"{totals.get('sessions_closed', 0)} closed, {totals.get('sessions_app_error', 0)} "
+          f"app errors, {totals.get('sessions_peer_error', 0)} peer errors, "
+          f"{totals.get('sessions_cut_at_drain', 0)} cut at drain, "
+          f"{totals.get('sessions_lost_with_worker', 0)} lost with their worker")
+    used = sum(slots.get(k, 0) for k in ("first_token", "handshake", "waiting_for_worker"))
+    print(f"handshakes: {slots.get('first_token', 0) + slots.get('handshake', 0)} in progress, "
+          f"{snapshot.get('waiting_for_worker', 0)} waiting for a worker "
+          f"(slots {used}/{slots.get('capacity', '-')})")
     print("totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     if latency["p50"] is not None:
         print(f"handoff latency: p50 {latency['p50']:.0f} us, p99 {latency['p99']:.0f} us")

@@ -148,6 +148,8 @@ class Minor(IntEnum):
     SERVER_KEY_NOT_PINNED = 624
     MECHANISM_UNKNOWN = 625
     PREFLIGHT_FAILED = 626
+    APP_FAILED = 627
+    SESSION_DRAINED = 628
     # privilege separation: supervisor, acceptor and worker uids (650+)
     PRIVSEP_SAME_UID = 650
     PRIVSEP_NOT_PERMITTED = 651
@@ -320,6 +322,10 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.MECHANISM_UNKNOWN: "No security mechanism of that name (known: noise, krb5)",
     Minor.PREFLIGHT_FAILED: "serve --check: a check run under the acceptor's or a worker's "
     "uid failed",
+    Minor.APP_FAILED: "The server's application failed while serving this session (its "
+    "log has the error)",
+    Minor.SESSION_DRAINED: "The server stopped: the session was still open at [workers] "
+    "drain_timeout",
     Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
     "nor an abstract @name",
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",

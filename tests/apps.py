@@ -128,3 +128,10 @@ async def https_whoami(stream: SecureStream) -> None:
         b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
+
+
+async def raises_after_one_message(stream: SecureStream) -> None:
+    """An application that fails on every connection (after reading its first message):
+    the client must not see success (tests/test_session_visibility.py)."""
+    await stream.receive_some()
+    raise ValueError("the application is broken")

@@ -407,7 +407,8 @@ async def test_serve_check_acquires_the_keytab_credentials(realm: Realm, tmp_pat
     async def check(extra: str) -> trio.CompletedProcess[bytes]:
         directory = tmp_path / str(len(list(tmp_path.iterdir())))
         directory.mkdir()
-        config = write_config(directory, workers=1, extra=extra)
+        # --check reads the keytab as the acceptor's uid, which owns it
+        config = write_config(directory, workers=1, extra=extra, acceptor_uid=KRB5_ACCEPTOR_UID)
         return await trio.run_process(
             [sys.executable, "-m", "handoffd", "serve", "--config", str(config), "--check"],
             capture_stdout=True, capture_stderr=True, cwd=REPO, check=False)

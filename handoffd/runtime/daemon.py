@@ -50,6 +50,7 @@ from handoffd.core.handoff import (
     Kind,
     Refused,
     Registered,
+    SessionEnd,
     expect_empty,
 )
 from handoffd.core.seal import seal
@@ -113,6 +114,7 @@ class Worker:
     state: str = "starting"  # starting -> ready -> draining -> dead
     in_flight: dict[int, Pending] = field(default_factory=dict)
     handled: int = 0
+    ended: int = 0  # sessions the worker reported ended (SESSION_END)
     started: float = field(default_factory=time.monotonic)
     ready: trio.Event = field(default_factory=trio.Event)
     gone: trio.Event = field(default_factory=trio.Event)
@@ -126,6 +128,11 @@ class Worker:
     def external(self) -> bool:
         """True for a worker that registered over the socket."""
         return self.external_pid is not None
+
+    @property
+    def active(self) -> int:
+        """Sessions imported and not yet reported ended."""
+        return max(0, self.handled - self.ended)
 
 
 class LatencyWindow(deque[float]):
@@ -167,6 +174,8 @@ class Stats:
         self.evicted = 0
         self.first_token_timeouts = 0
         self.unavailable = 0
+        self.sessions_ended: Counter[str] = Counter()  # by Outcome name, lower case
+        self.session_reports_refused = 0
         self.latencies = LatencyWindow(maxlen=4096)
 
     def latency_quantiles(self, scale: float = 1e6) -> dict[str, float | None]:
@@ -603,6 +612,8 @@ class Daemon:
             log.info("worker %d ready (pid %s)", w.index, w.pid)
         elif kind == Kind.ACK:
             self._on_ack(w, Ack.decode(payload))
+        elif kind == Kind.SESSION_END:
+            self._on_session_end(w, SessionEnd.decode(payload))
         elif kind == Kind.DRAINING:
             expect_empty(Kind.DRAINING, payload)
             self._retire(w)
@@ -633,12 +644,29 @@ class Daemon:
                         pending.peer, GSSError(ack.major, ack.minor))
         self._wake_dispatchers()
 
+    def _on_session_end(self, w: Worker, report: SessionEnd) -> None:
+        """Count a session's end.  A worker can misreport its own sessions only; a report
+        beyond what it was handed is refused (counted, logged rate-limited)."""
+        if w.ended >= w.handled:
+            self.stats.session_reports_refused += 1
+            self._throttled.log(logging.WARNING, "session-report",
+                                "worker %s reported more sessions ended than it imported", w.pid)
+            return
+        w.ended += 1
+        self.stats.sessions_ended[report.outcome.name.lower()] += 1
+
     def _close_copy(self, pending: Pending) -> None:
         # Closing our copy of the fd does not touch the connection the worker holds.
         pending.stream.socket.close()
 
     async def _worker_gone(self, w: Worker) -> None:
         w.state = "dead"
+        if w.active:
+            # Sessions it never reported ended died with it (killed, crashed).
+            self.stats.sessions_ended["lost_with_worker"] += w.active
+            log.warning("worker %s exited with %d sessions open: they are cut", w.pid,
+                        w.active)
+            w.ended = w.handled
         if w.channel is not None:
             w.channel.close()
         unacked = list(w.in_flight.values())
@@ -1077,6 +1105,7 @@ class Daemon:
                     "state": w.state,
                     "in_flight": len(w.in_flight),
                     "handled": w.handled,
+                    "active": w.active,
                     "restarts": self.restarts[w.index],
                     "external": w.external,
                 }
@@ -1103,7 +1132,14 @@ class Daemon:
                 "evicted": self.stats.evicted,
                 "first_token_timeouts": self.stats.first_token_timeouts,
                 "unavailable": self.stats.unavailable,
+                "sessions_closed": self.stats.sessions_ended["closed"],
+                "sessions_app_error": self.stats.sessions_ended["app_error"],
+                "sessions_peer_error": self.stats.sessions_ended["peer_error"],
+                "sessions_cut_at_drain": self.stats.sessions_ended["cut_at_drain"],
+                "sessions_lost_with_worker": self.stats.sessions_ended["lost_with_worker"],
+                "session_reports_refused": self.stats.session_reports_refused,
             },
+            "sessions_active": sum(w.active for w in workers if w.state != "dead"),
             "handshake_slots": {
                 "capacity": self.admission.capacity,
                 "first_token": self.admission.count(Stage.FIRST_TOKEN),

@@ -71,8 +71,7 @@ def run_as(credentials: tuple[int, int], code: str, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", _CHILD + code, *args], user=credentials[0],
         group=credentials[1], extra_groups=[], capture_output=True, text=True, check=False,
-        cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH":
-                      os.pathsep.join(p for p in sys.path if p)},
+        cwd="/", env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
     )
     if result.returncode == 0:
         return result.stdout

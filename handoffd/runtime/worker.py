@@ -31,13 +31,24 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import trio
 
 from handoffd.core.framing import FrameDecoder
-from handoffd.core.handoff import FD_KINDS, Ack, Handoff, Hello, Kind, Refused, Registered
+from handoffd.core.handoff import (
+    FD_KINDS,
+    Ack,
+    Handoff,
+    Hello,
+    Kind,
+    Outcome,
+    Refused,
+    Registered,
+    SessionEnd,
+)
 from handoffd.core.seal import open_sealed
 from handoffd.core.tls_export import TlsExport
 from handoffd.kernel.channel import Channel, Received, tcp_stream_socket
@@ -95,6 +106,7 @@ class HandoffReceiver:
         self.accepted = 0
         self._hello_sent = False
         self._draining = False
+        self.ended: Counter[Outcome] = Counter()  # sessions ended here, by outcome
         self._policy = PeerPolicy(
             uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid,
             labels=identity.acceptor_labels,
@@ -332,6 +344,19 @@ class HandoffReceiver:
         except GSSError as error:
             log.warning("could not acknowledge handoff %d: %s", ack.handoff_id, error)
 
+    async def session_ended(self, handoff_id: int, outcome: Outcome,
+                            error: GSSError | None = None) -> None:
+        """Tell the acceptor a session ended and how (its status and metrics count them).
+
+        Best effort: a channel already gone (the acceptor stopped) loses the report."""
+        self.ended[outcome] += 1
+        report = SessionEnd(handoff_id, outcome, error.major if error else 0,
+                            error.minor if error else 0)
+        try:
+            await self.channel.send(Kind.SESSION_END, report.encode())
+        except GSSError as failure:
+            log.debug("could not report the end of session %d: %s", handoff_id, failure)
+
     def close(self) -> None:
         """Close the channel; the acceptor sees this worker leave."""
         self.channel.close()
@@ -431,20 +456,41 @@ async def serve(
     import signal
 
     async def run_session(stream: SecureStream | TlsStream) -> None:
+        info = stream.info
+        handoff_id = int(info.get("handoff_id", 0))  # type: ignore[call-overload]
+        name = f"session {handoff_id} ({info.get('peer_name')}, context {info.get('context_id')})"
+        outcome, error = Outcome.CLOSED, None
         try:
-            async with stream:
-                try:
-                    await handler(stream)
-                except GSSError as error:
-                    # An ERROR frame tells the client why; a CLOSE would look like a clean end.
-                    await stream.abort(error)
-                    raise
-        except GSSError as error:
-            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
-        except Exception:
-            log.exception("application handler failed")
+            try:
+                await handler(stream)
+            except GSSError as failure:
+                # The peer's bytes or the context: an ERROR frame (a TLS alert) tells the
+                # client why; a CLOSE would look like a clean end.
+                outcome, error = Outcome.PEER_ERROR, failure
+                log.info("%s ended: %s", name, failure)
+                await stream.abort(failure)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as lost:
+                outcome = Outcome.PEER_ERROR
+                log.info("%s ended: connection lost: %s", name, lost)
+                await stream.abort(GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED))
+            except Exception as exc:  # the app's own failure: the client must not see success
+                outcome = Outcome.APP_ERROR
+                error = GSSError(GSS_S_FAILURE, Minor.APP_FAILED, type(exc).__name__)
+                log.error("%s: the application raised %s: %s", name, type(exc).__name__, exc,
+                          exc_info=True)
+                await stream.abort(error)
+            else:
+                await stream.aclose()
+        except trio.Cancelled:
+            # drain_timeout passed with this session still open: say so to the client.
+            outcome = Outcome.CUT_AT_DRAIN
+            error = GSSError(GSS_S_UNAVAILABLE, Minor.SESSION_DRAINED)
+            with trio.CancelScope(shield=True):
+                await stream.abort(error)
+            raise
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await receiver.session_ended(handoff_id, outcome, error)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as sessions:
@@ -464,3 +510,9 @@ async def serve(
             if not receiver._draining:
                 # Channel closed by the acceptor: finish what we have, bounded.
                 sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+    ended = receiver.ended
+    cut = ended[Outcome.CUT_AT_DRAIN]
+    log.log(logging.WARNING if cut else logging.INFO,
+            "drained: %d sessions served (%d closed, %d app errors, %d peer errors), %d cut "
+            "at drain_timeout (%gs)", sum(ended.values()), ended[Outcome.CLOSED],
+            ended[Outcome.APP_ERROR], ended[Outcome.PEER_ERROR], cut, drain_timeout)
