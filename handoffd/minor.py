@@ -320,7 +320,7 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.SERVER_KEY_NOT_PINNED: "No server key was pinned: give --server-key, --fingerprint "
     "or --tofu (trust on first use)",
     Minor.MECHANISM_UNKNOWN: "No security mechanism of that name (known: noise, krb5)",
-    Minor.PREFLIGHT_FAILED: "serve --check: a check run under the acceptor's or a worker's "
+    Minor.PREFLIGHT_FAILED: "A check of serve --check run under the acceptor's or a worker's "
     "uid failed",
     Minor.APP_FAILED: "The server's application failed while serving this session (its "
     "log has the error)",
@@ -373,7 +373,8 @@ OPERATOR_ERRORS: Final[frozenset[Minor]] = frozenset({
     Minor.TLS_CERTIFICATE_INVALID,
     Minor.PREFLIGHT_FAILED,
 })
-"""Config and usage errors: the operator's own input is wrong and the detail says where
+"""Config, usage and start-up errors: the operator's own input or host is wrong and the
+detail says where
 (``<path>: [section] key: why``, the option to give).  The CLI prints them as that one
 line with the minor's name and number, not the major's generic text
 (:meth:`handoffd.status.GSSError.operator_line`)."""
