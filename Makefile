@@ -97,6 +97,14 @@ test: lint typecheck unit
 test-lsm: venv-test
 	lsm/run.sh
 
+# README's systemd install block, run verbatim as root in a booted Debian 12 container
+# (systemd-nspawn; docs/SYSTEMD-TEST.md): units, sysusers, tmpfiles, config, key, enable,
+# clients through reload and restart, stop.  Installs systemd-container and debootstrap
+# if missing; the root file system is cached in .systemd-test/.  ~40 s once cached.
+.PHONY: test-systemd
+test-systemd: venv
+	$(BIN)/python systemd/test/run.py
+
 # The shipped Docker image (Dockerfile, docker/) built and run with a real engine, the
 # ways README and docs/DEPLOY.md show (see docs/DOCKER-TEST.md): installs Debian's
 # docker.io and debootstrap if missing, starts dockerd if none runs, builds a stand-in
