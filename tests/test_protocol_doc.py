@@ -54,6 +54,7 @@ FILLER = b"\xff" * 5
 GSS_S_UNAUTHORIZED, PEER_KEY_NOT_ALLOWED = 0x000F0000, 103
 GSS_S_FAILURE, GSS_S_DUPLICATE_TOKEN, MESSAGE_OUT_OF_SEQUENCE = 0x000D0000, 0x0002, 616
 GSS_S_DEFECTIVE_TOKEN, TOKEN_BAD_FRAMING = 0x00090000, 207
+TOKEN_TRUNCATED, STREAM_TRUNCATED = 200, 617
 
 
 def nonce(seq: int) -> bytes:
@@ -333,6 +334,32 @@ def _forged_close_session(address: tuple[str, int], pin: str) -> None:
                                                               TOKEN_BAD_FRAMING)
 
 
+def _error_first_session(address: tuple[str, int]) -> None:
+    """Errors: an ERROR is never answered, in the handshake as after it: a client that
+    opens with an ERROR frame gets the connection closed, no ERROR back."""
+    with socket.create_connection(address, timeout=20) as sock:
+        sock.sendall(frame(ERROR, ERROR_BODY.pack(GSS_S_FAILURE, 0)))
+        assert sock.recv(64) == b""
+
+
+def _half_closed_session(address: tuple[str, int], pin: str, *, inside_a_frame: bool) -> None:
+    """Errors: the client half-closes (FIN) without CLOSE: the worker answers ERROR
+    STREAM_TRUNCATED (617) at a frame boundary, TOKEN_TRUNCATED (200) inside a frame."""
+    with socket.create_connection(address, timeout=20) as sock:
+        client = DocClient(sock)
+        client.handshake(os.urandom(32), pin, anonymous=True)
+        client.send(b"answered")
+        assert client.receive() == b"answered"
+        if inside_a_frame:
+            sock.sendall(frame(MESSAGE, wrap(client.k_i, 1, b"cut", from_acceptor=False))[:9])
+        sock.shutdown(socket.SHUT_WR)
+        with pytest.raises(Refused) as refused:
+            client.receive()
+        expected = (GSS_S_DEFECTIVE_TOKEN, TOKEN_TRUNCATED) if inside_a_frame else (
+            GSS_S_FAILURE, STREAM_TRUNCATED)
+        assert (refused.value.major, refused.value.minor) == expected
+
+
 async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Path) -> None:
     listed, unlisted = os.urandom(32), os.urandom(32)
     listed_public = _public(listed)
@@ -350,6 +377,11 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
         await trio.to_thread.run_sync(_refused_session, address, daemon.fingerprint, unlisted)
         await trio.to_thread.run_sync(_replayed_session, address, daemon.fingerprint)
         await trio.to_thread.run_sync(_forged_close_session, address, daemon.fingerprint)
+        await trio.to_thread.run_sync(_error_first_session, address)
+        for inside in (False, True):
+            await trio.to_thread.run_sync(
+                lambda inside=inside: _half_closed_session(address, daemon.fingerprint,
+                                                           inside_a_frame=inside))
     finally:
         assert await daemon.stop() == 0
 

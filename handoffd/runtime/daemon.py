@@ -69,7 +69,7 @@ from handoffd.runtime.pacing import ConnectionPace, SourceTurns
 from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
 from handoffd.runtime.supervisor import ProcessPlan
 from handoffd.runtime.tls_stream import accept_tls_handshake
-from handoffd.runtime.wire import accept_any_handshake, send_error
+from handoffd.runtime.wire import PeerReportedError, accept_any_handshake, send_error
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_name
 
 log = logging.getLogger("handoffd.acceptor")
@@ -915,8 +915,9 @@ class Daemon:
                                 "connection from %s closed: %s", peer, error)
             # A TLS client is told in TLS (OpenSSL's alert, sent by the handshake driver),
             # never with a handoffd ERROR frame it could not parse.
-            if error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED) and not tls:
-                await send_error(stream, error)
+            answer = error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED)
+            if answer and not tls and not isinstance(error, PeerReportedError):
+                await send_error(stream, error)  # an ERROR is never answered with one
             await stream.aclose()
             return
         self.admission.progress(slot, Stage.WAITING_FOR_WORKER, trio.current_time())
