@@ -259,6 +259,10 @@ def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                    help="security mechanism (krb5 needs handoffd[krb5] and a ticket: kinit)")
     p.add_argument("--service", help="krb5: the acceptor's service@host "
                    "(default host@HOST)")
+    p.add_argument("--listen", metavar="ADDR",
+                   help="forward instead: accept plain TCP on ADDR (e.g. 127.0.0.1:8080) and "
+                   "carry each connection to the server over its own secure connection, as "
+                   "stunnel's client mode (for curl, browsers)")
     p.set_defaults(handler=_cmd_connect)
 
     p = sub.add_parser("doctor", help="check this host: keyring, pidfds, LSM labels, limits, "
