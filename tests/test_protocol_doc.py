@@ -221,18 +221,19 @@ class DocClient:
                 return None
             self.buffer += chunk
 
-    def handshake(self, static_private: bytes, pin: str, *, anonymous: bool = False) -> int:
+    def handshake(self, static_private: bytes, pin: str, *, anonymous: bool = False,
+                  lifetime_ms: int = 600_000) -> int:
         """Run messages 1-3; returns the granted flags."""
         noise = initiator(static_private)
         flags = DEFAULT_FLAGS | (ANON if anonymous else 0)
-        msg1 = bytes(noise.write_message(HELLO.pack(1, flags, 600_000)))
+        msg1 = bytes(noise.write_message(HELLO.pack(1, flags, lifetime_ms)))
         assert len(msg1) == 39
         self.sock.sendall(frame(HANDSHAKE, FIRST_TOKEN_PREFIX + msg1))
         received = self.read_frame()
         assert received is not None and received[0] == HANDSHAKE and len(received[1]) == 103
         version, granted, lifetime = OFFER.unpack(bytes(noise.read_message(received[1])))
         assert version == 1 and granted & ~WIRE_FLAGS == 0 and granted & MUTUAL
-        assert bool(granted & ANON) == anonymous and 0 < lifetime <= 600_000
+        assert bool(granted & ANON) == anonymous and 0 < lifetime <= lifetime_ms
         server_key = noise.noise_protocol.handshake_state.rs.public_bytes
         assert fingerprint(server_key) == pin
         msg3 = bytes(noise.write_message(CONFIRM.pack(1, hashlib.sha256(b"").digest())))
@@ -333,6 +334,44 @@ def _forged_close_session(address: tuple[str, int], pin: str) -> None:
                                                               TOKEN_BAD_FRAMING)
 
 
+def _assert_closed_silently(sock: socket.socket) -> None:
+    """The server closes without sending anything (a reset counts: nothing was sent)."""
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(65536) == b""
+
+
+def _error_in_handshake_session(address: tuple[str, int]) -> None:
+    """Errors: an ERROR is never answered.  A client's ERROR in place of message 1: the
+    acceptor closes without an ERROR of its own."""
+    with socket.create_connection(address, timeout=20) as sock:
+        sock.sendall(frame(ERROR, ERROR_BODY.pack(GSS_S_FAILURE, 0)))
+        _assert_closed_silently(sock)
+
+
+def _error_after_message_2_session(address: tuple[str, int]) -> None:
+    """... nor in place of message 3 (the acceptor waits for message 3)."""
+    with socket.create_connection(address, timeout=20) as sock:
+        noise = initiator(os.urandom(32))
+        msg1 = bytes(noise.write_message(HELLO.pack(1, DEFAULT_FLAGS | ANON, 600_000)))
+        sock.sendall(frame(HANDSHAKE, FIRST_TOKEN_PREFIX + msg1))
+        client = DocClient(sock)
+        received = client.read_frame()
+        assert received is not None and received[0] == HANDSHAKE
+        sock.sendall(frame(ERROR, ERROR_BODY.pack(GSS_S_UNAUTHORIZED, 104)))
+        _assert_closed_silently(sock)
+
+
+def _error_when_established_session(address: tuple[str, int], pin: str) -> None:
+    """... nor by the worker, once the context is established."""
+    with socket.create_connection(address, timeout=20) as sock:
+        client = DocClient(sock)
+        client.handshake(os.urandom(32), pin, anonymous=True)
+        client.send(b"before the error")
+        assert client.receive() == b"before the error"
+        sock.sendall(frame(ERROR, ERROR_BODY.pack(GSS_S_FAILURE, 0)))
+        _assert_closed_silently(sock)
+
+
 async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Path) -> None:
     listed, unlisted = os.urandom(32), os.urandom(32)
     listed_public = _public(listed)
@@ -350,6 +389,10 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
         await trio.to_thread.run_sync(_refused_session, address, daemon.fingerprint, unlisted)
         await trio.to_thread.run_sync(_replayed_session, address, daemon.fingerprint)
         await trio.to_thread.run_sync(_forged_close_session, address, daemon.fingerprint)
+        await trio.to_thread.run_sync(_error_in_handshake_session, address)
+        await trio.to_thread.run_sync(_error_after_message_2_session, address)
+        await trio.to_thread.run_sync(_error_when_established_session, address,
+                                      daemon.fingerprint)
     finally:
         assert await daemon.stop() == 0
 

@@ -66,7 +66,7 @@ from handoffd.runtime.control import EndpointStats
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
 from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
 from handoffd.runtime.supervisor import ProcessPlan
-from handoffd.runtime.wire import accept_any_handshake, send_error
+from handoffd.runtime.wire import PeerReportedError, accept_any_handshake, send_error
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_name
 
 log = logging.getLogger("handoffd.acceptor")
@@ -860,7 +860,8 @@ class Daemon:
             self.stats.handshake_failures[status_name(error.major)] += 1
             self._throttled.log(logging.INFO, f"handshake:{error.minor}",
                                 "connection from %s closed: %s", peer, error)
-            if error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED):
+            if (error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED)
+                    and not isinstance(error, PeerReportedError)):
                 await send_error(stream, error)
             await stream.aclose()
             return

@@ -58,10 +58,15 @@ async def read_frame(stream: trio.abc.ReceiveStream, decoder: FrameDecoder, *,
         decoder.feed(data)
 
 
+class PeerReportedError(GSSError):
+    """The peer's own ERROR frame.  Reported locally, never answered: the peer has given
+    up on the connection, and two sides answering each other's ERROR would never end."""
+
+
 def _handshake_body(frame: Frame) -> bytes:
     if frame.type == FrameType.ERROR:
         major, minor = decode_error(frame.body)
-        raise GSSError(major, minor, "reported by the peer")
+        raise PeerReportedError(major, minor, "reported by the peer")
     if frame.type != FrameType.HANDSHAKE:
         raise GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.TOKEN_BAD_TYPE,
                        f"expected a HANDSHAKE frame, got {frame.type.name}")
