@@ -18,8 +18,10 @@ import contextlib
 import hashlib
 import os
 import re
+import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,7 @@ FILLER = b"\xff" * 5
 GSS_S_UNAUTHORIZED, PEER_KEY_NOT_ALLOWED = 0x000F0000, 103
 GSS_S_FAILURE, GSS_S_DUPLICATE_TOKEN, MESSAGE_OUT_OF_SEQUENCE = 0x000D0000, 0x0002, 616
 GSS_S_DEFECTIVE_TOKEN, TOKEN_BAD_FRAMING = 0x00090000, 207
+GSS_S_CONTEXT_EXPIRED, CONTEXT_LIFETIME_OVER = 0x000C0000, 108
 
 
 def nonce(seq: int) -> bytes:
@@ -372,6 +375,23 @@ def _error_when_established_session(address: tuple[str, int], pin: str) -> None:
         _assert_closed_silently(sock)
 
 
+def _expired_session(address: tuple[str, int], pin: str) -> None:
+    """Close, expiry: nothing is sent when the lifetime ends; the next frame is answered
+    with ERROR CONTEXT_EXPIRED."""
+    with socket.create_connection(address, timeout=20) as sock:
+        client = DocClient(sock)
+        client.handshake(os.urandom(32), pin, anonymous=True, lifetime_ms=1000)
+        time.sleep(1.5)  # past the lifetime OFFER granted (1 s, as requested)
+        readable, _, _ = select.select([sock], [], [], 0)
+        assert not readable, "the worker sent something (or closed) when the lifetime ended"
+        client.send(b"too late")
+        with pytest.raises(Refused) as refused:
+            client.receive()
+        assert (refused.value.major, refused.value.minor) == (GSS_S_CONTEXT_EXPIRED,
+                                                              CONTEXT_LIFETIME_OVER)
+        assert sock.recv(1) == b""
+
+
 async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Path) -> None:
     listed, unlisted = os.urandom(32), os.urandom(32)
     listed_public = _public(listed)
@@ -393,6 +413,7 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
         await trio.to_thread.run_sync(_error_after_message_2_session, address)
         await trio.to_thread.run_sync(_error_when_established_session, address,
                                       daemon.fingerprint)
+        await trio.to_thread.run_sync(_expired_session, address, daemon.fingerprint)
     finally:
         assert await daemon.stop() == 0
 
