@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import importlib.metadata
 import os
 import re
 import select
@@ -121,10 +122,23 @@ def initiator(static_private: bytes, ephemeral_private: bytes | None = None
 
 
 def split_keys(noise: NoiseConnection, *, initiator: bool) -> tuple[bytes, bytes]:
-    """(k_i, k_a): noiseprotocol keeps Split()'s keys in its transport cipher states."""
+    """(k_i, k_a), read as the document's noiseprotocol table says."""
     mine = bytes(noise.noise_protocol.cipher_state_encrypt.k)
     theirs = bytes(noise.noise_protocol.cipher_state_decrypt.k)
     return (mine, theirs) if initiator else (theirs, mine)
+
+
+def server_static_key(noise: NoiseConnection) -> bytes:
+    """``rs``, read as the document's noiseprotocol table says (between messages 2 and 3)."""
+    return bytes(noise.noise_protocol.handshake_state.rs.public_bytes)
+
+
+def test_the_documented_noiseprotocol_version_is_the_one_installed() -> None:
+    """The private attributes the document names are checked for one version only."""
+    documented = re.search(r"In version \*\*([0-9.]+)\*\*", DOC.read_text())
+    assert documented, "PROTOCOL.md no longer names the noiseprotocol version"
+    assert importlib.metadata.version("noiseprotocol") == documented[1], (
+        "another noiseprotocol: check PROTOCOL.md's attribute table against it")
 
 
 # --- 1. drift --------------------------------------------------------------------------
@@ -178,6 +192,10 @@ def test_worked_example_reproduced_with_noiseprotocol() -> None:
     assert server.read_message(msg3) == confirm
     k_i, k_a = split_keys(client, initiator=True)
     assert split_keys(server, initiator=False) == (k_i, k_a)
+    h = re.search(r"^    h after message 3 +([0-9a-f]{64})$",
+                  gen_protocol_example.section_in(DOC.read_text()), re.M)
+    assert h and bytes(client.get_handshake_hash()).hex() == h[1]
+    assert bytes(server.get_handshake_hash()).hex() == h[1]
 
     assert frames[3] == frame(MESSAGE, wrap(k_i, 0, b"hello, handoffd", from_acceptor=False))
     assert frames[4] == frame(MESSAGE, wrap(k_a, 0, b"hello, handoffd", from_acceptor=True))
@@ -237,8 +255,7 @@ class DocClient:
         version, granted, lifetime = OFFER.unpack(bytes(noise.read_message(received[1])))
         assert version == 1 and granted & ~WIRE_FLAGS == 0 and granted & MUTUAL
         assert bool(granted & ANON) == anonymous and 0 < lifetime <= lifetime_ms
-        server_key = noise.noise_protocol.handshake_state.rs.public_bytes
-        assert fingerprint(server_key) == pin
+        assert fingerprint(server_static_key(noise)) == pin
         msg3 = bytes(noise.write_message(CONFIRM.pack(1, hashlib.sha256(b"").digest())))
         assert noise.handshake_finished and len(msg3) == 97
         self.sock.sendall(frame(HANDSHAKE, msg3))
