@@ -43,6 +43,8 @@ async def test_context_expired_on_import_is_refused_and_logged(tmp_path: Path) -
         assert status["totals"]["acked"] == 0 and status["totals"]["lost"] == 0
         text = log.read_text()
         assert "refused handoff 1" in text and "lifetime" in text.lower()
+        # The acceptor's line names the context id the client has (Noise's h, both sides).
+        assert f"context {stream.context.context_id})" in text
         clock.write_text("0")
         await echo_session(daemon, messages=1)
         await wait_fds(daemon, baseline)

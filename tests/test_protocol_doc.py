@@ -224,6 +224,7 @@ class DocClient:
     k_a: bytes = b""
     send_seq: int = 0
     recv_seq: int = 0
+    context_id: str = ""
 
     def read_frame(self) -> tuple[int, bytes] | None:
         while True:
@@ -260,6 +261,7 @@ class DocClient:
         assert noise.handshake_finished and len(msg3) == 97
         self.sock.sendall(frame(HANDSHAKE, msg3))
         self.k_i, self.k_a = split_keys(noise, initiator=True)
+        self.context_id = bytes(noise.get_handshake_hash())[:8].hex()  # as the logs show it
         return int(granted)
 
     def send(self, data: bytes, *, sealed: bool = True) -> None:
@@ -325,8 +327,9 @@ def _refused_session(address: tuple[str, int], pin: str, static_private: bytes) 
             assert sock.recv(1) == b""
 
 
-def _replayed_session(address: tuple[str, int], pin: str) -> None:
-    """A MESSAGE frame sent twice (as an attacker could): the worker answers with ERROR."""
+def _replayed_session(address: tuple[str, int], pin: str) -> str:
+    """A MESSAGE frame sent twice (as an attacker could): the worker answers with ERROR.
+    Returns the context id."""
     with socket.create_connection(address, timeout=20) as sock:
         client = DocClient(sock)
         client.handshake(os.urandom(32), pin, anonymous=True)
@@ -337,6 +340,7 @@ def _replayed_session(address: tuple[str, int], pin: str) -> None:
             client.receive()
         assert (refused.value.major, refused.value.minor) == (
             GSS_S_FAILURE | GSS_S_DUPLICATE_TOKEN, MESSAGE_OUT_OF_SEQUENCE)
+        return client.context_id
 
 
 def _forged_close_session(address: tuple[str, int], pin: str) -> None:
@@ -414,9 +418,10 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
     listed_public = _public(listed)
     (tmp_path / "clients").write_text(
         f"noise-x25519 {base64.b64encode(listed_public).decode()} doc-client\n")
+    log = tmp_path / "daemon.log"
     daemon = await start_daemon(tmp_path, workers=1, app="examples.echo.app:handler",
-                                extra='[server]\nallowed_clients = "clients"\n'
-                                      "allow_anonymous = true\n")
+                                log=log, extra='[server]\nallowed_clients = "clients"\n'
+                                                "allow_anonymous = true\n")
     try:
         address = (daemon.host, daemon.port)
         await trio.to_thread.run_sync(_echo_session, address, daemon.fingerprint, listed,
@@ -424,13 +429,19 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
         await trio.to_thread.run_sync(_echo_session, address, daemon.fingerprint,
                                       os.urandom(32), True)
         await trio.to_thread.run_sync(_refused_session, address, daemon.fingerprint, unlisted)
-        await trio.to_thread.run_sync(_replayed_session, address, daemon.fingerprint)
+        replayed = await trio.to_thread.run_sync(_replayed_session, address,
+                                                 daemon.fingerprint)
         await trio.to_thread.run_sync(_forged_close_session, address, daemon.fingerprint)
         await trio.to_thread.run_sync(_error_in_handshake_session, address)
         await trio.to_thread.run_sync(_error_after_message_2_session, address)
         await trio.to_thread.run_sync(_error_when_established_session, address,
                                       daemon.fingerprint)
         await trio.to_thread.run_sync(_expired_session, address, daemon.fingerprint)
+        # Logs: the worker's info line for the session names the client's context id.
+        line = re.compile(rf" info +worker\[\d+\] session \d+ \(context {replayed}\) ended: ")
+        with trio.fail_after(10):
+            while not line.search(log.read_text()):
+                await trio.sleep(0.05)
     finally:
         assert await daemon.stop() == 0
 

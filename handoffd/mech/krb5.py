@@ -184,6 +184,12 @@ class Krb5Acceptor:
     def __init__(self, context: Any, allowed: frozenset[str] = frozenset()) -> None:
         self._context: Any = context
         self._allowed = allowed
+        self._context_id = os.urandom(4).hex()
+
+    @property
+    def context_id(self) -> str:
+        """A local identifier for logs, as :attr:`Krb5Session.context_id`."""
+        return self._context_id
 
     @property
     def peer_name(self) -> str:

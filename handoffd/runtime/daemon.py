@@ -852,9 +852,12 @@ class Daemon:
                 raise GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED) from None
             done = time.perf_counter()
             self.stats.handshakes_ok += 1
+            # The context id on every later line about this connection: the client and
+            # the worker's session line show the same one (Noise's h).
+            who = f"{peer} ({context.peer_name}, context {context.context_id})"
             inner = context.export(unread=decoder.unread())
-            pending = Pending(next(self._handoff_ids), stream, inner, done,
-                              f"{peer} ({context.peer_name})", mech=mechanism.info.seal_id)
+            pending = Pending(next(self._handoff_ids), stream, inner, done, who,
+                              mech=mechanism.info.seal_id)
         except GSSError as error:
             self._free_slot(slot)
             self.stats.handshake_failures[status_name(error.major)] += 1

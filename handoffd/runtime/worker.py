@@ -286,6 +286,7 @@ class HandoffReceiver:
             "flags": context.flags,
             "anonymous": context.anonymous,
             "handoff_id": handoff_id,
+            "context_id": context.context_id,
             "mechanism": mechanism.name,
             "sender": message.attributes,
             "worker_pid": os.getpid(),
@@ -409,9 +410,11 @@ async def serve(
                     await stream.abort(error)
                     raise
         except GSSError as error:
-            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
+            log.info("session %s (context %s) ended: %s", stream.info.get("handoff_id"),
+                     stream.info.get("context_id"), error)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
+            log.info("session %s (context %s) ended: %s", stream.info.get("handoff_id"),
+                     stream.info.get("context_id"), error)
         except Exception:
             log.exception("application handler failed")
 
