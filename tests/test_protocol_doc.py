@@ -56,6 +56,7 @@ CLOSE_MIC_MESSAGE = b"handoffd CLOSE"         # Close: what the CLOSE's MIC cove
 FILLER = b"\xff" * 5
 GSS_S_UNAUTHORIZED, PEER_KEY_NOT_ALLOWED = 0x000F0000, 103
 GSS_S_FAILURE, GSS_S_DUPLICATE_TOKEN, MESSAGE_OUT_OF_SEQUENCE = 0x000D0000, 0x0002, 616
+GSS_S_GAP_TOKEN = 0x0010
 GSS_S_DEFECTIVE_TOKEN, TOKEN_BAD_FRAMING = 0x00090000, 207
 GSS_S_CONTEXT_EXPIRED, CONTEXT_LIFETIME_OVER = 0x000C0000, 108
 
@@ -150,6 +151,35 @@ def test_worked_example_is_current() -> None:
     assert current, "docs/PROTOCOL.md lost its example markers"
     assert current == gen_protocol_example.generate(), (
         "docs/PROTOCOL.md is stale: run python -m docs.gen_protocol_example --write")
+
+
+def _table_rows(heading: str) -> list[list[str]]:
+    """The rows of the first table after the line starting with ``heading``."""
+    text = DOC.read_text()
+    rest = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(rest) if line.startswith("|"))
+    rows = []
+    for line in rest[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip().strip("`") for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_documented_status_values_are_handoffds() -> None:
+    """Errors: the major and supplementary tables hold RFC 2744's values, as status.py."""
+    from handoffd import status
+
+    majors = _table_rows("Routine errors (major) used by handoffd")
+    assert len(majors) == 11
+    for name, value, _ in majors:
+        assert getattr(status, name.split("`")[0]) == int(value, 16), name
+    bits = _table_rows("Supplementary information bits")
+    assert [int(row[1], 16) for row in bits] == [1 << int(row[0]) for row in bits]
+    assert {row[2]: int(row[1], 16) for row in bits} == {
+        name: getattr(status, name) for name in ("GSS_S_CONTINUE_NEEDED", "GSS_S_DUPLICATE_TOKEN",
+                                                 "GSS_S_OLD_TOKEN", "GSS_S_UNSEQ_TOKEN",
+                                                 "GSS_S_GAP_TOKEN")}
 
 
 # --- 2. the example, reproduced from the document's bytes alone ------------------------
@@ -343,6 +373,18 @@ def _replayed_session(address: tuple[str, int], pin: str) -> str:
         return client.context_id
 
 
+def _skipped_session(address: tuple[str, int], pin: str) -> None:
+    """A MESSAGE frame with SND_SEQ 1 where 0 is due (one dropped): ERROR with GAP_TOKEN."""
+    with socket.create_connection(address, timeout=20) as sock:
+        client = DocClient(sock)
+        client.handshake(os.urandom(32), pin, anonymous=True)
+        sock.sendall(frame(MESSAGE, wrap(client.k_i, 1, b"the second", from_acceptor=False)))
+        with pytest.raises(Refused) as refused:
+            client.receive()
+        assert (refused.value.major, refused.value.minor) == (
+            GSS_S_FAILURE | GSS_S_GAP_TOKEN, MESSAGE_OUT_OF_SEQUENCE)
+
+
 def _forged_close_session(address: tuple[str, int], pin: str) -> None:
     """An empty CLOSE (what anyone on the path could inject) ends nothing: it is refused
     with an ERROR frame, and the data before it is still answered."""
@@ -432,6 +474,7 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
         replayed = await trio.to_thread.run_sync(_replayed_session, address,
                                                  daemon.fingerprint)
         await trio.to_thread.run_sync(_forged_close_session, address, daemon.fingerprint)
+        await trio.to_thread.run_sync(_skipped_session, address, daemon.fingerprint)
         await trio.to_thread.run_sync(_error_in_handshake_session, address)
         await trio.to_thread.run_sync(_error_after_message_2_session, address)
         await trio.to_thread.run_sync(_error_when_established_session, address,
