@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -59,6 +60,7 @@ GSS_S_FAILURE, GSS_S_DUPLICATE_TOKEN, MESSAGE_OUT_OF_SEQUENCE = 0x000D0000, 0x00
 GSS_S_GAP_TOKEN = 0x0010
 GSS_S_DEFECTIVE_TOKEN, TOKEN_BAD_FRAMING = 0x00090000, 207
 GSS_S_CONTEXT_EXPIRED, CONTEXT_LIFETIME_OVER = 0x000C0000, 108
+STREAM_TRUNCATED, TOKEN_TRUNCATED = 617, 200
 
 
 def nonce(seq: int) -> bytes:
@@ -438,6 +440,32 @@ def _error_when_established_session(address: tuple[str, int], pin: str) -> None:
         _assert_closed_silently(sock)
 
 
+def _half_closed_session(address: tuple[str, int], pin: str, *, where: str) -> None:
+    """Errors, half-close: the client's FIN without its CLOSE, between frames or inside
+    one, is answered with an ERROR (the server can still write); after its CLOSE, the
+    server's CLOSE comes as usual."""
+    with socket.create_connection(address, timeout=20) as sock:
+        client = DocClient(sock)
+        client.handshake(os.urandom(32), pin, anonymous=True)
+        client.send(b"ping")
+        assert client.receive() == b"ping"
+        if where == "inside a frame":
+            sock.sendall(frame(MESSAGE, wrap(client.k_i, 1, b"cut", from_acceptor=False))[:10])
+        elif where == "after CLOSE":
+            client.close()
+        sock.shutdown(socket.SHUT_WR)
+        if where == "after CLOSE":
+            assert client.receive() is None
+            assert sock.recv(1) == b""
+            return
+        with pytest.raises(Refused) as refused:
+            client.receive()
+        expected = ((GSS_S_FAILURE, STREAM_TRUNCATED) if where == "between frames"
+                    else (GSS_S_DEFECTIVE_TOKEN, TOKEN_TRUNCATED))
+        assert (refused.value.major, refused.value.minor) == expected
+        assert sock.recv(1) == b""
+
+
 def _expired_session(address: tuple[str, int], pin: str) -> None:
     """Close, expiry: nothing is sent when the lifetime ends; the next frame is answered
     with ERROR CONTEXT_EXPIRED."""
@@ -480,6 +508,10 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
         await trio.to_thread.run_sync(_error_when_established_session, address,
                                       daemon.fingerprint)
         await trio.to_thread.run_sync(_expired_session, address, daemon.fingerprint)
+        for where in ("between frames", "inside a frame", "after CLOSE"):
+            await trio.to_thread.run_sync(
+                functools.partial(_half_closed_session, where=where), address,
+                daemon.fingerprint)
         # Logs: the worker's info line for the session names the client's context id.
         line = re.compile(rf" info +worker\[\d+\] session \d+ \(context {replayed}\) ended: ")
         with trio.fail_after(10):
