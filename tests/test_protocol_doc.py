@@ -61,6 +61,8 @@ GSS_S_GAP_TOKEN = 0x0010
 GSS_S_DEFECTIVE_TOKEN, TOKEN_BAD_FRAMING = 0x00090000, 207
 GSS_S_CONTEXT_EXPIRED, CONTEXT_LIFETIME_OVER = 0x000C0000, 108
 STREAM_TRUNCATED, TOKEN_TRUNCATED = 617, 200
+GSS_S_BAD_MIC, MESSAGE_TAMPERED, MESSAGE_REFLECTED = 0x00060000, 111, 112
+TOKEN_BAD_TYPE, TOKEN_BAD_FIELD = 203, 204
 
 
 def nonce(seq: int) -> bytes:
@@ -387,6 +389,37 @@ def _skipped_session(address: tuple[str, int], pin: str) -> None:
             GSS_S_FAILURE | GSS_S_GAP_TOKEN, MESSAGE_OUT_OF_SEQUENCE)
 
 
+def _defective_frame_session(address: tuple[str, int], pin: str, defect: str) -> None:
+    """After the handshake: "What a receiver checks, in order" (and PER-MESSAGE.md's)."""
+    with socket.create_connection(address, timeout=20) as sock:
+        client = DocClient(sock)
+        client.handshake(os.urandom(32), pin, anonymous=True)
+        good = wrap(client.k_i, 0, b"data", from_acceptor=False)
+        reflected = wrap(client.k_i, 0, b"data", from_acceptor=True)  # the server's own kind
+        sent, expected = {
+            "handshake frame": (frame(HANDSHAKE, b"\x00" * 97), (GSS_S_FAILURE, TOKEN_BAD_TYPE)),
+            "short token": (frame(MESSAGE, good[:31]), (GSS_S_DEFECTIVE_TOKEN, TOKEN_TRUNCATED)),
+            "MIC in a MESSAGE": (frame(MESSAGE, mic(client.k_i, 0, b"x", from_acceptor=False)),
+                                 (GSS_S_DEFECTIVE_TOKEN, TOKEN_BAD_TYPE)),
+            "reflected": (frame(MESSAGE, reflected), (GSS_S_BAD_MIC, MESSAGE_REFLECTED)),
+            # check 5 (filler) comes before check 6 (reflection)
+            "reflected, bad filler": (frame(MESSAGE, reflected[:3] + b"\0" + reflected[4:]),
+                                      (GSS_S_DEFECTIVE_TOKEN, TOKEN_BAD_FIELD)),
+            "tampered": (frame(MESSAGE, good[:-1] + bytes([good[-1] ^ 1])),
+                         (GSS_S_BAD_MIC, MESSAGE_TAMPERED)),
+            # the tag (check 8) before the window (check 9): not reported as a duplicate
+            "replayed, tampered": (frame(MESSAGE, good[:-1] + bytes([good[-1] ^ 1])),
+                                   (GSS_S_BAD_MIC, MESSAGE_TAMPERED)),
+        }[defect]
+        if defect == "replayed, tampered":
+            sock.sendall(frame(MESSAGE, good))
+            assert client.receive() == b"data"
+        sock.sendall(sent)
+        with pytest.raises(Refused) as refused:
+            client.receive()
+        assert (refused.value.major, refused.value.minor) == expected, defect
+
+
 def _forged_close_session(address: tuple[str, int], pin: str) -> None:
     """An empty CLOSE (what anyone on the path could inject) ends nothing: it is refused
     with an ERROR frame, and the data before it is still answered."""
@@ -503,6 +536,10 @@ async def test_a_client_written_from_the_document_talks_to_handoffd(tmp_path: Pa
                                                  daemon.fingerprint)
         await trio.to_thread.run_sync(_forged_close_session, address, daemon.fingerprint)
         await trio.to_thread.run_sync(_skipped_session, address, daemon.fingerprint)
+        for defect in ("handshake frame", "short token", "MIC in a MESSAGE", "reflected",
+                       "reflected, bad filler", "tampered", "replayed, tampered"):
+            await trio.to_thread.run_sync(_defective_frame_session, address,
+                                          daemon.fingerprint, defect)
         await trio.to_thread.run_sync(_error_in_handshake_session, address)
         await trio.to_thread.run_sync(_error_after_message_2_session, address)
         await trio.to_thread.run_sync(_error_when_established_session, address,
