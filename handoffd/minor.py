@@ -159,11 +159,13 @@ class Minor(IntEnum):
     SYSTEMD_WATCHDOG_INVALID = 681
     SYSTEMD_NOTIFY_FIELD_INVALID = 682
 
-    # Kerberos V5 mechanism (handoffd.mech.krb5); the library's own minors pass through
+    # Kerberos V5 mechanism (handoffd.mech.krb5); MIT's own minor codes are not handoffd's
+    # numbers: they travel in the detail under KRB5_LIBRARY_ERROR
     KRB5_UNAVAILABLE = 1100
     KRB5_EXPORT_INVALID = 1101
     KRB5_NOT_ESTABLISHED = 1102
     KRB5_PRINCIPAL_NOT_ALLOWED = 1103
+    KRB5_LIBRARY_ERROR = 1104
 
 
 _TEXT: Final[dict[Minor, str]] = {
@@ -313,6 +315,8 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.KRB5_NOT_ESTABLISHED: "The Kerberos context is not established",
     Minor.KRB5_PRINCIPAL_NOT_ALLOWED: "The client's Kerberos principal is not in "
     "[krb5] allowed_principals",
+    Minor.KRB5_LIBRARY_ERROR: "Kerberos error: MIT krb5 failed (its own minor code and "
+    "text follow)",
 }
 
 

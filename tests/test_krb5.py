@@ -8,9 +8,11 @@ in a keytab that only the acceptor is configured with.  Needs ``gssapi`` and
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -38,6 +40,7 @@ from handoffd.mech import (  # noqa: E402
 )
 from handoffd.mech.krb5 import Krb5AcceptorFactory  # noqa: E402
 from handoffd.minor import Minor  # noqa: E402
+from handoffd.minor import text as minor_text  # noqa: E402
 from handoffd.runtime.client import connect, open_krb5_stream  # noqa: E402
 from handoffd.runtime.daemon import prepare_handoff, spawn_worker  # noqa: E402
 from handoffd.runtime.stream import SecureStream  # noqa: E402
@@ -238,11 +241,14 @@ async def test_a_client_without_a_ticket_is_refused(realm: Realm, tmp_path: Path
     try:
         with pytest.raises(GSSError) as caught:
             await krb5_connect(daemon)
-        # MIT's own status, unchanged: no credentials (and its text says so).
+        # MIT's major unchanged; its minor code and text in the detail, under handoffd's
+        # KRB5_LIBRARY_ERROR: no credentials (and MIT's text says so).
         expected = expected_status(lambda: gssapi.SecurityContext(
             name=gssapi.Name(SERVICE, gssapi.NameType.hostbased_service),
             usage="initiate").step())
-        assert (caught.value.major, caught.value.minor) == expected
+        assert (caught.value.major, caught.value.minor) == (expected[0],
+                                                            Minor.KRB5_LIBRARY_ERROR)
+        assert (caught.value.detail or "").startswith(f"MIT krb5 minor {expected[1]}: ")
         assert "credentials" in (caught.value.detail or "").lower()
     finally:
         os.environ["KRB5CCNAME"] = saved
@@ -268,6 +274,8 @@ async def test_a_ticket_for_another_service_is_refused_by_the_acceptor(
             await krb5_connect(daemon, service="other@localhost")
         assert GSS_ROUTINE_ERROR(caught.value.major) != 0
         assert caught.value.detail == "reported by the peer"
+        # MIT's minor stays in the acceptor's log: on the wire, handoffd's own number.
+        assert caught.value.minor == Minor.KRB5_LIBRARY_ERROR
         status = await daemon.status()
         assert sum(status["handshake_failures"].values()) == 1
         assert status["totals"]["handoffs"] == 0
@@ -417,12 +425,18 @@ async def test_serve_check_acquires_the_keytab_credentials(realm: Realm, tmp_pat
     assert f"krb5: keytab {realm.keytab}" in ok.stdout.decode()
     missing = await check(krb5_config(realm).replace(str(realm.keytab),
                                                      str(tmp_path / "absent.keytab")))
-    # MIT's status and text for a keytab that is not there, unchanged.
+    # MIT's major for a keytab that is not there, unchanged; its minor (an errno, ENOENT)
+    # and text in the detail, not read as handoffd's minor of the same number.
     assert missing.returncode == 1, missing.stderr
     expected = expected_status(lambda: gssapi.Credentials(
         name=gssapi.Name(SERVICE, gssapi.NameType.hostbased_service), usage="accept",
         store={"keytab": str(tmp_path / "elsewhere.keytab")}))
-    assert f"(major 0x{expected[0]:08x}, minor {expected[1]})" in missing.stderr.decode()
+    text = missing.stderr.decode()
+    assert expected[1] == errno.ENOENT
+    assert f"(major 0x{expected[0]:08x}, minor {int(Minor.KRB5_LIBRARY_ERROR)})" in text
+    assert f"MIT krb5 minor {errno.ENOENT}: Key table file" in text, text
+    assert "Kerberos error" in text
+    assert minor_text(errno.ENOENT) not in text  # what minor 2 means among handoffd's
 
 
 async def test_allowed_principals_admits_only_the_listed_clients(
@@ -474,9 +488,11 @@ async def test_imported_session_mic_and_a_tampered_token_keep_the_library_status
     token[-1] ^= 1
     with pytest.raises(GSSError) as caught:
         worker.unwrap(bytes(token))
-    # MIT's verdict as it gave it, with its own text rather than one of ours.
+    # MIT's verdict as it gave it: its major, and its minor code with MIT's own text
+    # under handoffd's KRB5_LIBRARY_ERROR.
     assert caught.value.major == GSS_S_BAD_SIG
-    assert caught.value.detail and "Minor" in caught.value.detail
+    assert caught.value.minor == Minor.KRB5_LIBRARY_ERROR
+    assert re.fullmatch(r"MIT krb5 minor \d+: .+", caught.value.detail or ""), caught.value
     worker.delete()
     with pytest.raises(GSSError) as gone:
         worker.wrap(b"x")

@@ -12,8 +12,11 @@ krb5 OID ``1.2.840.113554.1.2.2``, the AP-REQ), carried whole in a HANDSHAKE
 frame; the acceptor's AP-REP comes back in one; per-message tokens are RFC
 4121 wrap tokens in MESSAGE frames.
 
-Every library failure becomes a handoffd :class:`GSSError` with the
-library's major and minor status unchanged and its display text as detail.
+Every library failure becomes a handoffd :class:`GSSError` with the library's
+major status unchanged and the minor ``KRB5_LIBRARY_ERROR``; MIT's own minor code
+(a com_err code or an errno, numbers that mean something else among handoffd's
+minors) and MIT's text for it are the detail: ``MIT krb5 minor 2: Key table file
+... not found``.
 ``gssapi`` is imported on first use only: without it, using this module is
 ``GSS_S_UNAVAILABLE`` / ``KRB5_UNAVAILABLE``.
 """
@@ -77,13 +80,21 @@ def available() -> bool:
     return True
 
 
+MIT_MINOR_PREFIX: Final = "MIT krb5 minor "
+"""How the detail of a ``KRB5_LIBRARY_ERROR`` starts: then MIT's minor code, ``: `` and
+MIT's display text for it."""
+
+
 def _translate(error: Any) -> GSSError:
-    """The library's status, unchanged, with its display text (never key material)."""
+    """The library's major unchanged; its minor, in handoffd's terms ``KRB5_LIBRARY_ERROR``,
+    with MIT's code and MIT's text for it as the detail (never key material)."""
+    mit_minor = int(error.min_code) & 0xFFFFFFFF
     try:
-        text = error.gen_message()
-    except Exception:  # display itself failed: keep the codes
-        text = "GSS-API failure"
-    return GSSError(int(error.maj_code), int(error.min_code) & 0xFFFFFFFF, text)
+        text = "; ".join(error.get_all_statuses(error.min_code, False)) if mit_minor else ""
+    except Exception:  # display itself failed: keep the code
+        text = ""
+    detail = f"{MIT_MINOR_PREFIX}{mit_minor}" + (f": {text}" if text else "")
+    return GSSError(int(error.maj_code), Minor.KRB5_LIBRARY_ERROR, detail)
 
 
 @contextlib.contextmanager
