@@ -6,7 +6,9 @@
 * A client written here from the document alone (``noiseprotocol`` for Noise,
   ``cryptography``'s ChaCha20-Poly1305 for tokens, struct layouts copied from the
   document's tables) talks to a real ``handoffd serve`` over TCP: handshake, wrapped
-  messages to the echo application and back, CLOSE, and the ERROR frame of a refused key.
+  messages to the echo application and back, CLOSE, and the ERROR frame of a refused key;
+  then the Errors section's behaviours: an ERROR never answered, expiry, half-close,
+  frame defects in the documented check order, and the context id in the worker's log.
 
 Nothing below imports handoffd's framing, Noise, context or protection code.
 """
