@@ -94,7 +94,6 @@ def _check_config(config: Config, *, activated: bool = False) -> int:
 
     from handoffd import keyfiles
     from handoffd.runtime import preflight
-    from handoffd.runtime.app import load_app
     from handoffd.runtime.supervisor import process_plan
 
     plan = process_plan(config)
@@ -106,7 +105,7 @@ def _check_config(config: Config, *, activated: bool = False) -> int:
         preflight.check_app_as_worker(config, plan)
     else:
         fingerprint = keyfiles.load_private_key(config.server.key).fingerprint
-        load_app(config.workers.app, pythonpath=config.workers.pythonpath)
+        preflight.load_app_here(config)
         if "krb5" in config.server.mechanisms:
             from handoffd.mech.krb5 import Krb5AcceptorFactory
 
@@ -121,7 +120,9 @@ def _check_config(config: Config, *, activated: bool = False) -> int:
     print(f"server key {fingerprint}")
     print(f"clients: {len(clients) if clients else 0} named"
           f"{', anonymous allowed' if config.server.allow_anonymous else ''}")
-    print(f"app {config.workers.app}: an async handler, {config.workers.count} workers")
+    kind = "an ASGI app" if config.workers.asgi else "a WSGI app" if config.workers.wsgi \
+        else "an async handler"
+    print(f"app {preflight.app_spec(config)}: {kind}, {config.workers.count} workers")
     if "krb5" in config.server.mechanisms:
         print(f"krb5: keytab {config.krb5.keytab}, service {config.krb5.service or 'any'}")
     print(f"mechanisms: {', '.join(config.server.mechanisms)}"
