@@ -164,9 +164,10 @@ def _peer_of(stream: SecureStream | TlsStream) -> dict[str, object]:
 
 async def serve_web(receiver: HandoffReceiver, app: Any, *, kind: str,
                     drain_timeout: float = 30.0, max_body_size: int = 16 * 1024 * 1024,
+                    max_requests: int | None = None,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` (``kind``: ``asgi`` or ``wsgi``) on every handed-off connection until
-    drained; see the module docstring."""
+    drained (SIGTERM, or ``max_requests`` requests served); see the module docstring."""
     _hypercorn()
     from hypercorn.app_wrappers import ASGIWrapper, WSGIWrapper
     from hypercorn.config import Config as HypercornConfig
@@ -181,7 +182,7 @@ async def serve_web(receiver: HandoffReceiver, app: Any, *, kind: str,
     base = WSGIWrapper(app, max_body_size) if kind == "wsgi" else ASGIWrapper(app)
     state: dict[str, Any] = {}
     lifespan = Lifespan(base, config, state)
-    context = WorkerContext(None)
+    context = WorkerContext(max_requests)
 
     async def run_session(stream: SecureStream | TlsStream) -> None:
         handoff_id = int(stream.info.get("handoff_id", 0))  # type: ignore[call-overload]
@@ -219,15 +220,24 @@ async def serve_web(receiver: HandoffReceiver, app: Any, *, kind: str,
                 await lifespan.wait_for_startup()
             async with trio.open_nursery() as sessions:
 
+                async def drain() -> None:
+                    await receiver.drain()
+                    await context.terminated.set()  # keep-alive connections close
+                    sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+
                 async def on_signal() -> None:
                     async for _ in signals:
-                        await receiver.drain()
-                        await context.terminated.set()  # keep-alive connections close
-                        sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+                        await drain()
                         return
+
+                async def on_max_requests() -> None:
+                    await context.terminate.wait()  # hypercorn counts the requests
+                    log.info("served max_requests (%s): draining", max_requests)
+                    await drain()
 
                 async with trio.open_nursery() as control:
                     control.start_soon(on_signal)
+                    control.start_soon(on_max_requests)
                     await receiver.hello()
                     task_status.started()
                     async for stream in receiver:
