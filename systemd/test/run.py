@@ -70,8 +70,11 @@ class Abort(Exception):
     """A step that the remaining checks cannot go on without failed (or time ran out)."""
 
 
+STARTED = time.monotonic()
+
+
 def say(text: str) -> None:
-    print(f"test-systemd: {text}", flush=True)
+    print(f"test-systemd: [{time.monotonic() - STARTED:3.0f} s] {text}", flush=True)
 
 
 def check(name: str, ok: bool, detail: str = "") -> bool:
@@ -315,6 +318,14 @@ def clients_through(box: Container, command: str) -> tuple[str, subprocess.Compl
     return out, result
 
 
+def block_failure(box: Container, result: subprocess.CompletedProcess[str]) -> str:
+    """The end of a failed block's output and of the service's journal (pip's progress
+    would bury why the unit did not start)."""
+    tail = "\n".join((result.stdout + result.stderr).splitlines()[-8:])
+    journal = box.run("journalctl -u handoffd.service --no-pager -o cat -n 12").stdout
+    return f"{tail}\n--- journalctl -u handoffd.service:\n{journal}"
+
+
 def installed_checks(box: Container) -> None:
     check("both units active after README's block", units(box) == ["active", "active"],
           str(units(box)))
@@ -376,13 +387,15 @@ def readme_run(pristine: Path, work: Path, log: Path) -> None:
     try:
         say("README: booted; running its systemd block as written")
         result = box.run(f"bash -euo pipefail <<'README'\n{block}README\n")
-        check("README's systemd block runs verbatim", result.returncode == 0,
-              (result.stdout + result.stderr)[-3000:])
-        check("its handoffd connect echoed", "hello" in result.stdout, result.stdout[-500:])
-        if result.returncode != 0:
+        if not check("README's systemd block runs verbatim", result.returncode == 0,
+                     block_failure(box, result)):
             return
+        check("its handoffd connect echoed", "hello" in result.stdout, result.stdout[-500:])
+        say("README: its block ran; checking the installed service")
         installed_checks(box)
+        say("README: clients through reload and restart")
         reload_and_restart(box)
+        say("README: socket activation, then README's stop line")
         socket_activation(box, client)
         nothing_left(box, f"README's stop line ({stop_line}) leaves nothing listening or "
                      "running", box.run(stop_line))
@@ -408,9 +421,10 @@ def deploy_run(pristine: Path, work: Path, log: Path) -> None:
     box = Container(root, log)
     try:
         result = box.run(f"bash -euo pipefail <<'DEPLOY'\n{block}DEPLOY\n")
-        out = result.stdout + result.stderr
-        check("DEPLOY.md's walk-through runs verbatim", result.returncode == 0, out[-3000:])
-        check("its handoffd connect echoed", "hello" in result.stdout, out[-500:])
+        if not check("DEPLOY.md's walk-through runs verbatim", result.returncode == 0,
+                     block_failure(box, result)):
+            return
+        check("its handoffd connect echoed", "hello" in result.stdout, result.stdout[-500:])
         check("its systemctl status shows STATUS= with the workers ready",
               re.search(r"Status: \"4/4 workers ready", result.stdout) is not None,
               result.stdout[-1500:])
@@ -431,7 +445,6 @@ def on_alarm(signum: int, frame: FrameType | None) -> None:
 def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("test-systemd needs root (systemd-nspawn)")
-    started = time.monotonic()
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(TIMEOUT))
     try:
@@ -450,7 +463,7 @@ def main() -> int:
     finally:
         signal.alarm(0)
     say(f"{len(PASSED)} passed, {len(FAILURES)} failed "
-        f"({time.monotonic() - started:.0f} s; containers' console: {CACHE / 'boot.log'})")
+        f"({time.monotonic() - STARTED:.0f} s; containers' console: {CACHE / 'boot.log'})")
     return 1 if FAILURES else 0
 
 
