@@ -27,7 +27,7 @@ status``, and nothing left after its last line (the stop).
 
 Nothing is substituted in either block.  The container shares the host's network (the
 venv's ``pip install`` reaches PyPI, trusting the host's CA bundle, copied in as ``make
-test-docker`` does; port 7443 must be free on the host, checked first) and is allowed the
+test-docker`` does; port 7443 must be free on the host: waited for) and is allowed the
 keyring syscalls that systemd-nspawn filters by default (the unit's key parking).  Needs
 root, Debian's ``systemd-container`` and ``debootstrap`` (installed if missing) and
 Debian's mirror.  Prints PASS/FAIL lines and ``N passed, M failed``; exits 1 on any
