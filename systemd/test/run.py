@@ -37,6 +37,7 @@ failure.  Bounded by HANDOFFD_SYSTEMD_TIMEOUT seconds (default 900) as a whole.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -122,6 +123,18 @@ def port_in_use() -> bool:
     finally:
         probe.close()
     return False
+
+
+def take_host_lock() -> int:
+    """One run of this suite per host at a time (they would share port 7443); the lock
+    goes with the process.  Waiting for it is bounded by the suite's SIGALRM."""
+    fd = os.open("/run/lock/handoffd-test-systemd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say("another make test-systemd runs on this host; waiting for it")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def wait_port_free() -> None:
@@ -452,6 +465,7 @@ def main() -> int:
         marked_block(ROOT / "docs" / "DEPLOY.md")
         ensure_tools()
         pristine = rootfs()
+        take_host_lock()
         wait_port_free()
         log = CACHE / "boot.log"
         log.unlink(missing_ok=True)
