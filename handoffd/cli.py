@@ -94,7 +94,6 @@ def _check_config(config: Config, *, activated: bool = False) -> int:
 
     from handoffd import keyfiles
     from handoffd.runtime import preflight
-    from handoffd.runtime.app import load_app
     from handoffd.runtime.supervisor import process_plan
 
     plan = process_plan(config)
@@ -106,7 +105,7 @@ def _check_config(config: Config, *, activated: bool = False) -> int:
         preflight.check_app_as_worker(config, plan)
     else:
         fingerprint = keyfiles.load_private_key(config.server.key).fingerprint
-        load_app(config.workers.app, pythonpath=config.workers.pythonpath)
+        preflight.load_app_here(config)
         if "krb5" in config.server.mechanisms:
             from handoffd.mech.krb5 import Krb5AcceptorFactory
 
@@ -121,7 +120,9 @@ def _check_config(config: Config, *, activated: bool = False) -> int:
     print(f"server key {fingerprint}")
     print(f"clients: {len(clients) if clients else 0} named"
           f"{', anonymous allowed' if config.server.allow_anonymous else ''}")
-    print(f"app {config.workers.app}: an async handler, {config.workers.count} workers")
+    kind = "an ASGI app" if config.workers.asgi else "a WSGI app" if config.workers.wsgi \
+        else "an async handler"
+    print(f"app {preflight.app_spec(config)}: {kind}, {config.workers.count} workers")
     if "krb5" in config.server.mechanisms:
         print(f"krb5: keytab {config.krb5.keytab}, service {config.krb5.service or 'any'}")
     print(f"mechanisms: {', '.join(config.server.mechanisms)}"
@@ -259,6 +260,10 @@ def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                    help="security mechanism (krb5 needs handoffd[krb5] and a ticket: kinit)")
     p.add_argument("--service", help="krb5: the acceptor's service@host "
                    "(default host@HOST)")
+    p.add_argument("--listen", metavar="ADDR",
+                   help="forward instead: accept plain TCP on ADDR (e.g. 127.0.0.1:8080) and "
+                   "carry each connection to the server over its own secure connection, as "
+                   "stunnel's client mode (for curl, browsers)")
     p.set_defaults(handler=_cmd_connect)
 
     p = sub.add_parser("doctor", help="check this host: keyring, pidfds, LSM labels, limits, "

@@ -91,6 +91,11 @@ class WorkersConfig:
 
     app: str = "examples.echo.app:handler"
     """The application, ``module:callable``: ``async def handler(stream)``."""
+    asgi: str | None = None
+    """Instead of ``app``: an ASGI application, ``module:app``, served by hypercorn on
+    each handed-off stream (``handoffd.runtime.web``; the ``asgi`` extra)."""
+    wsgi: str | None = None
+    """Instead of ``app``: a WSGI application (Flask, Django...), the same way."""
     count: int = 4
     """Workers handoffd spawns; 0 is allowed when ``register_socket`` is set
     (all workers external, e.g. a pre-fork server embedding the worker library)."""
@@ -318,6 +323,8 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
         raise _invalid("[server] allow_anonymous",
                        "false with no allowed_clients file would refuse every client")
     _check_mechanisms(config)
+    if config.workers.asgi is not None and config.workers.wsgi is not None:
+        raise _invalid("[workers] asgi", "set asgi or wsgi, not both")
     _check_tls(config.tls)
     _check_identities(config)
     for address in config.server.listen:

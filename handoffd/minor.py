@@ -162,11 +162,12 @@ class Minor(IntEnum):
     SYSTEMD_WATCHDOG_INVALID = 681
     SYSTEMD_NOTIFY_FIELD_INVALID = 682
 
-    # Kerberos V5 mechanism (handoffd.mech.krb5); the library's own minors pass through
+    # Kerberos V5 mechanism (handoffd.mech.krb5); MIT's own minor goes in the detail
     KRB5_UNAVAILABLE = 1100
     KRB5_EXPORT_INVALID = 1101
     KRB5_NOT_ESTABLISHED = 1102
     KRB5_PRINCIPAL_NOT_ALLOWED = 1103
+    KRB5_LIBRARY_ERROR = 1104
 
     # TLS 1.3 mechanism: the record layer a worker continues (handoffd.core.tls_record)
     TLS_SUITE_UNSUPPORTED = 1200
@@ -337,6 +338,7 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.KRB5_NOT_ESTABLISHED: "The Kerberos context is not established",
     Minor.KRB5_PRINCIPAL_NOT_ALLOWED: "The client's Kerberos principal is not in "
     "[krb5] allowed_principals",
+    Minor.KRB5_LIBRARY_ERROR: "MIT krb5 reported a failure (its minor code and text follow)",
     Minor.TLS_SUITE_UNSUPPORTED: "The TLS cipher suite is not one of TLS 1.3's AEAD suites "
     "handoffd continues (AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305)",
     Minor.TLS_STATE_INVALID: "The exported TLS session state is malformed",

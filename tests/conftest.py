@@ -19,6 +19,16 @@ from hypothesis import HealthCheck, settings
 from tests.daemon_harness import SITE_PACKAGES, SYSTEM_PYTHON
 from tests.throwaway import throwaway_user
 
+# tmp_path under this checkout, not the shared /tmp/pytest-of-<user>: another pytest run
+# resets that directory to 0700 while a daemon of ours (acceptor and workers under other
+# uids) must traverse it.
+_TEMP_ROOT = Path(__file__).resolve().parents[1] / ".pytest-tmp"
+try:
+    _TEMP_ROOT.mkdir(exist_ok=True)
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(_TEMP_ROOT))
+except OSError:  # a read-only checkout (the LSM VM's 9p share): pytest's default
+    pass
+
 settings.register_profile(
     "handoffd", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

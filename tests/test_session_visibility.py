@@ -86,5 +86,6 @@ async def test_a_drain_that_cuts_a_session_tells_the_client_and_the_log(tmp_path
     await stream.aclose()
     with trio.fail_after(20):
         assert await daemon.process.wait() == 0
+    assert not (tmp_path / "control.sock").exists()  # sockets are removed at exit
     log = (tmp_path / "daemon.log").read_text()
     assert "1 cut at drain_timeout (1s)" in log, log[-3000:]

@@ -14,7 +14,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -24,7 +23,14 @@ from pathlib import Path
 
 import trio
 
-from examples.echo.demo import DEMO_ACCEPTOR_UID, REPO, wait_ready, write_config
+from examples.echo.demo import (
+    DEMO_ACCEPTOR_UID,
+    REPO,
+    keygen,
+    stop_daemon,
+    wait_ready,
+    write_config,
+)
 from examples.https.pki import make_pki
 
 ANSWER = re.compile(rb"served by worker (\d+)</h1><p>mechanism=tls, alpn=([^,]*),")
@@ -81,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="handoffd-https-") as tmp:
         directory = Path(tmp)
         handoffd = [sys.executable, "-m", "handoffd"]
-        subprocess.run(
-            [*handoffd, "keygen", "--out", str(directory / "server.key")],
-            capture_output=True,
-            check=True,
-        )
+        keygen(directory)  # the Noise listener's key, which every config has
         pki = make_pki(directory)
         config = write_config(directory, args.workers, app="examples.https.app:handler")
         if os.geteuid() == 0:  # the acceptor (not root, not a worker) must read the key
@@ -109,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"client       {client}: curl --cacert {pki['ca']} {url}")
             pages, failures = trio.run(fetch_all, url, pki["ca"], args.requests)
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                exit_status = daemon.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                exit_status = -9
+            exit_status = stop_daemon(daemon)
 
     answers = [ANSWER.search(page) for page in pages]
     pids = sorted({int(m[1]) for m in answers if m})

@@ -48,8 +48,9 @@ _BIND_HINTS = {
 
 def _bind_error(what: str, error: OSError) -> GSSError:
     hint = _BIND_HINTS.get(error.errno or 0)
+    why = os.strerror(error.errno) if error.errno else str(error)  # "AF_UNIX path too long"
     return GSSError(GSS_S_FAILURE, Minor.BIND_FAILED,
-                    f"{what}: {os.strerror(error.errno or 0)}" + (f": {hint}" if hint else ""))
+                    f"{what}: {why}" + (f": {hint}" if hint else ""))
 
 
 def show_address(host: str, port: int) -> str:

@@ -69,7 +69,7 @@ from handoffd.runtime.pacing import ConnectionPace, SourceTurns
 from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
 from handoffd.runtime.supervisor import ProcessPlan
 from handoffd.runtime.tls_stream import accept_tls_handshake
-from handoffd.runtime.wire import accept_any_handshake, send_error
+from handoffd.runtime.wire import PeerReportedError, accept_any_handshake, send_error
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_name
 
 log = logging.getLogger("handoffd.acceptor")
@@ -253,6 +253,7 @@ class Daemon:
         self._fatal: GSSError | None = None
         self._nursery: trio.Nursery | None = None
         self._roll_generation = 0
+        self._handing_over = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -282,7 +283,8 @@ class Daemon:
                         Minor.PRIVSEP_SAME_UID.name)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                           signal.SIGTTIN, signal.SIGTTOU) as signals:
+                                           signal.SIGTTIN, signal.SIGTTOU,
+                                           signal.SIGUSR2) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._serve_spawner)
@@ -309,7 +311,10 @@ class Daemon:
                                           for h, p in self.tls_addresses)]))
                     task_status.started(self)
                     await self._handle_signals(signals)
-                    await self._shutdown()
+                    if self._handing_over:
+                        await self._hand_over()
+                    else:
+                        await self._shutdown()
                     nursery.cancel_scope.cancel()
         finally:
             for listener in (*self.listeners, *self.tls_listeners):
@@ -356,6 +361,15 @@ class Daemon:
                 if signum == signal.SIGHUP:
                     log.info("received SIGHUP: reloading the configuration, rolling workers")
                     self._reload()
+                elif signum == signal.SIGUSR2:
+                    if not self.spawner.separated:
+                        log.warning("SIGUSR2 (restart without dropping connections) needs the "
+                                    "supervisor: start serve as root; ignored")
+                        continue
+                    log.info("received SIGUSR2: handing the listeners over to a new acceptor")
+                    self._handing_over = True
+                    stop.set()
+                    return
                 elif signum == signal.SIGTTIN:
                     self._resize(self.target_count + 1)
                 elif signum == signal.SIGTTOU:
@@ -493,6 +507,28 @@ class Daemon:
             if self._fatal is not None:
                 await trio.sleep_forever()  # the nursery is being cancelled
             await trio.sleep(0.01)
+
+    async def _hand_over(self) -> None:
+        """SIGUSR2 (via the supervisor): stop accepting, let the handshakes in progress reach
+        a worker and every handoff be acknowledged, then exit and leave the workers
+        running: each sees its channel close and finishes its sessions (within
+        ``drain_timeout``) while the supervisor's next acceptor takes new connections on
+        the same listening sockets.  Nothing is refused: connections that arrive in
+        between wait in the listen backlog."""
+        self._stopping = True
+        self._notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}",
+                     "STATUS=handing over to a new acceptor")
+        for listener in (*self.listeners, *self.tls_listeners):
+            await listener.aclose()
+        with trio.move_on_after(self.config.server.handshake_timeout):
+            while len(self.admission):
+                await self._slot_freed.wait()
+        with trio.move_on_after(self.config.workers.ack_timeout):
+            while any(w.in_flight for w in self.workers.values()):
+                await self._capacity.wait()
+        log.info("handed over: %d workers finish their %d sessions on their own",
+                 len(self.workers) + len(self.retiring),
+                 sum(w.active for w in (*self.workers.values(), *self.retiring)))
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -661,6 +697,11 @@ class Daemon:
 
     async def _worker_gone(self, w: Worker) -> None:
         w.state = "dead"
+        if self._handing_over:
+            # Not gone: this acceptor is; the worker finishes its sessions on its own.
+            if w.channel is not None:
+                w.channel.close()
+            return
         if w.active:
             # Sessions it never reported ended died with it (killed, crashed).
             self.stats.sessions_ended["lost_with_worker"] += w.active
@@ -915,8 +956,9 @@ class Daemon:
                                 "connection from %s closed: %s", peer, error)
             # A TLS client is told in TLS (OpenSSL's alert, sent by the handshake driver),
             # never with a handoffd ERROR frame it could not parse.
-            if error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED) and not tls:
-                await send_error(stream, error)
+            answer = error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED)
+            if answer and not tls and not isinstance(error, PeerReportedError):
+                await send_error(stream, error)  # an ERROR is never answered with one
             await stream.aclose()
             return
         self.admission.progress(slot, Stage.WAITING_FOR_WORKER, trio.current_time())

@@ -126,6 +126,30 @@ def check_app_as_worker(config: Config, plan: ProcessPlan) -> None:
     worker = plan.worker_shared or (
         (plan.worker_range[0], plan.worker_group if plan.worker_group is not None
          else plan.worker_range[0]) if plan.worker_range else plan.acceptor)
-    code = _body("from handoffd.runtime.app import load_app; "
-                 "load_app(sys.argv[1], pythonpath=sys.argv[2:])")
-    run_as(worker, code, config.workers.app, *config.workers.pythonpath)
+    code = _body(f"from handoffd.runtime.{_loader(config)}; "
+                 "load(sys.argv[1], pythonpath=sys.argv[2:])")
+    run_as(worker, code, app_spec(config), *config.workers.pythonpath)
+
+
+def app_spec(config: Config) -> str:
+    """What the workers run: ``[workers] asgi``, ``wsgi`` or ``app``."""
+    workers = config.workers
+    return workers.asgi or workers.wsgi or workers.app
+
+
+def _loader(config: Config) -> str:
+    if config.workers.asgi or config.workers.wsgi:
+        return "web import load_web_app as load"
+    return "app import load_app as load"
+
+
+def load_app_here(config: Config) -> None:
+    """The app loaded in this process (unprivileged ``--check``)."""
+    if config.workers.asgi or config.workers.wsgi:
+        from handoffd.runtime.web import load_web_app
+
+        load_web_app(app_spec(config), pythonpath=config.workers.pythonpath)
+    else:
+        from handoffd.runtime.app import load_app
+
+        load_app(config.workers.app, pythonpath=config.workers.pythonpath)

@@ -306,6 +306,7 @@ class HandoffReceiver:
             "flags": context.flags,
             "anonymous": context.anonymous,
             "handoff_id": handoff_id,
+            "context_id": context.context_id,
             "mechanism": mechanism.name,
             "sender": message.attributes,
             "worker_pid": os.getpid(),

@@ -13,8 +13,9 @@ inside it, as root:
    fingerprint as ``/etc/handoffd/server.key.pub``; the ExecStartPre check passed; the
    acceptor runs as ``handoffd``, the workers under uids from 70000-70255, keys parked in
    the kernel keyring (the unit's system call filter allows it);
-3. clients in a loop (4 at a time) through ``systemctl reload`` and ``systemctl restart``:
-   zero failures, the workers replaced;
+3. clients in a loop (4 at a time) through ``systemctl reload``, ``systemctl restart``
+   and ``systemctl kill -s USR2 --kill-whom=main`` (with a session left open across it,
+   which goes on): zero failures, the workers replaced each time;
 4. socket activation: the service stopped alone, the socket still listens, README's
    connect line starts the service again and is echoed (why README stops both units);
 5. README's stop line (the backquoted ``systemctl stop ...`` after the block): nothing
@@ -292,6 +293,27 @@ print(f"ok={ok} failed={failed} {errors[:3]}")
 """
 
 
+IDLE_SESSION = r"""
+import sys, trio
+from handoffd.client import connect, fingerprint, load_public_key
+pin = fingerprint(load_public_key("/etc/handoffd/server.key.pub"))
+async def echo(stream, data):
+    await stream.send_all(data)
+    got = b""
+    while len(got) < len(data):
+        got += await stream.receive_some()
+    assert got == data, got
+async def main():
+    stream = await connect("127.0.0.1", 7443, server_fingerprint=pin)
+    async with stream:
+        await echo(stream, b"before")
+        await trio.sleep(float(sys.argv[1]))
+        await echo(stream, b"after")
+    print("idle session ok")
+trio.run(main)
+"""
+
+
 def status_of(box: Container) -> dict[str, Any]:
     result = box.run("handoffd status --json --control /run/handoffd/control.sock")
     try:
@@ -362,6 +384,8 @@ def installed_checks(box: Container) -> None:
 
 
 def reload_and_restart(box: Container) -> None:
+    """Client loops through systemctl reload, restart and SIGUSR2 (a session open across
+    the last), each replacing every worker."""
     before = {w["pid"] for w in status_of(box).get("workers", [])}
     box.run(f"cat > /tmp/loop.py <<'EOF'\n{CLIENT_LOOP}\nEOF", cwd="/")
     for command in ("systemctl reload handoffd.service", "systemctl restart handoffd.service"):
@@ -374,6 +398,25 @@ def reload_and_restart(box: Container) -> None:
         check(f"{command} replaced the workers", len(after) == 4 and not before & after,
               f"{before} -> {after}")
         before = after
+
+    # SIGUSR2 to the main pid with a session open across it (README, Operations)
+    box.run(f"cat > /tmp/idle.py <<'EOF'\n{IDLE_SESSION}\nEOF", cwd="/")
+    idle = subprocess.Popen(
+        ["nsenter", "--target", str(box.leader), "--all", "--", "/opt/handoffd/bin/python",
+         "/tmp/idle.py", "14"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1)
+    command = "systemctl kill -s USR2 --kill-whom=main handoffd.service"
+    out, result = clients_through(box, command)
+    served = re.search(r"ok=(\d+) failed=(\d+)", out)
+    check("clients in a loop through SIGUSR2 with a session open: zero failures",
+          result.returncode == 0 and served is not None and int(served[1]) > 0
+          and served[2] == "0", out + result.stderr)
+    idle_out, _ = idle.communicate(timeout=60)
+    check("the session open across SIGUSR2 goes on and ends cleanly", "idle session ok"
+          in idle_out, idle_out)
+    after = {w["pid"] for w in status_of(box).get("workers", []) if w["state"] == "ready"}
+    check("SIGUSR2 replaced the workers", len(after) == 4 and not before & after,
+          f"{before} -> {after}")
 
 
 def socket_activation(box: Container, client: str) -> None:
@@ -406,7 +449,7 @@ def readme_run(pristine: Path, work: Path, log: Path) -> None:
         check("its handoffd connect echoed", "hello" in result.stdout, result.stdout[-500:])
         say("README: its block ran; checking the installed service")
         installed_checks(box)
-        say("README: clients through reload and restart")
+        say("README: clients through reload, restart and SIGUSR2")
         reload_and_restart(box)
         say("README: socket activation, then README's stop line")
         socket_activation(box, client)
