@@ -506,9 +506,9 @@ def main() -> int:
     try:
         readme_commands()
         marked_block(ROOT / "docs" / "DEPLOY.md")
+        take_host_lock()  # first: two runs in one checkout would share the root's build
         ensure_tools()
         pristine = rootfs()
-        take_host_lock()
         wait_port_free()
         log = CACHE / "boot.log"
         log.unlink(missing_ok=True)
