@@ -97,10 +97,12 @@ test: lint typecheck unit
 test-lsm: venv-test
 	lsm/run.sh
 
-# README's systemd install block, run verbatim as root in a booted Debian 12 container
-# (systemd-nspawn; docs/SYSTEMD-TEST.md): units, sysusers, tmpfiles, config, key, enable,
-# clients through reload and restart, stop.  Installs systemd-container and debootstrap
-# if missing; the root file system is cached in .systemd-test/.  ~40 s once cached.
+# README's systemd install block, then DEPLOY.md's walk-through, each run verbatim as root
+# in a booted Debian 12 container (systemd-nspawn; docs/SYSTEMD-TEST.md): units, sysusers,
+# tmpfiles, config, key, enable, clients through reload, restart and SIGUSR2, socket
+# activation, stop, reboot.  Installs systemd-container and debootstrap if missing; the
+# root file system is cached in .systemd-test/.  ~90 s once cached (HANDOFFD_SYSTEMD_TIMEOUT
+# bounds it).
 .PHONY: test-systemd
 test-systemd: venv
 	$(BIN)/python systemd/test/run.py
