@@ -107,3 +107,31 @@ async def identity_probe(stream: SecureStream) -> None:
     await stream.send_all(json.dumps(report).encode() + b"\n")
     async for data in stream:
         await stream.send_all(data)
+
+
+async def https_whoami(stream: SecureStream) -> None:
+    """A one-request HTTP/1.1 answer naming the worker and what the handoff told it
+    (for the TLS tests: curl, Python's ssl, a browser)."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = await stream.receive_some()
+        if not chunk:
+            return
+        request += chunk
+    info = stream.info
+    body = (
+        f"<html><body><h1>worker {os.getpid()}</h1><p>mechanism={info.get('mechanism')} "
+        f"alpn={info.get('alpn')} sni={info.get('sni')} peer={info.get('peer_name')}</p>"
+        "</body></html>\n"
+    ).encode()
+    await stream.send_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+async def raises_after_one_message(stream: SecureStream) -> None:
+    """An application that fails on every connection (after reading its first message):
+    the client must not see success (tests/test_session_visibility.py)."""
+    await stream.receive_some()
+    raise ValueError("the application is broken")

@@ -123,7 +123,9 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
               "died_after_claim", "died_unclaimed", "lost", "worker_restarts",
               "accept_errors", "shed", "refused_per_source", "evicted",
               "first_token_timeouts", "unavailable", "control_busy_refused",
-              "control_accept_errors", "metrics_busy_refused", "metrics_accept_errors"]
+              "control_accept_errors", "metrics_busy_refused", "metrics_accept_errors",
+              "sessions_closed", "sessions_app_error", "sessions_peer_error",
+              "sessions_cut_at_drain", "sessions_lost_with_worker"]
     snapshot: dict[str, Any] = {
         "totals": dict.fromkeys(totals, 0),
         "handshake_failures": {},

@@ -12,7 +12,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import trio
@@ -40,10 +40,16 @@ class Harness:
     channel: Channel
     worker_id: bytes
     handoff_ids: int = 0
+    session_ends: list[bytes] = field(default_factory=list)
 
     async def expect(self, kind: Kind) -> bytes:
+        """The next message of ``kind``; SESSION_END reports (asynchronous, after each
+        session) are collected in ``session_ends`` on the way unless asked for."""
         with trio.fail_after(10):
             message = await self.channel.receive()
+            while message.kind == Kind.SESSION_END and kind != Kind.SESSION_END:
+                self.session_ends.append(message.payload)
+                message = await self.channel.receive()
         assert message.kind == kind, message
         return message.payload
 

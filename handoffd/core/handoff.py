@@ -14,6 +14,7 @@ DRAINING   W -> A     (empty)  the worker takes no more handoffs
 DRAINED    A -> W     (empty)  no more handoffs will be sent
 REGISTERED A -> W     worker_id (16) | grant (JSON object of strings)    + 1 fd
 REFUSED    A -> W     major (u32) | minor (u32)
+SESSION_END W -> A    handoff_id (u64) | outcome (u8) | major (u32) | minor (u32)
 =========  =========  ====================================================
 
 REGISTERED and REFUSED answer an external worker that connected to the
@@ -50,6 +51,16 @@ class Kind(IntEnum):
     DRAINED = 5
     REGISTERED = 6
     REFUSED = 7
+    SESSION_END = 8
+
+
+class Outcome(IntEnum):
+    """How a session a worker served ended (SESSION_END)."""
+
+    CLOSED = 0  # the app returned; CLOSE sent
+    APP_ERROR = 1  # the app raised; the client got ERROR APP_FAILED
+    PEER_ERROR = 2  # the client's bytes, a GSS failure or a lost connection ended it
+    CUT_AT_DRAIN = 3  # still open at [workers] drain_timeout; the client got ERROR
 
 
 FD_KINDS: Final = frozenset({Kind.HANDOFF, Kind.REGISTERED})
@@ -58,6 +69,7 @@ FD_KINDS: Final = frozenset({Kind.HANDOFF, Kind.REGISTERED})
 _HELLO = struct.Struct(">16sI")
 _HANDOFF_HEAD = struct.Struct(">QB")
 _ACK = struct.Struct(">QII")
+_SESSION_END = struct.Struct(">QBII")
 
 
 def _defective(what: str) -> GSSError:
@@ -129,6 +141,31 @@ class Ack:
         if len(payload) != _ACK.size:
             raise _defective("ACK payload has the wrong length")
         return cls(*_ACK.unpack(payload))
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """A worker's report that one of its sessions ended, and how (for status and metrics)."""
+
+    handoff_id: int
+    outcome: Outcome
+    major: int = 0
+    minor: int = 0
+
+    def encode(self) -> bytes:
+        """The payload bytes (layout in the module docstring)."""
+        return _SESSION_END.pack(self.handoff_id, self.outcome, self.major, self.minor)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> SessionEnd:
+        """Parse a payload strictly; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
+        if len(payload) != _SESSION_END.size:
+            raise _defective("SESSION_END payload has the wrong length")
+        handoff_id, outcome, major, minor = _SESSION_END.unpack(payload)
+        try:
+            return cls(handoff_id, Outcome(outcome), major, minor)
+        except ValueError:
+            raise _defective(f"SESSION_END outcome {outcome}") from None
 
 
 @dataclass(frozen=True)

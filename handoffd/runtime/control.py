@@ -330,6 +330,15 @@ def render_metrics(snapshot: dict[str, Any],
          "wait_timeout"),
     ]:
         metric(f"{key}_total", "counter", help_text, [({}, totals[key])])
+    metric("sessions_ended_total", "counter", "Sessions ended in workers, by outcome: closed "
+           "(the app returned), app_error (the app raised; the client got APP_FAILED), "
+           "peer_error (the client's bytes, a GSS failure or a lost connection), "
+           "cut_at_drain (open at drain_timeout), lost_with_worker (its worker died)",
+           [({"outcome": outcome}, totals[f"sessions_{outcome}"])
+            for outcome in ("closed", "app_error", "peer_error", "cut_at_drain",
+                            "lost_with_worker")])
+    metric("sessions_active", "gauge", "Sessions imported by workers and not yet ended",
+           [({}, snapshot.get("sessions_active", 0))])
     for key, help_text in [
         ("busy_refused", "Connections closed at once: [control] max_connections were open"),
         ("accept_errors", "accept() failures for lack of resources"),

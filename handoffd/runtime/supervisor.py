@@ -489,7 +489,7 @@ class Supervisor:
                 # Kept until now for a restarted acceptor; once the acceptor closes its
                 # copies too, new connections are refused instead of queued.
                 assert self.bound is not None
-                for listener in self.bound.listeners:
+                for listener in (*self.bound.listeners, *self.bound.tls_listeners):
                     listener.close()
                 # Every generation: a starting one stops, a draining one goes on draining.
                 for running in list(self._acceptors.values()):

@@ -31,21 +31,34 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import trio
 
 from handoffd.core.framing import FrameDecoder
-from handoffd.core.handoff import FD_KINDS, Ack, Handoff, Hello, Kind, Refused, Registered
+from handoffd.core.handoff import (
+    FD_KINDS,
+    Ack,
+    Handoff,
+    Hello,
+    Kind,
+    Outcome,
+    Refused,
+    Registered,
+    SessionEnd,
+)
 from handoffd.core.seal import open_sealed
+from handoffd.core.tls_export import TlsExport
 from handoffd.kernel.channel import Channel, Received, tcp_stream_socket
 from handoffd.kernel.parking import ENV_FD, WorkerParking
 from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
-from handoffd.mech import import_session, sealed_mechanism
+from handoffd.mech import TLS, import_session, sealed_mechanism
 from handoffd.mech import noise as _noise  # noqa: F401  # up front: see _accept_handoff
 from handoffd.minor import Minor
 from handoffd.runtime.stream import SecureStream
+from handoffd.runtime.tls_stream import TlsStream, session_from_export
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
 
 log = logging.getLogger("handoffd.worker")
@@ -54,7 +67,7 @@ ENV_CHANNEL_FD = "HANDOFFD_CHANNEL_FD"
 ENV_WORKER_ID = "HANDOFFD_WORKER_ID"
 ENV_ACCEPTOR_PID = "HANDOFFD_ACCEPTOR_PID"
 
-Handler = Callable[[SecureStream], Awaitable[None]]
+Handler = Callable[[SecureStream | TlsStream], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class HandoffReceiver:
         self.accepted = 0
         self._hello_sent = False
         self._draining = False
+        self.ended: Counter[Outcome] = Counter()  # sessions ended here, by outcome
         self._policy = PeerPolicy(
             uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid,
             labels=identity.acceptor_labels,
@@ -204,10 +218,10 @@ class HandoffReceiver:
             self._draining = True
             await self.channel.send(Kind.DRAINING, b"")
 
-    def __aiter__(self) -> AsyncIterator[SecureStream]:
+    def __aiter__(self) -> AsyncIterator[SecureStream | TlsStream]:
         return self._streams()
 
-    async def _streams(self) -> AsyncIterator[SecureStream]:
+    async def _streams(self) -> AsyncIterator[SecureStream | TlsStream]:
         if not self._hello_sent:
             await self.hello()
         while True:
@@ -231,7 +245,7 @@ class HandoffReceiver:
             if stream is not None:
                 yield stream
 
-    async def _accept_handoff(self, message: Received) -> SecureStream | None:
+    async def _accept_handoff(self, message: Received) -> SecureStream | TlsStream | None:
         fd = message.fd
         assert fd is not None  # the channel enforces one fd for HANDOFF
         try:
@@ -257,9 +271,13 @@ class HandoffReceiver:
             mechanism = sealed_mechanism(handoff.sealed)
             inner = open_sealed(key, handoff.sealed, worker_id=self.identity.worker_id,
                                 now=self.clock(), mech=mechanism.seal_id)
-            # Noise's module is imported at start-up, not lazily here: an import opens
-            # files, and a worker at its fd limit died of that OSError with all its sessions.
-            context, unread = import_session(mechanism, inner, clock=self.clock)
+            if mechanism is TLS:
+                tls_export = TlsExport.decode(inner)  # defects refused before the ACK
+            else:
+                # Noise's module is imported at start-up, not lazily here: an import opens
+                # files, and a worker at its fd limit died of that OSError with all its
+                # sessions.
+                context, unread = import_session(mechanism, inner, clock=self.clock)
         except GSSError as error:
             if sock is not None:
                 sock.close()
@@ -274,23 +292,49 @@ class HandoffReceiver:
         # The ACK goes out before any I/O on the client socket: see the module docstring.
         await self._ack(Ack(handoff_id))
         self.accepted += 1
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        if mechanism is TLS:
+            return self._tls_stream(transport, tls_export, handoff_id, message)
         log.debug("handoff %d imported: peer %s, flags %s, context %s", handoff_id,
                   context.peer_name, int(context.flags), context.context_id)
         decoder = FrameDecoder()
         if unread:
             decoder.feed(unread)
-        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         info: dict[str, object] = {
             "peer_name": context.peer_name,
             "peer_fingerprint": context.peer_fingerprint,
             "flags": context.flags,
             "anonymous": context.anonymous,
             "handoff_id": handoff_id,
+            "context_id": context.context_id,
             "mechanism": mechanism.name,
             "sender": message.attributes,
             "worker_pid": os.getpid(),
         }
         return SecureStream(transport, context, decoder=decoder, info=info)
+
+    def _tls_stream(self, transport: trio.SocketStream, export: TlsExport, handoff_id: int,
+                    message: Received) -> TlsStream:
+        """A TLS session continued here (docs/TLS.md): the app sees ``SecureStream``'s
+        surface, with ALPN, SNI and the client certificate's identity in ``info``."""
+        peer = export.peer
+        log.debug("handoff %d imported: TLS %s, ALPN %r, SNI %r, context %s", handoff_id,
+                  hex(export.suite), export.alpn.decode(errors="replace"), export.sni,
+                  export.context_id.hex())
+        info: dict[str, object] = {
+            "peer_name": str(peer.get("name", "anonymous")),
+            "peer": peer,
+            "anonymous": not peer,
+            "alpn": export.alpn.decode(errors="replace"),
+            "sni": export.sni,
+            "handoff_id": handoff_id,
+            "context_id": export.context_id.hex(),
+            "mechanism": TLS.name,
+            "sender": message.attributes,
+            "worker_pid": os.getpid(),
+        }
+        return TlsStream(transport, session_from_export(export), unread=export.unread,
+                         expiry=export.expiry, info=info)
 
     def _verify_sender(self, message: Received) -> None:
         _check_sender(message, self._policy)
@@ -300,6 +344,19 @@ class HandoffReceiver:
             await self.channel.send(Kind.ACK, ack.encode())
         except GSSError as error:
             log.warning("could not acknowledge handoff %d: %s", ack.handoff_id, error)
+
+    async def session_ended(self, handoff_id: int, outcome: Outcome,
+                            error: GSSError | None = None) -> None:
+        """Tell the acceptor a session ended and how (its status and metrics count them).
+
+        Best effort: a channel already gone (the acceptor stopped) loses the report."""
+        self.ended[outcome] += 1
+        report = SessionEnd(handoff_id, outcome, error.major if error else 0,
+                            error.minor if error else 0)
+        try:
+            await self.channel.send(Kind.SESSION_END, report.encode())
+        except GSSError as failure:
+            log.debug("could not report the end of session %d: %s", handoff_id, failure)
 
     def close(self) -> None:
         """Close the channel; the acceptor sees this worker leave."""
@@ -399,21 +456,42 @@ async def serve(
     """
     import signal
 
-    async def run_session(stream: SecureStream) -> None:
+    async def run_session(stream: SecureStream | TlsStream) -> None:
+        info = stream.info
+        handoff_id = int(info.get("handoff_id", 0))  # type: ignore[call-overload]
+        name = f"session {handoff_id} ({info.get('peer_name')}, context {info.get('context_id')})"
+        outcome, error = Outcome.CLOSED, None
         try:
-            async with stream:
-                try:
-                    await handler(stream)
-                except GSSError as error:
-                    # An ERROR frame tells the client why; a CLOSE would look like a clean end.
-                    await stream.abort(error)
-                    raise
-        except GSSError as error:
-            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
-        except Exception:
-            log.exception("application handler failed")
+            try:
+                await handler(stream)
+            except GSSError as failure:
+                # The peer's bytes or the context: an ERROR frame (a TLS alert) tells the
+                # client why; a CLOSE would look like a clean end.
+                outcome, error = Outcome.PEER_ERROR, failure
+                log.info("%s ended: %s", name, failure)
+                await stream.abort(failure)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as lost:
+                outcome = Outcome.PEER_ERROR
+                log.info("%s ended: connection lost: %s", name, lost)
+                await stream.abort(GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED))
+            except Exception as exc:  # the app's own failure: the client must not see success
+                outcome = Outcome.APP_ERROR
+                error = GSSError(GSS_S_FAILURE, Minor.APP_FAILED, type(exc).__name__)
+                log.error("%s: the application raised %s: %s", name, type(exc).__name__, exc,
+                          exc_info=True)
+                await stream.abort(error)
+            else:
+                await stream.aclose()
+        except trio.Cancelled:
+            # drain_timeout passed with this session still open: say so to the client.
+            outcome = Outcome.CUT_AT_DRAIN
+            error = GSSError(GSS_S_UNAVAILABLE, Minor.SESSION_DRAINED)
+            with trio.CancelScope(shield=True):
+                await stream.abort(error)
+            raise
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await receiver.session_ended(handoff_id, outcome, error)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as sessions:
@@ -433,3 +511,9 @@ async def serve(
             if not receiver._draining:
                 # Channel closed by the acceptor: finish what we have, bounded.
                 sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+    ended = receiver.ended
+    cut = ended[Outcome.CUT_AT_DRAIN]
+    log.log(logging.WARNING if cut else logging.INFO,
+            "drained: %d sessions served (%d closed, %d app errors, %d peer errors), %d cut "
+            "at drain_timeout (%gs)", sum(ended.values()), ended[Outcome.CLOSED],
+            ended[Outcome.APP_ERROR], ended[Outcome.PEER_ERROR], cut, drain_timeout)
