@@ -222,6 +222,37 @@ async def test_a_handshake_in_progress_at_the_handover_goes_to_the_old_generatio
         assert await daemon.stop() == 0
 
 
+@supervised
+async def test_a_stop_after_a_restart_lets_the_old_workers_finish_their_sessions(
+        tmp_path: Path) -> None:
+    """SIGTERM once the old acceptor has handed over: the sessions its workers still
+    serve get their drain time too, not the SIGKILL the supervisor gives what is left."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=1, log=log)
+    try:
+        old_acceptor = daemon.pid
+        idle = await daemon.connect()
+        idle_worker = int(await read_line(idle))
+        with trio.fail_after(60):
+            os.kill(daemon.process.pid, signal.SIGUSR2)
+            while os.path.exists(f"/proc/{old_acceptor}"):
+                await trio.sleep(0.05)
+            new_acceptor = await _acceptor_pid(daemon)
+            daemon.process.send_signal(signal.SIGTERM)
+            while os.path.exists(f"/proc/{new_acceptor}"):  # nothing to drain: it exits
+                await trio.sleep(0.05)
+            # The supervisor, which has reaped it, waits for the old worker's session
+            # (SIGKILLing what is left would end it in well under a second).
+            with trio.move_on_after(1):
+                await daemon.process.wait()
+            assert daemon.process.returncode is None and os.path.exists(f"/proc/{idle_worker}")
+            async with idle:
+                assert await echo_back(idle, b"while stopping") == b"while stopping"
+            assert await daemon.process.wait() == 0
+    finally:
+        assert await daemon.stop() == 0
+
+
 BROKEN = {
     "config": (lambda text: text.replace("count = 2", "count = 'many'"),
                "restart failed, the running generation keeps serving: "),

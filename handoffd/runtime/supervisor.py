@@ -20,11 +20,12 @@ becomes this process, on OpenSSH's privilege-separation pattern:
    after it was ready (the workers finish their sessions on their own);
 6. on SIGUSR2 (the zero-downtime restart) it re-reads the configuration in full and
    starts a new acceptor *generation* on the same listening sockets; once that one is
-   ready the old acceptor gets SIGUSR2 and drains: it stops accepting, hands its
-   handshakes in progress to its own workers, and its sessions finish.  A generation
-   that fails to get ready within ``[workers] drain_timeout`` is stopped and the old
-   one keeps serving.  The supervisor itself is not re-executed: its pid, the
-   listening sockets and the children it reaps stay as they are (docs/PRIVSEP.md).
+   ready the old acceptor gets SIGUSR2 and hands over: it stops accepting, lets its
+   handshakes in progress reach its own workers and exits, and those workers finish
+   their sessions on their own.  A generation that fails to get ready within
+   ``[workers] drain_timeout`` is stopped and the old one keeps serving.  The
+   supervisor itself is not re-executed: its pid, the listening sockets and the
+   children it reaps stay as they are (docs/PRIVSEP.md).
 """
 
 from __future__ import annotations
@@ -301,11 +302,20 @@ class Supervisor:
                 return
 
     async def _stop_other_generations(self) -> None:
-        """The supervisor is about to exit: a starting or draining generation drains
-        now (SIGTERM; a second one changes nothing) and is waited for."""
+        """The supervisor is about to exit: a starting or handing-over generation stops
+        now (SIGTERM; a second one changes nothing) and is waited for, and so are the
+        workers an old generation left (told to drain at SIGTERM), up to
+        ``drain_timeout``; what is left then is killed on the way out."""
         for acceptor in list(self._acceptors.values()):
             acceptor.child.send_signal(signal.SIGTERM)
             await acceptor.exited.wait()
+        with trio.move_on_after(self.config.workers.drain_timeout + 2):
+            while self._orphans():
+                await trio.sleep(0.05)
+
+    def _orphans(self) -> list[Supervised]:
+        """Workers whose acceptor handed over (or died): they serve their sessions alone."""
+        return [w for w in self.workers.values() if w.generation not in self._acceptors]
 
     def _launch(self, nursery: trio.Nursery, plan: ProcessPlan, argv: list[str],
                 pool: UidPool | None) -> _Acceptor:
@@ -491,9 +501,12 @@ class Supervisor:
                 assert self.bound is not None
                 for listener in (*self.bound.listeners, *self.bound.tls_listeners):
                     listener.close()
-                # Every generation: a starting one stops, a draining one goes on draining.
+                # Every generation: a starting one stops, a draining one goes on draining;
+                # workers an old one left drain their sessions as the others do.
                 for running in list(self._acceptors.values()):
                     running.child.send_signal(signal.SIGTERM)
+                for orphan in self._orphans():
+                    orphan.child.send_signal(signal.SIGTERM)
             elif signum == signal.SIGUSR2:
                 if self._incoming is not None or self._stopping:
                     log.warning("SIGUSR2 ignored: %s", "a restart is under way"
@@ -509,7 +522,7 @@ class Supervisor:
     async def _restart(self, nursery: trio.Nursery) -> None:
         """SIGUSR2: a new acceptor generation (new code, the configuration re-read in
         full but for the bound sockets) takes over the listeners without a connection
-        lost; the old generation drains.  Any failure leaves the old one serving."""
+        lost; the old generation hands over.  Any failure leaves the old one serving."""
         log.info("received SIGUSR2: starting a new acceptor generation")
         try:
             config, plan, kept = self._reread_in_full()
@@ -546,11 +559,11 @@ class Supervisor:
         old, self._acceptor = self._acceptor, incoming
         self.config, self.plan, self._argv, self._pool = config, plan, argv, pool
         if old is not None:
-            # A ready acceptor hands over (stops accepting, drains); one still starting
-            # after a crash has no client yet and simply stops.
+            # A ready acceptor hands over (stops accepting, exits; its workers finish
+            # their sessions); one still starting after a crash has no client: it stops.
             old.child.send_signal(signal.SIGUSR2 if old.ready else signal.SIGTERM)
         log.info("restarted: acceptor pid %d serves%s", incoming.child.pid,
-                 "" if old is None else f"; the old one (pid {old.child.pid}) drains")
+                 "" if old is None else f"; the old one (pid {old.child.pid}) hands over")
         self._notify("READY=1", "STATUS=restarted")
 
     def _reread_in_full(self) -> tuple[Config, ProcessPlan, list[str]]:
