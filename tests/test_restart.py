@@ -142,10 +142,12 @@ async def test_clients_loop_through_a_reload_and_a_restart_without_a_failure(
                 idle = await daemon.connect()
                 idle_worker = int(await read_line(idle))
 
-                # (b) SIGUSR2 with a restart-only setting changed: a new worker uid range.
+                # (b) SIGUSR2 with a restart-only setting changed (a new worker uid range)
+                # and a bound socket's (backlog: kept, named).
                 _, (first, last) = separated_uids()
-                config.write_text(re.sub(r"uid_range = \[\d+, \d+\]",
-                                         f"uid_range = [{first}, {last}]", config.read_text()))
+                text = re.sub(r"uid_range = \[\d+, \d+\]", f"uid_range = [{first}, {last}]",
+                              config.read_text())
+                config.write_text(text.replace("[server]\n", "[server]\nbacklog = 7\n", 1))
                 os.kill(supervisor, signal.SIGUSR2)
                 await _wait_log(log, "restarted: acceptor pid")
                 while await _acceptor_pid(daemon) == old_acceptor:
@@ -174,6 +176,7 @@ async def test_clients_loop_through_a_reload_and_a_restart_without_a_failure(
                 await trio.sleep(0.05)
         text = log.read_text()
         assert f"acceptor[{old_acceptor}] handed over" in text
+        assert "restart: [server] backlog changed but the listening sockets are kept" in text
         assert "ACCEPTOR_DIED" not in text and "SESSION_DRAINED" not in text
         assert await echo_session(daemon, messages=1) in new_workers
 
