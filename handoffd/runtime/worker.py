@@ -483,15 +483,10 @@ async def serve(
             else:
                 await stream.aclose()
         except trio.Cancelled:
-            # drain_timeout passed with this session still open: say so to the client.
-            outcome = Outcome.CUT_AT_DRAIN
-            error = GSSError(GSS_S_UNAVAILABLE, Minor.SESSION_DRAINED)
-            with trio.CancelScope(shield=True):
-                await stream.abort(error)
+            outcome, error = Outcome.CUT_AT_DRAIN, await abort_at_drain(stream)
             raise
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await receiver.session_ended(handoff_id, outcome, error)
+            await report_session_end(receiver, handoff_id, outcome, error)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as sessions:
@@ -511,6 +506,27 @@ async def serve(
             if not receiver._draining:
                 # Channel closed by the acceptor: finish what we have, bounded.
                 sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+    log_drained(receiver, drain_timeout)
+
+
+async def abort_at_drain(stream: SecureStream | TlsStream) -> GSSError:
+    """``drain_timeout`` passed with this session still open: tell the client so
+    (``SESSION_DRAINED``), even while being cancelled."""
+    error = GSSError(GSS_S_UNAVAILABLE, Minor.SESSION_DRAINED)
+    with trio.CancelScope(shield=True):
+        await stream.abort(error)
+    return error
+
+
+async def report_session_end(receiver: HandoffReceiver, handoff_id: int, outcome: Outcome,
+                             error: GSSError | None) -> None:
+    """SESSION_END to the acceptor, even while being cancelled, within a second."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        await receiver.session_ended(handoff_id, outcome, error)
+
+
+def log_drained(receiver: HandoffReceiver, drain_timeout: float) -> None:
+    """The worker's last line: its sessions by outcome (a warning if any was cut)."""
     ended = receiver.ended
     cut = ended[Outcome.CUT_AT_DRAIN]
     log.log(logging.WARNING if cut else logging.INFO,
