@@ -156,10 +156,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(("INSECURE: " if privsep["insecure_same_uid"] else "separated: ")
               + f"acceptor uid {privsep['acceptor_uid']}, workers {privsep['workers']}")
     print(f"{'worker':>6} {'pid':>8} {'uid':>7} {'state':>9} {'in-flight':>9} {'handled':>8} "
-          f"{'restarts':>8}")
+          f"{'sessions':>8} {'restarts':>8}")
     for w in snapshot["workers"]:
+        active = w.get("active_sessions")
         print(f"{w['index']:>6} {w['pid'] or '-':>8} {w.get('uid') or '-':>7} {w['state']:>9} "
-              f"{w['in_flight']:>9} {w['handled']:>8} {w['restarts']:>8}")
+              f"{w['in_flight']:>9} {w['handled']:>8} {'-' if active is None else active:>8} "
+              f"{w['restarts']:>8}")
+    sessions = snapshot.get("sessions")
+    if sessions is not None:
+        print(f"sessions: {sessions['active']} open; ended: "
+              + ", ".join(f"{k} {v}" for k, v in sessions["ended"].items())
+              + (f"; {sessions['reports_refused']} worker reports refused"
+                 if sessions["reports_refused"] else ""))
+    print(f"connections waiting for a worker: {snapshot.get('waiting_for_worker', 0)}")
     print("totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     if latency["p50"] is not None:
         print(f"handoff latency: p50 {latency['p50']:.0f} us, p99 {latency['p99']:.0f} us")

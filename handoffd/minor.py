@@ -147,6 +147,8 @@ class Minor(IntEnum):
     USAGE_INVALID = 623
     SERVER_KEY_NOT_PINNED = 624
     MECHANISM_UNKNOWN = 625
+    APP_FAILED = 626
+    SESSION_REPORT_INVALID = 627
     # privilege separation: supervisor, acceptor and worker uids (650+)
     PRIVSEP_SAME_UID = 650
     PRIVSEP_NOT_PERMITTED = 651
@@ -302,6 +304,10 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.SERVER_KEY_NOT_PINNED: "No server key was pinned: give --server-key, --fingerprint "
     "or --tofu (trust on first use)",
     Minor.MECHANISM_UNKNOWN: "No security mechanism of that name (known: noise, krb5)",
+    Minor.APP_FAILED: "The server's application failed while serving this session "
+    "(it raised); the worker ended the session and logged why",
+    Minor.SESSION_REPORT_INVALID: "A worker's session report contradicts what the "
+    "acceptor handed it (a count went down, or more sessions than its handoffs)",
     Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
     "nor an abstract @name",
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",

@@ -15,6 +15,7 @@ from handoffd.core.handoff import (
     Kind,
     Refused,
     Registered,
+    Sessions,
     expect_empty,
 )
 from handoffd.minor import Minor
@@ -26,7 +27,7 @@ WORKER_ID = bytes(range(16))
 def test_kinds_and_fd_kinds_are_the_documented_values() -> None:
     assert [(k.name, k.value) for k in Kind] == [
         ("HELLO", 1), ("HANDOFF", 2), ("ACK", 3), ("DRAINING", 4), ("DRAINED", 5),
-        ("REGISTERED", 6), ("REFUSED", 7)]
+        ("REGISTERED", 6), ("REFUSED", 7), ("SESSIONS", 8)]
     assert {Kind.HANDOFF, Kind.REGISTERED} == FD_KINDS
 
 
@@ -39,6 +40,10 @@ def test_byte_layouts() -> None:
     assert Refused(0xF0000, 400).encode() == b"\x00\x0f\x00\x00\x00\x00\x01\x90"
     assert Registered(WORKER_ID, {"b": "2", "a": "1"}).encode() == (
         WORKER_ID + b'{"a": "1", "b": "2"}')
+    # HANDOFF.md's example: 2 open; closed 5, app_error 1, client_error 0, cut_at_drain 3.
+    assert Sessions(2, 5, 1, 0, 3).encode() == bytes.fromhex(
+        "00000002" "0000000000000005" "0000000000000001" "0000000000000000"
+        "0000000000000003")
 
 
 @given(worker_id=st.binary(min_size=16, max_size=16), pid=st.integers(0, 2**32 - 1),
@@ -53,6 +58,8 @@ def test_round_trips(worker_id: bytes, pid: int, handoff_id: int, ref: bytes, se
         Handoff(handoff_id, ref, sealed)
     assert Ack.decode(Ack(handoff_id, major, minor).encode()) == Ack(handoff_id, major, minor)
     assert Refused.decode(Refused(major, minor).encode()) == Refused(major, minor)
+    report = Sessions(pid, handoff_id, major, minor, handoff_id // 3)
+    assert Sessions.decode(report.encode()) == report
     assert Registered.decode(Registered(worker_id, grant).encode()) == \
         Registered(worker_id, grant)
 
@@ -66,6 +73,8 @@ def test_round_trips(worker_id: bytes, pid: int, handoff_id: int, ref: bytes, se
     (Ack.decode, bytes(15)),
     (Ack.decode, bytes(17)),
     (Refused.decode, bytes(7)),
+    (Sessions.decode, bytes(35)),
+    (Sessions.decode, bytes(37)),
     (Registered.decode, WORKER_ID),                         # no grant
     (Registered.decode, WORKER_ID + b"not json"),
     (Registered.decode, WORKER_ID + b'["a list"]'),
@@ -82,7 +91,7 @@ def test_malformed_payloads_are_defective_tokens(decode: object, payload: bytes)
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_decode_or_raise_gss_errors(payload: bytes) -> None:
     for decode in (Hello.decode, Handoff.decode, Ack.decode, Refused.decode,
-                   Registered.decode):
+                   Registered.decode, Sessions.decode):
         try:
             decode(payload)
         except GSSError as error:

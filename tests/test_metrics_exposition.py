@@ -21,6 +21,7 @@ import trio
 
 import handoffd
 from handoffd.runtime.control import process_stats, render_metrics
+from handoffd.runtime.sessions import ENDED_OUTCOMES
 from tests.daemon_harness import RunningDaemon, echo_session, start_daemon
 from tests.test_fdreserve import at_fd_limit
 
@@ -130,6 +131,8 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
         "workers": [{"state": "ready", "in_flight": 0}],
         "handshake_slots": {"first_token": 0, "handshake": 0, "waiting_for_worker": 0},
         "waiting_for_worker": 0,
+        "sessions": {"active": 0, "reports_refused": 0,
+                     "ended": dict.fromkeys(ENDED_OUTCOMES, 0)},
         "handoff_latency_seconds": {"sum": 0.0, "count": 0, "p50": None, "p99": None},
     }
     snapshot.update(changes)

@@ -351,6 +351,16 @@ def render_metrics(snapshot: dict[str, Any],
            "for a worker to take them", [({}, snapshot["waiting_for_worker"])])
     metric("in_flight", "gauge", "Handoffs awaiting acknowledgement",
            [({}, sum(w["in_flight"] for w in snapshot["workers"]))])
+    sessions = snapshot["sessions"]
+    metric("sessions_active", "gauge", "Sessions open in workers (as the workers report "
+           "them)", [({}, sessions["active"])])
+    metric("sessions_ended_total", "counter", "Sessions ended, by outcome: closed (the "
+           "application returned), app_error (it raised), client_error (the peer's bytes, "
+           "a GSS failure or the connection), cut_at_drain (drain_timeout reached), "
+           "died_with_worker (open when their worker exited)",
+           [({"outcome": outcome}, count) for outcome, count in sessions["ended"].items()])
+    metric("session_reports_refused_total", "counter", "Worker session reports refused "
+           "as impossible or malformed", [({}, sessions["reports_refused"])])
     latency = snapshot["handoff_latency_seconds"]
     name = "handoffd_handoff_latency_seconds"
     lines.extend(_family(

@@ -50,6 +50,7 @@ from handoffd.core.handoff import (
     Kind,
     Refused,
     Registered,
+    Sessions,
     expect_empty,
 )
 from handoffd.core.seal import seal
@@ -64,6 +65,7 @@ from handoffd.minor import Minor
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
 from handoffd.runtime.control import EndpointStats
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
+from handoffd.runtime.sessions import SessionLedger, check_report
 from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
 from handoffd.runtime.supervisor import ProcessPlan
 from handoffd.runtime.wire import accept_any_handshake, send_error
@@ -80,6 +82,9 @@ _SEND_ATTEMPTS = 5
 _SEND_RETRY_DELAY = 0.05
 """A HANDOFF the kernel refused to queue is tried again after 0.05, 0.1, ... s (to any
 worker); after ``_SEND_ATTEMPTS`` refusals the connection is dropped and logged."""
+_READ_AFTER_EXIT = 1.0
+"""Seconds to go on reading a worker's channel after it exited: what it sent last (its
+final session report) is still queued, and its end of the channel is closed."""
 
 
 @dataclass
@@ -111,6 +116,8 @@ class Worker:
     state: str = "starting"  # starting -> ready -> draining -> dead
     in_flight: dict[int, Pending] = field(default_factory=dict)
     handled: int = 0
+    sessions: Sessions | None = None  # its latest SESSIONS report; None: it sent none
+    cut_at_drain: int = 0  # from its last report, once it is gone (for the drain's log)
     started: float = field(default_factory=time.monotonic)
     ready: trio.Event = field(default_factory=trio.Event)
     gone: trio.Event = field(default_factory=trio.Event)
@@ -202,6 +209,7 @@ class Daemon:
         self._join_session = join_session
         self.clock = clock
         self.stats = Stats()
+        self.sessions = SessionLedger()
         self.workers: dict[int, Worker] = {}
         self.retiring: list[Worker] = []
         self.external: dict[bytes, Worker] = {}
@@ -500,7 +508,22 @@ class Daemon:
                 if w.process is not None and w.process.returncode is None:
                     log.warning("worker %s did not drain in time: SIGKILL", w.pid)
                     w.process.kill()
-        log.info("stopped")
+            with trio.move_on_after(2):  # their sessions count as died_with_worker
+                for w in everyone:
+                    await w.gone.wait()
+        self._log_stopped(everyone)
+
+    def _log_stopped(self, drained: list[Worker]) -> None:
+        """The last line: how many sessions the drain cut, by worker, and the session
+        totals of the daemon's life."""
+        cut = [w for w in drained if w.cut_at_drain]
+        ended = self.session_totals()["ended"]
+        assert isinstance(ended, dict)
+        log.info("stopped: %d sessions cut at drain%s; sessions ended: %s",
+                 sum(w.cut_at_drain for w in cut),
+                 f" ({', '.join(f'worker {w.index} pid {w.pid}: {w.cut_at_drain}' for w in cut)})"
+                 if cut else "",
+                 ", ".join(f"{outcome} {count}" for outcome, count in ended.items()))
 
     # ------------------------------------------------------------------ workers
 
@@ -535,11 +558,21 @@ class Daemon:
             w.state = "dead"
             w.gone.set()
             return
+        read_all = trio.Event()
+
+        async def read_channel() -> None:
+            try:
+                await self._read_channel(w)
+            finally:
+                read_all.set()
+
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_channel, w)
+                nursery.start_soon(read_channel)
                 nursery.start_soon(self._ack_watchdog, w)
                 await w.process.wait()
+                with trio.move_on_after(_READ_AFTER_EXIT):
+                    await read_all.wait()
                 nursery.cancel_scope.cancel()
         finally:
             await self._worker_gone(w)
@@ -592,6 +625,8 @@ class Daemon:
             log.info("worker %d ready (pid %s)", w.index, w.pid)
         elif kind == Kind.ACK:
             self._on_ack(w, Ack.decode(payload))
+        elif kind == Kind.SESSIONS:
+            self._on_sessions(w, payload)
         elif kind == Kind.DRAINING:
             expect_empty(Kind.DRAINING, payload)
             self._retire(w)
@@ -599,6 +634,25 @@ class Daemon:
             await w.channel.send(Kind.DRAINED, b"")
         else:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_BAD_HEADER, f"unexpected kind {kind}")
+
+    def _on_sessions(self, w: Worker, payload: bytes) -> None:
+        """A worker's session tally: kept if it can be true, else counted and logged
+        (rate-limited); never fatal, whatever the bytes."""
+        try:
+            report = Sessions.decode(payload)
+            check_report(w.sessions, report, w.handled)
+        except GSSError as error:
+            self.sessions.refused_reports += 1
+            self._throttled.log(logging.WARNING, f"sessions:{w.index}",
+                                "worker %s sent a session report that was refused: %s",
+                                w.pid, error)
+            return
+        w.sessions = report
+
+    def session_totals(self) -> dict[str, object]:
+        """Open sessions and sessions ended by outcome, over every worker ever."""
+        live = [*self.workers.values(), *self.retiring, *self.external.values()]
+        return self.sessions.totals([w.sessions for w in live])
 
     def _on_ack(self, w: Worker, ack: Ack) -> None:
         pending = w.in_flight.pop(ack.handoff_id, None)
@@ -651,6 +705,7 @@ class Daemon:
             pending.inner = b""
             self._close_copy(pending)
         w.parking.remove_worker(w.worker_id)
+        self._sessions_gone(w)
         if w.external:
             self.external.pop(w.worker_id, None)
             log.info("external worker %s left", w.pid)
@@ -677,6 +732,22 @@ class Daemon:
             assert self._nursery is not None
             self._nursery.start_soon(self._dispatch, pending)
         self._wake_dispatchers()
+
+    def _sessions_gone(self, w: Worker) -> None:
+        """Fold a dead worker's last report into the ledger, once, and say what
+        happened to the sessions it still had."""
+        report, w.sessions = w.sessions, None
+        if report is None:
+            return
+        w.cut_at_drain = report.cut_at_drain
+        died_with = self.sessions.worker_gone(report)
+        if died_with:
+            log.warning("%d sessions ended with worker %s (pid %s), which exited while they "
+                        "were open", died_with, w.index, w.pid)
+        if report.cut_at_drain:
+            log.warning("worker %s (pid %s) cut %d sessions at drain ([workers] "
+                        "drain_timeout %gs)", w.index, w.pid, report.cut_at_drain,
+                        self.config.workers.drain_timeout)
 
     def _terminate(self, w: Worker) -> None:
         if w.process is not None and w.process.returncode is None:
@@ -1040,6 +1111,8 @@ class Daemon:
                     "state": w.state,
                     "in_flight": len(w.in_flight),
                     "handled": w.handled,
+                    "active_sessions": w.sessions.active if w.sessions else None,
+                    "sessions_ended": w.sessions.ended() if w.sessions else None,
                     "restarts": self.restarts[w.index],
                     "external": w.external,
                 }
@@ -1074,6 +1147,7 @@ class Daemon:
                 "waiting_for_worker": self.admission.count(Stage.WAITING_FOR_WORKER),
             },
             "waiting_for_worker": self._waiting_for_worker,
+            "sessions": self.session_totals(),
             "handshake_failures": dict(self.stats.handshake_failures),
             "refused_by_worker": dict(self.stats.refused_by_worker),
             "handoff_latency_us": self.stats.latency_quantiles(),

@@ -37,14 +37,25 @@ from dataclasses import dataclass, replace
 import trio
 
 from handoffd.core.framing import FrameDecoder
-from handoffd.core.handoff import FD_KINDS, Ack, Handoff, Hello, Kind, Refused, Registered
+from handoffd.core.handoff import (
+    FD_KINDS,
+    Ack,
+    Handoff,
+    Hello,
+    Kind,
+    Refused,
+    Registered,
+    Sessions,
+)
 from handoffd.core.seal import open_sealed
 from handoffd.kernel.channel import Channel, Received, tcp_stream_socket
 from handoffd.kernel.parking import ENV_FD, WorkerParking
 from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
+from handoffd.logs import status_fields
 from handoffd.mech import import_session, sealed_mechanism
 from handoffd.mech import noise as _noise  # noqa: F401  # up front: see _accept_handoff
 from handoffd.minor import Minor
+from handoffd.runtime.sessions import SessionTally
 from handoffd.runtime.stream import SecureStream
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
 
@@ -93,6 +104,9 @@ class HandoffReceiver:
         self.accepted = 0
         self._hello_sent = False
         self._draining = False
+        # ACKs, DRAINING and session reports go out from different tasks: one send at a
+        # time (two tasks waiting to write one trio socket is BusyResourceError).
+        self._send_lock = trio.Lock()
         self._policy = PeerPolicy(
             uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid,
             labels=identity.acceptor_labels,
@@ -195,14 +209,27 @@ class HandoffReceiver:
     async def hello(self) -> None:
         """Announce this worker to the acceptor (done by the first iteration if not before)."""
         self.channel.enable_extended_attributes(keep_pidfds=False)
-        await self.channel.send(Kind.HELLO, Hello(self.identity.worker_id, os.getpid()).encode())
+        async with self._send_lock:
+            await self.channel.send(Kind.HELLO,
+                                    Hello(self.identity.worker_id, os.getpid()).encode())
         self._hello_sent = True
 
     async def drain(self) -> None:
         """Stop taking handoffs: the acceptor answers DRAINED and the iterator ends."""
         if not self._draining:
             self._draining = True
-            await self.channel.send(Kind.DRAINING, b"")
+            async with self._send_lock:
+                await self.channel.send(Kind.DRAINING, b"")
+
+    async def report_sessions(self, sessions: Sessions) -> None:
+        """Tell the acceptor how many sessions are open and how they ended (SESSIONS;
+        :func:`serve` does it).  A channel already gone is not an error here."""
+        try:
+            async with self._send_lock:
+                await self.channel.send(Kind.SESSIONS, sessions.encode())
+        except GSSError as error:
+            if error.minor != Minor.CHANNEL_CLOSED:
+                log.warning("could not report sessions to the acceptor: %s", error)
 
     def __aiter__(self) -> AsyncIterator[SecureStream]:
         return self._streams()
@@ -279,8 +306,14 @@ class HandoffReceiver:
         decoder = FrameDecoder()
         if unread:
             decoder.feed(unread)
+        try:
+            peer_address = _address_text(sock.getpeername())
+        except OSError:
+            peer_address = "unknown peer"
         transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         info: dict[str, object] = {
+            "context_id": context.context_id,
+            "peer_address": peer_address,
             "peer_name": context.peer_name,
             "peer_fingerprint": context.peer_fingerprint,
             "flags": context.flags,
@@ -297,7 +330,8 @@ class HandoffReceiver:
 
     async def _ack(self, ack: Ack) -> None:
         try:
-            await self.channel.send(Kind.ACK, ack.encode())
+            async with self._send_lock:
+                await self.channel.send(Kind.ACK, ack.encode())
         except GSSError as error:
             log.warning("could not acknowledge handoff %d: %s", ack.handoff_id, error)
 
@@ -376,6 +410,13 @@ def _close_fd(fd: int | None) -> None:
         os.close(fd)
 
 
+def _address_text(address: object) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
+
 def _kind_name(kind: int) -> str:
     try:
         return Kind(kind).name
@@ -394,42 +435,93 @@ async def serve(
 
     SIGTERM makes the worker drain: it tells the acceptor it takes no more
     handoffs, lets running sessions finish for up to ``drain_timeout``
-    seconds, then returns.  A handler's exception is logged and ends only its
-    own session.
+    seconds, then ends the rest (ERROR ``SHUTTING_DOWN`` to their clients) and
+    returns.  A handler's exception is logged with its traceback and ends only
+    its own session, with ERROR ``APP_FAILED`` to that client.  Every session's
+    start and end, and how it ended, is reported to the acceptor (SESSIONS).
     """
     import signal
 
+    tally = SessionTally()
+
     async def run_session(stream: SecureStream) -> None:
+        tally.start()
+        outcome = "cut_at_drain"  # unless something below runs to its end
         try:
-            async with stream:
-                try:
-                    await handler(stream)
-                except GSSError as error:
-                    # An ERROR frame tells the client why; a CLOSE would look like a clean end.
-                    await stream.abort(error)
-                    raise
-        except GSSError as error:
-            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-            log.info("session %s ended: %s", stream.info.get("handoff_id"), error)
-        except Exception:
-            log.exception("application handler failed")
+            outcome = await _run_session(stream, handler)
+        finally:
+            tally.end(outcome)
+
+    async def report_changes() -> None:
+        while True:
+            await tally.changed.wait()
+            await receiver.report_sessions(tally.snapshot())
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as sessions:
-            async def on_signal() -> None:
-                async for _ in signals:
-                    await receiver.drain()
-                    sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
-                    return
+        async with trio.open_nursery() as reporting:
+            async with trio.open_nursery() as sessions:
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        await receiver.drain()
+                        sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+                        return
 
-            async with trio.open_nursery() as control:
-                control.start_soon(on_signal)
-                await receiver.hello()
-                task_status.started()
-                async for stream in receiver:
-                    sessions.start_soon(run_session, stream)
-                control.cancel_scope.cancel()
-            if not receiver._draining:
-                # Channel closed by the acceptor: finish what we have, bounded.
-                sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+                async with trio.open_nursery() as control:
+                    control.start_soon(on_signal)
+                    await receiver.hello()
+                    tally.changed.set()  # a first, empty report: this worker reports
+                    reporting.start_soon(report_changes)
+                    task_status.started()
+                    async for stream in receiver:
+                        sessions.start_soon(run_session, stream)
+                    control.cancel_scope.cancel()
+                if not receiver._draining:
+                    # Channel closed by the acceptor: finish what we have, bounded.
+                    sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+            reporting.cancel_scope.cancel()
+    # The final tally, outside every cancelled scope: the acceptor reads it before it
+    # sees this worker's channel close.
+    final = tally.snapshot()
+    await receiver.report_sessions(final)
+    if final.cut_at_drain:
+        log.warning("drained: %d sessions still open after drain_timeout %gs were cut "
+                    "(%s)", final.cut_at_drain, drain_timeout, Minor.SHUTTING_DOWN.name)
+
+
+_SHUTTING_DOWN = GSSError(GSS_S_UNAVAILABLE, Minor.SHUTTING_DOWN, "drain_timeout reached")
+
+
+async def _run_session(stream: SecureStream, handler: Handler) -> str:
+    """Serve one session; returns how it ended (``OUTCOMES``).  Cancellation (the
+    drain deadline) tells the client ``SHUTTING_DOWN`` and propagates."""
+    handoff_id = stream.info.get("handoff_id")
+    try:
+        async with stream:
+            try:
+                await handler(stream)
+            except GSSError as error:
+                # An ERROR frame tells the client why; a CLOSE would look like a clean end.
+                await stream.abort(error)
+                raise
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True):  # abort is bounded: 1 s
+                    await stream.abort(_SHUTTING_DOWN)
+                raise
+            except Exception as error:
+                failed = GSSError(GSS_S_FAILURE, Minor.APP_FAILED, type(error).__name__)
+                peer = f"{stream.info.get('peer_address')} ({stream.info.get('peer_name')})"
+                # One line: the application's exception with its traceback (``exc`` in
+                # JSON logs), the context and peer; no key or data of the session.
+                log.error("session %s (context %s, peer %s) ended: the application raised "
+                          "%s: %s; the client gets %s", handoff_id,
+                          stream.info.get("context_id"), peer, type(error).__name__, error,
+                          Minor.APP_FAILED.name, exc_info=True,
+                          extra=status_fields(failed, peer))
+                await stream.abort(failed)
+                return "app_error"
+        return "closed"
+    except (GSSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+        log.info("session %s ended: %s", handoff_id, error)
+        return "client_error"
