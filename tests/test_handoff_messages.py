@@ -46,6 +46,16 @@ def test_byte_layouts() -> None:
         "0000000000000003")
 
 
+def test_sessions_frame_as_channel_md_shows_it() -> None:
+    from handoffd.kernel.channel import HEADER, MAGIC, VERSION
+
+    payload = Sessions(2, 5, 1, 0, 3).encode()
+    frame = HEADER.pack(MAGIC, VERSION, 0, Kind.SESSIONS, 0, len(payload)) + payload
+    assert frame.hex(" ") == (
+        "48 44 01 00 00 08 00 00 00 00 00 24 00 00 00 02 00 00 00 00 00 00 00 05 "
+        "00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 03")
+
+
 @given(worker_id=st.binary(min_size=16, max_size=16), pid=st.integers(0, 2**32 - 1),
        handoff_id=st.integers(0, 2**64 - 1), ref=st.binary(max_size=MAX_KEY_REF),
        sealed=st.binary(min_size=1, max_size=300), major=st.integers(0, 2**32 - 1),

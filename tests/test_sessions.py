@@ -9,6 +9,7 @@ An application that raises is an error the client sees (ERROR ``APP_FAILED``, th
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -165,6 +166,32 @@ async def test_a_drain_that_reaches_drain_timeout_cuts_and_says_so(tmp_path: Pat
     assert (f"stopped: 1 sessions cut at drain (worker 0 pid {worker_pid}: 1); sessions "
             "ended: closed 0, app_error 0, client_error 0, cut_at_drain 1, "
             "died_with_worker 0") in text
+
+
+async def test_sessions_open_in_a_killed_worker_count_as_died_with_worker(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL a worker serving two sessions: the acceptor counts them as
+    ``died_with_worker`` (from the worker's last report), none is left open, and the log
+    says so."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=1, log=log)
+    try:
+        streams = [await daemon.connect() for _ in range(2)]
+        pids = {int(await read_line(stream)) for stream in streams}
+        await _sessions_until(daemon, lambda s: s["active"] == 2)
+        (worker,) = pids
+        os.kill(worker, signal.SIGKILL)
+        status = await _sessions_until(daemon, lambda s: s["ended"]["died_with_worker"] == 2)
+        assert status["sessions"]["active"] == 0
+        for stream in streams:
+            with pytest.raises((GSSError, trio.BrokenResourceError)):
+                await stream.receive_some()
+            await stream.aclose()
+    finally:
+        assert await daemon.stop() == 0
+    assert f"2 sessions ended with worker 0 (pid {worker}), which exited while they were " \
+        "open" in log.read_text()
 
 
 async def test_a_worker_cannot_inflate_the_counts_or_crash_the_acceptor(
