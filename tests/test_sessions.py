@@ -143,6 +143,31 @@ async def test_active_sessions_show_the_open_ones_then_zero(tmp_path: Path) -> N
         assert await daemon.stop() == 0
 
 
+async def test_the_human_status_shows_connections_waiting_for_a_worker(
+    tmp_path: Path,
+) -> None:
+    """No worker at all: a client whose handshake finished waits for one, and ``handoffd
+    status`` (not only ``--json``) says so."""
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = await start_daemon(tmp_path, workers=0, extra=(
+        f'[workers]\nwait_timeout = 2\nregister_socket = "{run / "register.sock"}"\n'
+        "[policy]\nworker_uids = [64999]"))
+    try:
+        stream = await daemon.connect()
+        async with stream:
+            with trio.fail_after(10):
+                while (await daemon.status())["waiting_for_worker"] != 1:
+                    await trio.sleep(0.05)
+            human = await trio.to_thread.run_sync(_human_status, daemon)
+            with pytest.raises(GSSError):  # NO_WORKER_AVAILABLE after wait_timeout
+                await stream.receive_some()
+    finally:
+        assert await daemon.stop() == 0
+    assert "connections waiting for a worker: 1" in human, human
+    assert "sessions: 0 open" in human, human
+
+
 async def test_a_drain_that_reaches_drain_timeout_cuts_and_says_so(tmp_path: Path) -> None:
     """An idle open session and ``drain_timeout = 1``: SIGTERM; after a second the worker
     cuts it (its client gets ERROR ``SHUTTING_DOWN``), the worker and the acceptor log the
