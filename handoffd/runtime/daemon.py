@@ -571,6 +571,7 @@ class Daemon:
                 nursery.start_soon(read_channel)
                 nursery.start_soon(self._ack_watchdog, w)
                 await w.process.wait()
+                w.state = "dead"  # no handoff for it while what it sent last is read
                 with trio.move_on_after(_READ_AFTER_EXIT):
                     await read_all.wait()
                 nursery.cancel_scope.cancel()
@@ -613,6 +614,8 @@ class Daemon:
                 log.warning("worker %s sent a bad %s message: %s", w.pid, message.kind, error)
 
     async def _on_worker_message(self, w: Worker, kind: int, payload: bytes) -> None:
+        if w.state == "dead" and kind in (Kind.HELLO, Kind.DRAINING):
+            return  # read after its exit: it takes nothing any more
         if kind == Kind.HELLO:
             hello = Hello.decode(payload)
             if hello.worker_id != w.worker_id or hello.pid != w.pid:
