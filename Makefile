@@ -6,24 +6,33 @@ PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TEST_STAMP := $(VENV)/.test-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 KRB5_STAMP := $(VENV)/.krb5-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all venv venv-krb5 demo test test-lsm lint typecheck unit bench bench-micro soak fuzz clean
+.PHONY: all venv venv-test venv-krb5 demo test test-lsm lint typecheck unit bench bench-micro soak fuzz clean
 
 all: test
 
+# The runtime alone (what `make demo` needs: trio, cryptography, pyOpenSSL).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	rm -f $(VENV)/.installed-* $(VENV)/.krb5-*
+	$(BIN)/python -m pip install --quiet -e .
+	rm -f $(VENV)/.installed-* $(VENV)/.test-* $(VENV)/.krb5-*
 	touch $@
 
 venv: $(STAMP)
 
+# The test extras (pytest, mypy, ruff, ...) on top, for the suites.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv-test: $(TEST_STAMP)
+
 # The suite also needs the krb5 extra; its gssapi builds against MIT's headers
 # (deps-krb5) when no wheel fits.  `make demo` does not need any of it.
-$(KRB5_STAMP): $(STAMP) | deps-krb5
+$(KRB5_STAMP): $(TEST_STAMP) | deps-krb5
 	$(BIN)/python -m pip install --quiet -e '.[test,krb5]'
 	touch $@
 
@@ -62,6 +71,17 @@ deps-prometheus:
 	       $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
 	         apt-get install -y --no-install-recommends prometheus; }
 
+# Chromium and curl for the TLS tests with real clients (tests/test_tls_browser.py loads a
+# page headless and checks its screenshot; skipped, saying so, without Chromium); Debian's
+# chromium package.  Not a prerequisite of `make test`; .ci/run runs it first.  A no-op
+# when both are installed.
+.PHONY: deps-chromium
+deps-chromium:
+	@{ command -v chromium >/dev/null && command -v curl >/dev/null; } \
+	  || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	       $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y --no-install-recommends chromium curl; }
+
 lint: venv-krb5
 	$(BIN)/ruff check handoffd tests examples
 
@@ -74,8 +94,18 @@ unit: venv-krb5 deps-debian
 test: lint typecheck unit
 
 # SO_PEERSEC against real SELinux labels: boots a qemu guest (see lsm/run.sh, docs/LSM.md).
-test-lsm: venv
+test-lsm: venv-test
 	lsm/run.sh
+
+# README's systemd install block, then DEPLOY.md's walk-through, each run verbatim as root
+# in a booted Debian 12 container (systemd-nspawn; docs/SYSTEMD-TEST.md): units, sysusers,
+# tmpfiles, config, key, enable, clients through reload, restart and SIGUSR2, socket
+# activation, stop, reboot.  Installs systemd-container and debootstrap if missing; the
+# root file system is cached in .systemd-test/.  ~90 s once cached (HANDOFFD_SYSTEMD_TIMEOUT
+# bounds it).
+.PHONY: test-systemd
+test-systemd: venv
+	$(BIN)/python systemd/test/run.py
 
 # The shipped Docker image (Dockerfile, docker/) built and run with a real engine, the
 # ways README and docs/DEPLOY.md show (see docs/DOCKER-TEST.md): installs Debian's
@@ -87,6 +117,12 @@ test-docker: venv
 
 demo: venv
 	$(BIN)/python -m examples.echo.demo
+
+# HTTPS through handoffd: a throwaway CA, a [tls] listener, curl against 4 workers that
+# never hold the TLS key (examples/https/demo.py, README "HTTPS for curl and browsers").
+.PHONY: demo-https
+demo-https: venv
+	$(BIN)/python -m examples.https.demo
 
 # handoffd against its alternatives (docs/BENCHMARKS.md); not part of `make test`.
 # Writes bench/results/latest.json and latest.png, prints the table (~4 min on 2 cores).

@@ -71,7 +71,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.check:
-        return _check_config(config)
+        return _check_config(config, activated=args.activated)
     plan = process_plan(config)
     if plan.separated:
         # Root (or CAP_SETUID/SETGID/KILL): this process stays the supervisor, and the
@@ -87,27 +87,48 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_config(config: Config) -> int:
-    """``serve --check``: everything ``serve`` reads before it starts, without starting."""
-    from handoffd import keyfiles
-    from handoffd.runtime.app import load_app
+def _check_config(config: Config, *, activated: bool = False) -> int:
+    """``serve --check``: everything ``serve`` reads and binds before it starts, without
+    starting (``handoffd.runtime.preflight``)."""
+    import os
 
-    key = keyfiles.load_private_key(config.server.key)
+    from handoffd import keyfiles
+    from handoffd.runtime import preflight
+    from handoffd.runtime.supervisor import process_plan
+
+    plan = process_plan(config)
     clients = (keyfiles.load_allow_list(config.server.allowed_clients)
                if config.server.allowed_clients else None)
-    load_app(config.workers.app, pythonpath=config.workers.pythonpath)
+    if plan.separated and os.geteuid() == 0:
+        # Keys as the acceptor reads them, the app as a worker imports it: never as root.
+        fingerprint = preflight.check_keys_as_acceptor(config, plan)
+        preflight.check_app_as_worker(config, plan)
+    else:
+        fingerprint = keyfiles.load_private_key(config.server.key).fingerprint
+        preflight.load_app_here(config)
+        if "krb5" in config.server.mechanisms:
+            from handoffd.mech.krb5 import Krb5AcceptorFactory
+
+            # Acquires the acceptor credentials from the keytab, as serve does at start-up.
+            Krb5AcceptorFactory.from_config(config)
+        if config.tls.listen:
+            from handoffd.mech.tls import TlsAcceptorFactory
+
+            TlsAcceptorFactory.from_config(config)
+    bound = preflight.check_sockets(config, activated=activated)
     print(f"config {config.path}: OK")
-    print(f"server key {key.fingerprint}")
+    print(f"server key {fingerprint}")
     print(f"clients: {len(clients) if clients else 0} named"
           f"{', anonymous allowed' if config.server.allow_anonymous else ''}")
-    print(f"app {config.workers.app}: an async handler, {config.workers.count} workers")
+    kind = "an ASGI app" if config.workers.asgi else "a WSGI app" if config.workers.wsgi \
+        else "an async handler"
+    print(f"app {preflight.app_spec(config)}: {kind}, {config.workers.count} workers")
     if "krb5" in config.server.mechanisms:
-        from handoffd.mech.krb5 import Krb5AcceptorFactory
-
-        # Acquires the acceptor credentials from the keytab, as serve does at start-up.
-        Krb5AcceptorFactory.from_config(config)
         print(f"krb5: keytab {config.krb5.keytab}, service {config.krb5.service or 'any'}")
-    print(f"mechanisms: {', '.join(config.server.mechanisms)}")
+    print(f"mechanisms: {', '.join(config.server.mechanisms)}"
+          f"{', tls' if config.tls.listen else ''}")
+    print(f"sockets bound and released: {', '.join(bound) or 'none'}"
+          f"{' (client listeners: systemd, --activated)' if activated else ''}")
     return 0
 
 
@@ -148,27 +169,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     totals = snapshot["totals"]
     latency = snapshot["handoff_latency_us"]
+    addresses = [*snapshot["listen"], *(f"{a} (TLS)" for a in snapshot.get("tls_listen", []))]
     print(f"handoffd pid {snapshot['pid']} {snapshot['state']}, up {snapshot['uptime_s']:.0f}s, "
           f"key parking: {snapshot['key_parking']}, listening on "
-          f"{', '.join(snapshot['listen'])}")
+          f"{', '.join(addresses)}")
     privsep = snapshot.get("privilege_separation") or {}
     if privsep:
         print(("INSECURE: " if privsep["insecure_same_uid"] else "separated: ")
               + f"acceptor uid {privsep['acceptor_uid']}, workers {privsep['workers']}")
     print(f"{'worker':>6} {'pid':>8} {'uid':>7} {'state':>9} {'in-flight':>9} {'handled':>8} "
-          f"{'sessions':>8} {'restarts':>8}")
+          f"{'active':>7} {'restarts':>8}")
     for w in snapshot["workers"]:
-        active = w.get("active_sessions")
         print(f"{w['index']:>6} {w['pid'] or '-':>8} {w.get('uid') or '-':>7} {w['state']:>9} "
-              f"{w['in_flight']:>9} {w['handled']:>8} {'-' if active is None else active:>8} "
+              f"{w['in_flight']:>9} {w['handled']:>8} {w.get('active', 0):>7} "
               f"{w['restarts']:>8}")
-    sessions = snapshot.get("sessions")
-    if sessions is not None:
-        print(f"sessions: {sessions['active']} open; ended: "
-              + ", ".join(f"{k} {v}" for k, v in sessions["ended"].items())
-              + (f"; {sessions['reports_refused']} worker reports refused"
-                 if sessions["reports_refused"] else ""))
-    print(f"connections waiting for a worker: {snapshot.get('waiting_for_worker', 0)}")
+    slots = snapshot.get("handshake_slots", {})
+    print(f"sessions: {snapshot.get('sessions_active', 0)} active; ended "
+          f"{totals.get('sessions_closed', 0)} closed, {totals.get('sessions_app_error', 0)} "
+          f"app errors, {totals.get('sessions_peer_error', 0)} peer errors, "
+          f"{totals.get('sessions_cut_at_drain', 0)} cut at drain, "
+          f"{totals.get('sessions_lost_with_worker', 0)} lost with their worker")
+    used = sum(slots.get(k, 0) for k in ("first_token", "handshake", "waiting_for_worker"))
+    print(f"handshakes: {slots.get('first_token', 0) + slots.get('handshake', 0)} in progress, "
+          f"{snapshot.get('waiting_for_worker', 0)} waiting for a worker "
+          f"(slots {used}/{slots.get('capacity', '-')})")
     print("totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     if latency["p50"] is not None:
         print(f"handoff latency: p50 {latency['p50']:.0f} us, p99 {latency['p99']:.0f} us")
@@ -200,6 +224,9 @@ def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                        "terminal). SIGTERM drains, SIGHUP rolls workers, SIGTTIN/SIGTTOU "
                        "resize the pool.")
     p.add_argument("--config", required=True, type=Path, help="TOML configuration file")
+    p.add_argument("--activated", action="store_true",
+                   help="with --check: the client listeners come from systemd (socket "
+                        "activation); do not test-bind them")
     p.add_argument("--check", action="store_true",
                    help="validate the config, keys, allow-list and app, then exit")
     p.set_defaults(handler=_cmd_serve)
@@ -233,6 +260,10 @@ def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
                    help="security mechanism (krb5 needs handoffd[krb5] and a ticket: kinit)")
     p.add_argument("--service", help="krb5: the acceptor's service@host "
                    "(default host@HOST)")
+    p.add_argument("--listen", metavar="ADDR",
+                   help="forward instead: accept plain TCP on ADDR (e.g. 127.0.0.1:8080) and "
+                   "carry each connection to the server over its own secure connection, as "
+                   "stunnel's client mode (for curl, browsers)")
     p.set_defaults(handler=_cmd_connect)
 
     p = sub.add_parser("doctor", help="check this host: keyring, pidfds, LSM labels, limits, "

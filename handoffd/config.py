@@ -91,6 +91,11 @@ class WorkersConfig:
 
     app: str = "examples.echo.app:handler"
     """The application, ``module:callable``: ``async def handler(stream)``."""
+    asgi: str | None = None
+    """Instead of ``app``: an ASGI application, ``module:app``, served by hypercorn on
+    each handed-off stream (``handoffd.runtime.web``; the ``asgi`` extra)."""
+    wsgi: str | None = None
+    """Instead of ``app``: a WSGI application (Flask, Django...), the same way."""
     count: int = 4
     """Workers handoffd spawns; 0 is allowed when ``register_socket`` is set
     (all workers external, e.g. a pre-fork server embedding the worker library)."""
@@ -171,6 +176,24 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """``[tls]``: TLS 1.3 listeners beside the Noise/krb5 ones (docs/TLS.md); off while
+    ``listen`` is empty.  The certificate's key is read by the acceptor only."""
+
+    listen: tuple[str, ...] = ()
+    certificate: Path | None = None  # PEM chain, leaf first
+    key: Path | None = None  # PEM private key (0600, the acceptor's user)
+    alpn: tuple[str, ...] = ("http/1.1",)
+    # "<server name> <certificate> <key>" per entry: the certificate for that SNI name
+    sni: tuple[tuple[str, Path, Path], ...] = ()
+    client_ca: Path | None = None  # PEM bundle: ask for and verify client certificates
+    require_client_certificate: bool = False
+    # "subject:<RFC 4514 DN>", "san:<DNS|email|URI|IP>:<value>", "spki:<SHA-256 hex>"
+    allowed_clients: tuple[str, ...] = ()
+    peer_name: str = "subject"  # the peer name a worker sees: subject, san or spki
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -180,6 +203,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
     krb5: Krb5Config = field(default_factory=Krb5Config)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     path: Path | None = None
 
 
@@ -190,12 +214,14 @@ _SECTIONS: dict[str, type[Any]] = {
     "control": ControlConfig,
     "log": LogConfig,
     "krb5": Krb5Config,
+    "tls": TlsConfig,
 }
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("workers", "keyring"): ("auto", "keyring", "fallback"),
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("text", "json"),
+    ("tls", "peer_name"): ("subject", "san", "spki"),
 }
 
 _POSITIVE: frozenset[tuple[str, str]] = frozenset({
@@ -249,6 +275,14 @@ def _convert(section: str, key: str, annotation: str, value: object, base: Path)
         if key == "pythonpath":
             return tuple(str(base / v) for v in value)
         return tuple(value)
+    if annotation.startswith("tuple[tuple[str, Path, Path]"):
+        entries = []
+        for entry in value if isinstance(value, list) else [None]:
+            parts = entry.split() if isinstance(entry, str) else []
+            if len(parts) != 3:
+                raise _invalid(where, 'expected a list of "<server name> <certificate> <key>"')
+            entries.append((parts[0].lower(), base / parts[1], base / parts[2]))
+        return tuple(entries)
     if annotation.startswith("tuple[int"):
         if not isinstance(value, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
@@ -289,6 +323,9 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
         raise _invalid("[server] allow_anonymous",
                        "false with no allowed_clients file would refuse every client")
     _check_mechanisms(config)
+    if config.workers.asgi is not None and config.workers.wsgi is not None:
+        raise _invalid("[workers] asgi", "set asgi or wsgi, not both")
+    _check_tls(config.tls)
     _check_identities(config)
     for address in config.server.listen:
         _check_address("[server] listen", address)
@@ -300,6 +337,22 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
     if server.max_handshakes_per_source < 0:
         raise _invalid("[server] max_handshakes_per_source", "must not be negative")
     return config
+
+
+def _check_tls(tls: TlsConfig) -> None:
+    for address in tls.listen:
+        _check_address("[tls] listen", address)
+    if tls.listen and (tls.certificate is None or tls.key is None):
+        raise _invalid("[tls] certificate", "TLS listeners need a certificate and its key")
+    for protocol in tls.alpn:
+        if len(protocol.encode()) > 255:
+            raise _invalid("[tls] alpn", f"{protocol!r} is longer than 255 bytes")
+    for entry in tls.allowed_clients:
+        if entry.partition(":")[0] not in ("subject", "san", "spki") or not entry.partition(":")[2]:
+            raise _invalid("[tls] allowed_clients",
+                           f"{entry!r}: expected subject:<DN>, san:<type>:<value> or spki:<sha256>")
+    if (tls.allowed_clients or tls.require_client_certificate) and tls.client_ca is None:
+        raise _invalid("[tls] client_ca", "client certificates need the CA bundle that issues them")
 
 
 def _check_address(where: str, address: str) -> None:
@@ -410,7 +463,7 @@ RESTART_ONLY: frozenset[tuple[str, str]] = frozenset({
     ("workers", "register_socket"), ("workers", "register_group"), ("workers", "user"),
     ("workers", "group"), ("workers", "uid_range"), ("workers", "insecure_same_uid"),
     ("workers", "keyring"), ("workers", "max_unacked"),
-    ("control", "socket"), ("control", "metrics"), ("log", "format"),
+    ("control", "socket"), ("control", "metrics"), ("log", "format"), ("tls", "listen"),
 })
 """Settings a reload (SIGHUP) cannot change: sockets are bound, uids and key slots
 allocated, once at start.  Everything else applies on reload."""

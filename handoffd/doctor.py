@@ -67,6 +67,42 @@ def _check_pidfd() -> Check:
     return Check("SO_PEERPIDFD", True, "supported", "senders are identified by pidfd")
 
 
+TCP_ULP = 31
+SOL_TLS = 282
+TLS_TX = 1
+TLS_1_3_VERSION = 0x0304
+TLS_CIPHER_AES_GCM_128 = 51
+
+
+def _check_ktls() -> Check:
+    """Try the kernel's TLS ULP on a real loopback connection, then a TLS 1.3 TX key."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname()[:2])
+    server, _ = listener.accept()
+    try:
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+        except OSError as error:
+            return Check("kTLS", False, f"no kernel TLS ({os.strerror(error.errno or 0)}: "
+                         "no tls ULP; /proc/sys/net/ipv4/tcp_available_ulp)",
+                         "TLS sessions are continued in userspace by the worker (docs/TLS.md)")
+        # struct tls12_crypto_info_aes_gcm_128: version, cipher, iv[8], key[16], salt[4],
+        # rec_seq[8] (dummy values: nothing is sent)
+        info = (TLS_1_3_VERSION.to_bytes(2, "little") + TLS_CIPHER_AES_GCM_128.to_bytes(2, "little")
+                + bytes(8 + 16 + 4 + 8))
+        try:
+            client.setsockopt(SOL_TLS, TLS_TX, info)
+        except OSError as error:
+            return Check("kTLS", False, f"tls ULP present, TLS 1.3 keys refused "
+                         f"({os.strerror(error.errno or 0)})",
+                         "TLS sessions are continued in userspace by the worker")
+        return Check("kTLS", True, "the tls ULP takes TLS 1.3 keys",
+                     "available; handoffd's workers do not use it yet (docs/TLS.md)")
+    finally:
+        for sock in (client, server, listener):
+            sock.close()
+
+
 def _check_labels() -> Check:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -137,7 +173,7 @@ def _check_separation(config_path: str | None) -> Check:
 def run_doctor(*, json_output: bool = False, config: str | None = None) -> int:
     """Print the checks; exit status 0 even with warnings (the daemon still runs)."""
     checks = [_versions(), _check_keyring(), _check_quota(), _check_pidfd(), _check_labels(),
-              _check_nofile(), _check_separation(config)]
+              _check_nofile(), _check_ktls(), _check_separation(config)]
     mode = "keyring" if checks[1].ok else "fallback"
     if json_output:
         print(json.dumps({"mode": mode, "checks": [asdict(c) for c in checks]}, indent=2))

@@ -147,8 +147,9 @@ class Minor(IntEnum):
     USAGE_INVALID = 623
     SERVER_KEY_NOT_PINNED = 624
     MECHANISM_UNKNOWN = 625
-    APP_FAILED = 626
-    SESSION_REPORT_INVALID = 627
+    PREFLIGHT_FAILED = 626
+    APP_FAILED = 627
+    SESSION_DRAINED = 628
     # privilege separation: supervisor, acceptor and worker uids (650+)
     PRIVSEP_SAME_UID = 650
     PRIVSEP_NOT_PERMITTED = 651
@@ -161,11 +162,27 @@ class Minor(IntEnum):
     SYSTEMD_WATCHDOG_INVALID = 681
     SYSTEMD_NOTIFY_FIELD_INVALID = 682
 
-    # Kerberos V5 mechanism (handoffd.mech.krb5); the library's own minors pass through
+    # Kerberos V5 mechanism (handoffd.mech.krb5); MIT's own minor goes in the detail
     KRB5_UNAVAILABLE = 1100
     KRB5_EXPORT_INVALID = 1101
     KRB5_NOT_ESTABLISHED = 1102
     KRB5_PRINCIPAL_NOT_ALLOWED = 1103
+    KRB5_LIBRARY_ERROR = 1104
+
+    # TLS 1.3 mechanism: the record layer a worker continues (handoffd.core.tls_record)
+    TLS_SUITE_UNSUPPORTED = 1200
+    TLS_STATE_INVALID = 1201
+    TLS_BAD_RECORD_MAC = 1202
+    TLS_RECORD_OVERFLOW = 1203
+    TLS_UNEXPECTED_MESSAGE = 1204
+    TLS_DECODE_ERROR = 1205
+    TLS_ILLEGAL_PARAMETER = 1206
+    TLS_ALERT_RECEIVED = 1207
+    TLS_SESSION_CLOSED = 1208
+    TLS_HANDSHAKE_FAILED = 1209
+    TLS_CLIENT_NOT_ALLOWED = 1210
+    TLS_NOT_TLS = 1211
+    TLS_CERTIFICATE_INVALID = 1212
 
 
 _TEXT: Final[dict[Minor, str]] = {
@@ -304,10 +321,12 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.SERVER_KEY_NOT_PINNED: "No server key was pinned: give --server-key, --fingerprint "
     "or --tofu (trust on first use)",
     Minor.MECHANISM_UNKNOWN: "No security mechanism of that name (known: noise, krb5)",
-    Minor.APP_FAILED: "The server's application failed while serving this session "
-    "(it raised); the worker ended the session and logged why",
-    Minor.SESSION_REPORT_INVALID: "A worker's session report contradicts what the "
-    "acceptor handed it (a count went down, or more sessions than its handoffs)",
+    Minor.PREFLIGHT_FAILED: "A check of serve --check run under the acceptor's or a worker's "
+    "uid failed",
+    Minor.APP_FAILED: "The server's application failed while serving this session (its "
+    "log has the error)",
+    Minor.SESSION_DRAINED: "The server stopped: the session was still open at [workers] "
+    "drain_timeout",
     Minor.SYSTEMD_NOTIFY_SOCKET_INVALID: "NOTIFY_SOCKET is neither an absolute path "
     "nor an abstract @name",
     Minor.SYSTEMD_WATCHDOG_INVALID: "WATCHDOG_USEC or WATCHDOG_PID is malformed",
@@ -319,6 +338,24 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.KRB5_NOT_ESTABLISHED: "The Kerberos context is not established",
     Minor.KRB5_PRINCIPAL_NOT_ALLOWED: "The client's Kerberos principal is not in "
     "[krb5] allowed_principals",
+    Minor.KRB5_LIBRARY_ERROR: "MIT krb5 reported a failure (its minor code and text follow)",
+    Minor.TLS_SUITE_UNSUPPORTED: "The TLS cipher suite is not one of TLS 1.3's AEAD suites "
+    "handoffd continues (AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305)",
+    Minor.TLS_STATE_INVALID: "The exported TLS session state is malformed",
+    Minor.TLS_BAD_RECORD_MAC: "A TLS record failed authentication (bad_record_mac)",
+    Minor.TLS_RECORD_OVERFLOW: "A TLS record exceeds the size limit (record_overflow)",
+    Minor.TLS_UNEXPECTED_MESSAGE: "A TLS record or message arrived that the session cannot "
+    "accept now (unexpected_message)",
+    Minor.TLS_DECODE_ERROR: "A TLS message is malformed (decode_error)",
+    Minor.TLS_ILLEGAL_PARAMETER: "A TLS message field has a value the protocol forbids "
+    "(illegal_parameter)",
+    Minor.TLS_ALERT_RECEIVED: "The TLS peer ended the session with a fatal alert",
+    Minor.TLS_SESSION_CLOSED: "The TLS session was already closed by this side",
+    Minor.TLS_HANDSHAKE_FAILED: "The TLS handshake failed (OpenSSL's reason follows; a "
+    "TLS 1.2-only client gets protocol_version)",
+    Minor.TLS_CLIENT_NOT_ALLOWED: "The client certificate is not on [tls] allowed_clients",
+    Minor.TLS_NOT_TLS: "The first bytes on a TLS port are not a TLS handshake record",
+    Minor.TLS_CERTIFICATE_INVALID: "The TLS certificate, key or CA bundle cannot be loaded",
 }
 
 
@@ -329,8 +366,17 @@ OPERATOR_ERRORS: Final[frozenset[Minor]] = frozenset({
     Minor.SERVER_KEY_NOT_PINNED,
     Minor.MECHANISM_UNKNOWN,
     Minor.KEY_FILE_EXISTS,
+    Minor.BIND_FAILED,
+    Minor.PRIVSEP_SAME_UID,
+    Minor.PRIVSEP_NOT_PERMITTED,
+    Minor.BAD_KEY_FILE,
+    Minor.KEY_FILE_PERMISSIONS,
+    Minor.KEY_FILE_IS_PUBLIC,
+    Minor.TLS_CERTIFICATE_INVALID,
+    Minor.PREFLIGHT_FAILED,
 })
-"""Config and usage errors: the operator's own input is wrong and the detail says where
+"""Config, usage and start-up errors: the operator's own input or host is wrong and the
+detail says where
 (``<path>: [section] key: why``, the option to give).  The CLI prints them as that one
 line with the minor's name and number, not the major's generic text
 (:meth:`handoffd.status.GSSError.operator_line`)."""

@@ -109,42 +109,29 @@ async def identity_probe(stream: SecureStream) -> None:
         await stream.send_all(data)
 
 
-async def raises(stream: SecureStream) -> None:
-    """An application with a bug: every session fails before its first byte."""
-    raise RuntimeError("tests.apps:raises fails every session")
+async def https_whoami(stream: SecureStream) -> None:
+    """A one-request HTTP/1.1 answer naming the worker and what the handoff told it
+    (for the TLS tests: curl, Python's ssl, a browser)."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = await stream.receive_some()
+        if not chunk:
+            return
+        request += chunk
+    info = stream.info
+    body = (
+        f"<html><body><h1>worker {os.getpid()}</h1><p>mechanism={info.get('mechanism')} "
+        f"alpn={info.get('alpn')} sni={info.get('sni')} peer={info.get('peer_name')}</p>"
+        "</body></html>\n"
+    ).encode()
+    await stream.send_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
 
 
-async def lying_reports(stream: SecureStream) -> None:
-    """``pid_echo``, except that on ``lie`` the worker writes SESSIONS reports on its
-    channel, raw, that the acceptor must refuse (malformed, and a million sessions it was
-    never handed), one with an fd; then it answers ``done``."""
-    await stream.send_all(f"{os.getpid()}\n".encode())
-    async for data in stream:
-        if data == b"lie":
-            await _lie_to_acceptor(int(os.environ["HANDOFFD_CHANNEL_FD"]))
-            data = b"done"
-        await stream.send_all(data)
-
-
-async def _lie_to_acceptor(channel_fd: int) -> None:
-    import array
-    import socket
-
-    from handoffd.core.handoff import Kind, Sessions
-
-    null = os.open(os.devnull, os.O_RDONLY)
-    million = Sessions(active=0, closed=10**6).encode()
-    messages = [(_channel_frame(Kind.SESSIONS, million[:7]), []),
-                (_channel_frame(Kind.SESSIONS, million + b"x"), []),
-                (_channel_frame(Kind.SESSIONS, million), []),
-                (_channel_frame(Kind.SESSIONS, Sessions(active=2**32 - 1).encode()), []),
-                (_channel_frame(Kind.SESSIONS, million), [null])]
-    raw = socket.socket(fileno=os.dup(channel_fd))
-    try:
-        for data, fds in messages:
-            ancillary = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                         if fds else [])
-            raw.sendmsg([data], ancillary)  # a few small datagrams: the buffer takes them
-    finally:
-        raw.close()
-        os.close(null)
+async def raises_after_one_message(stream: SecureStream) -> None:
+    """An application that fails on every connection (after reading its first message):
+    the client must not see success (tests/test_session_visibility.py)."""
+    await stream.receive_some()
+    raise ValueError("the application is broken")

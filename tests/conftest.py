@@ -19,6 +19,22 @@ from hypothesis import HealthCheck, settings
 from tests.daemon_harness import SITE_PACKAGES, SYSTEM_PYTHON
 from tests.throwaway import throwaway_user
 
+# tmp_path in a root of this run's own, not the shared /tmp/pytest-of-<user>: another
+# pytest run resets that directory to 0700 while a daemon of ours (acceptor and workers
+# under other uids) must traverse it.
+# Short (Unix socket paths under tmp_path stay within 107 bytes) and this run's own.
+_TEMP_ROOT = Path(tempfile.gettempdir()) / f"hd{os.getpid()}"
+try:
+    _TEMP_ROOT.mkdir(mode=0o755, exist_ok=True)
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(_TEMP_ROOT))
+except OSError:  # no writable temp dir: pytest's default
+    pass
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_DEBUG_TEMPROOT") == str(_TEMP_ROOT):
+        shutil.rmtree(_TEMP_ROOT, ignore_errors=True)
+
 settings.register_profile(
     "handoffd", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

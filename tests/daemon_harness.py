@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,12 +35,15 @@ SITE_PACKAGES = REPO / ".venv" / "lib" / "python3.11" / "site-packages"
 # that two daemons of one test never share a worker uid.  Far from every range a host
 # uses (regular, DynamicUser, subuid, nspawn's up to 0x6FFFFFFF, the shipped configs'):
 # the supervisor kills every process of a worker uid when it frees it.
-_UID_BLOCKS = itertools.count()
+# The blocks start at a place drawn per test run: two runs on one machine (two checkouts,
+# CI beside a developer) must not share a worker uid, or one supervisor kills the other's
+# workers when it frees the uid.
+_UID_BLOCKS = itertools.count(secrets.randbelow(20_000) * 1000)
 
 
 def separated_uids() -> tuple[int, tuple[int, int]]:
     """A fresh ``(acceptor uid, (first, last) worker uids)`` block."""
-    base = 1_900_000_000 + 100 * (next(_UID_BLOCKS) % 1000)
+    base = 1_900_000_000 + 100 * (next(_UID_BLOCKS) % 20_000_000)  # < 2^32 - 2
     return base, (base + 1, base + 64)
 
 

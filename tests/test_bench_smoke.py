@@ -29,10 +29,10 @@ def test_bench_quick_run_writes_the_documented_schema(tmp_path: Path) -> None:
     assert set(result["handoff_latency_us"]) >= {"p50", "p99"}
     assert result["handoff_latency_us"]["p50"] <= result["handoff_latency_us"]["p99"]
     assert _number(result["handoffs_per_s"]) and result["handoffs_per_s"] > 0
-    assert set(result["e2e_conn_per_s"]) == {"handoffd", "inprocess", "tls_prefork"}
+    assert set(result["e2e_conn_per_s"]) == {"handoffd", "inprocess", "tls_prefork", "tls_handoffd"}
     assert all(_number(v) and v > 0 for v in result["e2e_conn_per_s"].values())
     assert set(result["wrap_mib_s"]) == {"handoffd_16k", "raw_aead_16k", "handoffd_1k",
-                                         "raw_aead_1k"}
+                                         "raw_aead_1k", "tls_record_16k", "raw_aesgcm_16k"}
     assert all(_number(v) and v > 0 for v in result["wrap_mib_s"].values())
     assert set(result["rss_mib"]) == {"acceptor", "worker"}
     assert all(_number(v) and v > 0 for v in result["rss_mib"].values())
@@ -51,7 +51,8 @@ def test_bench_quick_run_writes_the_documented_schema(tmp_path: Path) -> None:
     headline = result["handoff_path"]["handoff_latency_by_load"][0]
     assert headline["load_per_s"] == result["moderate_conn_per_s"]
     # Every client connection in every variant completed: a broken server shows here.
-    assert result["client_errors"] == {"handoffd": 0, "inprocess": 0, "tls_prefork": 0}
+    assert result["client_errors"] == {
+        "handoffd": 0, "inprocess": 0, "tls_prefork": 0, "tls_handoffd": 0}
     assert result["daemon_totals"]["lost"] == 0
     # The table printed is the one the JSON holds.
     assert "e2e conn/s handoffd" in done.stdout and "targets:" in done.stdout

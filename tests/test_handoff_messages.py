@@ -13,9 +13,10 @@ from handoffd.core.handoff import (
     Handoff,
     Hello,
     Kind,
+    Outcome,
     Refused,
     Registered,
-    Sessions,
+    SessionEnd,
     expect_empty,
 )
 from handoffd.minor import Minor
@@ -27,7 +28,9 @@ WORKER_ID = bytes(range(16))
 def test_kinds_and_fd_kinds_are_the_documented_values() -> None:
     assert [(k.name, k.value) for k in Kind] == [
         ("HELLO", 1), ("HANDOFF", 2), ("ACK", 3), ("DRAINING", 4), ("DRAINED", 5),
-        ("REGISTERED", 6), ("REFUSED", 7), ("SESSIONS", 8)]
+        ("REGISTERED", 6), ("REFUSED", 7), ("SESSION_END", 8)]
+    assert [(o.name, o.value) for o in Outcome] == [
+        ("CLOSED", 0), ("APP_ERROR", 1), ("PEER_ERROR", 2), ("CUT_AT_DRAIN", 3)]
     assert {Kind.HANDOFF, Kind.REGISTERED} == FD_KINDS
 
 
@@ -38,22 +41,10 @@ def test_byte_layouts() -> None:
     assert Ack(1, 0x90000, 208).encode() == (
         b"\x00" * 7 + b"\x01" + b"\x00\x09\x00\x00" + b"\x00\x00\x00\xd0")
     assert Refused(0xF0000, 400).encode() == b"\x00\x0f\x00\x00\x00\x00\x01\x90"
+    assert SessionEnd(9, Outcome.APP_ERROR, 0xD0000, 627).encode() == (
+        b"\x00" * 7 + b"\x09" + b"\x01" + b"\x00\x0d\x00\x00" + b"\x00\x00\x02\x73")
     assert Registered(WORKER_ID, {"b": "2", "a": "1"}).encode() == (
         WORKER_ID + b'{"a": "1", "b": "2"}')
-    # HANDOFF.md's example: 2 open; closed 5, app_error 1, client_error 0, cut_at_drain 3.
-    assert Sessions(2, 5, 1, 0, 3).encode() == bytes.fromhex(
-        "00000002" "0000000000000005" "0000000000000001" "0000000000000000"
-        "0000000000000003")
-
-
-def test_sessions_frame_as_channel_md_shows_it() -> None:
-    from handoffd.kernel.channel import HEADER, MAGIC, VERSION
-
-    payload = Sessions(2, 5, 1, 0, 3).encode()
-    frame = HEADER.pack(MAGIC, VERSION, 0, Kind.SESSIONS, 0, len(payload)) + payload
-    assert frame.hex(" ") == (
-        "48 44 01 00 00 08 00 00 00 00 00 24 00 00 00 02 00 00 00 00 00 00 00 05 "
-        "00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 03")
 
 
 @given(worker_id=st.binary(min_size=16, max_size=16), pid=st.integers(0, 2**32 - 1),
@@ -68,8 +59,9 @@ def test_round_trips(worker_id: bytes, pid: int, handoff_id: int, ref: bytes, se
         Handoff(handoff_id, ref, sealed)
     assert Ack.decode(Ack(handoff_id, major, minor).encode()) == Ack(handoff_id, major, minor)
     assert Refused.decode(Refused(major, minor).encode()) == Refused(major, minor)
-    report = Sessions(pid, handoff_id, major, minor, handoff_id // 3)
-    assert Sessions.decode(report.encode()) == report
+    for outcome in Outcome:
+        end = SessionEnd(handoff_id, outcome, major, minor)
+        assert SessionEnd.decode(end.encode()) == end
     assert Registered.decode(Registered(worker_id, grant).encode()) == \
         Registered(worker_id, grant)
 
@@ -83,8 +75,9 @@ def test_round_trips(worker_id: bytes, pid: int, handoff_id: int, ref: bytes, se
     (Ack.decode, bytes(15)),
     (Ack.decode, bytes(17)),
     (Refused.decode, bytes(7)),
-    (Sessions.decode, bytes(35)),
-    (Sessions.decode, bytes(37)),
+    (SessionEnd.decode, bytes(16)),
+    (SessionEnd.decode, bytes(18)),
+    (SessionEnd.decode, bytes(8) + b"\x04" + bytes(8)),       # no such outcome
     (Registered.decode, WORKER_ID),                         # no grant
     (Registered.decode, WORKER_ID + b"not json"),
     (Registered.decode, WORKER_ID + b'["a list"]'),
@@ -101,7 +94,7 @@ def test_malformed_payloads_are_defective_tokens(decode: object, payload: bytes)
 @given(st.binary(max_size=64))
 def test_arbitrary_bytes_decode_or_raise_gss_errors(payload: bytes) -> None:
     for decode in (Hello.decode, Handoff.decode, Ack.decode, Refused.decode,
-                   Registered.decode, Sessions.decode):
+                   Registered.decode, SessionEnd.decode):
         try:
             decode(payload)
         except GSSError as error:

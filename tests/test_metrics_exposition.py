@@ -21,7 +21,6 @@ import trio
 
 import handoffd
 from handoffd.runtime.control import process_stats, render_metrics
-from handoffd.runtime.sessions import ENDED_OUTCOMES
 from tests.daemon_harness import RunningDaemon, echo_session, start_daemon
 from tests.test_fdreserve import at_fd_limit
 
@@ -124,15 +123,15 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
               "died_after_claim", "died_unclaimed", "lost", "worker_restarts",
               "accept_errors", "shed", "refused_per_source", "evicted",
               "first_token_timeouts", "unavailable", "control_busy_refused",
-              "control_accept_errors", "metrics_busy_refused", "metrics_accept_errors"]
+              "control_accept_errors", "metrics_busy_refused", "metrics_accept_errors",
+              "sessions_closed", "sessions_app_error", "sessions_peer_error",
+              "sessions_cut_at_drain", "sessions_lost_with_worker"]
     snapshot: dict[str, Any] = {
         "totals": dict.fromkeys(totals, 0),
         "handshake_failures": {},
         "workers": [{"state": "ready", "in_flight": 0}],
         "handshake_slots": {"first_token": 0, "handshake": 0, "waiting_for_worker": 0},
         "waiting_for_worker": 0,
-        "sessions": {"active": 0, "reports_refused": 0,
-                     "ended": dict.fromkeys(ENDED_OUTCOMES, 0)},
         "handoff_latency_seconds": {"sum": 0.0, "count": 0, "p50": None, "p99": None},
     }
     snapshot.update(changes)

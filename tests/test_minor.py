@@ -43,7 +43,11 @@ def test_codes_split_from_double_meanings_issue_19() -> None:
 
 def test_operator_errors_are_config_and_usage_codes() -> None:
     expected = {Minor.CONFIG_INVALID, Minor.CONFIG_UNREADABLE, Minor.USAGE_INVALID,
-                Minor.SERVER_KEY_NOT_PINNED, Minor.MECHANISM_UNKNOWN, Minor.KEY_FILE_EXISTS}
+                Minor.SERVER_KEY_NOT_PINNED, Minor.MECHANISM_UNKNOWN, Minor.KEY_FILE_EXISTS,
+                # start-up: one line naming the address, path or key (issue 19)
+                Minor.BIND_FAILED, Minor.PRIVSEP_SAME_UID, Minor.PRIVSEP_NOT_PERMITTED,
+                Minor.BAD_KEY_FILE, Minor.KEY_FILE_PERMISSIONS, Minor.KEY_FILE_IS_PUBLIC,
+                Minor.TLS_CERTIFICATE_INVALID, Minor.PREFLIGHT_FAILED}
     assert expected == minor.OPERATOR_ERRORS
 
 

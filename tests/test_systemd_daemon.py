@@ -176,7 +176,7 @@ def _replace_once(text: str, old: str, new: str) -> str:
 
 def _shipped_config(directory: Path) -> tuple[Path, int, tuple[int, int]]:
     """systemd/handoffd.toml with exactly these changed: the /etc and /run paths moved
-    into ``directory``, the app's import path pointed at this checkout, and the acceptor
+    into ``directory`` (the app is the package's own: no import path), and the acceptor
     user and worker range replaced by a block of the test harness (no user
     ``handoffd`` here; a range of its own so that concurrent daemons never share a uid).
     Installed as docs/DEPLOY.md says: key 0600 owned by the acceptor, config 0640
@@ -186,7 +186,6 @@ def _shipped_config(directory: Path) -> tuple[Path, int, tuple[int, int]]:
     for old, new in (
         ('key = "/etc/handoffd/server.key"', f'key = "{directory}/server.key"'),
         ('socket = "/run/handoffd/control.sock"', f'socket = "{directory}/control.sock"'),
-        ('pythonpath = ["/opt/handoffd"]', f'pythonpath = ["{REPO}"]'),
         ('user = "handoffd"', f'user = "{acceptor}"'),
         ("uid_range = [70000, 70255]", f"uid_range = [{workers[0]}, {workers[1]}]"),
     ):
@@ -222,6 +221,14 @@ def test_the_shipped_unit_runs_the_shipped_config_separated(tmp_path: Path) -> N
     argv = [str(Path(sys.executable).with_name("handoffd")),
             *[str(config) if a == SHIPPED_CONFIG else a for a in argv[1:]]]
     fingerprint = _fingerprint(directory / "server.key.pub")
+    (exec_pre,) = service["ExecStartPre"]  # serve --check, with the unit's capabilities
+    pre = shlex.split(exec_pre)
+    assert pre[0] == "/usr/bin/handoffd" and "--check" in pre
+    pre = [argv[0], *[str(config) if a == SHIPPED_CONFIG else a for a in pre[1:]]]
+    checked = subprocess.run(as_the_unit_runs(pre, service), capture_output=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert checked.returncode == 0, checked.stderr.decode()
+    assert b"client listeners: systemd" in checked.stdout
     with socket_activated(as_the_unit_runs(argv, service), env={"PYTHONPATH": str(REPO)},
                           watchdog_usec=4_000_000) as service_run:
         ready = service_run.wait_for("READY", "1")

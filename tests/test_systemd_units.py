@@ -65,7 +65,7 @@ def _rewritten_units(target: Path) -> dict[str, Path]:
             (a, b) for a, b in zip(original.splitlines(), rewritten.splitlines(), strict=True)
             if a != b
         ]
-        assert all(a.startswith("ExecStart=") for a, _ in changed), changed
+        assert all(a.startswith(("ExecStart=", "ExecStartPre=")) for a, _ in changed), changed
         copies[unit.name] = target / unit.name
         copies[unit.name].write_text(rewritten)
     return copies
@@ -157,7 +157,7 @@ def _exec_lines() -> list[tuple[str, list[str]]]:
     service = _settings("handoffd.service")
     found = [(key, shlex.split(value)) for key, values in service.items()
              if key.startswith("Exec") for value in values]
-    assert {key for key, _ in found} == {"ExecStart", "ExecReload"}, found
+    assert {key for key, _ in found} == {"ExecStartPre", "ExecStart", "ExecReload"}, found
     return found
 
 

@@ -1,15 +1,8 @@
-"""The echo application: what a worker runs for each handed-off connection.
-
-``handler`` receives a :class:`handoffd.runtime.stream.SecureStream` whose
-context was established by the acceptor and imported by this worker; it sends
-back every byte it receives until the client closes.
-"""
+"""The echo application (``make demo``): the sample app installed with the package,
+:mod:`handoffd.apps.echo`, under the name the examples and tests have always used."""
 
 from __future__ import annotations
 
-from handoffd.runtime.stream import SecureStream
+from handoffd.apps.echo import handler
 
-
-async def handler(stream: SecureStream) -> None:
-    async for data in stream:
-        await stream.send_all(data)
+__all__ = ["handler"]

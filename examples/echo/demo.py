@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from handoffd.runtime.client import connect
+from handoffd.client import connect
 from handoffd.runtime.control import query_control
 from handoffd.status import GSSError
 
@@ -88,6 +88,24 @@ def write_config(directory: Path, workers: int, *, app: str = "examples.echo.app
     return config
 
 
+def keygen(directory: Path) -> str:
+    """``handoffd keygen`` a ``server.key`` in ``directory``; its fingerprint."""
+    result = subprocess.run([sys.executable, "-m", "handoffd", "keygen", "--out",
+                             str(directory / "server.key")],
+                            capture_output=True, text=True, check=True)
+    return result.stdout.split()[-1]
+
+
+def stop_daemon(daemon: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (the daemon drains), then its exit status; SIGKILL after 60 s (-9)."""
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        return daemon.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        return -9
+
+
 async def wait_ready(control: Path, process: subprocess.Popen[bytes],
                      timeout: float = 30) -> dict[str, object]:
     with trio.fail_after(timeout):
@@ -148,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="handoffd-demo-") as tmp:
         directory = Path(tmp)
         handoffd = [sys.executable, "-m", "handoffd"]
-        keygen = subprocess.run([*handoffd, "keygen", "--out", str(directory / "server.key")],
-                                capture_output=True, text=True, check=True)
-        fingerprint = keygen.stdout.split()[-1]
+        fingerprint = keygen(directory)
         config = write_config(directory, args.workers)
         print(f"server key   {fingerprint}")
         if os.geteuid() == 0:
@@ -175,12 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.perf_counter() - t0
             status = trio.run(query_control, directory / "control.sock")
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                exit_status = daemon.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                exit_status = -9
+            exit_status = stop_daemon(daemon)
 
     served = {w["pid"]: w["handled"] for w in status["workers"] if w["handled"]}  # type: ignore[index, union-attr]
     uids = sorted({w["uid"] for w in status["workers"] if w["handled"]})  # type: ignore[index, union-attr]

@@ -13,10 +13,8 @@ import sys
 import trio
 
 from examples.prefork_http.http import HTTPClient
-from handoffd import keyfiles
+from handoffd.client import connect, fingerprint, load_public_key
 from handoffd.config import parse_address
-from handoffd.core.credentials import fingerprint
-from handoffd.runtime.client import connect
 from handoffd.status import GSSError
 
 
@@ -42,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("body", nargs="?", default="")
     args = parser.parse_intermixed_args(argv)
     try:
-        pinned = args.fingerprint or fingerprint(keyfiles.load_public_key(args.server_key))
+        pinned = args.fingerprint or fingerprint(load_public_key(args.server_key))
         answers = trio.run(request, args.server, pinned, args.method, args.target,
                            args.body.encode(), args.repeat)
     except GSSError as error:

@@ -8,7 +8,7 @@ import os
 import h11
 import trio
 
-from handoffd.runtime.stream import SecureStream
+from handoffd.worker import SecureStream
 
 MAX_BODY = 1 << 20
 

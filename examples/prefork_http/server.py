@@ -23,8 +23,8 @@ import trio
 
 from examples.prefork_http.http import serve_http
 from handoffd.logs import setup_logging
-from handoffd.runtime.worker import HandoffReceiver, serve
 from handoffd.status import GSSError
+from handoffd.worker import HandoffReceiver, serve
 
 
 async def worker_main(register: str, drain_timeout: float,

@@ -111,7 +111,8 @@ class FrameDecoder:
         try:
             frame_type = FrameType(raw_type)
         except ValueError:
-            raise _defective(Minor.TOKEN_BAD_TYPE, f"frame type {raw_type}") from None
+            raise _defective(Minor.TOKEN_BAD_TYPE,
+                             f"frame type {raw_type}{_what_arrived(self._buffer)}") from None
         if length > self.max_frame:
             raise _defective(Minor.TOKEN_TOO_LARGE,
                              f"frame of {length} bytes (limit {self.max_frame})")
@@ -212,3 +213,18 @@ def unwrap_first_token(token: bytes, oid_der: bytes = MECH_OID_DER) -> bytes:
         raise GSSError(GSS_S_BAD_MECH, Minor.TOKEN_BAD_MECH_OID,
                        "the client asked for another mechanism")
     return inner
+
+
+_HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ",
+                 b"CONNECT ", b"PRI * HTTP/2")
+
+
+def _what_arrived(head: bytes | bytearray) -> str:
+    """Name the usual wrong protocol, so an operator sees it in one log line: a browser
+    or curl speaking plain HTTP or TLS to a handoffd port."""
+    if head.startswith(_HTTP_METHODS):
+        line = bytes(head[:head.find(b"\r")] if b"\r" in head else head[:40])
+        return f": plain HTTP arrived ({line[:60].decode('ascii', 'replace')!r}), not handoffd"
+    if len(head) >= 3 and head[0] == 0x16 and head[1] == 0x03:
+        return ": a TLS ClientHello arrived, not handoffd (TLS clients need a [tls] listener)"
+    return ""

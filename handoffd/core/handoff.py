@@ -14,7 +14,7 @@ DRAINING   W -> A     (empty)  the worker takes no more handoffs
 DRAINED    A -> W     (empty)  no more handoffs will be sent
 REGISTERED A -> W     worker_id (16) | grant (JSON object of strings)    + 1 fd
 REFUSED    A -> W     major (u32) | minor (u32)
-SESSIONS   W -> A     active (u32) | closed | app_error | client_error | cut_at_drain (u64 each)
+SESSION_END W -> A    handoff_id (u64) | outcome (u8) | major (u32) | minor (u32)
 =========  =========  ====================================================
 
 REGISTERED and REFUSED answer an external worker that connected to the
@@ -24,10 +24,6 @@ the worker's key-derivation secret (never the secret itself on the socket).
 An ACK with major 0 means "imported; the acceptor may forget its copy".  A
 non-zero major means the worker refused the handoff (it closed its fd); the
 acceptor closes the connection and logs the status.
-
-SESSIONS is the worker's running tally of the sessions it served (cumulative, so a
-report that is lost or coalesced is made good by the next one): how many are open,
-and how many ended each way since the worker started.
 """
 
 from __future__ import annotations
@@ -55,7 +51,16 @@ class Kind(IntEnum):
     DRAINED = 5
     REGISTERED = 6
     REFUSED = 7
-    SESSIONS = 8
+    SESSION_END = 8
+
+
+class Outcome(IntEnum):
+    """How a session a worker served ended (SESSION_END)."""
+
+    CLOSED = 0  # the app returned; CLOSE sent
+    APP_ERROR = 1  # the app raised; the client got ERROR APP_FAILED
+    PEER_ERROR = 2  # the client's bytes, a GSS failure or a lost connection ended it
+    CUT_AT_DRAIN = 3  # still open at [workers] drain_timeout; the client got ERROR
 
 
 FD_KINDS: Final = frozenset({Kind.HANDOFF, Kind.REGISTERED})
@@ -64,6 +69,7 @@ FD_KINDS: Final = frozenset({Kind.HANDOFF, Kind.REGISTERED})
 _HELLO = struct.Struct(">16sI")
 _HANDOFF_HEAD = struct.Struct(">QB")
 _ACK = struct.Struct(">QII")
+_SESSION_END = struct.Struct(">QBII")
 
 
 def _defective(what: str) -> GSSError:
@@ -138,6 +144,31 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class SessionEnd:
+    """A worker's report that one of its sessions ended, and how (for status and metrics)."""
+
+    handoff_id: int
+    outcome: Outcome
+    major: int = 0
+    minor: int = 0
+
+    def encode(self) -> bytes:
+        """The payload bytes (layout in the module docstring)."""
+        return _SESSION_END.pack(self.handoff_id, self.outcome, self.major, self.minor)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> SessionEnd:
+        """Parse a payload strictly; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
+        if len(payload) != _SESSION_END.size:
+            raise _defective("SESSION_END payload has the wrong length")
+        handoff_id, outcome, major, minor = _SESSION_END.unpack(payload)
+        try:
+            return cls(handoff_id, Outcome(outcome), major, minor)
+        except ValueError:
+            raise _defective(f"SESSION_END outcome {outcome}") from None
+
+
+@dataclass(frozen=True)
 class Registered:
     """The acceptor admits an external worker: its id and key grant."""
 
@@ -184,41 +215,6 @@ class Refused:
         if len(payload) != _REFUSED.size:
             raise _defective("REFUSED payload has the wrong length")
         return cls(*_REFUSED.unpack(payload))
-
-
-_SESSIONS = struct.Struct(">IQQQQ")
-
-OUTCOMES: Final = ("closed", "app_error", "client_error", "cut_at_drain")
-"""How a session ended, in the order SESSIONS carries the counts: the application
-returned (CLOSE sent); the application raised (ERROR ``APP_FAILED`` sent); the peer's
-bytes, a GSS failure or the connection failed; the worker's ``drain_timeout`` passed
-(ERROR ``SHUTTING_DOWN`` sent)."""
-
-
-@dataclass(frozen=True)
-class Sessions:
-    """A worker's session tally: open now, and ended per outcome (:data:`OUTCOMES`)."""
-
-    active: int = 0
-    closed: int = 0
-    app_error: int = 0
-    client_error: int = 0
-    cut_at_drain: int = 0
-
-    def ended(self) -> dict[str, int]:
-        """The ended counts by outcome name."""
-        return {outcome: getattr(self, outcome) for outcome in OUTCOMES}
-
-    def encode(self) -> bytes:
-        """The payload bytes (layout in the module docstring)."""
-        return _SESSIONS.pack(self.active, *self.ended().values())
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Sessions:
-        """Parse a payload strictly; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
-        if len(payload) != _SESSIONS.size:
-            raise _defective("SESSIONS payload has the wrong length")
-        return cls(*_SESSIONS.unpack(payload))
 
 
 def expect_empty(kind: Kind, payload: bytes) -> None:

@@ -17,6 +17,7 @@ seal   name       OID                                         module
 =====  =========  ==========================================  ==========================
 1      noise      2.25.225041400964563648380695906358058613570 :mod:`handoffd.mech.noise`
 2      krb5       1.2.840.113554.1.2.2                        :mod:`handoffd.mech.krb5`
+3      tls        (none on the wire: its own listeners)       :mod:`handoffd.mech.tls`
 =====  =========  ==========================================  ==========================
 
 The krb5 module imports the ``gssapi`` package only when it is used: handoffd
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KRB5",
     "NOISE",
+    "TLS",
     "AcceptorFactory",
     "AcceptorHandshake",
     "MechanismInfo",
@@ -147,7 +149,12 @@ NOISE: Final = MechanismInfo("noise", _noise_oid(), 1, max_handshake_frame=64 * 
 KRB5: Final = MechanismInfo("krb5", "1.2.840.113554.1.2.2", 2,
                             max_handshake_frame=256 * 1024)
 MECHANISMS: Final = {m.name: m for m in (NOISE, KRB5)}
-"""Every mechanism handoffd knows, by configuration name."""
+"""The mechanisms a client's first token can name, by configuration name."""
+
+# TLS listeners speak TLS from the first byte ([tls], handoffd.mech.tls): the OID is never
+# on the wire; the seal id names TLS sessions in sealed handoff tokens.
+TLS: Final = MechanismInfo("tls", "2.25.69207048195977104655848167048146508387", 3,
+                           max_handshake_frame=(1 << 14) + 256)
 
 _SEAL_HEAD: Final = struct.Struct(">BH")  # version, mechanism: the sealed token's first bytes
 
@@ -161,7 +168,7 @@ def sealed_mechanism(sealed: bytes) -> MechanismInfo:
     """
     if len(sealed) >= _SEAL_HEAD.size:
         _, seal_id = _SEAL_HEAD.unpack_from(sealed)
-        for mechanism in MECHANISMS.values():
+        for mechanism in (*MECHANISMS.values(), TLS):
             if mechanism.seal_id == seal_id:
                 return mechanism
     from handoffd.status import GSS_S_DEFECTIVE_TOKEN

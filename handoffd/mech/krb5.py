@@ -12,8 +12,9 @@ krb5 OID ``1.2.840.113554.1.2.2``, the AP-REQ), carried whole in a HANDSHAKE
 frame; the acceptor's AP-REP comes back in one; per-message tokens are RFC
 4121 wrap tokens in MESSAGE frames.
 
-Every library failure becomes a handoffd :class:`GSSError` with the
-library's major and minor status unchanged and its display text as detail.
+Every library failure becomes a handoffd :class:`GSSError` with the library's major
+status unchanged, the minor ``KRB5_LIBRARY_ERROR`` (1104), and MIT's own minor code and
+display text in the detail.
 ``gssapi`` is imported on first use only: without it, using this module is
 ``GSS_S_UNAVAILABLE`` / ``KRB5_UNAVAILABLE``.
 """
@@ -78,12 +79,16 @@ def available() -> bool:
 
 
 def _translate(error: Any) -> GSSError:
-    """The library's status, unchanged, with its display text (never key material)."""
+    """The library's major status unchanged; its minor, which is MIT's and not handoffd's,
+    goes into the detail with MIT's display text (never key material), and the minor
+    field says ``KRB5_LIBRARY_ERROR``: no number means two things."""
+    mit_minor = int(error.min_code) & 0xFFFFFFFF
     try:
         text = error.gen_message()
     except Exception:  # display itself failed: keep the codes
         text = "GSS-API failure"
-    return GSSError(int(error.maj_code), int(error.min_code) & 0xFFFFFFFF, text)
+    return GSSError(int(error.maj_code), Minor.KRB5_LIBRARY_ERROR,
+                    f"MIT krb5 minor {mit_minor}: {text}")
 
 
 @contextlib.contextmanager

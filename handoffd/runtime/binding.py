@@ -15,6 +15,7 @@ group is set with ``lchown``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Iterator, Mapping
@@ -27,12 +28,29 @@ from handoffd.minor import Minor
 from handoffd.status import GSS_S_FAILURE, GSSError
 
 ENV_BOUND = "HANDOFFD_BOUND"
-"""``role=fd,...`` (roles ``listen``, ``control``, ``metrics``, ``register``), set by the
-supervisor for the acceptor."""
+"""``role=fd,...`` (roles ``listen``, ``tls``, ``control``, ``metrics``, ``register``), set
+by the supervisor for the acceptor."""
+
+TLS_FD_NAME_SUFFIX = "tls"
+"""A socket systemd passes with a ``FileDescriptorName=`` ending in this is a ``[tls]``
+listener (``handoffd-tls``); every other passed socket serves Noise/krb5."""
+
+
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process listens there (ss -ltnp / ss -lxp shows which)",
+    errno.EADDRNOTAVAIL: "no interface of this host has that address",
+    errno.EACCES: "no permission (a port below 1024 needs root or CAP_NET_BIND_SERVICE; a "
+                  "socket directory must be writable by the user serve starts as)",
+    errno.ENOENT: "the directory does not exist (create it, or RuntimeDirectory= in the unit)",
+    errno.EROFS: "the file system is read-only (under ProtectSystem=strict: use /run/handoffd)",
+}
 
 
 def _bind_error(what: str, error: OSError) -> GSSError:
-    return GSSError(GSS_S_FAILURE, Minor.BIND_FAILED, f"{what}: {os.strerror(error.errno or 0)}")
+    hint = _BIND_HINTS.get(error.errno or 0)
+    why = os.strerror(error.errno) if error.errno else str(error)  # "AF_UNIX path too long"
+    return GSSError(GSS_S_FAILURE, Minor.BIND_FAILED,
+                    f"{what}: {why}" + (f": {hint}" if hint else ""))
 
 
 def show_address(host: str, port: int) -> str:
@@ -45,6 +63,7 @@ class BoundSockets:
     """The daemon's listening sockets; ``paths`` are Unix socket files to remove at exit."""
 
     listeners: list[socket.socket] = field(default_factory=list)
+    tls_listeners: list[socket.socket] = field(default_factory=list)
     control: socket.socket | None = None
     metrics: socket.socket | None = None
     register: socket.socket | None = None
@@ -53,6 +72,7 @@ class BoundSockets:
 
     def roles(self) -> list[tuple[str, socket.socket]]:
         found = [("listen", s) for s in self.listeners]
+        found += [("tls", s) for s in self.tls_listeners]
         for role, sock in (("control", self.control), ("metrics", self.metrics),
                            ("register", self.register)):
             if sock is not None:
@@ -78,6 +98,8 @@ class BoundSockets:
             sock.set_inheritable(False)
             if role == "listen":
                 bound.listeners.append(sock)
+            elif role == "tls":
+                bound.tls_listeners.append(sock)
             elif role in ("control", "metrics", "register"):
                 setattr(bound, role, sock)
             else:
@@ -162,10 +184,15 @@ def bind_all(config: Config, *, register_group: int | None = None) -> BoundSocke
             for entry in activated:
                 sock = socket.socket(fileno=entry.fd)
                 sock.setblocking(False)
-                bound.listeners.append(sock)
+                if entry.name.endswith(TLS_FD_NAME_SUFFIX):
+                    bound.tls_listeners.append(sock)
+                else:
+                    bound.listeners.append(sock)
         else:
             for address in config.server.listen:
                 bound.listeners.append(bind_tcp(address, config.server.backlog))
+            for address in config.tls.listen:
+                bound.tls_listeners.append(bind_tcp(address, config.server.backlog))
         if config.control.socket is not None:
             bound.control = bind_unix(config.control.socket, socket.SOCK_STREAM, mode=0o600)
             bound.paths.append(config.control.socket)

@@ -330,6 +330,15 @@ def render_metrics(snapshot: dict[str, Any],
          "wait_timeout"),
     ]:
         metric(f"{key}_total", "counter", help_text, [({}, totals[key])])
+    metric("sessions_ended_total", "counter", "Sessions ended in workers, by outcome: closed "
+           "(the app returned), app_error (the app raised; the client got APP_FAILED), "
+           "peer_error (the client's bytes, a GSS failure or a lost connection), "
+           "cut_at_drain (open at drain_timeout), lost_with_worker (its worker died)",
+           [({"outcome": outcome}, totals[f"sessions_{outcome}"])
+            for outcome in ("closed", "app_error", "peer_error", "cut_at_drain",
+                            "lost_with_worker")])
+    metric("sessions_active", "gauge", "Sessions imported by workers and not yet ended",
+           [({}, snapshot.get("sessions_active", 0))])
     for key, help_text in [
         ("busy_refused", "Connections closed at once: [control] max_connections were open"),
         ("accept_errors", "accept() failures for lack of resources"),
@@ -351,16 +360,6 @@ def render_metrics(snapshot: dict[str, Any],
            "for a worker to take them", [({}, snapshot["waiting_for_worker"])])
     metric("in_flight", "gauge", "Handoffs awaiting acknowledgement",
            [({}, sum(w["in_flight"] for w in snapshot["workers"]))])
-    sessions = snapshot["sessions"]
-    metric("sessions_active", "gauge", "Sessions open in workers (as the workers report "
-           "them)", [({}, sessions["active"])])
-    metric("sessions_ended_total", "counter", "Sessions ended, by outcome: closed (the "
-           "application returned), app_error (it raised), client_error (the peer's bytes, "
-           "a GSS failure or the connection), cut_at_drain (drain_timeout reached), "
-           "died_with_worker (open when their worker exited)",
-           [({"outcome": outcome}, count) for outcome, count in sessions["ended"].items()])
-    metric("session_reports_refused_total", "counter", "Worker session reports refused "
-           "as impossible or malformed", [({}, sessions["reports_refused"])])
     latency = snapshot["handoff_latency_seconds"]
     name = "handoffd_handoff_latency_seconds"
     lines.extend(_family(

@@ -50,7 +50,7 @@ from handoffd.core.handoff import (
     Kind,
     Refused,
     Registered,
-    Sessions,
+    SessionEnd,
     expect_empty,
 )
 from handoffd.core.seal import seal
@@ -60,15 +60,16 @@ from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
 from handoffd.kernel.peer import PeerPolicy
 from handoffd.kernel.systemd import Notifier, watchdog_interval
 from handoffd.logs import ThrottledLog
-from handoffd.mech import NOISE, acceptor_factories
+from handoffd.mech import NOISE, TLS, acceptor_factories
+from handoffd.mech.tls import TlsAcceptorFactory
 from handoffd.minor import Minor
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
 from handoffd.runtime.control import EndpointStats
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
-from handoffd.runtime.sessions import SessionLedger, check_report
 from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
 from handoffd.runtime.supervisor import ProcessPlan
-from handoffd.runtime.wire import accept_any_handshake, send_error
+from handoffd.runtime.tls_stream import accept_tls_handshake
+from handoffd.runtime.wire import PeerReportedError, accept_any_handshake, send_error
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_name
 
 log = logging.getLogger("handoffd.acceptor")
@@ -82,9 +83,6 @@ _SEND_ATTEMPTS = 5
 _SEND_RETRY_DELAY = 0.05
 """A HANDOFF the kernel refused to queue is tried again after 0.05, 0.1, ... s (to any
 worker); after ``_SEND_ATTEMPTS`` refusals the connection is dropped and logged."""
-_READ_AFTER_EXIT = 1.0
-"""Seconds to go on reading a worker's channel after it exited: what it sent last (its
-final session report) is still queued, and its end of the channel is closed."""
 
 
 @dataclass
@@ -116,8 +114,7 @@ class Worker:
     state: str = "starting"  # starting -> ready -> draining -> dead
     in_flight: dict[int, Pending] = field(default_factory=dict)
     handled: int = 0
-    sessions: Sessions | None = None  # its latest SESSIONS report; None: it sent none
-    cut_at_drain: int = 0  # from its last report, once it is gone (for the drain's log)
+    ended: int = 0  # sessions the worker reported ended (SESSION_END)
     started: float = field(default_factory=time.monotonic)
     ready: trio.Event = field(default_factory=trio.Event)
     gone: trio.Event = field(default_factory=trio.Event)
@@ -131,6 +128,11 @@ class Worker:
     def external(self) -> bool:
         """True for a worker that registered over the socket."""
         return self.external_pid is not None
+
+    @property
+    def active(self) -> int:
+        """Sessions imported and not yet reported ended."""
+        return max(0, self.handled - self.ended)
 
 
 class LatencyWindow(deque[float]):
@@ -172,6 +174,8 @@ class Stats:
         self.evicted = 0
         self.first_token_timeouts = 0
         self.unavailable = 0
+        self.sessions_ended: Counter[str] = Counter()  # by Outcome name, lower case
+        self.session_reports_refused = 0
         self.latencies = LatencyWindow(maxlen=4096)
 
     def latency_quantiles(self, scale: float = 1e6) -> dict[str, float | None]:
@@ -209,7 +213,6 @@ class Daemon:
         self._join_session = join_session
         self.clock = clock
         self.stats = Stats()
-        self.sessions = SessionLedger()
         self.workers: dict[int, Worker] = {}
         self.retiring: list[Worker] = []
         self.external: dict[bytes, Worker] = {}
@@ -220,9 +223,13 @@ class Daemon:
         self.restarts: Counter[int] = Counter()
         self.listeners: list[trio.SocketListener] = []
         self.addresses: list[tuple[str, int]] = []
+        self.tls_addresses: list[tuple[str, int]] = []
         # The enabled mechanisms by the DER OID a client's first token names: Noise loads
         # [server] key and allowed_clients, krb5 acquires its keytab's credentials.
         self.mechanisms = acceptor_factories(config, clock=clock)
+        # [tls] listeners: OpenSSL loads the certificate and key (the acceptor's to read).
+        self.tls = TlsAcceptorFactory.from_config(config) if config.tls.listen else None
+        self.tls_listeners: list[trio.SocketListener] = []
         self.parking: AcceptorParking | None = None
         self.notifier = notifier if notifier is not None else Notifier.from_environ()
         if watchdog_period is None and notifier is None:
@@ -246,6 +253,7 @@ class Daemon:
         self._fatal: GSSError | None = None
         self._nursery: trio.Nursery | None = None
         self._roll_generation = 0
+        self._handing_over = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -275,7 +283,8 @@ class Daemon:
                         Minor.PRIVSEP_SAME_UID.name)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                           signal.SIGTTIN, signal.SIGTTOU) as signals:
+                                           signal.SIGTTIN, signal.SIGTTOU,
+                                           signal.SIGUSR2) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._serve_spawner)
@@ -291,16 +300,24 @@ class Daemon:
                     for listener, bound in zip(self.listeners, self.bound.listeners,
                                                strict=True):
                         nursery.start_soon(self._accept_loop, listener, bound)
+                    for listener, bound in zip(self.tls_listeners, self.bound.tls_listeners,
+                                               strict=True):
+                        nursery.start_soon(self._accept_loop, listener, bound, True)
                     await self._start_operations(nursery)
                     self._notify("READY=1", f"STATUS={self._status_line()}")
                     log.info("ready: %d workers, listening on %s", len(self.workers),
-                             ", ".join(show_address(h, p) for h, p in self.addresses))
+                             ", ".join([*(show_address(h, p) for h, p in self.addresses),
+                                        *(f"{show_address(h, p)} (TLS)"
+                                          for h, p in self.tls_addresses)]))
                     task_status.started(self)
                     await self._handle_signals(signals)
-                    await self._shutdown()
+                    if self._handing_over:
+                        await self._hand_over()
+                    else:
+                        await self._shutdown()
                     nursery.cancel_scope.cancel()
         finally:
-            for listener in self.listeners:
+            for listener in (*self.listeners, *self.tls_listeners):
                 await listener.aclose()
             self.bound.close(unlink=not self.spawner.separated)
             for parking in (self.parking, self._external_parking):
@@ -344,6 +361,15 @@ class Daemon:
                 if signum == signal.SIGHUP:
                     log.info("received SIGHUP: reloading the configuration, rolling workers")
                     self._reload()
+                elif signum == signal.SIGUSR2:
+                    if not self.spawner.separated:
+                        log.warning("SIGUSR2 (restart without dropping connections) needs the "
+                                    "supervisor: start serve as root; ignored")
+                        continue
+                    log.info("received SIGUSR2: handing the listeners over to a new acceptor")
+                    self._handing_over = True
+                    stop.set()
+                    return
                 elif signum == signal.SIGTTIN:
                     self._resize(self.target_count + 1)
                 elif signum == signal.SIGTTOU:
@@ -482,10 +508,32 @@ class Daemon:
                 await trio.sleep_forever()  # the nursery is being cancelled
             await trio.sleep(0.01)
 
+    async def _hand_over(self) -> None:
+        """SIGUSR2 (via the supervisor): stop accepting, let the handshakes in progress reach
+        a worker and every handoff be acknowledged, then exit and leave the workers
+        running: each sees its channel close and finishes its sessions (within
+        ``drain_timeout``) while the supervisor's next acceptor takes new connections on
+        the same listening sockets.  Nothing is refused: connections that arrive in
+        between wait in the listen backlog."""
+        self._stopping = True
+        self._notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}",
+                     "STATUS=handing over to a new acceptor")
+        for listener in (*self.listeners, *self.tls_listeners):
+            await listener.aclose()
+        with trio.move_on_after(self.config.server.handshake_timeout):
+            while len(self.admission):
+                await self._slot_freed.wait()
+        with trio.move_on_after(self.config.workers.ack_timeout):
+            while any(w.in_flight for w in self.workers.values()):
+                await self._capacity.wait()
+        log.info("handed over: %d workers finish their %d sessions on their own",
+                 len(self.workers) + len(self.retiring),
+                 sum(w.active for w in (*self.workers.values(), *self.retiring)))
+
     async def _shutdown(self) -> None:
         self._stopping = True
         self._notify("STOPPING=1", "STATUS=draining")
-        for listener in self.listeners:
+        for listener in (*self.listeners, *self.tls_listeners):
             await listener.aclose()
         # Connections already handshaking get their chance to reach a worker.
         with trio.move_on_after(self.config.server.handshake_timeout):
@@ -508,22 +556,7 @@ class Daemon:
                 if w.process is not None and w.process.returncode is None:
                     log.warning("worker %s did not drain in time: SIGKILL", w.pid)
                     w.process.kill()
-            with trio.move_on_after(2):  # their sessions count as died_with_worker
-                for w in everyone:
-                    await w.gone.wait()
-        self._log_stopped(everyone)
-
-    def _log_stopped(self, drained: list[Worker]) -> None:
-        """The last line: how many sessions the drain cut, by worker, and the session
-        totals of the daemon's life."""
-        cut = [w for w in drained if w.cut_at_drain]
-        ended = self.session_totals()["ended"]
-        assert isinstance(ended, dict)
-        log.info("stopped: %d sessions cut at drain%s; sessions ended: %s",
-                 sum(w.cut_at_drain for w in cut),
-                 f" ({', '.join(f'worker {w.index} pid {w.pid}: {w.cut_at_drain}' for w in cut)})"
-                 if cut else "",
-                 ", ".join(f"{outcome} {count}" for outcome, count in ended.items()))
+        log.info("stopped")
 
     # ------------------------------------------------------------------ workers
 
@@ -558,22 +591,11 @@ class Daemon:
             w.state = "dead"
             w.gone.set()
             return
-        read_all = trio.Event()
-
-        async def read_channel() -> None:
-            try:
-                await self._read_channel(w)
-            finally:
-                read_all.set()
-
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_channel)
+                nursery.start_soon(self._read_channel, w)
                 nursery.start_soon(self._ack_watchdog, w)
                 await w.process.wait()
-                w.state = "dead"  # no handoff for it while what it sent last is read
-                with trio.move_on_after(_READ_AFTER_EXIT):
-                    await read_all.wait()
                 nursery.cancel_scope.cancel()
         finally:
             await self._worker_gone(w)
@@ -614,8 +636,6 @@ class Daemon:
                 log.warning("worker %s sent a bad %s message: %s", w.pid, message.kind, error)
 
     async def _on_worker_message(self, w: Worker, kind: int, payload: bytes) -> None:
-        if w.state == "dead" and kind in (Kind.HELLO, Kind.DRAINING):
-            return  # read after its exit: it takes nothing any more
         if kind == Kind.HELLO:
             hello = Hello.decode(payload)
             if hello.worker_id != w.worker_id or hello.pid != w.pid:
@@ -628,8 +648,8 @@ class Daemon:
             log.info("worker %d ready (pid %s)", w.index, w.pid)
         elif kind == Kind.ACK:
             self._on_ack(w, Ack.decode(payload))
-        elif kind == Kind.SESSIONS:
-            self._on_sessions(w, payload)
+        elif kind == Kind.SESSION_END:
+            self._on_session_end(w, SessionEnd.decode(payload))
         elif kind == Kind.DRAINING:
             expect_empty(Kind.DRAINING, payload)
             self._retire(w)
@@ -637,25 +657,6 @@ class Daemon:
             await w.channel.send(Kind.DRAINED, b"")
         else:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_BAD_HEADER, f"unexpected kind {kind}")
-
-    def _on_sessions(self, w: Worker, payload: bytes) -> None:
-        """A worker's session tally: kept if it can be true, else counted and logged
-        (rate-limited); never fatal, whatever the bytes."""
-        try:
-            report = Sessions.decode(payload)
-            check_report(w.sessions, report, w.handled)
-        except GSSError as error:
-            self.sessions.refused_reports += 1
-            self._throttled.log(logging.WARNING, f"sessions:{w.index}",
-                                "worker %s sent a session report that was refused: %s",
-                                w.pid, error)
-            return
-        w.sessions = report
-
-    def session_totals(self) -> dict[str, object]:
-        """Open sessions and sessions ended by outcome, over every worker ever."""
-        live = [*self.workers.values(), *self.retiring, *self.external.values()]
-        return self.sessions.totals([w.sessions for w in live])
 
     def _on_ack(self, w: Worker, ack: Ack) -> None:
         pending = w.in_flight.pop(ack.handoff_id, None)
@@ -679,12 +680,34 @@ class Daemon:
                         pending.peer, GSSError(ack.major, ack.minor))
         self._wake_dispatchers()
 
+    def _on_session_end(self, w: Worker, report: SessionEnd) -> None:
+        """Count a session's end.  A worker can misreport its own sessions only; a report
+        beyond what it was handed is refused (counted, logged rate-limited)."""
+        if w.ended >= w.handled:
+            self.stats.session_reports_refused += 1
+            self._throttled.log(logging.WARNING, "session-report",
+                                "worker %s reported more sessions ended than it imported", w.pid)
+            return
+        w.ended += 1
+        self.stats.sessions_ended[report.outcome.name.lower()] += 1
+
     def _close_copy(self, pending: Pending) -> None:
         # Closing our copy of the fd does not touch the connection the worker holds.
         pending.stream.socket.close()
 
     async def _worker_gone(self, w: Worker) -> None:
         w.state = "dead"
+        if self._handing_over:
+            # Not gone: this acceptor is; the worker finishes its sessions on its own.
+            if w.channel is not None:
+                w.channel.close()
+            return
+        if w.active:
+            # Sessions it never reported ended died with it (killed, crashed).
+            self.stats.sessions_ended["lost_with_worker"] += w.active
+            log.warning("worker %s exited with %d sessions open: they are cut", w.pid,
+                        w.active)
+            w.ended = w.handled
         if w.channel is not None:
             w.channel.close()
         unacked = list(w.in_flight.values())
@@ -708,7 +731,6 @@ class Daemon:
             pending.inner = b""
             self._close_copy(pending)
         w.parking.remove_worker(w.worker_id)
-        self._sessions_gone(w)
         if w.external:
             self.external.pop(w.worker_id, None)
             log.info("external worker %s left", w.pid)
@@ -736,22 +758,6 @@ class Daemon:
             self._nursery.start_soon(self._dispatch, pending)
         self._wake_dispatchers()
 
-    def _sessions_gone(self, w: Worker) -> None:
-        """Fold a dead worker's last report into the ledger, once, and say what
-        happened to the sessions it still had."""
-        report, w.sessions = w.sessions, None
-        if report is None:
-            return
-        w.cut_at_drain = report.cut_at_drain
-        died_with = self.sessions.worker_gone(report)
-        if died_with:
-            log.warning("%d sessions ended with worker %s (pid %s), which exited while they "
-                        "were open", died_with, w.index, w.pid)
-        if report.cut_at_drain:
-            log.warning("worker %s (pid %s) cut %d sessions at drain ([workers] "
-                        "drain_timeout %gs)", w.index, w.pid, report.cut_at_drain,
-                        self.config.workers.drain_timeout)
-
     def _terminate(self, w: Worker) -> None:
         if w.process is not None and w.process.returncode is None:
             w.process.send_signal(signal.SIGTERM)
@@ -777,6 +783,7 @@ class Daemon:
                 new = load_config(self.config.path)
                 config, changed, need_restart = merge_reloaded(self.config, new)
                 mechanisms = acceptor_factories(config, clock=self.clock)
+                tls = TlsAcceptorFactory.from_config(config) if config.tls.listen else None
             except GSSError as error:
                 log.error("reload failed, nothing changed: %s", error)
                 return
@@ -787,6 +794,7 @@ class Daemon:
                      ", ".join(changed) if changed else "no setting changed")
             self.config = config
             self.mechanisms = mechanisms
+            self.tls = tls
             self.admission.capacity = config.server.max_handshakes
             self.admission.per_source = config.server.max_handshakes_per_source
             self.spawner.reconfigure(config)
@@ -835,6 +843,12 @@ class Daemon:
         for sock in self.bound.listeners:
             self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
             self.addresses.append(sock.getsockname()[:2])
+        if self.bound.tls_listeners and self.tls is None:
+            raise GSSError(GSS_S_FAILURE, Minor.CONFIG_INVALID,
+                           "[tls] listen: sockets for TLS were passed, but [tls] is not configured")
+        for sock in self.bound.tls_listeners:
+            self.tls_listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            self.tls_addresses.append(sock.getsockname()[:2])
         if self.bound.activated:
             log.info("using %d socket(s) from systemd activation", len(self.listeners))
 
@@ -852,7 +866,8 @@ class Daemon:
                             else "waiting for capacity")
         await trio.sleep(0 if shed else 0.1)
 
-    async def _accept_loop(self, listener: trio.SocketListener, bound: socket.socket) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, bound: socket.socket,
+                           tls: bool = False) -> None:
         assert self._nursery is not None
         while True:
             while self.admission.full:
@@ -870,9 +885,9 @@ class Daemon:
             except trio.ClosedResourceError:
                 return  # listener closed: we are draining
             self.stats.accepted += 1
-            self._admit(stream)
+            self._admit(stream, tls)
 
-    def _admit(self, stream: trio.SocketStream) -> None:
+    def _admit(self, stream: trio.SocketStream, tls: bool = False) -> None:
         """Give the connection a slot (evicting the most stalled handshake if all are
         taken), or close it at once if its source holds its share."""
         server = self.config.server
@@ -902,7 +917,7 @@ class Daemon:
                               handshake_timeout=server.handshake_timeout)
         self._paces[slot] = (pace, stream)
         assert self._nursery is not None
-        self._nursery.start_soon(self._serve_client, stream, pace)
+        self._nursery.start_soon(self._serve_client, stream, pace, tls)
 
     def _free_slot(self, slot: Slot) -> None:
         self.admission.release(slot)
@@ -910,32 +925,40 @@ class Daemon:
         self._slot_freed.set()
         self._slot_freed = trio.Event()
 
-    async def _serve_client(self, stream: trio.SocketStream, pace: ConnectionPace) -> None:
+    async def _serve_client(self, stream: trio.SocketStream, pace: ConnectionPace,
+                            tls: bool = False) -> None:
         """Handshake, then hand off; holds its slot until a worker has it."""
         peer = _peer_text(stream)
         slot = pace.slot
         try:
             try:
-                decoder = FrameDecoder()
                 with pace.scope:
-                    mechanism, context = await accept_any_handshake(
-                        stream, self.mechanisms, decoder, pace=pace)
+                    if tls:
+                        mech, inner, peer_name = await self._tls_handshake(stream, pace)
+                    else:
+                        decoder = FrameDecoder()
+                        mechanism, context = await accept_any_handshake(
+                            stream, self.mechanisms, decoder, pace=pace)
+                        mech, peer_name = mechanism.info.seal_id, context.peer_name
+                        inner = context.export(unread=decoder.unread())
                 if pace.scope.cancelled_caught:
                     raise self._handshake_cut_short(slot)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED) from None
             done = time.perf_counter()
             self.stats.handshakes_ok += 1
-            inner = context.export(unread=decoder.unread())
             pending = Pending(next(self._handoff_ids), stream, inner, done,
-                              f"{peer} ({context.peer_name})", mech=mechanism.info.seal_id)
+                              f"{peer} ({peer_name})", mech=mech)
         except GSSError as error:
             self._free_slot(slot)
             self.stats.handshake_failures[status_name(error.major)] += 1
             self._throttled.log(logging.INFO, f"handshake:{error.minor}",
                                 "connection from %s closed: %s", peer, error)
-            if error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED):
-                await send_error(stream, error)
+            # A TLS client is told in TLS (OpenSSL's alert, sent by the handshake driver),
+            # never with a handoffd ERROR frame it could not parse.
+            answer = error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED)
+            if answer and not tls and not isinstance(error, PeerReportedError):
+                await send_error(stream, error)  # an ERROR is never answered with one
             await stream.aclose()
             return
         self.admission.progress(slot, Stage.WAITING_FOR_WORKER, trio.current_time())
@@ -943,6 +966,15 @@ class Daemon:
             await self._dispatch(pending)
         finally:
             self._free_slot(slot)
+
+    async def _tls_handshake(self, stream: trio.SocketStream,
+                             pace: ConnectionPace) -> tuple[int, bytes, str]:
+        """OpenSSL's TLS 1.3 handshake; the sealed export's mechanism, bytes and peer."""
+        assert self.tls is not None
+        handshake = self.tls.new_handshake()
+        await accept_tls_handshake(stream, handshake, pace=pace)
+        export = handshake.export()
+        return TLS.seal_id, export.encode(), str(export.peer.get("name", "anonymous"))
 
     def _handshake_cut_short(self, slot: Slot) -> GSSError:
         server = self.config.server
@@ -1106,6 +1138,7 @@ class Daemon:
             "key_parking": self.parking.mode if self.parking else None,
             "privilege_separation": self.privsep,
             "listen": [show_address(h, p) for h, p in self.addresses],
+            "tls_listen": [show_address(h, p) for h, p in self.tls_addresses],
             "workers": [
                 {
                     "index": w.index,
@@ -1114,8 +1147,7 @@ class Daemon:
                     "state": w.state,
                     "in_flight": len(w.in_flight),
                     "handled": w.handled,
-                    "active_sessions": w.sessions.active if w.sessions else None,
-                    "sessions_ended": w.sessions.ended() if w.sessions else None,
+                    "active": w.active,
                     "restarts": self.restarts[w.index],
                     "external": w.external,
                 }
@@ -1142,7 +1174,14 @@ class Daemon:
                 "evicted": self.stats.evicted,
                 "first_token_timeouts": self.stats.first_token_timeouts,
                 "unavailable": self.stats.unavailable,
+                "sessions_closed": self.stats.sessions_ended["closed"],
+                "sessions_app_error": self.stats.sessions_ended["app_error"],
+                "sessions_peer_error": self.stats.sessions_ended["peer_error"],
+                "sessions_cut_at_drain": self.stats.sessions_ended["cut_at_drain"],
+                "sessions_lost_with_worker": self.stats.sessions_ended["lost_with_worker"],
+                "session_reports_refused": self.stats.session_reports_refused,
             },
+            "sessions_active": sum(w.active for w in workers if w.state != "dead"),
             "handshake_slots": {
                 "capacity": self.admission.capacity,
                 "first_token": self.admission.count(Stage.FIRST_TOKEN),
@@ -1150,7 +1189,6 @@ class Daemon:
                 "waiting_for_worker": self.admission.count(Stage.WAITING_FOR_WORKER),
             },
             "waiting_for_worker": self._waiting_for_worker,
-            "sessions": self.session_totals(),
             "handshake_failures": dict(self.stats.handshake_failures),
             "refused_by_worker": dict(self.stats.refused_by_worker),
             "handoff_latency_us": self.stats.latency_quantiles(),

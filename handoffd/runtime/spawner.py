@@ -45,8 +45,11 @@ _SCRUBBED_PREFIXES = ("LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET", "HANDOFFD_PARKING
 
 def worker_command(config: Config) -> list[str]:
     """The worker's argv, built from the configuration (never from a request)."""
-    argv = [sys.executable, "-m", "handoffd.runtime.worker_process",
-            "--app", config.workers.app,
+    workers = config.workers
+    app = (["--asgi", workers.asgi] if workers.asgi is not None
+           else ["--wsgi", workers.wsgi] if workers.wsgi is not None
+           else ["--app", workers.app])
+    argv = [sys.executable, "-m", "handoffd.runtime.worker_process", *app,
             "--drain-timeout", str(config.workers.drain_timeout),
             "--log-level", config.log.level, "--log-format", config.log.format]
     for path in config.workers.pythonpath:

@@ -214,6 +214,7 @@ class Supervisor:
     _acceptor: _Acceptor | None = None
     _generation: int = 0
     _stopping: bool = False
+    _restarting: bool = False
     _status: int = 0
 
     def __post_init__(self) -> None:
@@ -231,7 +232,7 @@ class Supervisor:
         elif self.config.workers.keyring != FALLBACK:
             log.info("kernel keyring not available to the supervisor: the acceptor decides")
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2,
                                            *_FORWARDED) as signals:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, signals)
@@ -264,6 +265,14 @@ class Supervisor:
                 link_nursery.cancel_scope.cancel()
             acceptor.link.close()
             self._acceptor = None
+            if self._restarting and acceptor.ready and status == 0 and not self._stopping:
+                # SIGUSR2: it handed over; its workers finish their sessions on their own
+                # while the next acceptor takes over the same listening sockets, at once.
+                self._restarting = False
+                self._reload()
+                log.info("acceptor (pid %d) handed over: starting a new one on the same "
+                         "sockets", acceptor.child.pid)
+                continue
             if self._stopping or not acceptor.ready:
                 # Drained on request, or a start-up failure the acceptor reported itself:
                 # restarting would only repeat it.
@@ -438,15 +447,35 @@ class Supervisor:
                 # Kept until now for a restarted acceptor; once the acceptor closes its
                 # copies too, new connections are refused instead of queued.
                 assert self.bound is not None
-                for listener in self.bound.listeners:
+                for listener in (*self.bound.listeners, *self.bound.tls_listeners):
                     listener.close()
                 if acceptor is not None:
                     acceptor.child.send_signal(signal.SIGTERM)
+            elif signum == signal.SIGUSR2:
+                self._restart(acceptor)
             else:
                 if signum == signal.SIGHUP:
                     self._reload()
                 if acceptor is not None:
                     acceptor.child.send_signal(signum)
+
+    def _restart(self, acceptor: _Acceptor | None) -> None:
+        """SIGUSR2: a new acceptor (new code, the config re-read) on the same sockets,
+        with no connection refused.  Only once the config loads and the current acceptor
+        is ready: a restart that could not start must not stop what runs."""
+        if acceptor is None or not acceptor.ready or self._stopping or self._restarting:
+            log.warning("SIGUSR2 ignored: no ready acceptor to hand over from")
+            return
+        if self.config.path is not None:
+            try:
+                load_config(self.config.path)
+            except GSSError as error:
+                log.error("restart refused, the running acceptor keeps serving: %s", error)
+                return
+        log.info("received SIGUSR2: the acceptor (pid %d) hands over to a new one",
+                 acceptor.child.pid)
+        self._restarting = True
+        acceptor.child.send_signal(signal.SIGUSR2)
 
     def _reload(self) -> None:
         """SIGHUP: workers spawned from now on run the re-read config's worker command

@@ -58,10 +58,14 @@ async def read_frame(stream: trio.abc.ReceiveStream, decoder: FrameDecoder, *,
         decoder.feed(data)
 
 
+class PeerReportedError(GSSError):
+    """The peer's own ERROR frame: reported locally, never answered (docs/PROTOCOL.md)."""
+
+
 def _handshake_body(frame: Frame) -> bytes:
     if frame.type == FrameType.ERROR:
         major, minor = decode_error(frame.body)
-        raise GSSError(major, minor, "reported by the peer")
+        raise PeerReportedError(major, minor, "reported by the peer")
     if frame.type != FrameType.HANDSHAKE:
         raise GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.TOKEN_BAD_TYPE,
                        f"expected a HANDSHAKE frame, got {frame.type.name}")

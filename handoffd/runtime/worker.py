@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -43,20 +44,21 @@ from handoffd.core.handoff import (
     Handoff,
     Hello,
     Kind,
+    Outcome,
     Refused,
     Registered,
-    Sessions,
+    SessionEnd,
 )
 from handoffd.core.seal import open_sealed
+from handoffd.core.tls_export import TlsExport
 from handoffd.kernel.channel import Channel, Received, tcp_stream_socket
 from handoffd.kernel.parking import ENV_FD, WorkerParking
 from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
-from handoffd.logs import status_fields
-from handoffd.mech import import_session, sealed_mechanism
+from handoffd.mech import TLS, import_session, sealed_mechanism
 from handoffd.mech import noise as _noise  # noqa: F401  # up front: see _accept_handoff
 from handoffd.minor import Minor
-from handoffd.runtime.sessions import SessionTally
 from handoffd.runtime.stream import SecureStream
+from handoffd.runtime.tls_stream import TlsStream, session_from_export
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
 
 log = logging.getLogger("handoffd.worker")
@@ -65,7 +67,7 @@ ENV_CHANNEL_FD = "HANDOFFD_CHANNEL_FD"
 ENV_WORKER_ID = "HANDOFFD_WORKER_ID"
 ENV_ACCEPTOR_PID = "HANDOFFD_ACCEPTOR_PID"
 
-Handler = Callable[[SecureStream], Awaitable[None]]
+Handler = Callable[[SecureStream | TlsStream], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,7 @@ class HandoffReceiver:
         self.accepted = 0
         self._hello_sent = False
         self._draining = False
-        # Set while a send is under way: see _send.
-        self._sending: trio.Event | None = None
+        self.ended: Counter[Outcome] = Counter()  # sessions ended here, by outcome
         self._policy = PeerPolicy(
             uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid,
             labels=identity.acceptor_labels,
@@ -208,28 +209,19 @@ class HandoffReceiver:
     async def hello(self) -> None:
         """Announce this worker to the acceptor (done by the first iteration if not before)."""
         self.channel.enable_extended_attributes(keep_pidfds=False)
-        await self._send(Kind.HELLO, Hello(self.identity.worker_id, os.getpid()).encode())
+        await self.channel.send(Kind.HELLO, Hello(self.identity.worker_id, os.getpid()).encode())
         self._hello_sent = True
 
     async def drain(self) -> None:
         """Stop taking handoffs: the acceptor answers DRAINED and the iterator ends."""
         if not self._draining:
             self._draining = True
-            await self._send(Kind.DRAINING, b"")
+            await self.channel.send(Kind.DRAINING, b"")
 
-    async def report_sessions(self, sessions: Sessions) -> None:
-        """Tell the acceptor how many sessions are open and how they ended (SESSIONS;
-        :func:`serve` does it).  A channel already gone is not an error here."""
-        try:
-            await self._send(Kind.SESSIONS, sessions.encode())
-        except GSSError as error:
-            if error.minor != Minor.CHANNEL_CLOSED:
-                log.warning("could not report sessions to the acceptor: %s", error)
-
-    def __aiter__(self) -> AsyncIterator[SecureStream]:
+    def __aiter__(self) -> AsyncIterator[SecureStream | TlsStream]:
         return self._streams()
 
-    async def _streams(self) -> AsyncIterator[SecureStream]:
+    async def _streams(self) -> AsyncIterator[SecureStream | TlsStream]:
         if not self._hello_sent:
             await self.hello()
         while True:
@@ -253,7 +245,7 @@ class HandoffReceiver:
             if stream is not None:
                 yield stream
 
-    async def _accept_handoff(self, message: Received) -> SecureStream | None:
+    async def _accept_handoff(self, message: Received) -> SecureStream | TlsStream | None:
         fd = message.fd
         assert fd is not None  # the channel enforces one fd for HANDOFF
         try:
@@ -279,9 +271,13 @@ class HandoffReceiver:
             mechanism = sealed_mechanism(handoff.sealed)
             inner = open_sealed(key, handoff.sealed, worker_id=self.identity.worker_id,
                                 now=self.clock(), mech=mechanism.seal_id)
-            # Noise's module is imported at start-up, not lazily here: an import opens
-            # files, and a worker at its fd limit died of that OSError with all its sessions.
-            context, unread = import_session(mechanism, inner, clock=self.clock)
+            if mechanism is TLS:
+                tls_export = TlsExport.decode(inner)  # defects refused before the ACK
+            else:
+                # Noise's module is imported at start-up, not lazily here: an import opens
+                # files, and a worker at its fd limit died of that OSError with all its
+                # sessions.
+                context, unread = import_session(mechanism, inner, clock=self.clock)
         except GSSError as error:
             if sock is not None:
                 sock.close()
@@ -296,51 +292,71 @@ class HandoffReceiver:
         # The ACK goes out before any I/O on the client socket: see the module docstring.
         await self._ack(Ack(handoff_id))
         self.accepted += 1
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        if mechanism is TLS:
+            return self._tls_stream(transport, tls_export, handoff_id, message)
         log.debug("handoff %d imported: peer %s, flags %s, context %s", handoff_id,
                   context.peer_name, int(context.flags), context.context_id)
         decoder = FrameDecoder()
         if unread:
             decoder.feed(unread)
-        try:
-            peer_address = _address_text(sock.getpeername())
-        except OSError:
-            peer_address = "unknown peer"
-        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         info: dict[str, object] = {
-            "context_id": context.context_id,
-            "peer_address": peer_address,
             "peer_name": context.peer_name,
             "peer_fingerprint": context.peer_fingerprint,
             "flags": context.flags,
             "anonymous": context.anonymous,
             "handoff_id": handoff_id,
+            "context_id": context.context_id,
             "mechanism": mechanism.name,
             "sender": message.attributes,
             "worker_pid": os.getpid(),
         }
         return SecureStream(transport, context, decoder=decoder, info=info)
 
-    async def _send(self, kind: Kind, payload: bytes) -> None:
-        """One send at a time: ACKs, DRAINING and session reports go out from different
-        tasks, and two tasks waiting to write one full trio socket is BusyResourceError.
-        Not a trio.Lock: that costs two scheduler passes per ACK even when uncontended."""
-        while self._sending is not None:
-            await self._sending.wait()
-        self._sending = done = trio.Event()
-        try:
-            await self.channel.send(kind, payload)
-        finally:
-            self._sending = None
-            done.set()
+    def _tls_stream(self, transport: trio.SocketStream, export: TlsExport, handoff_id: int,
+                    message: Received) -> TlsStream:
+        """A TLS session continued here (docs/TLS.md): the app sees ``SecureStream``'s
+        surface, with ALPN, SNI and the client certificate's identity in ``info``."""
+        peer = export.peer
+        log.debug("handoff %d imported: TLS %s, ALPN %r, SNI %r, context %s", handoff_id,
+                  hex(export.suite), export.alpn.decode(errors="replace"), export.sni,
+                  export.context_id.hex())
+        info: dict[str, object] = {
+            "peer_name": str(peer.get("name", "anonymous")),
+            "peer": peer,
+            "anonymous": not peer,
+            "alpn": export.alpn.decode(errors="replace"),
+            "sni": export.sni,
+            "handoff_id": handoff_id,
+            "context_id": export.context_id.hex(),
+            "mechanism": TLS.name,
+            "sender": message.attributes,
+            "worker_pid": os.getpid(),
+        }
+        return TlsStream(transport, session_from_export(export), unread=export.unread,
+                         expiry=export.expiry, info=info)
 
     def _verify_sender(self, message: Received) -> None:
         _check_sender(message, self._policy)
 
     async def _ack(self, ack: Ack) -> None:
         try:
-            await self._send(Kind.ACK, ack.encode())
+            await self.channel.send(Kind.ACK, ack.encode())
         except GSSError as error:
             log.warning("could not acknowledge handoff %d: %s", ack.handoff_id, error)
+
+    async def session_ended(self, handoff_id: int, outcome: Outcome,
+                            error: GSSError | None = None) -> None:
+        """Tell the acceptor a session ended and how (its status and metrics count them).
+
+        Best effort: a channel already gone (the acceptor stopped) loses the report."""
+        self.ended[outcome] += 1
+        report = SessionEnd(handoff_id, outcome, error.major if error else 0,
+                            error.minor if error else 0)
+        try:
+            await self.channel.send(Kind.SESSION_END, report.encode())
+        except GSSError as failure:
+            log.debug("could not report the end of session %d: %s", handoff_id, failure)
 
     def close(self) -> None:
         """Close the channel; the acceptor sees this worker leave."""
@@ -417,13 +433,6 @@ def _close_fd(fd: int | None) -> None:
         os.close(fd)
 
 
-def _address_text(address: object) -> str:
-    if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
-
-
 def _kind_name(kind: int) -> str:
     try:
         return Kind(kind).name
@@ -442,99 +451,69 @@ async def serve(
 
     SIGTERM makes the worker drain: it tells the acceptor it takes no more
     handoffs, lets running sessions finish for up to ``drain_timeout``
-    seconds, then ends the rest (ERROR ``SHUTTING_DOWN`` to their clients) and
-    returns.  A handler's exception is logged with its traceback and ends only
-    its own session, with ERROR ``APP_FAILED`` to that client.  Every session's
-    start and end, and how it ended, is reported to the acceptor (SESSIONS).
+    seconds, then returns.  A handler's exception is logged and ends only its
+    own session.
     """
     import signal
 
-    tally = SessionTally()
-
-    async def run_session(stream: SecureStream) -> None:
-        tally.start()
-        outcome = "cut_at_drain"  # unless something below runs to its end
+    async def run_session(stream: SecureStream | TlsStream) -> None:
+        info = stream.info
+        handoff_id = int(info.get("handoff_id", 0))  # type: ignore[call-overload]
+        name = f"session {handoff_id} ({info.get('peer_name')}, context {info.get('context_id')})"
+        outcome, error = Outcome.CLOSED, None
         try:
-            outcome = await _run_session(stream, handler)
-        finally:
-            tally.end(outcome)
-
-    async def report_changes() -> None:
-        while True:
-            await tally.changed.wait()
-            await receiver.report_sessions(tally.snapshot())
-            # Reports are cumulative: under load, one per interval says it all.
-            await trio.sleep(REPORT_INTERVAL)
-
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as reporting:
-            async with trio.open_nursery() as sessions:
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        await receiver.drain()
-                        sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
-                        return
-
-                async with trio.open_nursery() as control:
-                    control.start_soon(on_signal)
-                    await receiver.hello()
-                    tally.changed.set()  # a first, empty report: this worker reports
-                    reporting.start_soon(report_changes)
-                    task_status.started()
-                    async for stream in receiver:
-                        sessions.start_soon(run_session, stream)
-                    control.cancel_scope.cancel()
-                if not receiver._draining:
-                    # Channel closed by the acceptor: finish what we have, bounded.
-                    sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
-            reporting.cancel_scope.cancel()
-    # The final tally, outside every cancelled scope: the acceptor reads it before it
-    # sees this worker's channel close.
-    final = tally.snapshot()
-    await receiver.report_sessions(final)
-    if final.cut_at_drain:
-        log.warning("drained: %d sessions still open after drain_timeout %gs were cut "
-                    "(%s)", final.cut_at_drain, drain_timeout, Minor.SHUTTING_DOWN.name)
-
-
-REPORT_INTERVAL = 0.05
-"""Seconds between two session reports at most (the first change after a quiet spell is
-reported at once)."""
-
-_SHUTTING_DOWN = GSSError(GSS_S_UNAVAILABLE, Minor.SHUTTING_DOWN, "drain_timeout reached")
-
-
-async def _run_session(stream: SecureStream, handler: Handler) -> str:
-    """Serve one session; returns how it ended (``OUTCOMES``).  Cancellation (the
-    drain deadline) tells the client ``SHUTTING_DOWN`` and propagates."""
-    handoff_id = stream.info.get("handoff_id")
-    try:
-        async with stream:
             try:
                 await handler(stream)
-            except GSSError as error:
-                # An ERROR frame tells the client why; a CLOSE would look like a clean end.
+            except GSSError as failure:
+                # The peer's bytes or the context: an ERROR frame (a TLS alert) tells the
+                # client why; a CLOSE would look like a clean end.
+                outcome, error = Outcome.PEER_ERROR, failure
+                log.info("%s ended: %s", name, failure)
+                await stream.abort(failure)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as lost:
+                outcome = Outcome.PEER_ERROR
+                log.info("%s ended: connection lost: %s", name, lost)
+                await stream.abort(GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED))
+            except Exception as exc:  # the app's own failure: the client must not see success
+                outcome = Outcome.APP_ERROR
+                error = GSSError(GSS_S_FAILURE, Minor.APP_FAILED, type(exc).__name__)
+                log.error("%s: the application raised %s: %s", name, type(exc).__name__, exc,
+                          exc_info=True)
                 await stream.abort(error)
-                raise
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise
-            except trio.Cancelled:
-                with trio.CancelScope(shield=True):  # abort is bounded: 1 s
-                    await stream.abort(_SHUTTING_DOWN)
-                raise
-            except Exception as error:
-                failed = GSSError(GSS_S_FAILURE, Minor.APP_FAILED, type(error).__name__)
-                peer = f"{stream.info.get('peer_address')} ({stream.info.get('peer_name')})"
-                # One line: the application's exception with its traceback (``exc`` in
-                # JSON logs), the context and peer; no key or data of the session.
-                log.error("session %s (context %s, peer %s) ended: the application raised "
-                          "%s: %s; the client gets %s", handoff_id,
-                          stream.info.get("context_id"), peer, type(error).__name__, error,
-                          Minor.APP_FAILED.name, exc_info=True,
-                          extra=status_fields(failed, peer))
-                await stream.abort(failed)
-                return "app_error"
-        return "closed"
-    except (GSSError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-        log.info("session %s ended: %s", handoff_id, error)
-        return "client_error"
+            else:
+                await stream.aclose()
+        except trio.Cancelled:
+            # drain_timeout passed with this session still open: say so to the client.
+            outcome = Outcome.CUT_AT_DRAIN
+            error = GSSError(GSS_S_UNAVAILABLE, Minor.SESSION_DRAINED)
+            with trio.CancelScope(shield=True):
+                await stream.abort(error)
+            raise
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await receiver.session_ended(handoff_id, outcome, error)
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as sessions:
+            async def on_signal() -> None:
+                async for _ in signals:
+                    await receiver.drain()
+                    sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+                    return
+
+            async with trio.open_nursery() as control:
+                control.start_soon(on_signal)
+                await receiver.hello()
+                task_status.started()
+                async for stream in receiver:
+                    sessions.start_soon(run_session, stream)
+                control.cancel_scope.cancel()
+            if not receiver._draining:
+                # Channel closed by the acceptor: finish what we have, bounded.
+                sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+    ended = receiver.ended
+    cut = ended[Outcome.CUT_AT_DRAIN]
+    log.log(logging.WARNING if cut else logging.INFO,
+            "drained: %d sessions served (%d closed, %d app errors, %d peer errors), %d cut "
+            "at drain_timeout (%gs)", sum(ended.values()), ended[Outcome.CLOSED],
+            ended[Outcome.APP_ERROR], ended[Outcome.PEER_ERROR], cut, drain_timeout)

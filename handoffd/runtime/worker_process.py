@@ -1,6 +1,7 @@
 """Entry point of a worker process spawned by the supervisor.
 
-``python -m handoffd.runtime.worker_process --app module:callable``; the
+``python -m handoffd.runtime.worker_process --app module:callable`` (or ``--asgi``,
+``--wsgi`` with ``module:app``); the
 channel fd, worker id, acceptor pid and key grant come in the environment
 (see :mod:`handoffd.runtime.worker`).  Exit status 3 means the worker could not
 start (the supervisor counts those as boot failures).
@@ -27,7 +28,10 @@ EXIT_BOOT_FAILED = 3
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of a worker spawned by ``handoffd serve`` (exit 3 if it cannot boot)."""
     parser = argparse.ArgumentParser(prog="handoffd-worker")
-    parser.add_argument("--app", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--app", help="module:callable, async def handler(stream)")
+    which.add_argument("--asgi", help="module:app, an ASGI application (hypercorn)")
+    which.add_argument("--wsgi", help="module:app, a WSGI application (hypercorn)")
     parser.add_argument("--pythonpath", action="append", default=[])
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument("--log-level", default="info")
@@ -40,12 +44,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Adopt the key grant first: nothing else runs with the acceptor's session keyring.
         receiver = HandoffReceiver.inherited(acceptor_labels=args.acceptor_label)
-        handler = load_app(args.app, pythonpath=args.pythonpath)
+        if args.app is not None:
+            handler = load_app(args.app, pythonpath=args.pythonpath)
+            run = partial(serve, receiver, handler, drain_timeout=args.drain_timeout)
+        else:
+            from handoffd.runtime.web import load_web_app, serve_web
+
+            kind = "asgi" if args.asgi is not None else "wsgi"
+            web_app = load_web_app(args.asgi or args.wsgi, pythonpath=args.pythonpath)
+            run = partial(serve_web, receiver, web_app, kind=kind,
+                          drain_timeout=args.drain_timeout)
     except GSSError as error:
         log.error("worker could not start: %s", error)
         return EXIT_BOOT_FAILED
     try:
-        trio.run(partial(serve, receiver, handler, drain_timeout=args.drain_timeout))
+        trio.run(run)
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,0 +1,1 @@
+"""A Starlette (ASGI) app behind handoffd: ``[workers] asgi = "examples.asgi.app:app"``."""

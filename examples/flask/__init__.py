@@ -1,0 +1,1 @@
+"""A Flask (WSGI) app behind handoffd: ``[workers] wsgi = "examples.flask.app:app"``."""
