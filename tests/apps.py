@@ -135,3 +135,40 @@ async def raises_after_one_message(stream: SecureStream) -> None:
     the client must not see success (tests/test_session_visibility.py)."""
     await stream.receive_some()
     raise ValueError("the application is broken")
+
+
+async def lying_reports(stream: SecureStream) -> None:
+    """``pid_echo``, except that on ``lie`` the worker writes SESSION_END reports on its
+    channel, raw, that the acceptor must refuse: a short one, one with an unknown outcome,
+    and 50 well-formed ones for sessions it never had; then it answers ``done``."""
+    await stream.send_all(f"{os.getpid()}\n".encode())
+    async for data in stream:
+        if data == b"lie":
+            await _lie_to_acceptor(int(os.environ["HANDOFFD_CHANNEL_FD"]))
+            data = b"done"
+        await stream.send_all(data)
+
+
+async def _lie_to_acceptor(channel_fd: int) -> None:
+    import socket
+    import struct
+
+    import trio
+
+    from handoffd.core.handoff import Kind, Outcome, SessionEnd
+
+    closed = SessionEnd(10**6, Outcome.CLOSED).encode()
+    frames = [_channel_frame(Kind.SESSION_END, closed[:7]),
+              _channel_frame(Kind.SESSION_END, struct.pack(">QBII", 1, 9, 0, 0)),
+              *[_channel_frame(Kind.SESSION_END, closed)] * 50]
+    raw = socket.socket(fileno=os.dup(channel_fd))
+    try:
+        for frame in frames:
+            while True:
+                try:
+                    raw.send(frame)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(raw)
+    finally:
+        raw.close()

@@ -278,3 +278,39 @@ async def echo_back(stream: SecureStream, message: bytes) -> bytes:
             assert chunk, "closed before the echo came back"
             echoed += chunk
         return echoed
+
+
+def tls_config(directory: Path, alpn: str = '["h2", "http/1.1"]') -> tuple[str, dict[str, Path],
+                                                                          int | None]:
+    """A throwaway CA and a localhost certificate in ``directory`` (examples.https.pki),
+    the key owned by the acceptor uid it picks when root; the ``[tls]`` lines listening on
+    a free port, the PKI's paths, and that uid (for ``start_daemon``'s ``acceptor_uid``)."""
+    from examples.https.pki import make_pki
+
+    acceptor_uid = separated_uids()[0] if os.geteuid() == 0 else None
+    os.chmod(directory, 0o755)
+    pki = make_pki(directory)
+    if acceptor_uid is not None:
+        for path in (pki["cert"], pki["key"]):
+            os.chown(path, acceptor_uid, acceptor_uid)
+    lines = (f'[tls]\nlisten = ["127.0.0.1:0"]\ncertificate = "{pki["cert"]}"\n'
+             f'key = "{pki["key"]}"\nalpn = {alpn}\n')
+    return lines, pki, acceptor_uid
+
+
+async def start_forwarder(daemon: RunningDaemon, *pin: str) -> tuple[trio.Process, int]:
+    """``handoffd connect --listen 127.0.0.1:0`` to ``daemon``; the process and its port
+    (read from its "forwarding ..." line).  ``pin``: the pinning options."""
+    import re
+
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "handoffd", "connect", "--listen", "127.0.0.1:0",
+         f"{daemon.host}:{daemon.port}", *pin], cwd=REPO, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    seen = b""
+    with trio.fail_after(20):
+        while not (match := re.search(rb"forwarding 127\.0\.0\.1:(\d+) to", seen)):
+            chunk = await process.stderr.receive_some()
+            assert chunk, seen
+            seen += chunk
+    return process, int(match[1])

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.daemon_harness import REPO, RunningDaemon, start_daemon
+from tests.daemon_harness import RunningDaemon, start_daemon, start_forwarder
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None,
                                 reason="curl is not installed (make deps-chromium)")
@@ -22,19 +20,10 @@ pytestmark = pytest.mark.skipif(shutil.which("curl") is None,
 @pytest.fixture
 async def forwarded(tmp_path: Path) -> AsyncIterator[tuple[RunningDaemon, int, trio.Process]]:
     daemon = await start_daemon(tmp_path, workers=2, app="examples.https.app:handler")
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "handoffd", "connect", "--listen", "127.0.0.1:0",
-         f"{daemon.host}:{daemon.port}", "--server-key", str(tmp_path / "server.key.pub")],
-        cwd=REPO, stderr=subprocess.PIPE)
+    process, port = await start_forwarder(daemon, "--server-key",
+                                          str(tmp_path / "server.key.pub"))
     try:
-        assert process.stderr is not None
-        seen = b""
-        with trio.fail_after(20):
-            while not (match := re.search(rb"forwarding 127\.0\.0\.1:(\d+) to", seen)):
-                chunk = await process.stderr.receive_some()
-                assert chunk, seen
-                seen += chunk
-        yield daemon, int(match[1]), process
+        yield daemon, port, process
     finally:
         process.kill()
         await process.wait()

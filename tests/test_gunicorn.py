@@ -15,8 +15,7 @@ import httpx
 import pytest
 import trio
 
-from examples.https.pki import make_pki
-from tests.daemon_harness import REPO, RunningDaemon, separated_uids, start_daemon
+from tests.daemon_harness import REPO, RunningDaemon, start_daemon, tls_config
 
 pytest.importorskip("gunicorn")
 
@@ -38,19 +37,12 @@ async def wait_workers(daemon: RunningDaemon, count: int, *,
 
 @pytest.fixture
 async def gunicorn(tmp_path: Path) -> AsyncIterator[tuple[RunningDaemon, trio.Process, str, Path]]:
-    acceptor_uid = separated_uids()[0] if os.geteuid() == 0 else None
-    os.chmod(tmp_path, 0o755)
-    pki = make_pki(tmp_path)
-    if acceptor_uid is not None:
-        for path in (pki["cert"], pki["key"]):
-            os.chown(path, acceptor_uid, acceptor_uid)
+    tls, pki, acceptor_uid = tls_config(tmp_path)
     register = tmp_path / "register.sock"
     daemon = await start_daemon(
         tmp_path, workers=0, acceptor_uid=acceptor_uid,
         extra=(f'[workers]\nregister_socket = "{register}"\n'
-               f"[policy]\nworker_uids = [{os.getuid()}]\n"
-               f'[tls]\nlisten = ["127.0.0.1:0"]\ncertificate = "{pki["cert"]}"\n'
-               f'key = "{pki["key"]}"\n'))
+               f"[policy]\nworker_uids = [{os.getuid()}]\n" + tls))
     status = await daemon.status()
     port = status["tls_listen"][0].rsplit(":", 1)[1]
     master = await trio.lowlevel.open_process(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 import shutil
 import struct
@@ -25,8 +24,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from examples.https.pki import make_pki
-from tests.daemon_harness import RunningDaemon, separated_uids, start_daemon
+from tests.daemon_harness import RunningDaemon, start_daemon, tls_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -36,16 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 async def https_daemon(tmp_path: Path) -> AsyncIterator[tuple[RunningDaemon, str, str]]:
-    acceptor_uid = separated_uids()[0] if os.geteuid() == 0 else None
-    os.chmod(tmp_path, 0o755)
-    pki = make_pki(tmp_path)
-    if acceptor_uid is not None:
-        for path in (pki["cert"], pki["key"]):
-            os.chown(path, acceptor_uid, acceptor_uid)
-    extra = (
-        f'[tls]\nlisten = ["127.0.0.1:0"]\ncertificate = "{pki["cert"]}"\n'
-        f'key = "{pki["key"]}"\nalpn = ["http/1.1"]\n'
-    )
+    extra, pki, acceptor_uid = tls_config(tmp_path, alpn='["http/1.1"]')
     daemon = await start_daemon(
         tmp_path, workers=2, app="examples.https.app:handler", extra=extra,
         acceptor_uid=acceptor_uid,

@@ -22,22 +22,20 @@ import trio
 from websockets.sync.client import connect as ws_connect
 
 from examples.echo.demo import open_to
-from examples.https.pki import make_pki
-from tests.daemon_harness import REPO, RunningDaemon, separated_uids, start_daemon
+from tests.daemon_harness import (
+    REPO,
+    RunningDaemon,
+    start_daemon,
+    start_forwarder,
+    tls_config,
+)
 
 ROOT = os.geteuid() == 0
 
 
 async def start_web(tmp_path: Path, kind: str, spec: str) -> tuple[RunningDaemon, int, Path]:
-    acceptor_uid = separated_uids()[0] if ROOT else None
-    os.chmod(tmp_path, 0o755)
-    pki = make_pki(tmp_path)
-    if acceptor_uid is not None:
-        for path in (pki["cert"], pki["key"]):
-            os.chown(path, acceptor_uid, acceptor_uid)
-    extra = (f'[workers]\n{kind} = "{spec}"\n'
-             f'[tls]\nlisten = ["127.0.0.1:0"]\ncertificate = "{pki["cert"]}"\n'
-             f'key = "{pki["key"]}"\nalpn = ["h2", "http/1.1"]\n')
+    tls, pki, acceptor_uid = tls_config(tmp_path)
+    extra = f'[workers]\n{kind} = "{spec}"\n' + tls
     daemon = await start_daemon(tmp_path, workers=2, extra=extra, acceptor_uid=acceptor_uid,
                                 log=tmp_path / "daemon.log")
     (address,) = (await daemon.status())["tls_listen"]
@@ -129,18 +127,10 @@ async def test_curl_reaches_the_asgi_app_over_noise_through_the_forwarder(
     asgi: tuple[RunningDaemon, int, Path],
 ) -> None:
     daemon, _, _ = asgi
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "handoffd", "connect", "--listen", "127.0.0.1:0",
-         f"{daemon.host}:{daemon.port}", "--fingerprint", daemon.fingerprint],
-        cwd=REPO, stderr=subprocess.PIPE)
+    process, port = await start_forwarder(daemon, "--fingerprint", daemon.fingerprint)
     try:
-        assert process.stderr is not None
-        seen = b""
-        with trio.fail_after(20):
-            while not (match := re.search(rb"forwarding 127\.0\.0\.1:(\d+) to", seen)):
-                seen += await process.stderr.receive_some()
         result = await trio.run_process(
-            ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{int(match[1])}/whoami"],
+            ["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/whoami"],
             capture_stdout=True, capture_stderr=True, check=False)
         assert result.returncode == 0, result.stderr
         assert b'"mechanism":"noise"' in result.stdout and b'"scheme":"https"' in result.stdout

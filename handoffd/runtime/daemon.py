@@ -50,6 +50,7 @@ from handoffd.core.handoff import (
     Handoff,
     Hello,
     Kind,
+    Outcome,
     Refused,
     Registered,
     SessionEnd,
@@ -85,6 +86,9 @@ _SEND_ATTEMPTS = 5
 _SEND_RETRY_DELAY = 0.05
 """A HANDOFF the kernel refused to queue is tried again after 0.05, 0.1, ... s (to any
 worker); after ``_SEND_ATTEMPTS`` refusals the connection is dropped and logged."""
+_READ_AFTER_EXIT = 1.0
+"""Seconds to go on reading a worker's channel after it exited: what it sent last (the
+SESSION_END of each session its drain cut) may still be queued."""
 
 
 @dataclass
@@ -117,6 +121,7 @@ class Worker:
     in_flight: dict[int, Pending] = field(default_factory=dict)
     handled: int = 0
     ended: int = 0  # sessions the worker reported ended (SESSION_END)
+    cut_at_drain: int = 0  # of those, cut at drain_timeout (for the drain's last line)
     started: float = field(default_factory=time.monotonic)
     ready: trio.Event = field(default_factory=trio.Event)
     gone: trio.Event = field(default_factory=trio.Event)
@@ -562,7 +567,21 @@ class Daemon:
                 if w.process is not None and w.process.returncode is None:
                     log.warning("worker %s did not drain in time: SIGKILL", w.pid)
                     w.process.kill()
-        log.info("stopped")
+            with trio.move_on_after(2):  # their open sessions count as lost_with_worker
+                for w in everyone:
+                    await w.gone.wait()
+        self._log_stopped(everyone)
+
+    def _log_stopped(self, drained: list[Worker]) -> None:
+        """The last line: how many sessions the drain cut, by worker and in total, and
+        how every session of the daemon's life ended."""
+        cut = [w for w in drained if w.cut_at_drain]
+        log.info("stopped: %d sessions cut at drain%s; sessions ended: %s",
+                 sum(w.cut_at_drain for w in cut),
+                 " (" + ", ".join(f"worker {w.index} pid {w.pid}: {w.cut_at_drain}"
+                                  for w in cut) + ")" if cut else "",
+                 ", ".join(f"{outcome} {self.stats.sessions_ended[outcome]}" for outcome
+                           in (*(o.name.lower() for o in Outcome), "lost_with_worker")))
 
     # ------------------------------------------------------------------ workers
 
@@ -597,11 +616,24 @@ class Daemon:
             w.state = "dead"
             w.gone.set()
             return
+        read_all = trio.Event()
+
+        async def read_channel() -> None:
+            try:
+                await self._read_channel(w)
+            finally:
+                read_all.set()
+
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_channel, w)
+                nursery.start_soon(read_channel)
                 nursery.start_soon(self._ack_watchdog, w)
                 await w.process.wait()
+                # Its last reports are still queued: read them (its end is closed, so the
+                # channel ends), taking it out of the dispatch meanwhile.
+                w.state = "dead"
+                with trio.move_on_after(_READ_AFTER_EXIT):
+                    await read_all.wait()
                 nursery.cancel_scope.cancel()
         finally:
             await self._worker_gone(w)
@@ -642,6 +674,8 @@ class Daemon:
                 log.warning("worker %s sent a bad %s message: %s", w.pid, message.kind, error)
 
     async def _on_worker_message(self, w: Worker, kind: int, payload: bytes) -> None:
+        if w.state == "dead" and kind in (Kind.HELLO, Kind.DRAINING):
+            return  # read after it exited: it takes nothing any more
         if kind == Kind.HELLO:
             hello = Hello.decode(payload)
             if hello.worker_id != w.worker_id or hello.pid != w.pid:
@@ -655,7 +689,7 @@ class Daemon:
         elif kind == Kind.ACK:
             self._on_ack(w, Ack.decode(payload))
         elif kind == Kind.SESSION_END:
-            self._on_session_end(w, SessionEnd.decode(payload))
+            self._on_session_end(w, payload)
         elif kind == Kind.DRAINING:
             expect_empty(Kind.DRAINING, payload)
             self._retire(w)
@@ -686,15 +720,25 @@ class Daemon:
                         pending.peer, GSSError(ack.major, ack.minor))
         self._wake_dispatchers()
 
-    def _on_session_end(self, w: Worker, report: SessionEnd) -> None:
+    def _on_session_end(self, w: Worker, payload: bytes) -> None:
         """Count a session's end.  A worker can misreport its own sessions only; a report
-        beyond what it was handed is refused (counted, logged rate-limited)."""
+        that is malformed or beyond what it was handed is refused (counted, logged
+        rate-limited)."""
+        try:
+            report = SessionEnd.decode(payload)
+        except GSSError as error:
+            self.stats.session_reports_refused += 1
+            self._throttled.log(logging.WARNING, "session-report",
+                                "worker %s sent a malformed session report: %s", w.pid, error)
+            return
         if w.ended >= w.handled:
             self.stats.session_reports_refused += 1
             self._throttled.log(logging.WARNING, "session-report",
                                 "worker %s reported more sessions ended than it imported", w.pid)
             return
         w.ended += 1
+        if report.outcome == Outcome.CUT_AT_DRAIN:
+            w.cut_at_drain += 1
         self.stats.sessions_ended[report.outcome.name.lower()] += 1
 
     def _close_copy(self, pending: Pending) -> None:

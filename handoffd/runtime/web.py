@@ -37,7 +37,12 @@ from handoffd.core.handoff import Outcome
 from handoffd.minor import Minor
 from handoffd.runtime.stream import SecureStream
 from handoffd.runtime.tls_stream import TlsStream
-from handoffd.runtime.worker import HandoffReceiver
+from handoffd.runtime.worker import (
+    HandoffReceiver,
+    abort_at_drain,
+    log_drained,
+    report_session_end,
+)
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError
 
 log = logging.getLogger("handoffd.worker")
@@ -195,10 +200,7 @@ async def serve_web(receiver: HandoffReceiver, app: Any, *, kind: str,
             await TCPServer(peer_app, config, context, ConnectionState(state.copy()),
                             adapted)  # type: ignore[arg-type]
         except trio.Cancelled:
-            outcome = Outcome.CUT_AT_DRAIN
-            status = GSSError(GSS_S_UNAVAILABLE, Minor.SESSION_DRAINED)
-            with trio.CancelScope(shield=True):
-                await stream.abort(status)
+            outcome, status = Outcome.CUT_AT_DRAIN, await abort_at_drain(stream)
             raise
         finally:
             if outcome is Outcome.CLOSED and errors:
@@ -210,8 +212,7 @@ async def serve_web(receiver: HandoffReceiver, app: Any, *, kind: str,
                 outcome, status = Outcome.PEER_ERROR, adapted.failure
                 log.info("session %d (%s) ended: %s", handoff_id, stream.info.get("peer_name"),
                          adapted.failure)
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await receiver.session_ended(handoff_id, outcome, status)
+            await report_session_end(receiver, handoff_id, outcome, status)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as lifespan_nursery:
@@ -249,8 +250,4 @@ async def serve_web(receiver: HandoffReceiver, app: Any, *, kind: str,
             if kind == "asgi":
                 await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
-    ended = receiver.ended
-    log.info("drained: %d sessions served (%d closed, %d app errors, %d peer errors), %d cut "
-             "at drain_timeout (%gs)", sum(ended.values()), ended[Outcome.CLOSED],
-             ended[Outcome.APP_ERROR], ended[Outcome.PEER_ERROR], ended[Outcome.CUT_AT_DRAIN],
-             drain_timeout)
+    log_drained(receiver, drain_timeout)

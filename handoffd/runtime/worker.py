@@ -106,6 +106,7 @@ class HandoffReceiver:
         self.accepted = 0
         self._hello_sent = False
         self._draining = False
+        self._sending: trio.Event | None = None  # set while a send is under way: see _send
         self.ended: Counter[Outcome] = Counter()  # sessions ended here, by outcome
         self._policy = PeerPolicy(
             uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid,
@@ -209,14 +210,14 @@ class HandoffReceiver:
     async def hello(self) -> None:
         """Announce this worker to the acceptor (done by the first iteration if not before)."""
         self.channel.enable_extended_attributes(keep_pidfds=False)
-        await self.channel.send(Kind.HELLO, Hello(self.identity.worker_id, os.getpid()).encode())
+        await self._send(Kind.HELLO, Hello(self.identity.worker_id, os.getpid()).encode())
         self._hello_sent = True
 
     async def drain(self) -> None:
         """Stop taking handoffs: the acceptor answers DRAINED and the iterator ends."""
         if not self._draining:
             self._draining = True
-            await self.channel.send(Kind.DRAINING, b"")
+            await self._send(Kind.DRAINING, b"")
 
     def __aiter__(self) -> AsyncIterator[SecureStream | TlsStream]:
         return self._streams()
@@ -339,9 +340,25 @@ class HandoffReceiver:
     def _verify_sender(self, message: Received) -> None:
         _check_sender(message, self._policy)
 
+    async def _send(self, kind: Kind, payload: bytes) -> None:
+        """One send at a time.  ACKs, DRAINING and every session's SESSION_END go out from
+        tasks of their own; when the channel is full (the acceptor not reading) each would
+        wait for it to drain, and a second task waiting on one trio socket raises
+        BusyResourceError, which no caller expects: the worker would die with all its
+        sessions.  Not a trio.Lock: that costs two scheduler passes per ACK even when no
+        one else is sending."""
+        while self._sending is not None:
+            await self._sending.wait()
+        self._sending = done = trio.Event()
+        try:
+            await self.channel.send(kind, payload)
+        finally:
+            self._sending = None
+            done.set()
+
     async def _ack(self, ack: Ack) -> None:
         try:
-            await self.channel.send(Kind.ACK, ack.encode())
+            await self._send(Kind.ACK, ack.encode())
         except GSSError as error:
             log.warning("could not acknowledge handoff %d: %s", ack.handoff_id, error)
 
@@ -354,7 +371,7 @@ class HandoffReceiver:
         report = SessionEnd(handoff_id, outcome, error.major if error else 0,
                             error.minor if error else 0)
         try:
-            await self.channel.send(Kind.SESSION_END, report.encode())
+            await self._send(Kind.SESSION_END, report.encode())
         except GSSError as failure:
             log.debug("could not report the end of session %d: %s", handoff_id, failure)
 
@@ -483,15 +500,10 @@ async def serve(
             else:
                 await stream.aclose()
         except trio.Cancelled:
-            # drain_timeout passed with this session still open: say so to the client.
-            outcome = Outcome.CUT_AT_DRAIN
-            error = GSSError(GSS_S_UNAVAILABLE, Minor.SESSION_DRAINED)
-            with trio.CancelScope(shield=True):
-                await stream.abort(error)
+            outcome, error = Outcome.CUT_AT_DRAIN, await abort_at_drain(stream)
             raise
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await receiver.session_ended(handoff_id, outcome, error)
+            await report_session_end(receiver, handoff_id, outcome, error)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as sessions:
@@ -511,6 +523,27 @@ async def serve(
             if not receiver._draining:
                 # Channel closed by the acceptor: finish what we have, bounded.
                 sessions.cancel_scope.deadline = trio.current_time() + drain_timeout
+    log_drained(receiver, drain_timeout)
+
+
+async def abort_at_drain(stream: SecureStream | TlsStream) -> GSSError:
+    """``drain_timeout`` passed with this session still open: tell the client so
+    (``SESSION_DRAINED``), even while being cancelled."""
+    error = GSSError(GSS_S_UNAVAILABLE, Minor.SESSION_DRAINED)
+    with trio.CancelScope(shield=True):
+        await stream.abort(error)
+    return error
+
+
+async def report_session_end(receiver: HandoffReceiver, handoff_id: int, outcome: Outcome,
+                             error: GSSError | None) -> None:
+    """SESSION_END to the acceptor, even while being cancelled, within a second."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        await receiver.session_ended(handoff_id, outcome, error)
+
+
+def log_drained(receiver: HandoffReceiver, drain_timeout: float) -> None:
+    """The worker's last line: its sessions by outcome (a warning if any was cut)."""
     ended = receiver.ended
     cut = ended[Outcome.CUT_AT_DRAIN]
     log.log(logging.WARNING if cut else logging.INFO,
