@@ -468,9 +468,20 @@ RESTART_ONLY: frozenset[tuple[str, str]] = frozenset({
 """Settings a reload (SIGHUP) cannot change: sockets are bound, uids and key slots
 allocated, once at start.  Everything else applies on reload."""
 
+BOUND_SOCKETS: frozenset[tuple[str, str]] = frozenset({
+    ("server", "listen"), ("server", "backlog"), ("workers", "register_socket"),
+    ("workers", "register_group"), ("control", "socket"), ("control", "metrics"),
+    ("tls", "listen"),
+})
+"""What even the zero-downtime restart (SIGUSR2) keeps: its new acceptor generation
+takes over the listening sockets the supervisor bound at start."""
 
-def merge_reloaded(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
-    """``new`` with the :data:`RESTART_ONLY` settings kept from ``running``.
+
+def merge_reloaded(running: Config, new: Config, *,
+                   kept_settings: frozenset[tuple[str, str]] = RESTART_ONLY,
+                   ) -> tuple[Config, list[str], list[str]]:
+    """``new`` with the ``kept_settings`` (:data:`RESTART_ONLY` by default) kept from
+    ``running``.
 
     Returns ``(config, changed, need_restart)``: the ``[section] key`` names that changed
     and apply now, and those that changed but wait for a restart."""
@@ -484,7 +495,7 @@ def merge_reloaded(running: Config, new: Config) -> tuple[Config, list[str], lis
             before, after = getattr(old_section, f.name), getattr(new_section, f.name)
             if before == after:
                 continue
-            if (name, f.name) in RESTART_ONLY:
+            if (name, f.name) in kept_settings:
                 need_restart.append(f"[{name}] {f.name}")
                 kept[f.name] = before
             else:

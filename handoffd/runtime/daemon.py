@@ -18,7 +18,9 @@ redelivered.  ``max_unacked`` bounds handoffs in flight per worker (and is its n
 of key slots).
 
 Signals: TERM/INT drain and stop, HUP rolls the workers, TTIN/TTOU grow and
-shrink the pool.
+shrink the pool, USR2 (from the supervisor, once a new acceptor generation is ready on
+the same sockets) hands over: stop accepting and answering the control, metrics and
+registration sockets, let the handshakes in progress reach a worker, exit.
 """
 
 from __future__ import annotations
@@ -259,6 +261,9 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._roll_generation = 0
         self._handing_over = False
+        self._operations = trio.CancelScope()
+        """Control, metrics and registrations: cancelled at a hand-over, since the new
+        acceptor serves those sockets from then on."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -373,6 +378,7 @@ class Daemon:
                         continue
                     log.info("received SIGUSR2: handing the listeners over to a new acceptor")
                     self._handing_over = True
+                    self._operations.cancel()
                     stop.set()
                     return
                 elif signum == signal.SIGTTIN:
@@ -1142,19 +1148,27 @@ class Daemon:
     # ------------------------------------------------------------------ operations
 
     async def _start_operations(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self._serve_operations)
+        if self.notifier is not None and self._watchdog_period:
+            nursery.start_soon(self._watchdog, self._watchdog_period)
+
+    async def _serve_operations(self, *,
+                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                                ) -> None:
         from handoffd.runtime import control
 
         assert self.bound is not None
-        if self.bound.register is not None:
-            await nursery.start(self._serve_registrations, self.bound.register)
-        if self.bound.control is not None:
-            await nursery.start(control.serve_control, self, self.bound.control,
-                                self.control_stats)
-        if self.bound.metrics is not None:
-            await nursery.start(control.serve_metrics, self, self.bound.metrics,
-                                self.metrics_stats)
-        if self.notifier is not None and self._watchdog_period:
-            nursery.start_soon(self._watchdog, self._watchdog_period)
+        with self._operations:
+            async with trio.open_nursery() as nursery:
+                if self.bound.register is not None:
+                    await nursery.start(self._serve_registrations, self.bound.register)
+                if self.bound.control is not None:
+                    await nursery.start(control.serve_control, self, self.bound.control,
+                                        self.control_stats)
+                if self.bound.metrics is not None:
+                    await nursery.start(control.serve_metrics, self, self.bound.metrics,
+                                        self.metrics_stats)
+                task_status.started()
 
     async def _watchdog(self, period: float) -> None:
         assert self.notifier is not None

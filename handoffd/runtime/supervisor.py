@@ -17,7 +17,15 @@ becomes this process, on OpenSSH's privilege-separation pattern:
    escapes); with a shared worker uid, the worker's process group;
 5. it forwards SIGTERM/SIGINT (drain), SIGHUP, SIGTTIN and SIGTTOU to the acceptor,
    forwards the acceptor's systemd notifications, and restarts an acceptor that dies
-   after it was ready (the workers finish their sessions on their own).
+   after it was ready (the workers finish their sessions on their own);
+6. on SIGUSR2 (the zero-downtime restart) it re-reads the configuration in full and
+   starts a new acceptor *generation* on the same listening sockets; once that one is
+   ready the old acceptor gets SIGUSR2 and hands over: it stops accepting, lets its
+   handshakes in progress reach its own workers and exits, and those workers finish
+   their sessions on their own.  A generation that fails to get ready within
+   ``[workers] drain_timeout`` is stopped and the old one keeps serving.  The
+   supervisor itself is not re-executed: its pid, the listening sockets and the
+   children it reaps stay as they are (docs/PRIVSEP.md).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Any
 import trio
 
 from handoffd.config import (
+    BOUND_SOCKETS,
     Config,
     acceptor_credentials,
     group_id,
@@ -180,14 +189,24 @@ class Supervised:
     uid: int
     own_uid: bool
     generation: int
+    pool: UidPool | None = None
 
 
 @dataclass
 class _Acceptor:
+    """One acceptor generation, with the plan and worker command its workers get."""
+
     child: ChildProcess
     link: SupervisorLink
     generation: int
+    plan: ProcessPlan
+    argv: list[str]
+    pool: UidPool | None
+    started: float = 0.0
     ready: bool = False
+    became_ready: trio.Event = field(default_factory=trio.Event)
+    exited: trio.Event = field(default_factory=trio.Event)
+    status: int = 0
 
 
 async def kill_everything_of(uid: int) -> None:
@@ -212,9 +231,12 @@ class Supervisor:
     bound: BoundSockets | None = None
     workers: dict[bytes, Supervised] = field(default_factory=dict)
     _acceptor: _Acceptor | None = None
+    """The serving generation: it gets HUP/TTIN/TTOU, its notifications reach systemd."""
+    _acceptors: dict[int, _Acceptor] = field(default_factory=dict)
+    """Every running generation: the serving one, one starting, old ones draining."""
+    _incoming: _Acceptor | None = None
     _generation: int = 0
     _stopping: bool = False
-    _restarting: bool = False
     _status: int = 0
 
     def __post_init__(self) -> None:
@@ -222,6 +244,7 @@ class Supervisor:
         self._argv = worker_command(self.config)
         self._notifier = Notifier.from_environ()
         self._watchdog = watchdog_interval()
+        self._serving_exits, self._exits = trio.open_memory_channel[_Acceptor](16)
 
     async def run(self) -> int:
         """Bind, start the acceptor, supervise until it has drained after SIGTERM."""
@@ -235,7 +258,7 @@ class Supervisor:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2,
                                            *_FORWARDED) as signals:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch_signals, signals)
+                    nursery.start_soon(self._watch_signals, signals, nursery)
                     await self._run_acceptors(nursery)
                     nursery.cancel_scope.cancel()
         finally:
@@ -254,43 +277,69 @@ class Supervisor:
     async def _run_acceptors(self, nursery: trio.Nursery) -> None:
         backoff = 0.1
         while True:
-            self._generation += 1
-            acceptor = self._start_acceptor()
-            started = time.monotonic()
-            log.info("acceptor started (pid %d, uid %d)", acceptor.child.pid,
-                     self.plan.acceptor[0])
-            async with trio.open_nursery() as link_nursery:
-                link_nursery.start_soon(self._serve_link, acceptor, nursery)
-                status = await acceptor.child.wait()
-                link_nursery.cancel_scope.cancel()
-            acceptor.link.close()
+            if self._acceptor is None:  # not when a restart put one in place meanwhile
+                self._acceptor = self._launch(nursery, self.plan, self._argv, self._pool)
+            exited = await self._exits.receive()  # always the serving generation
             self._acceptor = None
-            if self._restarting and acceptor.ready and status == 0 and not self._stopping:
-                # SIGUSR2: it handed over; its workers finish their sessions on their own
-                # while the next acceptor takes over the same listening sockets, at once.
-                self._restarting = False
-                self._reload()
-                log.info("acceptor (pid %d) handed over: starting a new one on the same "
-                         "sockets", acceptor.child.pid)
-                continue
-            if self._stopping or not acceptor.ready:
+            status = exited.status
+            if self._stopping or not exited.ready:
                 # Drained on request, or a start-up failure the acceptor reported itself:
                 # restarting would only repeat it.
                 self._status = 0 if self._stopping and status in (0, -signal.SIGTERM) \
                     else (status if status > 0 else 1)
-                if not acceptor.ready and not self._stopping:
+                if not exited.ready and not self._stopping:
                     log.error("acceptor exited with status %d before it was ready", status)
+                await self._stop_other_generations()
                 return
             log.error("acceptor (pid %d) died with status %d: %s; its workers finish their "
-                      "sessions and leave, a new acceptor starts", acceptor.child.pid, status,
+                      "sessions and leave, a new acceptor starts", exited.child.pid, status,
                       Minor.ACCEPTOR_DIED.name)
-            backoff = 0.1 if time.monotonic() - started > 10 else min(backoff * 2, 5.0)
+            backoff = 0.1 if time.monotonic() - exited.started > 10 else min(backoff * 2, 5.0)
             await trio.sleep(backoff)
             if self._stopping:  # SIGTERM while no acceptor ran: nothing left to drain
                 self._status = 0
+                await self._stop_other_generations()
                 return
 
-    def _start_acceptor(self) -> _Acceptor:
+    async def _stop_other_generations(self) -> None:
+        """The supervisor is about to exit: a starting or handing-over generation stops
+        now (SIGTERM; a second one changes nothing) and is waited for, and so are the
+        workers an old generation left (told to drain at SIGTERM), up to
+        ``drain_timeout``; what is left then is killed on the way out."""
+        for acceptor in list(self._acceptors.values()):
+            acceptor.child.send_signal(signal.SIGTERM)
+            await acceptor.exited.wait()
+        with trio.move_on_after(self.config.workers.drain_timeout + 2):
+            while self._orphans():
+                await trio.sleep(0.05)
+
+    def _orphans(self) -> list[Supervised]:
+        """Workers whose acceptor handed over (or died): they serve their sessions alone."""
+        return [w for w in self.workers.values() if w.generation not in self._acceptors]
+
+    def _launch(self, nursery: trio.Nursery, plan: ProcessPlan, argv: list[str],
+                pool: UidPool | None) -> _Acceptor:
+        """Start one acceptor generation and the task that serves its link and reaps it."""
+        self._generation += 1
+        acceptor = self._start_acceptor(plan, argv, pool)
+        log.info("acceptor started (pid %d, uid %d)", acceptor.child.pid, plan.acceptor[0])
+        self._acceptors[acceptor.generation] = acceptor
+        nursery.start_soon(self._run_generation, acceptor, nursery)
+        return acceptor
+
+    async def _run_generation(self, acceptor: _Acceptor, nursery: trio.Nursery) -> None:
+        async with trio.open_nursery() as link_nursery:
+            link_nursery.start_soon(self._serve_link, acceptor, nursery)
+            acceptor.status = await acceptor.child.wait()
+            link_nursery.cancel_scope.cancel()
+        acceptor.link.close()
+        del self._acceptors[acceptor.generation]
+        acceptor.exited.set()
+        if acceptor is self._acceptor:
+            self._serving_exits.send_nowait(acceptor)
+
+    def _start_acceptor(self, plan: ProcessPlan, worker_argv: list[str],
+                        pool: UidPool | None) -> _Acceptor:
         assert self.bound is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = child_environment(os.environ)
@@ -305,7 +354,7 @@ class Supervisor:
         try:
             child = ChildProcess.spawn(argv, env=env, pass_fds=(*self.bound.fds(),
                                                                  theirs.fileno()),
-                                       credentials=self.plan.acceptor, new_session=True,
+                                       credentials=plan.acceptor, new_session=True,
                                        cwd="/")
         except OSError as error:
             ours.close()
@@ -313,8 +362,8 @@ class Supervisor:
                            f"acceptor: {error.strerror}") from None
         finally:
             theirs.close()
-        self._acceptor = _Acceptor(child, SupervisorLink(ours), self._generation)
-        return self._acceptor
+        return _Acceptor(child, SupervisorLink(ours), self._generation, plan, worker_argv,
+                         pool, started=time.monotonic())
 
     async def _serve_link(self, acceptor: _Acceptor, nursery: trio.Nursery) -> None:
         while True:
@@ -329,11 +378,14 @@ class Supervisor:
             if isinstance(message, supervision.Spawn):
                 await self._spawn(acceptor, message, incoming.fds, nursery)
             elif isinstance(message, supervision.Signal):
-                self._signal(message)
+                self._signal(acceptor, message)
             elif isinstance(message, supervision.Notify):
                 if any(f == "READY=1" for f in message.fields):
                     acceptor.ready = True
-                if self._notifier is not None:
+                    acceptor.became_ready.set()
+                # Only the serving generation speaks for the service: a starting one is
+                # not ready yet as far as systemd knows, a draining one is not stopping.
+                if self._notifier is not None and acceptor is self._acceptor:
                     self._notifier.notify(*message.fields)
             else:
                 log.error("acceptor sent an unexpected %s", type(message).__name__)
@@ -375,23 +427,23 @@ class Supervisor:
         env[ENV_ACCEPTOR_PID] = str(acceptor.child.pid)
         if fallback:
             env[ENV_FD] = str(fds[1])
-        if self._pool is not None:
-            uid = self._pool.take()
-            credentials = (uid, self.plan.worker_group if self.plan.worker_group is not None
-                           else uid)
+        pool, plan = acceptor.pool, acceptor.plan
+        if pool is not None:
+            uid = pool.take()
+            credentials = (uid, plan.worker_group if plan.worker_group is not None else uid)
         else:
-            assert self.plan.worker_shared is not None
-            credentials = self.plan.worker_shared
+            assert plan.worker_shared is not None
+            credentials = plan.worker_shared
         try:
-            child = ChildProcess.spawn(self._argv, env=env, pass_fds=tuple(fds),
+            child = ChildProcess.spawn(acceptor.argv, env=env, pass_fds=tuple(fds),
                                        credentials=credentials, new_session=True, cwd="/")
         except OSError as error:
-            if self._pool is not None:
-                self._pool.give_back(credentials[0])
+            if pool is not None:
+                pool.give_back(credentials[0])
             raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_SPAWN_FAILED,
                            f"worker: {error.strerror}") from None
-        worker = Supervised(request.worker_id, child, credentials[0], self._pool is not None,
-                            acceptor.generation)
+        worker = Supervised(request.worker_id, child, credentials[0], pool is not None,
+                            acceptor.generation, pool)
         self.workers[request.worker_id] = worker
         nursery.start_soon(self._reap, worker)
         return supervision.Spawned(request.worker_id, child.pid, credentials[0])
@@ -400,10 +452,10 @@ class Supervisor:
         status = await worker.child.wait()
         await self._kill_remains(worker)
         self.workers.pop(worker.worker_id, None)
-        if self._pool is not None:
-            self._pool.give_back(worker.uid)
-        acceptor = self._acceptor
-        if acceptor is not None and acceptor.generation == worker.generation:
+        if worker.pool is not None:
+            worker.pool.give_back(worker.uid)
+        acceptor = self._acceptors.get(worker.generation)
+        if acceptor is not None:
             with contextlib.suppress(GSSError):
                 await acceptor.link.send(supervision.Exited(worker.worker_id, status))
 
@@ -415,9 +467,9 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(worker.child.pid, signal.SIGKILL)
 
-    def _signal(self, request: supervision.Signal) -> None:
+    def _signal(self, acceptor: _Acceptor, request: supervision.Signal) -> None:
         worker = self.workers.get(request.worker_id)
-        if worker is None:
+        if worker is None or worker.generation != acceptor.generation:
             return
         if request.signum == signal.SIGKILL:
             if worker.own_uid:
@@ -436,7 +488,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ signals
 
-    async def _watch_signals(self, signals: Any) -> None:
+    async def _watch_signals(self, signals: Any, nursery: trio.Nursery) -> None:
         async for signum in signals:
             acceptor = self._acceptor
             if signum in (signal.SIGTERM, signal.SIGINT):
@@ -449,33 +501,112 @@ class Supervisor:
                 assert self.bound is not None
                 for listener in (*self.bound.listeners, *self.bound.tls_listeners):
                     listener.close()
-                if acceptor is not None:
-                    acceptor.child.send_signal(signal.SIGTERM)
+                # Every generation: a starting one stops, a draining one goes on draining;
+                # workers an old one left drain their sessions as the others do.
+                for running in list(self._acceptors.values()):
+                    running.child.send_signal(signal.SIGTERM)
+                for orphan in self._orphans():
+                    orphan.child.send_signal(signal.SIGTERM)
             elif signum == signal.SIGUSR2:
-                self._restart(acceptor)
+                if self._incoming is not None or self._stopping:
+                    log.warning("SIGUSR2 ignored: %s", "a restart is under way"
+                                if not self._stopping else "stopping")
+                else:
+                    nursery.start_soon(self._restart, nursery)
             else:
                 if signum == signal.SIGHUP:
                     self._reload()
                 if acceptor is not None:
                     acceptor.child.send_signal(signum)
 
-    def _restart(self, acceptor: _Acceptor | None) -> None:
-        """SIGUSR2: a new acceptor (new code, the config re-read) on the same sockets,
-        with no connection refused.  Only once the config loads and the current acceptor
-        is ready: a restart that could not start must not stop what runs."""
-        if acceptor is None or not acceptor.ready or self._stopping or self._restarting:
-            log.warning("SIGUSR2 ignored: no ready acceptor to hand over from")
+    async def _restart(self, nursery: trio.Nursery) -> None:
+        """SIGUSR2: a new acceptor generation (new code, the configuration re-read in
+        full but for the bound sockets) takes over the listeners without a connection
+        lost; the old generation hands over.  Any failure leaves the old one serving."""
+        log.info("received SIGUSR2: starting a new acceptor generation")
+        try:
+            config, plan, kept = self._reread_in_full()
+        except GSSError as error:
+            log.error("restart failed, the running generation keeps serving: %s", error)
             return
-        if self.config.path is not None:
-            try:
-                load_config(self.config.path)
-            except GSSError as error:
-                log.error("restart refused, the running acceptor keeps serving: %s", error)
-                return
-        log.info("received SIGUSR2: the acceptor (pid %d) hands over to a new one",
-                 acceptor.child.pid)
-        self._restarting = True
-        acceptor.child.send_signal(signal.SIGUSR2)
+        if kept:
+            log.warning("restart: %s changed but the listening sockets are kept: stop and "
+                        "start the service to apply", ", ".join(kept))
+        self._notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}",
+                     "STATUS=restarting: a new acceptor generation starts")
+        pool = self._pool_for(plan)
+        argv = worker_command(config)
+        try:
+            incoming = self._launch(nursery, plan, argv, pool)
+        except GSSError as error:
+            log.error("restart failed, the running generation keeps serving: %s", error)
+            self._notify("READY=1", "STATUS=restart failed: the running generation serves")
+            return
+        self._incoming = incoming
+        try:
+            failure = await self._until_ready(incoming, config.workers.drain_timeout)
+        finally:
+            self._incoming = None
+        if self._stopping:  # SIGTERM meanwhile reached every generation, this one too
+            log.info("restart abandoned: stopping")
+            return
+        if failure is not None:
+            incoming.child.send_signal(signal.SIGTERM)
+            log.error("restart failed: the new acceptor (pid %d) %s; the running "
+                      "generation keeps serving", incoming.child.pid, failure)
+            self._notify("READY=1", "STATUS=restart failed: the running generation serves")
+            return
+        old, self._acceptor = self._acceptor, incoming
+        self.config, self.plan, self._argv, self._pool = config, plan, argv, pool
+        if old is not None:
+            # A ready acceptor hands over (stops accepting, exits; its workers finish
+            # their sessions); one still starting after a crash has no client: it stops.
+            old.child.send_signal(signal.SIGUSR2 if old.ready else signal.SIGTERM)
+        log.info("restarted: acceptor pid %d serves%s", incoming.child.pid,
+                 "" if old is None else f"; the old one (pid {old.child.pid}) hands over")
+        self._notify("READY=1", "STATUS=restarted")
+
+    def _reread_in_full(self) -> tuple[Config, ProcessPlan, list[str]]:
+        """The configuration for a new generation, restart-only settings included, and
+        the bound-socket settings that changed but are kept."""
+        if self.config.path is None:
+            return self.config, self.plan, []
+        config, _, kept = merge_reloaded(self.config, load_config(self.config.path),
+                                         kept_settings=BOUND_SOCKETS)
+        return config, process_plan(config), kept
+
+    def _pool_for(self, plan: ProcessPlan) -> UidPool | None:
+        """The uid pool for a new generation: the same while the range is; otherwise a
+        new one sharing the set of taken uids, so two live workers never share a uid."""
+        if plan.worker_range is None:
+            return None
+        if self._pool is not None and (self._pool.first, self._pool.last) == plan.worker_range:
+            return self._pool
+        pool = UidPool(*plan.worker_range)
+        if self._pool is not None:
+            pool.used = self._pool.used
+        return pool
+
+    @staticmethod
+    async def _until_ready(acceptor: _Acceptor, timeout: float) -> str | None:
+        """None once ``acceptor`` is ready; else why not."""
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as race:
+                async def settle(event: trio.Event) -> None:
+                    await event.wait()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(settle, acceptor.became_ready)
+                race.start_soon(settle, acceptor.exited)
+        if acceptor.ready:
+            return None
+        if acceptor.exited.is_set():
+            return f"exited with status {acceptor.status} before it was ready"
+        return f"was not ready within {timeout:g}s ([workers] drain_timeout)"
+
+    def _notify(self, *fields: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify(*fields)
 
     def _reload(self) -> None:
         """SIGHUP: workers spawned from now on run the re-read config's worker command
@@ -489,3 +620,5 @@ class Supervisor:
             return
         self.config, _, _ = merge_reloaded(self.config, config)
         self._argv = worker_command(self.config)
+        if self._acceptor is not None:
+            self._acceptor.argv = self._argv
