@@ -1,6 +1,6 @@
 """``gunicorn -k handoffd.gunicorn.HandoffWorker``: the real gunicorn's workers register with a
 running handoffd and serve examples/flask on the connections it hands them; gunicorn's
-HUP, TTIN and max_requests behave as gunicorn users expect."""
+HUP, TTIN, TTOU, graceful_timeout and max_requests behave as gunicorn users expect."""
 
 from __future__ import annotations
 
@@ -81,9 +81,23 @@ async def test_gunicorn_workers_serve_handed_off_connections_and_obey_gunicorn(
     grown = await wait_workers(daemon, 3)
     assert first < grown
 
-    # gunicorn's reload: every worker replaced, and the count back to the configured -w 2
-    master.send_signal(signal.SIGHUP)
-    rolled = await wait_workers(daemon, 2, not_in=grown)
+    master.send_signal(signal.SIGTTOU)  # one fewer: the one gunicorn stops drains first
+    shrunk = await wait_workers(daemon, 2)
+    assert shrunk < grown
+
+    # gunicorn's reload: every worker replaced, and the count back to the configured -w 2;
+    # a request in progress on an old worker finishes (graceful_timeout 5 s).
+    async with trio.open_nursery() as nursery:
+        slow: list[int] = []
+
+        async def slow_request() -> None:
+            slow.append(await get(url + "slow?seconds=2", ca))
+
+        nursery.start_soon(slow_request)
+        await trio.sleep(0.5)
+        master.send_signal(signal.SIGHUP)
+        rolled = await wait_workers(daemon, 2, not_in=shrunk)
+    assert slow and slow[0] in shrunk  # served to the end by a worker the reload replaced
     assert await get(url, ca) in rolled
 
     # max_requests 6 (gunicorn adds no jitter here): a worker that served 6 requests
