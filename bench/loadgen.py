@@ -87,6 +87,47 @@ def tls_client(cafile: str) -> Callable[[trio.SocketStream], Awaitable[None]]:
     return once
 
 
+REQUESTS_PER_CONNECTION = 10
+
+
+def https_client(cafile: str, requests: int = REQUESTS_PER_CONNECTION
+                 ) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """TLS 1.3 (X25519) then ``requests`` keep-alive ``GET /whoami`` (HTTP/1.1, h11),
+    each answer read whole and checked for status 200."""
+    import h11
+
+    context = tls_client_context(cafile)
+    context.set_alpn_protocols(["http/1.1"])
+
+    async def once(transport: trio.SocketStream) -> None:
+        stream = trio.SSLStream(transport, context, server_hostname="localhost")
+        async with stream:
+            await stream.do_handshake()
+            connection = h11.Connection(h11.CLIENT)
+            for _ in range(requests):
+                request = h11.Request(method="GET", target="/whoami",
+                                      headers=[("Host", "localhost")])
+                await stream.send_all(connection.send(request)
+                                      + connection.send(h11.EndOfMessage()))
+                status = 0
+                while True:
+                    event = connection.next_event()
+                    if event is h11.NEED_DATA:
+                        connection.receive_data(await stream.receive_some(65536))
+                        continue
+                    if isinstance(event, h11.Response):
+                        status = event.status_code
+                    if isinstance(event, h11.EndOfMessage):
+                        break
+                    if isinstance(event, h11.ConnectionClosed):
+                        raise ValueError("server closed the connection")
+                if status != 200:
+                    raise ValueError(f"status {status}")
+                connection.start_next_cycle()
+
+    return once
+
+
 async def run(once: Callable[[trio.SocketStream], Awaitable[None]], port: int, concurrency: int,
               max_connections: int, start_at: float, warmup: float, duration: float,
               rate: float | None) -> dict[str, object]:
@@ -143,7 +184,7 @@ async def run(once: Callable[[trio.SocketStream], Awaitable[None]], port: int, c
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run, print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=("noise", "tls"), required=True)
+    parser.add_argument("--kind", choices=("noise", "tls", "https"), required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--fingerprint", help="server key fingerprint (noise)")
     parser.add_argument("--cafile", help="server certificate (tls)")
@@ -154,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--rate", type=float, help="connection starts per second (open loop)")
     args = parser.parse_args(argv)
-    once = noise_client(args.fingerprint) if args.kind == "noise" else tls_client(args.cafile)
+    once = (noise_client(args.fingerprint) if args.kind == "noise"
+            else https_client(args.cafile) if args.kind == "https" else tls_client(args.cafile))
     start_at = args.start_at if args.start_at is not None else time.monotonic()
     result = trio.run(run, once, args.port, args.concurrency, args.max_connections, start_at,
                       args.warmup, args.duration, args.rate)

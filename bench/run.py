@@ -442,6 +442,15 @@ def under_attack_section(quick: bool) -> dict[str, Any]:
         return under_attack.run(scenario, Path(tmp))
 
 
+def web_section(s: Settings) -> dict[str, Any]:
+    """``bench/web.py``: requests/s of examples.asgi through handoffd and plain hypercorn."""
+    from bench import web
+
+    with tempfile.TemporaryDirectory(prefix="handoffd-bench-web-") as tmp:
+        os.chmod(tmp, 0o755)
+        return web.run(s, Path(tmp))
+
+
 def micro() -> dict[str, Any]:
     """``bench/micro.py``'s per-operation costs, if that module exists."""
     try:
@@ -562,11 +571,24 @@ def table(r: dict[str, Any]) -> str:
         f"TLS contender: {r['tls_negotiated']['version']} {r['tls_negotiated']['group']} "
         f"{r['tls_negotiated']['cipher']}, {r['tls_negotiated']['certificate']} (asserted)",
         *under_attack_lines(r),
+        *web_lines(r),
         "",
         "targets: " + ", ".join(f"{k} {'MET' if v else 'NOT MET'}"
                                 for k, v in r["targets"].items()),
     ]
     return "\n".join(lines)
+
+
+def web_lines(r: dict[str, Any]) -> list[str]:
+    """The ``web`` rows of the table (none in a result from before it existed)."""
+    if "web" not in r:
+        return []
+    w = r["web"]
+    return [
+        f"{'web req/s ASGI example, TLS, 10/conn: handoffd':44} "
+        f"{w['requests_per_s']['handoffd']:12.0f}  {w['handoffd_over_hypercorn']:.2f} x hypercorn",
+        f"{'web req/s same app under plain hypercorn':44} {w['requests_per_s']['hypercorn']:12.0f}",
+    ]
 
 
 def under_attack_lines(r: dict[str, Any]) -> list[str]:
@@ -662,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     # Last, on a fresh daemon: hostile clients beside a legitimate one (bench/under_attack).
     print("under attack: slowloris + replay flood beside a legitimate client ...", flush=True)
     result["under_attack"] = under_attack_section(args.quick)
+    # The ASGI example through handoffd against plain hypercorn, TLS both (bench/web.py).
+    print("web: the ASGI example through handoffd and under plain hypercorn ...", flush=True)
+    result["web"] = web_section(s)
     result["ratios"] = ratios(result)
     result["targets"] = targets(result)
     result["elapsed_s"] = round(time.monotonic() - started, 1)

@@ -34,6 +34,10 @@ def test_bench_quick_run_writes_the_documented_schema(tmp_path: Path) -> None:
     assert set(result["wrap_mib_s"]) == {"handoffd_16k", "raw_aead_16k", "handoffd_1k",
                                          "raw_aead_1k", "tls_record_16k", "raw_aesgcm_16k"}
     assert all(_number(v) and v > 0 for v in result["wrap_mib_s"].values())
+    web = result["web"]  # the ASGI example through handoffd and under plain hypercorn
+    assert set(web["requests_per_s"]) == {"handoffd", "hypercorn"}
+    assert all(_number(v) and v > 0 for v in web["requests_per_s"].values())
+    assert web["client_errors"] == {"handoffd": 0, "hypercorn": 0}
     assert set(result["rss_mib"]) == {"acceptor", "worker"}
     assert all(_number(v) and v > 0 for v in result["rss_mib"].values())
     assert isinstance(result["fd_count_after"], int) and result["fd_count_after"] > 0
