@@ -556,3 +556,32 @@ async def test_only_the_acceptor_ever_opens_the_keytab(realm: Realm, tmp_path: P
         opens.close()
     assert openers, "the acceptor must have read its keytab (else the watch saw nothing)"
     assert set(openers) == {daemon.pid}, (openers, daemon.pid, workers)
+
+
+async def test_an_asgi_app_behind_krb5_sees_the_clients_principal(
+        realm: Realm, tmp_path: Path) -> None:
+    """Issue 17: [workers] asgi over Kerberos: hypercorn in the worker serves the ASGI
+    example on the handed-off krb5 session, and the app sees the client's principal in
+    scope["extensions"]["handoffd.peer"], scheme https."""
+    asgi = '[workers]\nasgi = "examples.asgi.app:app"\n'
+    daemon = await start_krb5_daemon(tmp_path, workers=1, extra=krb5_config(realm) + asgi)
+    try:
+        stream = await krb5_connect(daemon)
+        async with stream:
+            await stream.send_all(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n"
+                                  b"Connection: close\r\n\r\n")
+            answer = b""
+            with trio.fail_after(20):
+                while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                    chunk = await stream.receive_some()
+                    if not chunk:
+                        break
+                    answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer
+        who = json.loads(body)
+        assert who["peer"]["mechanism"] == "krb5" and who["scheme"] == "https"
+        assert who["peer"]["peer_name"] == "user@KRBTEST.COM"
+        assert who["worker_pid"] in await daemon.worker_pids()
+    finally:
+        await daemon.stop()
