@@ -399,3 +399,39 @@ def test_a_certificate_that_does_not_load_is_named(tmp_path: Path, pki: Pki) -> 
     with pytest.raises(GSSError) as err:  # a key that is not the certificate's
         TlsAcceptorFactory(TlsSettings(certificate=pki["server_cert"], key=pki["other_key"]))
     assert err.value.minor == Minor.TLS_CERTIFICATE_INVALID
+
+
+async def _s_client_once(port: int, ca: Path, *extra: str) -> tuple[int, str]:
+    """One ``openssl s_client`` connection that sends a line and quits; status and output."""
+    result = await trio.run_process(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+         "-CAfile", str(ca), *extra],
+        stdin=b"hello\nQ\n", capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    return result.returncode, (result.stdout + result.stderr).decode(errors="replace")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_openssl_s_client_tls_1_2_gets_protocol_version(server: Start, pki: Pki) -> None:
+    port, served = await server()
+    code, out = await _s_client_once(port, pki["ca"], "-tls1_2")
+    assert code != 0 and "protocol version" in out.lower(), out[-1500:]
+    assert served.errors[0].minor == Minor.TLS_HANDSHAKE_FAILED
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_openssl_s_client_with_a_client_certificate(server: Start, pki: Pki) -> None:
+    port, served = await server(
+        client_ca=pki["ca"],
+        require_client_certificate=True,
+        allowed_clients=("san:email:alice@example.org",),
+    )
+    alice = ("-cert", str(pki["alice_pem"]), "-key", str(pki["alice_pem"]))
+    code, out = await _s_client_once(port, pki["ca"], "-tls1_3", *alice)
+    assert code == 0 and "verify return:1" in out, out[-1500:]
+    assert served.exports[0].peer["san"] == ["email:alice@example.org"]
+    # refused after the handshake: -ign_eof keeps s_client reading until the alert
+    mallory = ("-cert", str(pki["mallory_pem"]), "-key", str(pki["mallory_pem"]))
+    code, out = await _s_client_once(port, pki["ca"], "-tls1_3", "-ign_eof", *mallory)
+    assert "access denied" in out.lower(), out[-1500:]
+    assert served.errors[-1].minor == Minor.TLS_CLIENT_NOT_ALLOWED
