@@ -1,9 +1,9 @@
 """What of the Docker image can be checked without a Docker engine.
 
 No engine runs in this suite (none is installed on the test machines, no
-registry is reachable, and building a base image with debootstrap takes minutes:
-../shared/notes/docker.md), so the image is checked through its parts, each run
-for real where it can be:
+registry is reachable, and building a base image with debootstrap takes minutes; the
+engine runs in ``make test-docker``, docs/DOCKER-TEST.md), so the image is checked
+through its parts, each run for real where it can be:
 
 * docker/seccomp-keyring.json is Docker's default profile plus exactly one rule
   allowing add_key, keyctl and request_key, which the default denies with EPERM;

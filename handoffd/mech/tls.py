@@ -195,7 +195,6 @@ class TlsServerHandshake:
         self._secrets: dict[bytes, bytes] = {}
         self._tickets = 0
         self.complete = False
-        self.refused_client = False
         self.alert_bytes = b""
         self.records_seen = 0
 
@@ -231,7 +230,6 @@ class TlsServerHandshake:
         allow_list = self._factory.settings.allowed_clients
         if not allow_list or allowed(self.peer_identity, allow_list):
             return
-        self.refused_client = True
         name = self.peer_name
         self.alert_bytes = unsent + self._refusal_alert()
         raise GSSError(GSS_S_UNAUTHORIZED, Minor.TLS_CLIENT_NOT_ALLOWED, name)
@@ -290,11 +288,6 @@ class TlsServerHandshake:
 
     def _failure(self, err: SSL.Error) -> GSSError:
         return GSSError(GSS_S_FAILURE, Minor.TLS_HANDSHAKE_FAILED, _reason(err))
-
-    @property
-    def first_record_arrived(self) -> bool:
-        """The ClientHello's first record is whole (the admission's 'first token')."""
-        return self.records_seen > 0
 
     @property
     def peer_identity(self) -> dict[str, object]:
