@@ -9,17 +9,21 @@
 # reused: the kernel .deb and its unpacked tree, the initramfs and the policy (rebuilt
 # only when their inputs change).
 #
-# Environment: LSM_TIMEOUT (seconds, default 600), LSM_MIN_CASES (default 22),
+# Environment: LSM_TIMEOUT (seconds, default 600), LSM_MIN_CASES (default 32),
 # LSM_PYTEST_ARGS (extra pytest arguments, comma-separated, no spaces).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LSM_DIR="$ROOT/.lsm"
 TIMEOUT=${LSM_TIMEOUT:-600}
-MIN_CASES=${LSM_MIN_CASES:-22}
-# Modules the Debian kernel needs for virtio-9p, in dependency order.
+MIN_CASES=${LSM_MIN_CASES:-32}
+# Modules the Debian kernel needs, in dependency order: virtio-9p for the host's root;
+# then kernel TLS (the tls ULP) and the AEADs TLS 1.3 uses, for the kTLS tests.  The
+# guest has no modprobe, so nothing is loaded on demand.
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-9pnet 9pnet_virtio netfs fscache 9p"
+9pnet 9pnet_virtio netfs fscache 9p
+gf128mul ghash-generic ctr gcm libchacha chacha_generic libpoly1305 poly1305_generic
+chacha20poly1305 tls"
 PACKAGES="qemu-system-x86 busybox-static cpio secilc zstd xz-utils"
 
 say() { echo "test-lsm: $*" >&2; }
@@ -88,12 +92,13 @@ fetch_kernel() {
     fi
     echo "$pkg" > "$LSM_DIR/kernel-package"
     KERNEL_TREE="$LSM_DIR/kernel/$pkg"
-    if [ ! -e "$KERNEL_TREE/.unpacked" ]; then
+    # Re-unpacked when MODULES changes: the pruned tree keeps only those.
+    if [ "$(cat "$KERNEL_TREE/.unpacked" 2>/dev/null)" != "$MODULES" ]; then
         say "unpacking $(basename "$deb")"
         rm -rf "$KERNEL_TREE" && mkdir -p "$KERNEL_TREE"
         dpkg-deb -x "$deb" "$KERNEL_TREE"
         prune_kernel_tree
-        touch "$KERNEL_TREE/.unpacked"
+        echo "$MODULES" > "$KERNEL_TREE/.unpacked"
     fi
     VMLINUZ=$(find "$KERNEL_TREE/boot" -name 'vmlinuz-*' | head -n1)
     [ -n "$VMLINUZ" ] || die "no vmlinuz in $pkg"

@@ -56,6 +56,8 @@ def worker_command(config: Config) -> list[str]:
         argv += ["--pythonpath", path]
     for label in config.policy.acceptor_labels:
         argv += ["--acceptor-label", label]
+    if config.tls.listen:
+        argv += ["--ktls", config.tls.ktls]
     return argv
 
 

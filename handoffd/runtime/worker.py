@@ -51,12 +51,14 @@ from handoffd.core.handoff import (
 )
 from handoffd.core.seal import open_sealed
 from handoffd.core.tls_export import TlsExport
+from handoffd.kernel import ktls
 from handoffd.kernel.channel import Channel, Received, tcp_stream_socket
 from handoffd.kernel.parking import ENV_FD, WorkerParking
 from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
 from handoffd.mech import TLS, import_session, sealed_mechanism
 from handoffd.mech import noise as _noise  # noqa: F401  # up front: see _accept_handoff
 from handoffd.minor import Minor
+from handoffd.runtime.ktls_stream import KernelTlsStream, KtlsMode, kernel_wanted
 from handoffd.runtime.stream import SecureStream
 from handoffd.runtime.tls_stream import TlsStream, session_from_export
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
@@ -97,8 +99,10 @@ class HandoffReceiver:
         identity: WorkerIdentity,
         *,
         clock: Callable[[], float] = time.time,
+        ktls: KtlsMode = "auto",
     ) -> None:
         self.channel = channel
+        self.ktls: KtlsMode = ktls  # [tls] ktls: TLS sessions' records in the kernel
         self.parking = parking
         self.identity = identity
         self.clock = clock
@@ -118,12 +122,14 @@ class HandoffReceiver:
 
     @classmethod
     def inherited(cls, environ: Mapping[str, str] | None = None, *,
-                  acceptor_labels: Iterable[bytes | str] | None = None) -> HandoffReceiver:
+                  acceptor_labels: Iterable[bytes | str] | None = None,
+                  ktls: KtlsMode = "auto") -> HandoffReceiver:
         """Set up a worker spawned by handoffd: adopt the key grant, open the channel.
 
         Call it before ``trio.run`` is fine, and it must run before the
         process reads any key: adopting joins a fresh session keyring so the
         worker stops possessing the acceptor's and its siblings' keys.
+        ``ktls`` (``[tls] ktls``): whether TLS sessions move into the kernel.
         ``acceptor_labels`` (``[policy] acceptor_labels``): the LSM contexts the
         channel's creator and every message's sender must have; a non-empty set
         refuses an unlabelled one (``GSS_S_UNAUTHORIZED``, ``PEER_LABEL_*``).
@@ -141,7 +147,7 @@ class HandoffReceiver:
         identity = channel.peer_identity()
         receiver = cls(channel, parking,
                        WorkerIdentity(worker_id, acceptor_pid, identity.uid,
-                                      _label_set(acceptor_labels)))
+                                      _label_set(acceptor_labels)), ktls=ktls)
         try:
             receiver._verify_channel_peer(identity)
         except GSSError:
@@ -334,8 +340,14 @@ class HandoffReceiver:
             "sender": message.attributes,
             "worker_pid": os.getpid(),
         }
-        return TlsStream(transport, session_from_export(export), unread=export.unread,
-                         expiry=export.expiry, info=info)
+        session = session_from_export(export)
+        support = ktls.probe() if self.ktls != "off" else None
+        if support is not None and kernel_wanted(self.ktls, export.suite, support):
+            return KernelTlsStream(transport, session, support=support,
+                                   unread=export.unread, expiry=export.expiry, info=info)
+        info["ktls"] = False
+        return TlsStream(transport, session, unread=export.unread, expiry=export.expiry,
+                         info=info)
 
     def _verify_sender(self, message: Received) -> None:
         _check_sender(message, self._policy)
