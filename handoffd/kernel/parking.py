@@ -40,6 +40,12 @@ a replay fails.  Weaker, and logged as such: see ``FALLBACK_WEAKNESSES``.
 
 Slots per worker bound the handoffs in flight per worker: that is the
 daemon's backpressure, and ``park`` answers ``PARKING_SLOTS_EXHAUSTED`` beyond it.
+
+Each mode is a strategy, chosen once: by :meth:`AcceptorParking.open` (an
+``AcceptorStrategy`` that makes each worker's ``WorkerSlots``) and by
+:meth:`WorkerParking.adopt` (a ``ClaimStrategy``).  The slot bookkeeping both
+modes share (generations, free slots, slots in flight) stays in
+:class:`AcceptorParking`; no method branches on the mode.
 """
 
 from __future__ import annotations
@@ -48,10 +54,11 @@ import contextlib
 import logging
 import os
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Final
+from typing import ClassVar, Final
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -138,11 +145,6 @@ def _claimed() -> GSSError:
     return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.PARKING_KEY_CLAIMED)
 
 
-def _derive(secret: bytes, worker_id: bytes, slot: int, generation: int) -> bytes:
-    info = _HKDF_INFO + worker_id + struct.pack(">IQ", slot, generation)
-    return HKDF(hashes.SHA256(), KEY_SIZE, salt=None, info=info).derive(secret)
-
-
 def _check_worker_id(worker_id: bytes) -> None:
     if len(worker_id) != WORKER_ID_SIZE:
         raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.KEYRING_BAD_ARGUMENT,
@@ -187,7 +189,30 @@ def join_fresh_session_keyring() -> int:
     return session
 
 
-# --- the acceptor side ------------------------------------------------------------------------
+# --- the strategies: what each mode does with a slot -----------------------------------------
+#
+# The acceptor chooses a mode once, in AcceptorParking.open, and the worker once, in
+# WorkerParking.adopt; from then on no method asks which mode it is in.  Three
+# interfaces: the acceptor's side of a mode (AcceptorStrategy: create a worker's
+# slots and its grant), one worker's slots as the acceptor keeps them (WorkerSlots:
+# arm, find, burn, destroy), and the worker's side (ClaimStrategy: adopt the grant,
+# claim).  Each hot-path call (park, claim, release) is one method call on them.
+
+
+def _parse_ref(key_ref: bytes, tag: bytes) -> tuple[int, int]:
+    """``(slot serial or index, generation)`` of a ``key_ref`` of the mode tagged ``tag``."""
+    try:
+        ref_tag, where, generation = _REF.unpack(key_ref)
+    except struct.error:
+        raise _bad_ref() from None
+    if ref_tag != tag:
+        raise _bad_ref()
+    return where, generation
+
+
+def _not_in_flight() -> GSSError:
+    return GSSError(GSS_S_FAILURE, Minor.PARKING_KEY_CLAIMED,
+                    "key parking: release of a slot not in flight")
 
 
 @dataclass(frozen=True)
@@ -201,16 +226,335 @@ class WorkerGrant:
     pass_fds: tuple[int, ...]
 
 
-@dataclass
-class _Worker:
-    worker_id: bytes
-    slots: list[int]  # keyring mode: slot key serials; fallback: slot indexes
-    generations: list[int]
-    free: list[int]  # indexes into slots, used as a stack
-    in_flight: dict[int, int] = field(default_factory=dict)  # slot index -> generation
-    keyring: int = 0  # keyring mode: the worker keyring
-    parent: int = 0  # keyring mode: the keyring W is linked in (session, then process)
-    secret: bytes = b""  # fallback mode
+class WorkerSlots(ABC):
+    """One worker's key slots, as the acceptor keeps them.
+
+    The bookkeeping is the same in every mode: a generation per slot, the free slots
+    (indexes, used as a stack) and the slots in flight (index -> generation);
+    :class:`AcceptorParking` keeps it.  What a slot *is* - a key in the kernel, or a
+    number a key is derived from - is the subclass's.
+    """
+
+    __slots__ = ("free", "generations", "in_flight")
+
+    def __init__(self, n: int) -> None:
+        self.generations = [0] * n
+        self.free = list(range(n - 1, -1, -1))
+        self.in_flight: dict[int, int] = {}
+
+    @abstractmethod
+    def arm(self, index: int, generation: int) -> tuple[bytes, bytes]:
+        """Park a fresh key in slot ``index`` as ``generation``: ``(key_ref, key)``."""
+
+    @abstractmethod
+    def slot_of(self, key_ref: bytes) -> int:
+        """The index of the slot in flight that ``key_ref`` names.
+
+        ``PARKING_BAD_REFERENCE`` for a malformed reference or one naming no slot of
+        this worker; ``GSS_S_FAILURE`` / ``PARKING_KEY_CLAIMED`` for a slot not in flight.
+        """
+
+    @abstractmethod
+    def release(self, key_ref: bytes) -> int:
+        """:meth:`slot_of`, burning the slot where the mode keeps one."""
+
+    @abstractmethod
+    def adopted(self) -> None:
+        """The worker has adopted its grant (see :meth:`AcceptorParking.worker_adopted`)."""
+
+    @abstractmethod
+    def claimed(self, key_ref: bytes) -> bool | None:
+        """See :meth:`AcceptorParking.claimed`."""
+
+    @abstractmethod
+    def destroy(self) -> None:
+        """The worker is gone: give back what its slots hold (idempotent enough: once)."""
+
+
+class AcceptorStrategy(ABC):
+    """The acceptor's side of one mode: make a worker's slots and its grant."""
+
+    mode: ClassVar[str]
+
+    @abstractmethod
+    def add_worker(self, worker_id: bytes, n: int,
+                   env: dict[str, str]) -> tuple[WorkerSlots, WorkerGrant]:
+        """Create ``n`` slots for the worker; the grant is ``env`` plus what this mode adds."""
+
+
+class ClaimStrategy(ABC):
+    """The worker's side of one mode: take the grant at start, then claim keys."""
+
+    __slots__ = ()
+
+    @classmethod
+    @abstractmethod
+    def take_grant(cls, environ: Mapping[str, str], n: int) -> tuple[list[int], bytes]:
+        """Adopt the grant of ``n`` slots in ``environ``: ``(slots, secret)`` to construct with."""
+
+    @abstractmethod
+    def __init__(self, worker_id: bytes, slots: list[int], secret: bytes) -> None:
+        """``slots``: slot key serials (keyring) or indexes (fallback); ``secret``: fallback's."""
+
+    @abstractmethod
+    def claim(self, key_ref: bytes) -> bytes:
+        """See :meth:`WorkerParking.claim`."""
+
+
+# --- keyring mode ------------------------------------------------------------------------------
+
+
+class _KeyringSlots(WorkerSlots):
+    """A worker keyring ``W`` holding one user key per slot, payloads replaced."""
+
+    __slots__ = ("keyring", "parent", "process", "random", "serials", "session")
+
+    def __init__(self, serials: list[int], ring: int, session: int, process: int,
+                 random: Callable[[int], bytes]) -> None:
+        super().__init__(len(serials))
+        self.serials = serials
+        self.keyring = ring
+        self.parent = session  # the keyring W is linked in: the session, then the process's
+        self.session = session
+        self.process = process
+        self.random = random
+
+    def arm(self, index: int, generation: int) -> tuple[bytes, bytes]:
+        key = self.random(KEY_SIZE)
+        if len(key) != KEY_SIZE:
+            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
+        serial = self.serials[index]
+        keyring.update(serial, _PAYLOAD.pack(_ARMED, generation, key))
+        return _REF.pack(_REF_KEYRING, serial, generation), key
+
+    def slot_of(self, key_ref: bytes) -> int:
+        serial, generation = _parse_ref(key_ref, _REF_KEYRING)
+        try:
+            index = self.serials.index(serial)
+        except ValueError:
+            raise _bad_ref() from None
+        if self.in_flight.get(index) != generation:
+            raise _not_in_flight()
+        return index
+
+    def release(self, key_ref: bytes) -> int:
+        index = self.slot_of(key_ref)
+        # Burn even if the worker already did: a token never acked stays useless.
+        _quietly(lambda: keyring.update(
+            self.serials[index], _PAYLOAD.pack(_BURNED, self.generations[index], _ZERO_KEY)))
+        return index
+
+    def adopted(self) -> None:
+        if self.parent == self.session:
+            keyring.move(self.keyring, self.session, self.process)
+            self.parent = self.process
+
+    def claimed(self, key_ref: bytes) -> bool | None:
+        try:
+            index = self.slot_of(key_ref)
+            payload = keyring.read(self.serials[index], size_hint=_PAYLOAD.size)
+            state, generation, _ = _PAYLOAD.unpack(payload)
+        except (GSSError, struct.error):
+            return None
+        return bool(state == _BURNED and generation == self.generations[index])
+
+    def destroy(self) -> None:
+        for serial in self.serials:
+            _quietly(partial(keyring.revoke, serial))
+            _quietly(partial(keyring.unlink, serial, self.keyring))
+        _destroy_keyring(self.keyring, self.parent)
+
+
+class _KeyringAcceptor(AcceptorStrategy):
+    mode = KEYRING
+
+    def __init__(self, session: int, process: int, random: Callable[[int], bytes]) -> None:
+        self._session = session
+        self._process = process
+        self._random = random
+
+    def add_worker(self, worker_id: bytes, n: int,
+                   env: dict[str, str]) -> tuple[WorkerSlots, WorkerGrant]:
+        ring = keyring.add_keyring(f"hd:{worker_id.hex()}", self._session)
+        try:
+            keyring.setperm(ring, _PERMISSIONS)
+            slots: list[int] = []
+            for index in range(n):
+                burned = _PAYLOAD.pack(_BURNED, 0, _ZERO_KEY)
+                serial = keyring.add_key(f"hd:{index}", burned, ring)
+                slots.append(serial)
+                keyring.setperm(serial, _PERMISSIONS)
+        except GSSError:
+            _destroy_keyring(ring, self._session)
+            raise
+        env[ENV_KEYRING] = str(ring)
+        return (_KeyringSlots(slots, ring, self._session, self._process, self._random),
+                WorkerGrant(env, ()))
+
+
+class _KeyringClaims(ClaimStrategy):
+    __slots__ = ("_slots",)
+
+    @classmethod
+    def take_grant(cls, environ: Mapping[str, str], n: int) -> tuple[list[int], bytes]:
+        try:
+            ring = int(environ[ENV_KEYRING])
+        except (KeyError, ValueError):
+            raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT,
+                           "key parking keyring missing from the environment") from None
+        try:
+            keyring.link(ring, keyring.KEY_SPEC_PROCESS_KEYRING)
+        except GSSError as error:
+            raise GSSError(error.major, error.minor,
+                           f"{error.detail} (is the worker keyring possessed? the worker must "
+                           "be spawned by a thread that shares the acceptor's session "
+                           "keyring)") from None
+        keyring.join_session_keyring(None)
+        members = keyring.keyring_members(ring)
+        if len(members) != n:
+            raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED,
+                           "worker keyring does not hold the granted slots")
+        return members, b""
+
+    def __init__(self, worker_id: bytes, slots: list[int], secret: bytes) -> None:
+        self._slots = slots  # slot key serials
+
+    def claim(self, key_ref: bytes) -> bytes:
+        where, generation = _parse_ref(key_ref, _REF_KEYRING)
+        if where not in self._slots:
+            raise _bad_ref()
+        try:
+            payload = keyring.read(where, size_hint=_PAYLOAD.size)  # one keyctl, not two
+            state, parked_generation, key = _PAYLOAD.unpack(payload)
+        except struct.error:
+            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "slot payload malformed") from None
+        if state != _ARMED or parked_generation != generation:
+            raise _claimed()
+        # Burn before handing the key out: if burning fails, the key is not used.
+        keyring.update(where, _PAYLOAD.pack(_BURNED, generation, _ZERO_KEY))
+        return bytes(key)
+
+
+# --- fallback mode -----------------------------------------------------------------------------
+
+
+def _derive(secret: bytes, worker_id: bytes, slot: int, generation: int) -> bytes:
+    info = _HKDF_INFO + worker_id + struct.pack(">IQ", slot, generation)
+    return HKDF(hashes.SHA256(), KEY_SIZE, salt=None, info=info).derive(secret)
+
+
+class _FallbackSlots(WorkerSlots):
+    """Slot numbers only: each key is derived from the worker's secret, nothing is kept."""
+
+    __slots__ = ("secret", "worker_id")
+
+    def __init__(self, worker_id: bytes, n: int, secret: bytes) -> None:
+        super().__init__(n)
+        self.worker_id = worker_id
+        self.secret = secret
+
+    def arm(self, index: int, generation: int) -> tuple[bytes, bytes]:
+        return (_REF.pack(_REF_FALLBACK, index, generation),
+                _derive(self.secret, self.worker_id, index, generation))
+
+    def slot_of(self, key_ref: bytes) -> int:
+        index, generation = _parse_ref(key_ref, _REF_FALLBACK)
+        if self.in_flight.get(index) != generation:
+            raise _not_in_flight()
+        return index
+
+    release = slot_of  # nothing to burn: the key exists only where it was derived
+
+    def adopted(self) -> None:
+        pass  # nothing of the acceptor's is inherited
+
+    def claimed(self, key_ref: bytes) -> bool | None:
+        return None  # a claim leaves no trace here
+
+    def destroy(self) -> None:
+        pass  # nothing in the kernel; the secret goes with this object
+
+
+class _FallbackAcceptor(AcceptorStrategy):
+    mode = FALLBACK
+
+    def __init__(self, random: Callable[[int], bytes]) -> None:
+        self._random = random
+
+    def add_worker(self, worker_id: bytes, n: int,
+                   env: dict[str, str]) -> tuple[WorkerSlots, WorkerGrant]:
+        secret = self._random(KEY_SIZE)
+        if len(secret) != KEY_SIZE:
+            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
+        try:
+            read_end, write_end = os.pipe()  # both O_CLOEXEC; pass_fds clears it in the child
+        except OSError as error:  # EMFILE/ENFILE: the caller refuses this worker, stays up
+            raise GSSError(GSS_S_UNAVAILABLE, Minor.KEYRING_FAILED,
+                           f"grant pipe: {error.strerror}") from None
+        try:
+            os.write(write_end, secret)  # 32 bytes < PIPE_BUF: one atomic write
+        except OSError as error:
+            os.close(read_end)
+            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED,
+                           f"grant pipe: {error.strerror}") from None
+        finally:
+            os.close(write_end)
+        env[ENV_FD] = str(read_end)
+        return _FallbackSlots(worker_id, n, secret), WorkerGrant(env, (read_end,))
+
+
+class _FallbackClaims(ClaimStrategy):
+    __slots__ = ("_claimed_generation", "_secret", "_worker_id")
+
+    @classmethod
+    def take_grant(cls, environ: Mapping[str, str], n: int) -> tuple[list[int], bytes]:
+        return list(range(n)), _read_grant_fd(environ)
+
+    def __init__(self, worker_id: bytes, slots: list[int], secret: bytes) -> None:
+        self._worker_id = worker_id
+        self._secret = secret
+        self._claimed_generation = [0] * len(slots)  # per slot index
+
+    def claim(self, key_ref: bytes) -> bytes:
+        where, generation = _parse_ref(key_ref, _REF_FALLBACK)
+        if not 0 <= where < len(self._claimed_generation):
+            raise _bad_ref()
+        if generation <= self._claimed_generation[where]:
+            raise _claimed()
+        self._claimed_generation[where] = generation
+        return _derive(self._secret, self._worker_id, where, generation)
+
+
+def _read_grant_fd(environ: Mapping[str, str]) -> bytes:
+    try:
+        fd = int(environ[ENV_FD])
+    except (KeyError, ValueError):
+        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT,
+                       "key parking fd missing from the environment") from None
+    secret = b""
+    try:
+        while len(secret) < KEY_SIZE:
+            chunk = os.read(fd, KEY_SIZE - len(secret))
+            if not chunk:
+                break
+            secret += chunk
+    except OSError as error:
+        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED,
+                       f"key parking fd: {error.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if len(secret) != KEY_SIZE:
+        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED, "key parking fd: short secret")
+    _warn_fallback("worker", "granted by the acceptor")
+    return secret
+
+
+_CLAIMS: Final[Mapping[str, type[ClaimStrategy]]] = {KEYRING: _KeyringClaims,
+                                                     FALLBACK: _FallbackClaims}
+
+
+# --- the acceptor side ------------------------------------------------------------------------
 
 
 class AcceptorParking:
@@ -221,14 +565,11 @@ class AcceptorParking:
     called :meth:`open` (session) and of this process (process keyring).
     """
 
-    def __init__(self, mode: str, slots_per_worker: int, random: Callable[[int], bytes],
-                 session: int, process: int) -> None:
-        self.mode = mode
+    def __init__(self, strategy: AcceptorStrategy, slots_per_worker: int) -> None:
+        self.mode = strategy.mode
+        self._strategy = strategy
         self._slots_per_worker = slots_per_worker
-        self._random = random
-        self._session = session
-        self._process = process
-        self._workers: dict[bytes, _Worker] = {}
+        self._workers: dict[bytes, WorkerSlots] = {}
         self._closed = False
 
     @classmethod
@@ -257,7 +598,7 @@ class AcceptorParking:
                            f"unknown key parking mode {mode!r}")
         if mode == FALLBACK:
             _warn_fallback("acceptor", reason or REQUESTED_REASON)
-            return cls(FALLBACK, slots_per_worker, random, 0, 0)
+            return cls(_FallbackAcceptor(random), slots_per_worker)
         status = keyring.probe()
         if status is keyring.KeyringStatus.QUOTA:
             raise GSSError(GSS_S_UNAVAILABLE, Minor.KEYRING_QUOTA,
@@ -268,12 +609,12 @@ class AcceptorParking:
                          else Minor.KEYRING_UNAVAILABLE)
                 raise GSSError(GSS_S_UNAVAILABLE, minor, f"key parking: keyring {status.value}")
             _warn_fallback("acceptor", f"keyctl {status.value}")
-            return cls(FALLBACK, slots_per_worker, random, 0, 0)
+            return cls(_FallbackAcceptor(random), slots_per_worker)
         session = _acceptor_session_keyring(join_session)
         process = keyring.get_keyring_id(keyring.KEY_SPEC_PROCESS_KEYRING, create=True)
-        return cls(KEYRING, slots_per_worker, random, session, process)
+        return cls(_KeyringAcceptor(session, process, random), slots_per_worker)
 
-    def _worker(self, worker_id: bytes) -> _Worker:
+    def _worker(self, worker_id: bytes) -> WorkerSlots:
         try:
             return self._workers[worker_id]
         except KeyError:
@@ -290,58 +631,16 @@ class AcceptorParking:
                            "key parking: worker id already added")
         n = self._slots_per_worker
         env = {ENV_MODE: self.mode, ENV_SLOTS: str(n), ENV_WORKER: worker_id.hex()}
-        if self.mode == FALLBACK:
-            return self._add_fallback_worker(worker_id, env)
-        ring = keyring.add_keyring(f"hd:{worker_id.hex()}", self._session)
-        try:
-            keyring.setperm(ring, _PERMISSIONS)
-            slots: list[int] = []
-            for index in range(n):
-                burned = _PAYLOAD.pack(_BURNED, 0, _ZERO_KEY)
-                serial = keyring.add_key(f"hd:{index}", burned, ring)
-                slots.append(serial)
-                keyring.setperm(serial, _PERMISSIONS)
-        except GSSError:
-            _destroy_keyring(ring, self._session)
-            raise
-        self._workers[worker_id] = _Worker(worker_id, slots, [0] * n,
-                                           list(range(n - 1, -1, -1)), keyring=ring,
-                                           parent=self._session)
-        env[ENV_KEYRING] = str(ring)
-        return WorkerGrant(env, ())
-
-    def _add_fallback_worker(self, worker_id: bytes, env: dict[str, str]) -> WorkerGrant:
-        secret = self._random(KEY_SIZE)
-        if len(secret) != KEY_SIZE:
-            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
-        try:
-            read_end, write_end = os.pipe()  # both O_CLOEXEC; pass_fds clears it in the child
-        except OSError as error:  # EMFILE/ENFILE: the caller refuses this worker, stays up
-            raise GSSError(GSS_S_UNAVAILABLE, Minor.KEYRING_FAILED,
-                           f"grant pipe: {error.strerror}") from None
-        try:
-            os.write(write_end, secret)  # 32 bytes < PIPE_BUF: one atomic write
-        except OSError as error:
-            os.close(read_end)
-            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED,
-                           f"grant pipe: {error.strerror}") from None
-        finally:
-            os.close(write_end)
-        n = self._slots_per_worker
-        self._workers[worker_id] = _Worker(worker_id, list(range(n)), [0] * n,
-                                           list(range(n - 1, -1, -1)), secret=secret)
-        env[ENV_FD] = str(read_end)
-        return WorkerGrant(env, (read_end,))
+        slots, grant = self._strategy.add_worker(worker_id, n, env)
+        self._workers[worker_id] = slots
+        return grant
 
     def worker_adopted(self, worker_id: bytes) -> None:
         """The worker has adopted its grant: take its keyring out of the session keyring.
 
         Workers spawned from now on inherit the session keyring without it.
         """
-        w = self._worker(worker_id)
-        if self.mode == KEYRING and w.parent == self._session:
-            keyring.move(w.keyring, self._session, self._process)
-            w.parent = self._process
+        self._worker(worker_id).adopted()
 
     def park(self, worker_id: bytes) -> tuple[bytes, bytes]:
         """Arm a free slot of the worker with a fresh key: ``(key_ref, key)``.
@@ -354,19 +653,11 @@ class AcceptorParking:
             raise GSSError(GSS_S_UNAVAILABLE, Minor.PARKING_SLOTS_EXHAUSTED)
         index = w.free[-1]
         generation = w.generations[index] + 1
-        if self.mode == FALLBACK:
-            key = _derive(w.secret, worker_id, index, generation)
-            ref = _REF.pack(_REF_FALLBACK, index, generation)
-        else:
-            key = self._random(KEY_SIZE)
-            if len(key) != KEY_SIZE:
-                raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
-            keyring.update(w.slots[index], _PAYLOAD.pack(_ARMED, generation, key))
-            ref = _REF.pack(_REF_KEYRING, w.slots[index], generation)
+        parked = w.arm(index, generation)
         w.free.pop()
         w.generations[index] = generation
         w.in_flight[index] = generation
-        return ref, key
+        return parked
 
     def release(self, worker_id: bytes, key_ref: bytes) -> None:
         """Make the slot behind ``key_ref`` reusable, burning it (acked or redelivered).
@@ -376,33 +667,9 @@ class AcceptorParking:
         w = self._workers.get(worker_id)
         if w is None:
             return
-        index = self._slot_of(w, key_ref)
-        if self.mode == KEYRING:
-            # Burn even if the worker already did: a token never acked stays useless.
-            _quietly(lambda: keyring.update(
-                w.slots[index], _PAYLOAD.pack(_BURNED, w.generations[index], _ZERO_KEY)))
+        index = w.release(key_ref)
         del w.in_flight[index]
         w.free.append(index)
-
-    def _slot_of(self, w: _Worker, key_ref: bytes) -> int:
-        try:
-            tag, where, generation = _REF.unpack(key_ref)
-        except struct.error:
-            raise _bad_ref() from None
-        expected = _REF_FALLBACK if self.mode == FALLBACK else _REF_KEYRING
-        if tag != expected:
-            raise _bad_ref()
-        if self.mode == FALLBACK:
-            index = int(where)
-        else:
-            try:
-                index = w.slots.index(where)
-            except ValueError:
-                raise _bad_ref() from None
-        if w.in_flight.get(index) != generation:
-            raise GSSError(GSS_S_FAILURE, Minor.PARKING_KEY_CLAIMED,
-                           "key parking: release of a slot not in flight")
-        return index
 
     def claimed(self, worker_id: bytes, key_ref: bytes) -> bool | None:
         """Whether the worker burned the slot behind ``key_ref`` (its claim), as the
@@ -412,25 +679,13 @@ class AcceptorParking:
         and leave the slot armed, so False does not prove the token was never opened.
         """
         w = self._workers.get(worker_id)
-        if w is None or self.mode == FALLBACK:
-            return None
-        try:
-            index = self._slot_of(w, key_ref)
-            payload = keyring.read(w.slots[index], size_hint=_PAYLOAD.size)
-            state, generation, _ = _PAYLOAD.unpack(payload)
-        except (GSSError, struct.error):
-            return None
-        return bool(state == _BURNED and generation == w.generations[index])
+        return None if w is None else w.claimed(key_ref)
 
     def remove_worker(self, worker_id: bytes) -> None:
         """The worker is gone: revoke and unlink its slots and keyring (idempotent)."""
         w = self._workers.pop(worker_id, None)
-        if w is None or self.mode == FALLBACK:
-            return
-        for serial in w.slots:
-            _quietly(partial(keyring.revoke, serial))
-            _quietly(partial(keyring.unlink, serial, w.keyring))
-        _destroy_keyring(w.keyring, w.parent)
+        if w is not None:
+            w.destroy()
 
     def close(self) -> None:
         """Remove every worker's keys; the parking takes no new workers afterwards."""
@@ -495,10 +750,7 @@ class WorkerParking:
 
     def __init__(self, mode: str, worker_id: bytes, slots: list[int], secret: bytes) -> None:
         self.mode = mode
-        self._worker_id = worker_id
-        self._slots = slots  # keyring: slot serials; fallback: slot count in a list of indexes
-        self._secret = secret
-        self._claimed_generation = [0] * len(slots)
+        self._claim = _CLAIMS[mode](worker_id, slots, secret).claim
 
     @classmethod
     def adopt(cls, environ: Mapping[str, str]) -> WorkerParking:
@@ -517,28 +769,10 @@ class WorkerParking:
                            "key parking grant missing from the environment") from None
         if not 1 <= slots <= MAX_SLOTS or len(worker_id) != WORKER_ID_SIZE:
             raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT, "bad key parking grant")
-        if mode == FALLBACK:
-            return cls(FALLBACK, worker_id, list(range(slots)), _read_grant_fd(environ))
-        if mode != KEYRING:
+        strategy = _CLAIMS.get(mode)
+        if strategy is None:
             raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT, "bad key parking mode")
-        try:
-            ring = int(environ[ENV_KEYRING])
-        except (KeyError, ValueError):
-            raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT,
-                           "key parking keyring missing from the environment") from None
-        try:
-            keyring.link(ring, keyring.KEY_SPEC_PROCESS_KEYRING)
-        except GSSError as error:
-            raise GSSError(error.major, error.minor,
-                           f"{error.detail} (is the worker keyring possessed? the worker must "
-                           "be spawned by a thread that shares the acceptor's session "
-                           "keyring)") from None
-        keyring.join_session_keyring(None)
-        members = keyring.keyring_members(ring)
-        if len(members) != slots:
-            raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED,
-                           "worker keyring does not hold the granted slots")
-        return cls(KEYRING, worker_id, members, b"")
+        return cls(mode, worker_id, *strategy.take_grant(environ, slots))
 
     def claim(self, key_ref: bytes) -> bytes:
         """The key behind ``key_ref``, burned as it is read: a second claim fails.
@@ -547,51 +781,4 @@ class WorkerParking:
         replayed or stale reference, ``PARKING_BAD_REFERENCE`` for a malformed one or
         one naming no slot of this worker (foreign); keyring errors as they come.
         """
-        try:
-            tag, where, generation = _REF.unpack(key_ref)
-        except struct.error:
-            raise _bad_ref() from None
-        if self.mode == FALLBACK:
-            if tag != _REF_FALLBACK or not 0 <= where < len(self._slots):
-                raise _bad_ref()
-            if generation <= self._claimed_generation[where]:
-                raise _claimed()
-            self._claimed_generation[where] = generation
-            return _derive(self._secret, self._worker_id, where, generation)
-        if tag != _REF_KEYRING or where not in self._slots:
-            raise _bad_ref()
-        try:
-            payload = keyring.read(where, size_hint=_PAYLOAD.size)  # one keyctl, not two
-            state, parked_generation, key = _PAYLOAD.unpack(payload)
-        except struct.error:
-            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "slot payload malformed") from None
-        if state != _ARMED or parked_generation != generation:
-            raise _claimed()
-        # Burn before handing the key out: if burning fails, the key is not used.
-        keyring.update(where, _PAYLOAD.pack(_BURNED, generation, _ZERO_KEY))
-        return bytes(key)
-
-
-def _read_grant_fd(environ: Mapping[str, str]) -> bytes:
-    try:
-        fd = int(environ[ENV_FD])
-    except (KeyError, ValueError):
-        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT,
-                       "key parking fd missing from the environment") from None
-    secret = b""
-    try:
-        while len(secret) < KEY_SIZE:
-            chunk = os.read(fd, KEY_SIZE - len(secret))
-            if not chunk:
-                break
-            secret += chunk
-    except OSError as error:
-        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED,
-                       f"key parking fd: {error.strerror}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    if len(secret) != KEY_SIZE:
-        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED, "key parking fd: short secret")
-    _warn_fallback("worker", "granted by the acceptor")
-    return secret
+        return self._claim(key_ref)
