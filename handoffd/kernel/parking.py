@@ -32,7 +32,8 @@ kernel (6.18) measurably does, see ``docs/KEYRING.md``:
   ``unlink`` returns the quota; ``invalidate`` would leak link quota).
 
 Fallback mode (``keyctl`` refused: EPERM under Docker's default seccomp
-profile, ENOSYS under some LXC profiles): the acceptor hands each worker a
+profile, ENOSYS under some LXC profiles; and always for external workers), in
+:mod:`handoffd.kernel.parking_fallback`: the acceptor hands each worker a
 32-byte secret through an inherited pipe at spawn (never argv, env or the
 handoff socket); the per-handoff key is HKDF-SHA256(secret, worker id, slot,
 generation); the worker remembers the highest generation claimed per slot so
@@ -41,33 +42,54 @@ a replay fails.  Weaker, and logged as such: see ``FALLBACK_WEAKNESSES``.
 Slots per worker bound the handoffs in flight per worker: that is the
 daemon's backpressure, and ``park`` answers ``PARKING_SLOTS_EXHAUSTED`` beyond it.
 
-Each mode is a strategy, chosen once: by :meth:`AcceptorParking.open` (an
-``AcceptorStrategy`` that makes each worker's ``WorkerSlots``) and by
-:meth:`WorkerParking.adopt` (a ``ClaimStrategy``).  The slot bookkeeping both
-modes share (generations, free slots, slots in flight) stays in
-:class:`AcceptorParking`; no method branches on the mode.
+Each mode is a strategy (the interfaces are in
+:mod:`handoffd.kernel.parking_strategy`), chosen once: :meth:`AcceptorParking.open`
+picks an ``AcceptorStrategy``, which makes each worker's ``WorkerSlots``, and
+:meth:`WorkerParking.adopt` a ``ClaimStrategy``; no method branches on the mode.
+The slot bookkeeping both modes share (generations, free slots, slots in flight)
+is :class:`AcceptorParking`'s.  This module is the public API (the shared names
+are re-exported from here) and the keyring strategy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar, Final
-
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from typing import Final
 
 from handoffd.kernel import keyring
+from handoffd.kernel.parking_fallback import (
+    FALLBACK_WEAKNESSES,
+    FallbackAcceptor,
+    FallbackClaims,
+    warn_fallback,
+)
+from handoffd.kernel.parking_strategy import (
+    ENV_FD,
+    ENV_KEYRING,
+    ENV_MODE,
+    ENV_SLOTS,
+    ENV_WORKER,
+    FALLBACK,
+    KEY_SIZE,
+    KEYRING,
+    REF,
+    REF_KEYRING,
+    AcceptorStrategy,
+    ClaimStrategy,
+    WorkerGrant,
+    WorkerSlots,
+    bad_ref,
+    claimed_error,
+    not_in_flight,
+    parse_ref,
+)
 from handoffd.minor import Minor
 from handoffd.status import (
     GSS_S_CALL_BAD_STRUCTURE,
-    GSS_S_DEFECTIVE_TOKEN,
     GSS_S_FAILURE,
     GSS_S_NO_CRED,
     GSS_S_UNAVAILABLE,
@@ -83,6 +105,7 @@ __all__ = [
     "EXTERNAL_WORKERS_REASON",
     "FALLBACK",
     "FALLBACK_WEAKNESSES",
+    "KEYRING",
     "KEY_SIZE",
     "REQUESTED_REASON",
     "AcceptorParking",
@@ -95,36 +118,16 @@ __all__ = [
 
 log = logging.getLogger("handoffd.keyring")
 
-KEY_SIZE: Final = 32
 WORKER_ID_SIZE: Final = 16
 MAX_SLOTS: Final = 1024
 
-ENV_MODE: Final = "HANDOFFD_PARKING_MODE"
-ENV_KEYRING: Final = "HANDOFFD_PARKING_KEYRING"
-ENV_FD: Final = "HANDOFFD_PARKING_FD"
-ENV_SLOTS: Final = "HANDOFFD_PARKING_SLOTS"
-ENV_WORKER: Final = "HANDOFFD_PARKING_WORKER"
-
-KEYRING: Final = "keyring"
-FALLBACK: Final = "fallback"
-
-FALLBACK_WEAKNESSES: Final = (
-    "the per-worker secret lives in process memory for the worker's lifetime "
-    "(swappable, in core dumps, readable by same-uid ptrace or /proc/PID/mem) and derives "
-    "every handoff key of that worker, past and future"
-)
-
-# --- slot payloads and references -----------------------------------------------------------
+# --- keyring slot payloads --------------------------------------------------------------------
 
 _PAYLOAD: Final = struct.Struct(">BQ32s")  # state | generation | key
 _BURNED: Final = 0
 _ARMED: Final = 1
-_REF: Final = struct.Struct(">cIQ")  # mode tag | slot serial or index | generation
-_REF_KEYRING: Final = b"K"
-_REF_FALLBACK: Final = b"F"
 _ZERO_KEY: Final = bytes(KEY_SIZE)
 _PERMISSIONS: Final = keyring.KEY_POS_ALL  # possessor only: no user/group/other bits
-_HKDF_INFO: Final = b"handoffd parking v1"
 
 
 REQUESTED_REASON: Final = ('mode "fallback" requested: [workers] keyring = "fallback", or the '
@@ -135,14 +138,6 @@ EXTERNAL_WORKERS_REASON: Final = ("external workers ([workers] register_socket) 
                                   "a keyring, so their keys are always derived in fallback "
                                   "mode, whatever [workers] keyring says")
 """The reason to pass for the parking of external workers."""
-
-
-def _bad_ref() -> GSSError:
-    return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.PARKING_BAD_REFERENCE, "malformed key reference")
-
-
-def _claimed() -> GSSError:
-    return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.PARKING_KEY_CLAIMED)
 
 
 def _check_worker_id(worker_id: bytes) -> None:
@@ -189,118 +184,6 @@ def join_fresh_session_keyring() -> int:
     return session
 
 
-# --- the strategies: what each mode does with a slot -----------------------------------------
-#
-# The acceptor chooses a mode once, in AcceptorParking.open, and the worker once, in
-# WorkerParking.adopt; from then on no method asks which mode it is in.  Three
-# interfaces: the acceptor's side of a mode (AcceptorStrategy: create a worker's
-# slots and its grant), one worker's slots as the acceptor keeps them (WorkerSlots:
-# arm, find, burn, destroy), and the worker's side (ClaimStrategy: adopt the grant,
-# claim).  Each hot-path call (park, claim, release) is one method call on them.
-
-
-def _parse_ref(key_ref: bytes, tag: bytes) -> tuple[int, int]:
-    """``(slot serial or index, generation)`` of a ``key_ref`` of the mode tagged ``tag``."""
-    try:
-        ref_tag, where, generation = _REF.unpack(key_ref)
-    except struct.error:
-        raise _bad_ref() from None
-    if ref_tag != tag:
-        raise _bad_ref()
-    return where, generation
-
-
-def _not_in_flight() -> GSSError:
-    return GSSError(GSS_S_FAILURE, Minor.PARKING_KEY_CLAIMED,
-                    "key parking: release of a slot not in flight")
-
-
-@dataclass(frozen=True)
-class WorkerGrant:
-    """What the supervisor gives a worker it spawns: extra environment and fds to pass.
-
-    The supervisor closes ``pass_fds`` in its own process once the worker is spawned.
-    """
-
-    env: dict[str, str]
-    pass_fds: tuple[int, ...]
-
-
-class WorkerSlots(ABC):
-    """One worker's key slots, as the acceptor keeps them.
-
-    The bookkeeping is the same in every mode: a generation per slot, the free slots
-    (indexes, used as a stack) and the slots in flight (index -> generation);
-    :class:`AcceptorParking` keeps it.  What a slot *is* - a key in the kernel, or a
-    number a key is derived from - is the subclass's.
-    """
-
-    __slots__ = ("free", "generations", "in_flight")
-
-    def __init__(self, n: int) -> None:
-        self.generations = [0] * n
-        self.free = list(range(n - 1, -1, -1))
-        self.in_flight: dict[int, int] = {}
-
-    @abstractmethod
-    def arm(self, index: int, generation: int) -> tuple[bytes, bytes]:
-        """Park a fresh key in slot ``index`` as ``generation``: ``(key_ref, key)``."""
-
-    @abstractmethod
-    def slot_of(self, key_ref: bytes) -> int:
-        """The index of the slot in flight that ``key_ref`` names.
-
-        ``PARKING_BAD_REFERENCE`` for a malformed reference or one naming no slot of
-        this worker; ``GSS_S_FAILURE`` / ``PARKING_KEY_CLAIMED`` for a slot not in flight.
-        """
-
-    @abstractmethod
-    def release(self, key_ref: bytes) -> int:
-        """:meth:`slot_of`, burning the slot where the mode keeps one."""
-
-    @abstractmethod
-    def adopted(self) -> None:
-        """The worker has adopted its grant (see :meth:`AcceptorParking.worker_adopted`)."""
-
-    @abstractmethod
-    def claimed(self, key_ref: bytes) -> bool | None:
-        """See :meth:`AcceptorParking.claimed`."""
-
-    @abstractmethod
-    def destroy(self) -> None:
-        """The worker is gone: give back what its slots hold (idempotent enough: once)."""
-
-
-class AcceptorStrategy(ABC):
-    """The acceptor's side of one mode: make a worker's slots and its grant."""
-
-    mode: ClassVar[str]
-
-    @abstractmethod
-    def add_worker(self, worker_id: bytes, n: int,
-                   env: dict[str, str]) -> tuple[WorkerSlots, WorkerGrant]:
-        """Create ``n`` slots for the worker; the grant is ``env`` plus what this mode adds."""
-
-
-class ClaimStrategy(ABC):
-    """The worker's side of one mode: take the grant at start, then claim keys."""
-
-    __slots__ = ()
-
-    @classmethod
-    @abstractmethod
-    def take_grant(cls, environ: Mapping[str, str], n: int) -> tuple[list[int], bytes]:
-        """Adopt the grant of ``n`` slots in ``environ``: ``(slots, secret)`` to construct with."""
-
-    @abstractmethod
-    def __init__(self, worker_id: bytes, slots: list[int], secret: bytes) -> None:
-        """``slots``: slot key serials (keyring) or indexes (fallback); ``secret``: fallback's."""
-
-    @abstractmethod
-    def claim(self, key_ref: bytes) -> bytes:
-        """See :meth:`WorkerParking.claim`."""
-
-
 # --- keyring mode ------------------------------------------------------------------------------
 
 
@@ -325,16 +208,16 @@ class _KeyringSlots(WorkerSlots):
             raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
         serial = self.serials[index]
         keyring.update(serial, _PAYLOAD.pack(_ARMED, generation, key))
-        return _REF.pack(_REF_KEYRING, serial, generation), key
+        return REF.pack(REF_KEYRING, serial, generation), key
 
     def slot_of(self, key_ref: bytes) -> int:
-        serial, generation = _parse_ref(key_ref, _REF_KEYRING)
+        serial, generation = parse_ref(key_ref, REF_KEYRING)
         try:
             index = self.serials.index(serial)
         except ValueError:
-            raise _bad_ref() from None
+            raise bad_ref() from None
         if self.in_flight.get(index) != generation:
-            raise _not_in_flight()
+            raise not_in_flight()
         return index
 
     def release(self, key_ref: bytes) -> int:
@@ -366,6 +249,8 @@ class _KeyringSlots(WorkerSlots):
 
 
 class _KeyringAcceptor(AcceptorStrategy):
+    """The acceptor's side: a worker keyring with its slot keys, linked into ``S``."""
+
     mode = KEYRING
 
     def __init__(self, session: int, process: int, random: Callable[[int], bytes]) -> None:
@@ -393,6 +278,8 @@ class _KeyringAcceptor(AcceptorStrategy):
 
 
 class _KeyringClaims(ClaimStrategy):
+    """The worker's side: read a slot and burn it before the key is returned."""
+
     __slots__ = ("_slots",)
 
     @classmethod
@@ -420,138 +307,23 @@ class _KeyringClaims(ClaimStrategy):
         self._slots = slots  # slot key serials
 
     def claim(self, key_ref: bytes) -> bytes:
-        where, generation = _parse_ref(key_ref, _REF_KEYRING)
+        where, generation = parse_ref(key_ref, REF_KEYRING)
         if where not in self._slots:
-            raise _bad_ref()
+            raise bad_ref()
         try:
             payload = keyring.read(where, size_hint=_PAYLOAD.size)  # one keyctl, not two
             state, parked_generation, key = _PAYLOAD.unpack(payload)
         except struct.error:
             raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "slot payload malformed") from None
         if state != _ARMED or parked_generation != generation:
-            raise _claimed()
+            raise claimed_error()
         # Burn before handing the key out: if burning fails, the key is not used.
         keyring.update(where, _PAYLOAD.pack(_BURNED, generation, _ZERO_KEY))
         return bytes(key)
 
 
-# --- fallback mode -----------------------------------------------------------------------------
-
-
-def _derive(secret: bytes, worker_id: bytes, slot: int, generation: int) -> bytes:
-    info = _HKDF_INFO + worker_id + struct.pack(">IQ", slot, generation)
-    return HKDF(hashes.SHA256(), KEY_SIZE, salt=None, info=info).derive(secret)
-
-
-class _FallbackSlots(WorkerSlots):
-    """Slot numbers only: each key is derived from the worker's secret, nothing is kept."""
-
-    __slots__ = ("secret", "worker_id")
-
-    def __init__(self, worker_id: bytes, n: int, secret: bytes) -> None:
-        super().__init__(n)
-        self.worker_id = worker_id
-        self.secret = secret
-
-    def arm(self, index: int, generation: int) -> tuple[bytes, bytes]:
-        return (_REF.pack(_REF_FALLBACK, index, generation),
-                _derive(self.secret, self.worker_id, index, generation))
-
-    def slot_of(self, key_ref: bytes) -> int:
-        index, generation = _parse_ref(key_ref, _REF_FALLBACK)
-        if self.in_flight.get(index) != generation:
-            raise _not_in_flight()
-        return index
-
-    release = slot_of  # nothing to burn: the key exists only where it was derived
-
-    def adopted(self) -> None:
-        pass  # nothing of the acceptor's is inherited
-
-    def claimed(self, key_ref: bytes) -> bool | None:
-        return None  # a claim leaves no trace here
-
-    def destroy(self) -> None:
-        pass  # nothing in the kernel; the secret goes with this object
-
-
-class _FallbackAcceptor(AcceptorStrategy):
-    mode = FALLBACK
-
-    def __init__(self, random: Callable[[int], bytes]) -> None:
-        self._random = random
-
-    def add_worker(self, worker_id: bytes, n: int,
-                   env: dict[str, str]) -> tuple[WorkerSlots, WorkerGrant]:
-        secret = self._random(KEY_SIZE)
-        if len(secret) != KEY_SIZE:
-            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
-        try:
-            read_end, write_end = os.pipe()  # both O_CLOEXEC; pass_fds clears it in the child
-        except OSError as error:  # EMFILE/ENFILE: the caller refuses this worker, stays up
-            raise GSSError(GSS_S_UNAVAILABLE, Minor.KEYRING_FAILED,
-                           f"grant pipe: {error.strerror}") from None
-        try:
-            os.write(write_end, secret)  # 32 bytes < PIPE_BUF: one atomic write
-        except OSError as error:
-            os.close(read_end)
-            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED,
-                           f"grant pipe: {error.strerror}") from None
-        finally:
-            os.close(write_end)
-        env[ENV_FD] = str(read_end)
-        return _FallbackSlots(worker_id, n, secret), WorkerGrant(env, (read_end,))
-
-
-class _FallbackClaims(ClaimStrategy):
-    __slots__ = ("_claimed_generation", "_secret", "_worker_id")
-
-    @classmethod
-    def take_grant(cls, environ: Mapping[str, str], n: int) -> tuple[list[int], bytes]:
-        return list(range(n)), _read_grant_fd(environ)
-
-    def __init__(self, worker_id: bytes, slots: list[int], secret: bytes) -> None:
-        self._worker_id = worker_id
-        self._secret = secret
-        self._claimed_generation = [0] * len(slots)  # per slot index
-
-    def claim(self, key_ref: bytes) -> bytes:
-        where, generation = _parse_ref(key_ref, _REF_FALLBACK)
-        if not 0 <= where < len(self._claimed_generation):
-            raise _bad_ref()
-        if generation <= self._claimed_generation[where]:
-            raise _claimed()
-        self._claimed_generation[where] = generation
-        return _derive(self._secret, self._worker_id, where, generation)
-
-
-def _read_grant_fd(environ: Mapping[str, str]) -> bytes:
-    try:
-        fd = int(environ[ENV_FD])
-    except (KeyError, ValueError):
-        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT,
-                       "key parking fd missing from the environment") from None
-    secret = b""
-    try:
-        while len(secret) < KEY_SIZE:
-            chunk = os.read(fd, KEY_SIZE - len(secret))
-            if not chunk:
-                break
-            secret += chunk
-    except OSError as error:
-        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED,
-                       f"key parking fd: {error.strerror}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    if len(secret) != KEY_SIZE:
-        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED, "key parking fd: short secret")
-    _warn_fallback("worker", "granted by the acceptor")
-    return secret
-
-
 _CLAIMS: Final[Mapping[str, type[ClaimStrategy]]] = {KEYRING: _KeyringClaims,
-                                                     FALLBACK: _FallbackClaims}
+                                                     FALLBACK: FallbackClaims}
 
 
 # --- the acceptor side ------------------------------------------------------------------------
@@ -597,8 +369,8 @@ class AcceptorParking:
             raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.KEYRING_BAD_ARGUMENT,
                            f"unknown key parking mode {mode!r}")
         if mode == FALLBACK:
-            _warn_fallback("acceptor", reason or REQUESTED_REASON)
-            return cls(_FallbackAcceptor(random), slots_per_worker)
+            warn_fallback("acceptor", reason or REQUESTED_REASON)
+            return cls(FallbackAcceptor(random), slots_per_worker)
         status = keyring.probe()
         if status is keyring.KeyringStatus.QUOTA:
             raise GSSError(GSS_S_UNAVAILABLE, Minor.KEYRING_QUOTA,
@@ -608,8 +380,8 @@ class AcceptorParking:
                 minor = (Minor.KEYRING_DENIED if status is keyring.KeyringStatus.DENIED
                          else Minor.KEYRING_UNAVAILABLE)
                 raise GSSError(GSS_S_UNAVAILABLE, minor, f"key parking: keyring {status.value}")
-            _warn_fallback("acceptor", f"keyctl {status.value}")
-            return cls(_FallbackAcceptor(random), slots_per_worker)
+            warn_fallback("acceptor", f"keyctl {status.value}")
+            return cls(FallbackAcceptor(random), slots_per_worker)
         session = _acceptor_session_keyring(join_session)
         process = keyring.get_keyring_id(keyring.KEY_SPEC_PROCESS_KEYRING, create=True)
         return cls(_KeyringAcceptor(session, process, random), slots_per_worker)
@@ -734,12 +506,6 @@ def check_quota(workers: int, slots: int, uid: int) -> str | None:
 def _destroy_keyring(ring: int, parent: int) -> None:
     _quietly(lambda: keyring.revoke(ring))
     _quietly(lambda: keyring.unlink(ring, parent))
-
-
-def _warn_fallback(side: str, reason: str) -> None:
-    log.warning("key parking in fallback mode (%s, %s, minor %d %s): %s", side, reason,
-                Minor.PARKING_FALLBACK_MODE, Minor.PARKING_FALLBACK_MODE.name,
-                FALLBACK_WEAKNESSES)
 
 
 # --- the worker side ---------------------------------------------------------------------------
