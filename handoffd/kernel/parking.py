@@ -85,7 +85,6 @@ from handoffd.kernel.parking_strategy import (
     bad_ref,
     claimed_error,
     not_in_flight,
-    parse_ref,
 )
 from handoffd.minor import Minor
 from handoffd.status import (
@@ -151,9 +150,13 @@ def _quietly(operation: Callable[[], None]) -> None:
     try:
         operation()
     except GSSError as error:
-        if error.minor not in (Minor.KEYRING_KEY_NOT_FOUND, Minor.KEYRING_KEY_REVOKED,
-                               Minor.KEYRING_KEY_EXPIRED):
-            log.warning("key parking clean-up step failed: %s", error)
+        _cleanup_failed(error)
+
+
+def _cleanup_failed(error: GSSError) -> None:
+    if error.minor not in (Minor.KEYRING_KEY_NOT_FOUND, Minor.KEYRING_KEY_REVOKED,
+                           Minor.KEYRING_KEY_EXPIRED):
+        log.warning("key parking clean-up step failed: %s", error)
 
 
 # The session keyring this process joined for the acceptor.  Session keyrings
@@ -211,7 +214,12 @@ class _KeyringSlots(WorkerSlots):
         return REF.pack(REF_KEYRING, serial, generation), key
 
     def slot_of(self, key_ref: bytes) -> int:
-        serial, generation = parse_ref(key_ref, REF_KEYRING)
+        try:
+            tag, serial, generation = REF.unpack(key_ref)
+        except struct.error:
+            raise bad_ref() from None
+        if tag != REF_KEYRING:
+            raise bad_ref()
         try:
             index = self.serials.index(serial)
         except ValueError:
@@ -223,8 +231,11 @@ class _KeyringSlots(WorkerSlots):
     def release(self, key_ref: bytes) -> int:
         index = self.slot_of(key_ref)
         # Burn even if the worker already did: a token never acked stays useless.
-        _quietly(lambda: keyring.update(
-            self.serials[index], _PAYLOAD.pack(_BURNED, self.generations[index], _ZERO_KEY)))
+        try:
+            keyring.update(self.serials[index],
+                           _PAYLOAD.pack(_BURNED, self.generations[index], _ZERO_KEY))
+        except GSSError as error:
+            _cleanup_failed(error)
         return index
 
     def adopted(self) -> None:
@@ -307,8 +318,11 @@ class _KeyringClaims(ClaimStrategy):
         self._slots = slots  # slot key serials
 
     def claim(self, key_ref: bytes) -> bytes:
-        where, generation = parse_ref(key_ref, REF_KEYRING)
-        if where not in self._slots:
+        try:
+            tag, where, generation = REF.unpack(key_ref)
+        except struct.error:
+            raise bad_ref() from None
+        if tag != REF_KEYRING or where not in self._slots:
             raise bad_ref()
         try:
             payload = keyring.read(where, size_hint=_PAYLOAD.size)  # one keyctl, not two

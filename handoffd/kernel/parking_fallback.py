@@ -42,7 +42,6 @@ from handoffd.kernel.parking_strategy import (
     bad_ref,
     claimed_error,
     not_in_flight,
-    parse_ref,
 )
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_FAILURE, GSS_S_NO_CRED, GSS_S_UNAVAILABLE, GSSError
@@ -85,7 +84,13 @@ class FallbackSlots(WorkerSlots):
                 _derive(self.secret, self.worker_id, index, generation))
 
     def slot_of(self, key_ref: bytes) -> int:
-        index, generation = parse_ref(key_ref, REF_FALLBACK)
+        try:
+            tag, where, generation = REF.unpack(key_ref)
+        except struct.error:
+            raise bad_ref() from None
+        if tag != REF_FALLBACK:
+            raise bad_ref()
+        index = int(where)
         if self.in_flight.get(index) != generation:
             raise not_in_flight()
         return index
@@ -147,8 +152,11 @@ class FallbackClaims(ClaimStrategy):
         self._claimed_generation = [0] * len(slots)  # per slot index
 
     def claim(self, key_ref: bytes) -> bytes:
-        where, generation = parse_ref(key_ref, REF_FALLBACK)
-        if not 0 <= where < len(self._claimed_generation):
+        try:
+            tag, where, generation = REF.unpack(key_ref)
+        except struct.error:
+            raise bad_ref() from None
+        if tag != REF_FALLBACK or not 0 <= where < len(self._claimed_generation):
             raise bad_ref()
         if generation <= self._claimed_generation[where]:
             raise claimed_error()

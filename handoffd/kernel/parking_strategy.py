@@ -60,17 +60,6 @@ def not_in_flight() -> GSSError:
                     "key parking: release of a slot not in flight")
 
 
-def parse_ref(key_ref: bytes, tag: bytes) -> tuple[int, int]:
-    """``(slot serial or index, generation)`` of a ``key_ref`` of the mode tagged ``tag``."""
-    try:
-        ref_tag, where, generation = REF.unpack(key_ref)
-    except struct.error:
-        raise bad_ref() from None
-    if ref_tag != tag:
-        raise bad_ref()
-    return where, generation
-
-
 # --- the strategies -------------------------------------------------------------------------
 
 
