@@ -32,7 +32,8 @@ kernel (6.18) measurably does, see ``docs/KEYRING.md``:
   ``unlink`` returns the quota; ``invalidate`` would leak link quota).
 
 Fallback mode (``keyctl`` refused: EPERM under Docker's default seccomp
-profile, ENOSYS under some LXC profiles): the acceptor hands each worker a
+profile, ENOSYS under some LXC profiles; and always for external workers), in
+:mod:`handoffd.kernel.parking_fallback`: the acceptor hands each worker a
 32-byte secret through an inherited pipe at spawn (never argv, env or the
 handoff socket); the per-handoff key is HKDF-SHA256(secret, worker id, slot,
 generation); the worker remembers the highest generation claimed per slot so
@@ -40,27 +41,54 @@ a replay fails.  Weaker, and logged as such: see ``FALLBACK_WEAKNESSES``.
 
 Slots per worker bound the handoffs in flight per worker: that is the
 daemon's backpressure, and ``park`` answers ``PARKING_SLOTS_EXHAUSTED`` beyond it.
+
+Each mode is a strategy (the interfaces are in
+:mod:`handoffd.kernel.parking_strategy`), chosen once: :meth:`AcceptorParking.open`
+picks an ``AcceptorStrategy``, which makes each worker's ``WorkerSlots``, and
+:meth:`WorkerParking.adopt` a ``ClaimStrategy``; no method branches on the mode.
+The slot bookkeeping both modes share (generations, free slots, slots in flight)
+is :class:`AcceptorParking`'s.  This module is the public API (the shared names
+are re-exported from here) and the keyring strategy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Final
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from handoffd.kernel import keyring
+from handoffd.kernel.parking_fallback import (
+    FALLBACK_WEAKNESSES,
+    FallbackAcceptor,
+    FallbackClaims,
+    warn_fallback,
+)
+from handoffd.kernel.parking_strategy import (
+    ENV_FD,
+    ENV_KEYRING,
+    ENV_MODE,
+    ENV_SLOTS,
+    ENV_WORKER,
+    FALLBACK,
+    KEY_SIZE,
+    KEYRING,
+    REF,
+    REF_KEYRING,
+    AcceptorStrategy,
+    ClaimStrategy,
+    WorkerGrant,
+    WorkerSlots,
+    bad_ref,
+    claimed_error,
+    not_in_flight,
+)
 from handoffd.minor import Minor
 from handoffd.status import (
     GSS_S_CALL_BAD_STRUCTURE,
-    GSS_S_DEFECTIVE_TOKEN,
     GSS_S_FAILURE,
     GSS_S_NO_CRED,
     GSS_S_UNAVAILABLE,
@@ -76,6 +104,7 @@ __all__ = [
     "EXTERNAL_WORKERS_REASON",
     "FALLBACK",
     "FALLBACK_WEAKNESSES",
+    "KEYRING",
     "KEY_SIZE",
     "REQUESTED_REASON",
     "AcceptorParking",
@@ -88,36 +117,16 @@ __all__ = [
 
 log = logging.getLogger("handoffd.keyring")
 
-KEY_SIZE: Final = 32
 WORKER_ID_SIZE: Final = 16
 MAX_SLOTS: Final = 1024
 
-ENV_MODE: Final = "HANDOFFD_PARKING_MODE"
-ENV_KEYRING: Final = "HANDOFFD_PARKING_KEYRING"
-ENV_FD: Final = "HANDOFFD_PARKING_FD"
-ENV_SLOTS: Final = "HANDOFFD_PARKING_SLOTS"
-ENV_WORKER: Final = "HANDOFFD_PARKING_WORKER"
-
-KEYRING: Final = "keyring"
-FALLBACK: Final = "fallback"
-
-FALLBACK_WEAKNESSES: Final = (
-    "the per-worker secret lives in process memory for the worker's lifetime "
-    "(swappable, in core dumps, readable by same-uid ptrace or /proc/PID/mem) and derives "
-    "every handoff key of that worker, past and future"
-)
-
-# --- slot payloads and references -----------------------------------------------------------
+# --- keyring slot payloads --------------------------------------------------------------------
 
 _PAYLOAD: Final = struct.Struct(">BQ32s")  # state | generation | key
 _BURNED: Final = 0
 _ARMED: Final = 1
-_REF: Final = struct.Struct(">cIQ")  # mode tag | slot serial or index | generation
-_REF_KEYRING: Final = b"K"
-_REF_FALLBACK: Final = b"F"
 _ZERO_KEY: Final = bytes(KEY_SIZE)
 _PERMISSIONS: Final = keyring.KEY_POS_ALL  # possessor only: no user/group/other bits
-_HKDF_INFO: Final = b"handoffd parking v1"
 
 
 REQUESTED_REASON: Final = ('mode "fallback" requested: [workers] keyring = "fallback", or the '
@@ -128,19 +137,6 @@ EXTERNAL_WORKERS_REASON: Final = ("external workers ([workers] register_socket) 
                                   "a keyring, so their keys are always derived in fallback "
                                   "mode, whatever [workers] keyring says")
 """The reason to pass for the parking of external workers."""
-
-
-def _bad_ref() -> GSSError:
-    return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.PARKING_BAD_REFERENCE, "malformed key reference")
-
-
-def _claimed() -> GSSError:
-    return GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.PARKING_KEY_CLAIMED)
-
-
-def _derive(secret: bytes, worker_id: bytes, slot: int, generation: int) -> bytes:
-    info = _HKDF_INFO + worker_id + struct.pack(">IQ", slot, generation)
-    return HKDF(hashes.SHA256(), KEY_SIZE, salt=None, info=info).derive(secret)
 
 
 def _check_worker_id(worker_id: bytes) -> None:
@@ -154,9 +150,13 @@ def _quietly(operation: Callable[[], None]) -> None:
     try:
         operation()
     except GSSError as error:
-        if error.minor not in (Minor.KEYRING_KEY_NOT_FOUND, Minor.KEYRING_KEY_REVOKED,
-                               Minor.KEYRING_KEY_EXPIRED):
-            log.warning("key parking clean-up step failed: %s", error)
+        _cleanup_failed(error)
+
+
+def _cleanup_failed(error: GSSError) -> None:
+    if error.minor not in (Minor.KEYRING_KEY_NOT_FOUND, Minor.KEYRING_KEY_REVOKED,
+                           Minor.KEYRING_KEY_EXPIRED):
+        log.warning("key parking clean-up step failed: %s", error)
 
 
 # The session keyring this process joined for the acceptor.  Session keyrings
@@ -187,30 +187,160 @@ def join_fresh_session_keyring() -> int:
     return session
 
 
+# --- keyring mode ------------------------------------------------------------------------------
+
+
+class _KeyringSlots(WorkerSlots):
+    """A worker keyring ``W`` holding one user key per slot, payloads replaced."""
+
+    __slots__ = ("keyring", "parent", "process", "random", "serials", "session")
+
+    def __init__(self, serials: list[int], ring: int, session: int, process: int,
+                 random: Callable[[int], bytes]) -> None:
+        super().__init__(len(serials))
+        self.serials = serials
+        self.keyring = ring
+        self.parent = session  # the keyring W is linked in: the session, then the process's
+        self.session = session
+        self.process = process
+        self.random = random
+
+    def arm(self, index: int, generation: int) -> tuple[bytes, bytes]:
+        key = self.random(KEY_SIZE)
+        if len(key) != KEY_SIZE:
+            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
+        serial = self.serials[index]
+        keyring.update(serial, _PAYLOAD.pack(_ARMED, generation, key))
+        return REF.pack(REF_KEYRING, serial, generation), key
+
+    def slot_of(self, key_ref: bytes) -> int:
+        try:
+            tag, serial, generation = REF.unpack(key_ref)
+        except struct.error:
+            raise bad_ref() from None
+        if tag != REF_KEYRING:
+            raise bad_ref()
+        try:
+            index = self.serials.index(serial)
+        except ValueError:
+            raise bad_ref() from None
+        if self.in_flight.get(index) != generation:
+            raise not_in_flight()
+        return index
+
+    def release(self, key_ref: bytes) -> int:
+        index = self.slot_of(key_ref)
+        # Burn even if the worker already did: a token never acked stays useless.
+        try:
+            keyring.update(self.serials[index],
+                           _PAYLOAD.pack(_BURNED, self.generations[index], _ZERO_KEY))
+        except GSSError as error:
+            _cleanup_failed(error)
+        return index
+
+    def adopted(self) -> None:
+        if self.parent == self.session:
+            keyring.move(self.keyring, self.session, self.process)
+            self.parent = self.process
+
+    def claimed(self, key_ref: bytes) -> bool | None:
+        try:
+            index = self.slot_of(key_ref)
+            payload = keyring.read(self.serials[index], size_hint=_PAYLOAD.size)
+            state, generation, _ = _PAYLOAD.unpack(payload)
+        except (GSSError, struct.error):
+            return None
+        return bool(state == _BURNED and generation == self.generations[index])
+
+    def destroy(self) -> None:
+        for serial in self.serials:
+            _quietly(partial(keyring.revoke, serial))
+            _quietly(partial(keyring.unlink, serial, self.keyring))
+        _destroy_keyring(self.keyring, self.parent)
+
+
+class _KeyringAcceptor(AcceptorStrategy):
+    """The acceptor's side: a worker keyring with its slot keys, linked into ``S``."""
+
+    mode = KEYRING
+
+    def __init__(self, session: int, process: int, random: Callable[[int], bytes]) -> None:
+        self._session = session
+        self._process = process
+        self._random = random
+
+    def add_worker(self, worker_id: bytes, n: int,
+                   env: dict[str, str]) -> tuple[WorkerSlots, WorkerGrant]:
+        ring = keyring.add_keyring(f"hd:{worker_id.hex()}", self._session)
+        try:
+            keyring.setperm(ring, _PERMISSIONS)
+            slots: list[int] = []
+            for index in range(n):
+                burned = _PAYLOAD.pack(_BURNED, 0, _ZERO_KEY)
+                serial = keyring.add_key(f"hd:{index}", burned, ring)
+                slots.append(serial)
+                keyring.setperm(serial, _PERMISSIONS)
+        except GSSError:
+            _destroy_keyring(ring, self._session)
+            raise
+        env[ENV_KEYRING] = str(ring)
+        return (_KeyringSlots(slots, ring, self._session, self._process, self._random),
+                WorkerGrant(env, ()))
+
+
+class _KeyringClaims(ClaimStrategy):
+    """The worker's side: read a slot and burn it before the key is returned."""
+
+    __slots__ = ("_slots",)
+
+    @classmethod
+    def take_grant(cls, environ: Mapping[str, str], n: int) -> tuple[list[int], bytes]:
+        try:
+            ring = int(environ[ENV_KEYRING])
+        except (KeyError, ValueError):
+            raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT,
+                           "key parking keyring missing from the environment") from None
+        try:
+            keyring.link(ring, keyring.KEY_SPEC_PROCESS_KEYRING)
+        except GSSError as error:
+            raise GSSError(error.major, error.minor,
+                           f"{error.detail} (is the worker keyring possessed? the worker must "
+                           "be spawned by a thread that shares the acceptor's session "
+                           "keyring)") from None
+        keyring.join_session_keyring(None)
+        members = keyring.keyring_members(ring)
+        if len(members) != n:
+            raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED,
+                           "worker keyring does not hold the granted slots")
+        return members, b""
+
+    def __init__(self, worker_id: bytes, slots: list[int], secret: bytes) -> None:
+        self._slots = slots  # slot key serials
+
+    def claim(self, key_ref: bytes) -> bytes:
+        try:
+            tag, where, generation = REF.unpack(key_ref)
+        except struct.error:
+            raise bad_ref() from None
+        if tag != REF_KEYRING or where not in self._slots:
+            raise bad_ref()
+        try:
+            payload = keyring.read(where, size_hint=_PAYLOAD.size)  # one keyctl, not two
+            state, parked_generation, key = _PAYLOAD.unpack(payload)
+        except struct.error:
+            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "slot payload malformed") from None
+        if state != _ARMED or parked_generation != generation:
+            raise claimed_error()
+        # Burn before handing the key out: if burning fails, the key is not used.
+        keyring.update(where, _PAYLOAD.pack(_BURNED, generation, _ZERO_KEY))
+        return bytes(key)
+
+
+_CLAIMS: Final[Mapping[str, type[ClaimStrategy]]] = {KEYRING: _KeyringClaims,
+                                                     FALLBACK: FallbackClaims}
+
+
 # --- the acceptor side ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerGrant:
-    """What the supervisor gives a worker it spawns: extra environment and fds to pass.
-
-    The supervisor closes ``pass_fds`` in its own process once the worker is spawned.
-    """
-
-    env: dict[str, str]
-    pass_fds: tuple[int, ...]
-
-
-@dataclass
-class _Worker:
-    worker_id: bytes
-    slots: list[int]  # keyring mode: slot key serials; fallback: slot indexes
-    generations: list[int]
-    free: list[int]  # indexes into slots, used as a stack
-    in_flight: dict[int, int] = field(default_factory=dict)  # slot index -> generation
-    keyring: int = 0  # keyring mode: the worker keyring
-    parent: int = 0  # keyring mode: the keyring W is linked in (session, then process)
-    secret: bytes = b""  # fallback mode
 
 
 class AcceptorParking:
@@ -221,14 +351,11 @@ class AcceptorParking:
     called :meth:`open` (session) and of this process (process keyring).
     """
 
-    def __init__(self, mode: str, slots_per_worker: int, random: Callable[[int], bytes],
-                 session: int, process: int) -> None:
-        self.mode = mode
+    def __init__(self, strategy: AcceptorStrategy, slots_per_worker: int) -> None:
+        self.mode = strategy.mode
+        self._strategy = strategy
         self._slots_per_worker = slots_per_worker
-        self._random = random
-        self._session = session
-        self._process = process
-        self._workers: dict[bytes, _Worker] = {}
+        self._workers: dict[bytes, WorkerSlots] = {}
         self._closed = False
 
     @classmethod
@@ -256,8 +383,8 @@ class AcceptorParking:
             raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.KEYRING_BAD_ARGUMENT,
                            f"unknown key parking mode {mode!r}")
         if mode == FALLBACK:
-            _warn_fallback("acceptor", reason or REQUESTED_REASON)
-            return cls(FALLBACK, slots_per_worker, random, 0, 0)
+            warn_fallback("acceptor", reason or REQUESTED_REASON)
+            return cls(FallbackAcceptor(random), slots_per_worker)
         status = keyring.probe()
         if status is keyring.KeyringStatus.QUOTA:
             raise GSSError(GSS_S_UNAVAILABLE, Minor.KEYRING_QUOTA,
@@ -267,13 +394,13 @@ class AcceptorParking:
                 minor = (Minor.KEYRING_DENIED if status is keyring.KeyringStatus.DENIED
                          else Minor.KEYRING_UNAVAILABLE)
                 raise GSSError(GSS_S_UNAVAILABLE, minor, f"key parking: keyring {status.value}")
-            _warn_fallback("acceptor", f"keyctl {status.value}")
-            return cls(FALLBACK, slots_per_worker, random, 0, 0)
+            warn_fallback("acceptor", f"keyctl {status.value}")
+            return cls(FallbackAcceptor(random), slots_per_worker)
         session = _acceptor_session_keyring(join_session)
         process = keyring.get_keyring_id(keyring.KEY_SPEC_PROCESS_KEYRING, create=True)
-        return cls(KEYRING, slots_per_worker, random, session, process)
+        return cls(_KeyringAcceptor(session, process, random), slots_per_worker)
 
-    def _worker(self, worker_id: bytes) -> _Worker:
+    def _worker(self, worker_id: bytes) -> WorkerSlots:
         try:
             return self._workers[worker_id]
         except KeyError:
@@ -290,58 +417,16 @@ class AcceptorParking:
                            "key parking: worker id already added")
         n = self._slots_per_worker
         env = {ENV_MODE: self.mode, ENV_SLOTS: str(n), ENV_WORKER: worker_id.hex()}
-        if self.mode == FALLBACK:
-            return self._add_fallback_worker(worker_id, env)
-        ring = keyring.add_keyring(f"hd:{worker_id.hex()}", self._session)
-        try:
-            keyring.setperm(ring, _PERMISSIONS)
-            slots: list[int] = []
-            for index in range(n):
-                burned = _PAYLOAD.pack(_BURNED, 0, _ZERO_KEY)
-                serial = keyring.add_key(f"hd:{index}", burned, ring)
-                slots.append(serial)
-                keyring.setperm(serial, _PERMISSIONS)
-        except GSSError:
-            _destroy_keyring(ring, self._session)
-            raise
-        self._workers[worker_id] = _Worker(worker_id, slots, [0] * n,
-                                           list(range(n - 1, -1, -1)), keyring=ring,
-                                           parent=self._session)
-        env[ENV_KEYRING] = str(ring)
-        return WorkerGrant(env, ())
-
-    def _add_fallback_worker(self, worker_id: bytes, env: dict[str, str]) -> WorkerGrant:
-        secret = self._random(KEY_SIZE)
-        if len(secret) != KEY_SIZE:
-            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
-        try:
-            read_end, write_end = os.pipe()  # both O_CLOEXEC; pass_fds clears it in the child
-        except OSError as error:  # EMFILE/ENFILE: the caller refuses this worker, stays up
-            raise GSSError(GSS_S_UNAVAILABLE, Minor.KEYRING_FAILED,
-                           f"grant pipe: {error.strerror}") from None
-        try:
-            os.write(write_end, secret)  # 32 bytes < PIPE_BUF: one atomic write
-        except OSError as error:
-            os.close(read_end)
-            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED,
-                           f"grant pipe: {error.strerror}") from None
-        finally:
-            os.close(write_end)
-        n = self._slots_per_worker
-        self._workers[worker_id] = _Worker(worker_id, list(range(n)), [0] * n,
-                                           list(range(n - 1, -1, -1)), secret=secret)
-        env[ENV_FD] = str(read_end)
-        return WorkerGrant(env, (read_end,))
+        slots, grant = self._strategy.add_worker(worker_id, n, env)
+        self._workers[worker_id] = slots
+        return grant
 
     def worker_adopted(self, worker_id: bytes) -> None:
         """The worker has adopted its grant: take its keyring out of the session keyring.
 
         Workers spawned from now on inherit the session keyring without it.
         """
-        w = self._worker(worker_id)
-        if self.mode == KEYRING and w.parent == self._session:
-            keyring.move(w.keyring, self._session, self._process)
-            w.parent = self._process
+        self._worker(worker_id).adopted()
 
     def park(self, worker_id: bytes) -> tuple[bytes, bytes]:
         """Arm a free slot of the worker with a fresh key: ``(key_ref, key)``.
@@ -354,19 +439,11 @@ class AcceptorParking:
             raise GSSError(GSS_S_UNAVAILABLE, Minor.PARKING_SLOTS_EXHAUSTED)
         index = w.free[-1]
         generation = w.generations[index] + 1
-        if self.mode == FALLBACK:
-            key = _derive(w.secret, worker_id, index, generation)
-            ref = _REF.pack(_REF_FALLBACK, index, generation)
-        else:
-            key = self._random(KEY_SIZE)
-            if len(key) != KEY_SIZE:
-                raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "random source short")
-            keyring.update(w.slots[index], _PAYLOAD.pack(_ARMED, generation, key))
-            ref = _REF.pack(_REF_KEYRING, w.slots[index], generation)
+        parked = w.arm(index, generation)
         w.free.pop()
         w.generations[index] = generation
         w.in_flight[index] = generation
-        return ref, key
+        return parked
 
     def release(self, worker_id: bytes, key_ref: bytes) -> None:
         """Make the slot behind ``key_ref`` reusable, burning it (acked or redelivered).
@@ -376,33 +453,9 @@ class AcceptorParking:
         w = self._workers.get(worker_id)
         if w is None:
             return
-        index = self._slot_of(w, key_ref)
-        if self.mode == KEYRING:
-            # Burn even if the worker already did: a token never acked stays useless.
-            _quietly(lambda: keyring.update(
-                w.slots[index], _PAYLOAD.pack(_BURNED, w.generations[index], _ZERO_KEY)))
+        index = w.release(key_ref)
         del w.in_flight[index]
         w.free.append(index)
-
-    def _slot_of(self, w: _Worker, key_ref: bytes) -> int:
-        try:
-            tag, where, generation = _REF.unpack(key_ref)
-        except struct.error:
-            raise _bad_ref() from None
-        expected = _REF_FALLBACK if self.mode == FALLBACK else _REF_KEYRING
-        if tag != expected:
-            raise _bad_ref()
-        if self.mode == FALLBACK:
-            index = int(where)
-        else:
-            try:
-                index = w.slots.index(where)
-            except ValueError:
-                raise _bad_ref() from None
-        if w.in_flight.get(index) != generation:
-            raise GSSError(GSS_S_FAILURE, Minor.PARKING_KEY_CLAIMED,
-                           "key parking: release of a slot not in flight")
-        return index
 
     def claimed(self, worker_id: bytes, key_ref: bytes) -> bool | None:
         """Whether the worker burned the slot behind ``key_ref`` (its claim), as the
@@ -412,25 +465,13 @@ class AcceptorParking:
         and leave the slot armed, so False does not prove the token was never opened.
         """
         w = self._workers.get(worker_id)
-        if w is None or self.mode == FALLBACK:
-            return None
-        try:
-            index = self._slot_of(w, key_ref)
-            payload = keyring.read(w.slots[index], size_hint=_PAYLOAD.size)
-            state, generation, _ = _PAYLOAD.unpack(payload)
-        except (GSSError, struct.error):
-            return None
-        return bool(state == _BURNED and generation == w.generations[index])
+        return None if w is None else w.claimed(key_ref)
 
     def remove_worker(self, worker_id: bytes) -> None:
         """The worker is gone: revoke and unlink its slots and keyring (idempotent)."""
         w = self._workers.pop(worker_id, None)
-        if w is None or self.mode == FALLBACK:
-            return
-        for serial in w.slots:
-            _quietly(partial(keyring.revoke, serial))
-            _quietly(partial(keyring.unlink, serial, w.keyring))
-        _destroy_keyring(w.keyring, w.parent)
+        if w is not None:
+            w.destroy()
 
     def close(self) -> None:
         """Remove every worker's keys; the parking takes no new workers afterwards."""
@@ -481,12 +522,6 @@ def _destroy_keyring(ring: int, parent: int) -> None:
     _quietly(lambda: keyring.unlink(ring, parent))
 
 
-def _warn_fallback(side: str, reason: str) -> None:
-    log.warning("key parking in fallback mode (%s, %s, minor %d %s): %s", side, reason,
-                Minor.PARKING_FALLBACK_MODE, Minor.PARKING_FALLBACK_MODE.name,
-                FALLBACK_WEAKNESSES)
-
-
 # --- the worker side ---------------------------------------------------------------------------
 
 
@@ -495,10 +530,7 @@ class WorkerParking:
 
     def __init__(self, mode: str, worker_id: bytes, slots: list[int], secret: bytes) -> None:
         self.mode = mode
-        self._worker_id = worker_id
-        self._slots = slots  # keyring: slot serials; fallback: slot count in a list of indexes
-        self._secret = secret
-        self._claimed_generation = [0] * len(slots)
+        self._claim = _CLAIMS[mode](worker_id, slots, secret).claim
 
     @classmethod
     def adopt(cls, environ: Mapping[str, str]) -> WorkerParking:
@@ -517,28 +549,10 @@ class WorkerParking:
                            "key parking grant missing from the environment") from None
         if not 1 <= slots <= MAX_SLOTS or len(worker_id) != WORKER_ID_SIZE:
             raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT, "bad key parking grant")
-        if mode == FALLBACK:
-            return cls(FALLBACK, worker_id, list(range(slots)), _read_grant_fd(environ))
-        if mode != KEYRING:
+        strategy = _CLAIMS.get(mode)
+        if strategy is None:
             raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT, "bad key parking mode")
-        try:
-            ring = int(environ[ENV_KEYRING])
-        except (KeyError, ValueError):
-            raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT,
-                           "key parking keyring missing from the environment") from None
-        try:
-            keyring.link(ring, keyring.KEY_SPEC_PROCESS_KEYRING)
-        except GSSError as error:
-            raise GSSError(error.major, error.minor,
-                           f"{error.detail} (is the worker keyring possessed? the worker must "
-                           "be spawned by a thread that shares the acceptor's session "
-                           "keyring)") from None
-        keyring.join_session_keyring(None)
-        members = keyring.keyring_members(ring)
-        if len(members) != slots:
-            raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED,
-                           "worker keyring does not hold the granted slots")
-        return cls(KEYRING, worker_id, members, b"")
+        return cls(mode, worker_id, *strategy.take_grant(environ, slots))
 
     def claim(self, key_ref: bytes) -> bytes:
         """The key behind ``key_ref``, burned as it is read: a second claim fails.
@@ -547,51 +561,4 @@ class WorkerParking:
         replayed or stale reference, ``PARKING_BAD_REFERENCE`` for a malformed one or
         one naming no slot of this worker (foreign); keyring errors as they come.
         """
-        try:
-            tag, where, generation = _REF.unpack(key_ref)
-        except struct.error:
-            raise _bad_ref() from None
-        if self.mode == FALLBACK:
-            if tag != _REF_FALLBACK or not 0 <= where < len(self._slots):
-                raise _bad_ref()
-            if generation <= self._claimed_generation[where]:
-                raise _claimed()
-            self._claimed_generation[where] = generation
-            return _derive(self._secret, self._worker_id, where, generation)
-        if tag != _REF_KEYRING or where not in self._slots:
-            raise _bad_ref()
-        try:
-            payload = keyring.read(where, size_hint=_PAYLOAD.size)  # one keyctl, not two
-            state, parked_generation, key = _PAYLOAD.unpack(payload)
-        except struct.error:
-            raise GSSError(GSS_S_FAILURE, Minor.KEYRING_FAILED, "slot payload malformed") from None
-        if state != _ARMED or parked_generation != generation:
-            raise _claimed()
-        # Burn before handing the key out: if burning fails, the key is not used.
-        keyring.update(where, _PAYLOAD.pack(_BURNED, generation, _ZERO_KEY))
-        return bytes(key)
-
-
-def _read_grant_fd(environ: Mapping[str, str]) -> bytes:
-    try:
-        fd = int(environ[ENV_FD])
-    except (KeyError, ValueError):
-        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT,
-                       "key parking fd missing from the environment") from None
-    secret = b""
-    try:
-        while len(secret) < KEY_SIZE:
-            chunk = os.read(fd, KEY_SIZE - len(secret))
-            if not chunk:
-                break
-            secret += chunk
-    except OSError as error:
-        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED,
-                       f"key parking fd: {error.strerror}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    if len(secret) != KEY_SIZE:
-        raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED, "key parking fd: short secret")
-    _warn_fallback("worker", "granted by the acceptor")
-    return secret
+        return self._claim(key_ref)
