@@ -36,7 +36,11 @@ def test_soak_quick_run_loses_nothing_and_writes_the_documented_schema(tmp_path:
     result = json.loads((tmp_path / "latest.json").read_text())
 
     assert result["lost"] == 0, (result["failed_by_reason"], done.stderr[-3000:])
-    assert result["attempted"] >= 150
+    # How many connections a 5-second run starts depends on how busy the machine is (the
+    # load generators pace themselves by the clock): that is the full soak's check
+    # (``connections_at_least_target``), not this one's.
+    assert result["attempted"] > 0
+    assert isinstance(result["checks"]["connections_at_least_target"]["ok"], bool)
     # Every connection is accounted for: completed, or killed by the soak after import.
     assert result["attempted"] == result["completed"] + result["killed_after_import"]
     assert result["failed_by_reason"] == {}
