@@ -350,6 +350,31 @@ def test_records_sealed_in_the_reused_buffer_match_a_plain_encoding(
     assert payload[:64] not in server._out and payload[100:164] not in server._out
 
 
+@pytest.mark.parametrize("step", [1, 7, 4096, 16406, 16407, 40000, 0])
+def test_records_are_opened_in_any_split_through_close_notify(
+    pair: tuple[TlsRecordSession, TlsRecordSession], step: int
+) -> None:
+    """Records opened where they arrive (in the bytes given, or in the buffer holding a
+    partial one), whatever the cut: data, KeyUpdate, padding, close_notify, and the bytes
+    after it ignored."""
+    server, client = pair
+    stream = (
+        client.send(b"a" * 40000)
+        + client.key_update(request_peer=False)
+        + client.send(b"b")
+        + client._seal(23, b"padded", padding=30)
+        + client.close()
+        + b"ignored after close_notify"
+    )
+    step = step or len(stream)
+    events: list[object] = []
+    for i in range(0, len(stream), step):
+        events += server.receive_data(stream[i : i + step])
+    assert data_of(events) == b"a" * 40000 + b"b" + b"padded"
+    assert KeyUpdated(False) in events and events[-1] == PeerClosed()
+    assert server.buffered == 0
+
+
 def test_a_tampered_record_is_bad_record_mac(
     pair: tuple[TlsRecordSession, TlsRecordSession],
 ) -> None:

@@ -144,6 +144,26 @@ _STATUS: Final[dict[AlertDescription, tuple[int, Minor]]] = {
 }
 
 
+def _bad_header(outer_type: int, length: int) -> TlsAlert:
+    """The alert for a record header this layer refuses (not application_data, or too long)."""
+    if outer_type != APPLICATION_DATA:
+        what = "change_cipher_spec" if outer_type == CHANGE_CIPHER_SPEC else f"type {outer_type}"
+        return _fail(
+            AlertDescription.unexpected_message,
+            f"an unprotected {what} record after the handshake",
+        )
+    return _fail(
+        AlertDescription.record_overflow, f"a {length}-byte record (at most {MAX_CIPHERTEXT})"
+    )
+
+
+def _bad_record_mac() -> TlsAlert:
+    return _fail(
+        AlertDescription.bad_record_mac,
+        "a record failed authentication (tampered, or under a key this side does not hold)",
+    )
+
+
 @dataclass(frozen=True)
 class ApplicationData:
     """Plaintext from the peer (never empty)."""
@@ -222,7 +242,11 @@ class TlsRecordSession:
         # Records one key may still protect: the suite's limit, within the sequence space.
         self._record_limit = min(suite.records_per_key, SEQUENCE_LIMIT)
         self._cut: _Cut = (-1, b"", self._out_view, self._out_view, self._out_view, self._out_view)
-        self._inbuf = bytearray()
+        self._inbuf = bytearray()  # the start of a record not yet whole
+        # The read side's plaintext buffer, reused: every record is decrypted into it.
+        self._plain_view = memoryview(bytearray(MAX_CIPHERTEXT - TAG_LENGTH))
+        # ... cut for the last inner plaintext size: (size, inner plaintext, fragment).
+        self._plain_cut = (-1, self._plain_view, self._plain_view)
         self._handshake = bytearray()  # a post-handshake message split over records
         self._owe_key_update = False
         self.peer_closed = False
@@ -241,19 +265,43 @@ class TlsRecordSession:
             raise self.failed
         if self.peer_closed:
             return []  # RFC 8446 §6.1: data after close_notify is ignored
-        self._inbuf += data
+        # Records are opened where they lie: in ``data`` itself when nothing is buffered
+        # (the bytes of a partial record at its end are kept), else in the buffer.
+        inbuf = self._inbuf
+        source: bytes | bytearray = data
+        if inbuf:
+            inbuf += data
+            source = inbuf
         events: list[Event] = []
+        start = 0
+        view = memoryview(source)
+        size = len(view)
         try:
-            while not self.peer_closed:
-                record = self._next_record()
-                if record is None:
+            while size - start >= HEADER.size and not self.peer_closed:
+                outer_type, _version, length = HEADER.unpack_from(view, start)
+                if outer_type != APPLICATION_DATA or length > MAX_CIPHERTEXT:
+                    raise _bad_header(outer_type, length)
+                end = start + HEADER.size + length
+                if end > size:
                     break
-                events.extend(self._dispatch(*record))
+                content_type, fragment = self._open(view, start, end)
+                start = end
+                if content_type == APPLICATION_DATA and not self._handshake:
+                    if fragment:
+                        events.append(ApplicationData(fragment))
+                else:
+                    events.extend(self._dispatch(content_type, fragment))
         except TlsAlert as err:
             self.failed = err
             raise
+        finally:
+            view.release()  # before the buffer is resized (no other view of it is kept)
         if self.peer_closed:
-            self._inbuf.clear()
+            inbuf.clear()
+        elif source is inbuf:
+            del inbuf[:start]
+        elif start < size:
+            inbuf += memoryview(data)[start:]
         return events
 
     @property
@@ -261,38 +309,44 @@ class TlsRecordSession:
         """Bytes received and not yet a whole record (a cut here is a truncation)."""
         return len(self._inbuf)
 
-    def _next_record(self) -> tuple[int, bytes] | None:
-        if len(self._inbuf) < HEADER.size:
-            return None
-        outer_type, _version, length = HEADER.unpack_from(self._inbuf)
-        if outer_type != APPLICATION_DATA:
-            what = (
-                "change_cipher_spec" if outer_type == CHANGE_CIPHER_SPEC else f"type {outer_type}"
-            )
+    def _open(self, view: memoryview, start: int, end: int) -> tuple[int, bytes]:
+        """The content type and fragment of the whole record ``view[start:end]``.
+
+        Decrypted straight from where it lies into the session's plaintext buffer, and the
+        fragment copied out of that once (no slices are kept: ``view``'s buffer may be
+        resized after).
+        """
+        r = self._read
+        sequence = r.sequence
+        if sequence >= SEQUENCE_LIMIT:
             raise _fail(
-                AlertDescription.unexpected_message,
-                f"an unprotected {what} record after the handshake",
+                AlertDescription.internal_error, "the record sequence number space is exhausted"
             )
-        if length > MAX_CIPHERTEXT:
-            raise _fail(
-                AlertDescription.record_overflow,
-                f"a {length}-byte record (at most {MAX_CIPHERTEXT})",
-            )
-        if len(self._inbuf) < HEADER.size + length:
-            return None
-        header = bytes(self._inbuf[: HEADER.size])
-        body = bytes(self._inbuf[HEADER.size : HEADER.size + length])
-        del self._inbuf[: HEADER.size + length]
+        r.sequence = sequence + 1
+        body = start + HEADER.size
+        size = end - body - TAG_LENGTH  # of the inner plaintext
+        cut_size, inner, fragment = self._plain_cut
+        if size != cut_size:
+            if size < 0:  # shorter than a tag: fails authentication, as decrypt has it
+                raise _bad_record_mac()
+            plain = self._plain_view
+            self._plain_cut = size, plain[:size], plain[: max(size - 1, 0)]
+            _, inner, fragment = self._plain_cut
         try:
-            inner = self._read.aead.decrypt(self._read.next_nonce(), body, header)
+            r.aead.decrypt_into(
+                (r.iv ^ sequence).to_bytes(IV_LENGTH, "big"),  # RFC 8446 §5.3
+                view[body:end],
+                view[start:body],
+                inner,
+            )
         except InvalidTag:
-            raise _fail(
-                AlertDescription.bad_record_mac,
-                "a record failed authentication (tampered, or under a key this side does not hold)",
-            ) from None
-        if len(inner) > MAX_PLAINTEXT + 1:
-            raise _fail(AlertDescription.record_overflow, f"{len(inner)} bytes of inner plaintext")
-        content = inner.rstrip(b"\x00")
+            raise _bad_record_mac() from None
+        if size > MAX_PLAINTEXT + 1:
+            raise _fail(AlertDescription.record_overflow, f"{size} bytes of inner plaintext")
+        content_type = inner[-1] if size else 0
+        if content_type:  # no padding
+            return content_type, bytes(fragment)
+        content = bytes(inner).rstrip(b"\x00")
         if not content:
             raise _fail(AlertDescription.unexpected_message, "a record with no content type")
         return content[-1], content[:-1]
