@@ -144,6 +144,11 @@ _STATUS: Final[dict[AlertDescription, tuple[int, Minor]]] = {
 }
 
 
+def _grown(size: int, needed: int) -> int:
+    """A reused record buffer's next size: at least doubled, at most a whole record."""
+    return max(needed, min(2 * size, _OUT_SIZE))
+
+
 def _bad_header(outer_type: int, length: int) -> TlsAlert:
     """The alert for a record header this layer refuses (not application_data, or too long)."""
     if outer_type != APPLICATION_DATA:
@@ -236,15 +241,16 @@ class TlsRecordSession:
         self._write = _Direction(TrafficKeys.from_secret(suite, write_secret), write_sequence)
         # The write side's record buffer, reused by every record: header, then the inner
         # plaintext, which the AEAD seals in place (see _seal).  It holds ciphertext, not
-        # plaintext, between calls.
-        self._out = bytearray(_OUT_SIZE)
+        # plaintext, between calls, and grows with the records (to 16 KiB and change).
+        self._out = bytearray()
         self._out_view = memoryview(self._out)
         # Records one key may still protect: the suite's limit, within the sequence space.
         self._record_limit = min(suite.records_per_key, SEQUENCE_LIMIT)
         self._cut: _Cut = (-1, b"", self._out_view, self._out_view, self._out_view, self._out_view)
         self._inbuf = bytearray()  # the start of a record not yet whole
-        # The read side's plaintext buffer, reused: every record is decrypted into it.
-        self._plain_view = memoryview(bytearray(MAX_CIPHERTEXT - TAG_LENGTH))
+        # The read side's plaintext buffer, reused: every record is decrypted into it
+        # (grown with the records, as the write side's).
+        self._plain_view = memoryview(bytearray())
         # ... cut for the last inner plaintext size: (size, inner plaintext, fragment).
         self._plain_cut = (-1, self._plain_view, self._plain_view)
         self._handshake = bytearray()  # a post-handshake message split over records
@@ -330,6 +336,8 @@ class TlsRecordSession:
             if size < 0:  # shorter than a tag: fails authentication, as decrypt has it
                 raise _bad_record_mac()
             plain = self._plain_view
+            if size > len(plain):
+                plain = self._plain_view = memoryview(bytearray(_grown(len(plain), size)))
             self._plain_cut = size, plain[:size], plain[: max(size - 1, 0)]
             _, inner, fragment = self._plain_cut
         try:
@@ -556,6 +564,9 @@ class TlsRecordSession:
         """The record buffer cut for a ``length``-byte fragment, its header written; kept
         while fragments keep that length, so the header in the buffer stays right."""
         end = _BODY + length + 1 + padding
+        if end + TAG_LENGTH > len(self._out):
+            self._out = bytearray(_grown(len(self._out), end + TAG_LENGTH))
+            self._out_view = memoryview(self._out)
         view = self._out_view
         header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, end - _BODY + TAG_LENGTH)
         view[:_BODY] = header
