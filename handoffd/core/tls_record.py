@@ -251,7 +251,7 @@ class TlsRecordSession:
         # The read side's plaintext buffer, reused: every record is decrypted into it
         # (grown with the records, as the write side's).
         self._plain_view = memoryview(bytearray())
-        # ... cut for the last inner plaintext size: (size, inner plaintext, fragment).
+        # Its views for the last inner plaintext size: (size, inner plaintext, fragment).
         self._plain_cut = (-1, self._plain_view, self._plain_view)
         self._handshake = bytearray()  # a post-handshake message split over records
         self._owe_key_update = False
