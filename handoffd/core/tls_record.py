@@ -457,7 +457,7 @@ class TlsRecordSession:
             fill[:] = data
             inner[-1] = APPLICATION_DATA
             w.aead.encrypt_into((w.iv ^ sequence).to_bytes(IV_LENGTH, "big"), inner, header, sealed)
-            return bytes(record)
+            return record.tobytes()
         if (
             len(data) <= MAX_PLAINTEXT
             and not self.closed
@@ -535,8 +535,9 @@ class TlsRecordSession:
         # header and sealed in place (encrypt_into with input and output at the same
         # address, OpenSSL's in-place AEAD; tests/test_tls_record.py checks the records
         # byte for byte against a plain encoding), and the record copied out once: two
-        # copies of the fragment, no intermediate objects.  send() inlines this for a
-        # fragment as long as the last one.
+        # copies of the fragment, no intermediate objects.  Exactly in place only:
+        # cryptography 50 gets *partly* overlapping buffers wrong (pyca/cryptography#15656).
+        # send() inlines this for a fragment as long as the last one.
         w = self._write
         sequence = w.sequence
         if sequence >= SEQUENCE_LIMIT:
@@ -558,7 +559,7 @@ class TlsRecordSession:
         fill[:] = fragment
         self._out[_BODY + length] = content_type
         w.aead.encrypt_into(nonce, inner, header, sealed)
-        return bytes(record)
+        return record.tobytes()
 
     def _cut_for(self, length: int, padding: int) -> _Cut:
         """The record buffer cut for a ``length``-byte fragment, its header written; kept
