@@ -312,9 +312,9 @@ def reference_record(
 def test_records_sealed_in_the_reused_buffer_match_a_plain_encoding(
     pair: tuple[TlsRecordSession, TlsRecordSession],
 ) -> None:
-    """Records built in the session's reused (and growing) buffer, however the fragment
-    lengths, content types and padding alternate, are byte for byte the plain encoding;
-    and the buffer keeps no plaintext."""
+    """Records sealed in place in the session's buffer (full ones) and the others, however
+    lengths, content types, padding and key changes alternate, are byte for byte the
+    plain encoding; and the buffer keeps no plaintext."""
     server, _client = pair
     keys, sequence = server._write.keys, 0
 
@@ -329,8 +329,10 @@ def test_records_sealed_in_the_reused_buffer_match_a_plain_encoding(
         assert server.send(chunk) == (record(23, chunk) if size else b"")
     assert server._seal(23, b"padded", padding=100) == record(23, b"padded", 100)
     assert server._seal(23, b"padded", padding=7) == record(23, b"padded", 7)
-    assert server.send(payload[:6]) == record(23, payload[:6])  # the padded cut is not reused
-    assert server.send(payload[:MAX_PLAINTEXT]) == record(23, payload[:MAX_PLAINTEXT])
+    assert server.send(payload[:6]) == record(23, payload[:6])
+    full = payload[:MAX_PLAINTEXT]
+    assert server._seal(21, full) == record(21, full)  # a full record of another type
+    assert server.send(full) == record(23, full)
     assert server.key_update(request_peer=True) == record(22, bytes([24, 0, 0, 1, 1]))
     keys, sequence = keys.updated(), 0
     big = payload[: 2 * MAX_PLAINTEXT + 1000]  # three records

@@ -73,10 +73,10 @@ HEADER: Final = struct.Struct(">BHH")
 LEGACY_VERSION: Final = 0x0303
 SEQUENCE_LIMIT: Final = (1 << 64) - 1
 _BODY: Final = HEADER.size  # where a record's inner plaintext, then its ciphertext, starts
-_OUT_SIZE: Final = HEADER.size + MAX_CIPHERTEXT  # the largest record this side seals in place
-# The record buffer cut for one fragment length: (length, header, fragment, inner
-# plaintext, ciphertext and tag, record).
-_Cut = tuple[int, bytes, memoryview, memoryview, memoryview, memoryview]
+_OUT_SIZE: Final = HEADER.size + MAX_PLAINTEXT + 1 + TAG_LENGTH  # a whole record, no padding
+# The record buffer cut for a full record: (header, fragment, inner plaintext,
+# ciphertext and tag, record).
+_Cut = tuple[bytes, memoryview, memoryview, memoryview, memoryview]
 
 KEY_UPDATE: Final = 24
 NEW_SESSION_TICKET: Final = 4
@@ -145,8 +145,9 @@ _STATUS: Final[dict[AlertDescription, tuple[int, Minor]]] = {
 
 
 def _grown(size: int, needed: int) -> int:
-    """A reused record buffer's next size: at least doubled, at most a whole record."""
-    return max(needed, min(2 * size, _OUT_SIZE))
+    """The plaintext buffer's next size: at least doubled, to a whole record's (more only
+    for a record about to be refused as too long)."""
+    return max(needed, min(2 * size, MAX_PLAINTEXT + 1))
 
 
 def _bad_header(outer_type: int, length: int) -> TlsAlert:
@@ -239,14 +240,15 @@ class TlsRecordSession:
         self.role = role
         self._read = _Direction(TrafficKeys.from_secret(suite, read_secret), read_sequence)
         self._write = _Direction(TrafficKeys.from_secret(suite, write_secret), write_sequence)
-        # The write side's record buffer, reused by every record: header, then the inner
-        # plaintext, which the AEAD seals in place (see _seal).  It holds ciphertext, not
-        # plaintext, between calls, and grows with the records (to 16 KiB and change).
-        self._out = bytearray()
-        self._out_view = memoryview(self._out)
         # Records one key may still protect: the suite's limit, within the sequence space.
         self._record_limit = min(suite.records_per_key, SEQUENCE_LIMIT)
-        self._cut: _Cut = (-1, b"", self._out_view, self._out_view, self._out_view, self._out_view)
+        # The write side's buffer for full records, made with the first one: header, then
+        # the inner plaintext, which the AEAD seals in place (see _seal).  It holds
+        # ciphertext, not plaintext, between calls.
+        self._out = bytearray()
+        self._out_view = memoryview(self._out)
+        self._cut_length = -1  # MAX_PLAINTEXT once the buffer is cut (_cut_buffer)
+        self._cut: _Cut = (b"", self._out_view, self._out_view, self._out_view, self._out_view)
         self._inbuf = bytearray()  # the start of a record not yet whole
         # The read side's plaintext buffer, reused: every record is decrypted into it
         # (grown with the records, as the write side's).
@@ -444,34 +446,33 @@ class TlsRecordSession:
     def send(self, data: bytes) -> bytes:
         """Records carrying ``data`` (fragmented at 2^14), preceded by any KeyUpdate owed."""
         w = self._write
-        length, header, fill, inner, sealed, record = self._cut
         sequence = w.sequence
         if (
-            len(data) == length
-            and sequence < self._record_limit
+            sequence < self._record_limit
             and not self.closed
             and not self._owe_key_update
-        ):
-            # The common case of a stream, _seal inlined: one record as long as the last.
+            and len(data) <= MAX_PLAINTEXT
+        ):  # one record
+            if len(data) != self._cut_length:
+                return self._seal(APPLICATION_DATA, data) if data else b""
+            # _seal inlined for a full record (the bulk of a stream), once the buffer is cut.
+            header, fill, inner, sealed, record = self._cut
             w.sequence = sequence + 1
             fill[:] = data
             inner[-1] = APPLICATION_DATA
             w.aead.encrypt_into((w.iv ^ sequence).to_bytes(IV_LENGTH, "big"), inner, header, sealed)
             return record.tobytes()
-        if (
-            len(data) <= MAX_PLAINTEXT
-            and not self.closed
-            and not self._owe_key_update
-            and self._write.sequence < self.suite.records_per_key
-        ):
-            return self._seal(APPLICATION_DATA, data) if data else b""  # one record
         self._check_can_send()
         records = [self._pending_key_update()]
         view = memoryview(data)
         for start in range(0, len(data), MAX_PLAINTEXT):
             if self._write.sequence >= self.suite.records_per_key:
                 records.append(self._key_update_record(request_peer=False))
-            records.append(self._seal(APPLICATION_DATA, view[start : start + MAX_PLAINTEXT]))
+            end = start + MAX_PLAINTEXT
+            if end <= len(data):
+                records.append(self._seal_full(APPLICATION_DATA, view[start:end]))
+            else:
+                records.append(self._seal(APPLICATION_DATA, data[start:]))
         return b"".join(records)
 
     def key_update(self, request_peer: bool) -> bytes:
@@ -527,17 +528,15 @@ class TlsRecordSession:
         self._write.rekey()
         return record
 
-    def _seal(self, content_type: int, fragment: bytes | memoryview, padding: int = 0) -> bytes:
+    def _seal(self, content_type: int, fragment: bytes, padding: int = 0) -> bytes:
         """One record: ``fragment``, its content type and ``padding`` zeros, protected."""
         # The per-record path, kept flat: Python's overhead and the copies around the AEAD
         # are what separate a record from the bare AEAD call (bench/wrap.py's tls_record
-        # figures).  The inner plaintext is copied into the session's buffer behind the
-        # header and sealed in place (encrypt_into with input and output at the same
-        # address, OpenSSL's in-place AEAD; tests/test_tls_record.py checks the records
-        # byte for byte against a plain encoding), and the record copied out once: two
-        # copies of the fragment, no intermediate objects.  Exactly in place only:
-        # cryptography 50 gets *partly* overlapping buffers wrong (pyca/cryptography#15656).
-        # send() inlines this for a fragment as long as the last one.
+        # figures).  Full records go to _seal_full; shorter ones keep this plain encoding:
+        # their copies are cheap, and views of a buffer cut for every length would cost
+        # more than they save.
+        if len(fragment) == MAX_PLAINTEXT and not padding:
+            return self._seal_full(content_type, fragment)
         w = self._write
         sequence = w.sequence
         if sequence >= SEQUENCE_LIMIT:
@@ -546,37 +545,46 @@ class TlsRecordSession:
             )
         w.sequence = sequence + 1
         nonce = (w.iv ^ sequence).to_bytes(IV_LENGTH, "big")  # RFC 8446 §5.3
-        length, header, fill, inner, sealed, record = self._cut
-        if padding or len(fragment) != length:
-            length = len(fragment)
-            if _BODY + length + 1 + padding + TAG_LENGTH > _OUT_SIZE:
-                # Larger than any valid record: only a test's deliberate overflow.
-                plain = bytes(fragment) + _TYPE_BYTE[content_type] + bytes(padding)
-                header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, len(plain) + TAG_LENGTH)
-                return header + w.aead.encrypt(nonce, plain, header)
-            self._cut = self._cut_for(length, padding)
-            _, header, fill, inner, sealed, record = self._cut
+        inner = fragment + _TYPE_BYTE[content_type] + (bytes(padding) if padding else b"")
+        header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, len(inner) + TAG_LENGTH)
+        return header + w.aead.encrypt(nonce, inner, header)
+
+    def _seal_full(self, content_type: int, fragment: bytes | memoryview) -> bytes:
+        """A full record (``MAX_PLAINTEXT`` bytes of ``fragment``), sealed in the session's
+        buffer: the fragment copied in behind the header already there, sealed in place
+        and the record copied out once, two copies where the plain encoding makes three
+        and four allocations.  send() inlines this once the buffer is cut."""
+        # encrypt_into with input and output at the same address: OpenSSL's in-place AEAD
+        # (tests/test_tls_record.py checks the records byte for byte against the plain
+        # encoding).  Exactly in place only: cryptography 50 gets *partly* overlapping
+        # buffers wrong (pyca/cryptography#15656).
+        w = self._write
+        sequence = w.sequence
+        if sequence >= SEQUENCE_LIMIT:
+            raise _fail(
+                AlertDescription.internal_error, "the record sequence number space is exhausted"
+            )
+        w.sequence = sequence + 1
+        if self._cut_length < 0:
+            self._cut_buffer()
+        header, fill, inner, sealed, record = self._cut
         fill[:] = fragment
-        self._out[_BODY + length] = content_type
-        w.aead.encrypt_into(nonce, inner, header, sealed)
+        inner[-1] = content_type
+        w.aead.encrypt_into((w.iv ^ sequence).to_bytes(IV_LENGTH, "big"), inner, header, sealed)
         return record.tobytes()
 
-    def _cut_for(self, length: int, padding: int) -> _Cut:
-        """The record buffer cut for a ``length``-byte fragment, its header written; kept
-        while fragments keep that length, so the header in the buffer stays right."""
-        end = _BODY + length + 1 + padding
-        if end + TAG_LENGTH > len(self._out):
-            self._out = bytearray(_grown(len(self._out), end + TAG_LENGTH))
-            self._out_view = memoryview(self._out)
-        view = self._out_view
-        header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, end - _BODY + TAG_LENGTH)
+    def _cut_buffer(self) -> None:
+        """The record buffer for full records, cut into views, with their header written
+        (the one header every full record has, never overwritten: sealing starts after it)."""
+        self._out = bytearray(_OUT_SIZE)
+        view = self._out_view = memoryview(self._out)
+        header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, _OUT_SIZE - _BODY)
         view[:_BODY] = header
-        view[end - padding : end] = bytes(padding)
-        return (
-            -1 if padding else length,  # a padded cut is not reused
+        self._cut = (
             header,
-            view[_BODY : _BODY + length],  # the fragment
-            view[_BODY:end],  # the inner plaintext
-            view[_BODY : end + TAG_LENGTH],  # ciphertext and tag
-            view[: end + TAG_LENGTH],  # the record
+            view[_BODY : _BODY + MAX_PLAINTEXT],  # the fragment
+            view[_BODY : _OUT_SIZE - TAG_LENGTH],  # the inner plaintext
+            view[_BODY:],  # ciphertext and tag
+            view,  # the record
         )
+        self._cut_length = MAX_PLAINTEXT
