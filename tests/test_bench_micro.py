@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from bench import micro
+from bench import micro, tls_record
+from handoffd.core.tls_keys import SUITES
 
 
 def _positive(value: object) -> bool:
@@ -33,3 +34,13 @@ def test_micro_run_schema_and_table() -> None:
     assert lines[0].split()[:2] == ["operation", "size"]
     # 2 handshake sides, 4 context rows, 4 operations x 3 sizes.
     assert len(lines) == 1 + 2 + 4 + 4 * 3
+
+
+def test_tls_record_bench_schema() -> None:
+    """``python -m bench.tls_record`` keeps working: every suite, both directions."""
+    result = tls_record.run(batches=1, batch=2)
+    assert set(result) == {suite.name for suite in SUITES.values()}
+    for figures in result.values():
+        assert set(figures) == {"send_us", "encrypt_us", "send_ratio",
+                                "receive_us", "decrypt_us", "receive_ratio"}
+        assert all(_positive(v) for v in figures.values())

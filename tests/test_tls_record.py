@@ -300,6 +300,84 @@ def test_bytes_arrive_in_any_split(pair: tuple[TlsRecordSession, TlsRecordSessio
     assert server.buffered == 0
 
 
+def reference_record(
+    keys: TrafficKeys, sequence: int, content_type: int, fragment: bytes, padding: int = 0
+) -> bytes:
+    """One record encoded the plain way (RFC 8446 §5.2), for the sealed-in-place path."""
+    inner = fragment + bytes([content_type]) + bytes(padding)
+    header = struct.pack(">BHH", 23, 0x0303, len(inner) + 16)
+    return header + keys.suite.aead(keys.key).encrypt(keys.nonce(sequence), inner, header)
+
+
+def test_records_sealed_in_the_reused_buffer_match_a_plain_encoding(
+    pair: tuple[TlsRecordSession, TlsRecordSession],
+) -> None:
+    """Records sealed in place in the session's buffer (full ones) and the others, however
+    lengths, content types, padding and key changes alternate, are byte for byte the
+    plain encoding; and the buffer keeps no plaintext."""
+    server, _client = pair
+    keys, sequence = server._write.keys, 0
+
+    def record(content_type: int, fragment: bytes, padding: int = 0) -> bytes:
+        nonlocal sequence
+        sequence += 1
+        return reference_record(keys, sequence - 1, content_type, fragment, padding)
+
+    payload = bytes((7 * i + 1) % 251 + 1 for i in range(3 * MAX_PLAINTEXT))  # no zero byte
+    for size in (1, 100, 99, MAX_PLAINTEXT, MAX_PLAINTEXT, 1, 0, 100, 100, 5, MAX_PLAINTEXT):
+        chunk = payload[size : 2 * size]
+        assert server.send(chunk) == (record(23, chunk) if size else b"")
+    assert server._seal(23, b"padded", padding=100) == record(23, b"padded", 100)
+    assert server._seal(23, b"padded", padding=7) == record(23, b"padded", 7)
+    assert server.send(payload[:6]) == record(23, payload[:6])
+    full = payload[:MAX_PLAINTEXT]
+    assert server._seal(21, full) == record(21, full)  # a full record of another type
+    assert server.send(full) == record(23, full)
+    assert server.key_update(request_peer=True) == record(22, bytes([24, 0, 0, 1, 1]))
+    keys, sequence = keys.updated(), 0
+    big = payload[: 2 * MAX_PLAINTEXT + 1000]  # three records
+    assert server.send(big) == b"".join(
+        record(23, big[i : i + MAX_PLAINTEXT]) for i in range(0, len(big), MAX_PLAINTEXT)
+    )
+    # a write that crosses the per-key limit: one record, the KeyUpdate, the rest
+    server._write.sequence = sequence = server.suite.records_per_key - 1
+    first = record(23, big[:MAX_PLAINTEXT])
+    update = record(22, bytes([24, 0, 0, 1, 0]))
+    keys, sequence = keys.updated(), 0
+    assert server.send(big[: MAX_PLAINTEXT + 10]) == first + update + record(
+        23, big[MAX_PLAINTEXT : MAX_PLAINTEXT + 10]
+    )
+    assert server.send(big[:10]) == record(23, big[:10])  # the same length, the new key
+    assert server.close() == record(21, bytes([1, 0]))
+    assert payload[:64] not in server._out and payload[100:164] not in server._out
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096, 16406, 16407, 40000, 0])
+def test_records_are_opened_in_any_split_through_close_notify(
+    pair: tuple[TlsRecordSession, TlsRecordSession], step: int
+) -> None:
+    """Records opened where they arrive (in the bytes given, or in the buffer holding a
+    partial one), whatever the cut: data, KeyUpdate, padding, close_notify, and the bytes
+    after it ignored."""
+    server, client = pair
+    stream = (
+        client.send(b"a")
+        + client.send(b"a" * 39999)
+        + client.key_update(request_peer=False)
+        + client.send(b"b")
+        + client._seal(23, b"padded", padding=30)
+        + client.close()
+        + b"ignored after close_notify"
+    )
+    step = step or len(stream)
+    events: list[object] = []
+    for i in range(0, len(stream), step):
+        events += server.receive_data(stream[i : i + step])
+    assert data_of(events) == b"a" * 40000 + b"b" + b"padded"
+    assert KeyUpdated(False) in events and events[-1] == PeerClosed()
+    assert server.buffered == 0
+
+
 def test_a_tampered_record_is_bad_record_mac(
     pair: tuple[TlsRecordSession, TlsRecordSession],
 ) -> None:

@@ -72,6 +72,11 @@ TAG_LENGTH: Final = 16
 HEADER: Final = struct.Struct(">BHH")
 LEGACY_VERSION: Final = 0x0303
 SEQUENCE_LIMIT: Final = (1 << 64) - 1
+_BODY: Final = HEADER.size  # where a record's inner plaintext, then its ciphertext, starts
+_OUT_SIZE: Final = HEADER.size + MAX_PLAINTEXT + 1 + TAG_LENGTH  # a whole record, no padding
+# The record buffer cut for a full record: (header, fragment, inner plaintext,
+# ciphertext and tag, record).
+_Cut = tuple[bytes, memoryview, memoryview, memoryview, memoryview]
 
 KEY_UPDATE: Final = 24
 NEW_SESSION_TICKET: Final = 4
@@ -137,6 +142,32 @@ _STATUS: Final[dict[AlertDescription, tuple[int, Minor]]] = {
     AlertDescription.illegal_parameter: (GSS_S_DEFECTIVE_TOKEN, Minor.TLS_ILLEGAL_PARAMETER),
     AlertDescription.internal_error: (GSS_S_CONTEXT_EXPIRED, Minor.SEQUENCE_EXHAUSTED),
 }
+
+
+def _grown(size: int, needed: int) -> int:
+    """The plaintext buffer's next size: at least doubled, to a whole record's (more only
+    for a record about to be refused as too long)."""
+    return max(needed, min(2 * size, MAX_PLAINTEXT + 1))
+
+
+def _bad_header(outer_type: int, length: int) -> TlsAlert:
+    """The alert for a record header this layer refuses (not application_data, or too long)."""
+    if outer_type != APPLICATION_DATA:
+        what = "change_cipher_spec" if outer_type == CHANGE_CIPHER_SPEC else f"type {outer_type}"
+        return _fail(
+            AlertDescription.unexpected_message,
+            f"an unprotected {what} record after the handshake",
+        )
+    return _fail(
+        AlertDescription.record_overflow, f"a {length}-byte record (at most {MAX_CIPHERTEXT})"
+    )
+
+
+def _bad_record_mac() -> TlsAlert:
+    return _fail(
+        AlertDescription.bad_record_mac,
+        "a record failed authentication (tampered, or under a key this side does not hold)",
+    )
 
 
 @dataclass(frozen=True)
@@ -209,7 +240,21 @@ class TlsRecordSession:
         self.role = role
         self._read = _Direction(TrafficKeys.from_secret(suite, read_secret), read_sequence)
         self._write = _Direction(TrafficKeys.from_secret(suite, write_secret), write_sequence)
-        self._inbuf = bytearray()
+        # Records one key may still protect: the suite's limit, within the sequence space.
+        self._record_limit = min(suite.records_per_key, SEQUENCE_LIMIT)
+        # The write side's buffer for full records, made with the first one: header, then
+        # the inner plaintext, which the AEAD seals in place (see _seal).  It holds
+        # ciphertext, not plaintext, between calls.
+        self._out = bytearray()
+        self._out_view = memoryview(self._out)
+        self._cut_length = -1  # MAX_PLAINTEXT once the buffer is cut (_cut_buffer)
+        self._cut: _Cut = (b"", self._out_view, self._out_view, self._out_view, self._out_view)
+        self._inbuf = bytearray()  # the start of a record not yet whole
+        # The read side's plaintext buffer, reused: every record is decrypted into it
+        # (grown with the records, as the write side's).
+        self._plain_view = memoryview(bytearray())
+        # Its views for the last inner plaintext size: (size, inner plaintext, fragment).
+        self._plain_cut = (-1, self._plain_view, self._plain_view)
         self._handshake = bytearray()  # a post-handshake message split over records
         self._owe_key_update = False
         self.peer_closed = False
@@ -228,19 +273,43 @@ class TlsRecordSession:
             raise self.failed
         if self.peer_closed:
             return []  # RFC 8446 §6.1: data after close_notify is ignored
-        self._inbuf += data
+        # Records are opened where they lie: in ``data`` itself when nothing is buffered
+        # (the bytes of a partial record at its end are kept), else in the buffer.
+        inbuf = self._inbuf
+        source: bytes | bytearray = data
+        if inbuf:
+            inbuf += data
+            source = inbuf
         events: list[Event] = []
+        start = 0
+        view = memoryview(source)
+        size = len(view)
         try:
-            while not self.peer_closed:
-                record = self._next_record()
-                if record is None:
+            while size - start >= HEADER.size and not self.peer_closed:
+                outer_type, _version, length = HEADER.unpack_from(view, start)
+                if outer_type != APPLICATION_DATA or length > MAX_CIPHERTEXT:
+                    raise _bad_header(outer_type, length)
+                end = start + HEADER.size + length
+                if end > size:
                     break
-                events.extend(self._dispatch(*record))
+                content_type, fragment = self._open(view, start, end)
+                start = end
+                if content_type == APPLICATION_DATA and not self._handshake:
+                    if fragment:
+                        events.append(ApplicationData(fragment))
+                else:
+                    events.extend(self._dispatch(content_type, fragment))
         except TlsAlert as err:
             self.failed = err
             raise
+        finally:
+            view.release()  # before the buffer is resized (no other view of it is kept)
         if self.peer_closed:
-            self._inbuf.clear()
+            inbuf.clear()
+        elif source is inbuf:
+            del inbuf[:start]
+        elif start < size:
+            inbuf += memoryview(data)[start:]
         return events
 
     @property
@@ -281,38 +350,46 @@ class TlsRecordSession:
         """The current write key and the sequence number of the next record it seals."""
         return self._write.keys, self._write.sequence
 
-    def _next_record(self) -> tuple[int, bytes] | None:
-        if len(self._inbuf) < HEADER.size:
-            return None
-        outer_type, _version, length = HEADER.unpack_from(self._inbuf)
-        if outer_type != APPLICATION_DATA:
-            what = (
-                "change_cipher_spec" if outer_type == CHANGE_CIPHER_SPEC else f"type {outer_type}"
-            )
+    def _open(self, view: memoryview, start: int, end: int) -> tuple[int, bytes]:
+        """The content type and fragment of the whole record ``view[start:end]``.
+
+        Decrypted straight from where it lies into the session's plaintext buffer, and the
+        fragment copied out of that once (no slices are kept: ``view``'s buffer may be
+        resized after).
+        """
+        r = self._read
+        sequence = r.sequence
+        if sequence >= SEQUENCE_LIMIT:
             raise _fail(
-                AlertDescription.unexpected_message,
-                f"an unprotected {what} record after the handshake",
+                AlertDescription.internal_error, "the record sequence number space is exhausted"
             )
-        if length > MAX_CIPHERTEXT:
-            raise _fail(
-                AlertDescription.record_overflow,
-                f"a {length}-byte record (at most {MAX_CIPHERTEXT})",
-            )
-        if len(self._inbuf) < HEADER.size + length:
-            return None
-        header = bytes(self._inbuf[: HEADER.size])
-        body = bytes(self._inbuf[HEADER.size : HEADER.size + length])
-        del self._inbuf[: HEADER.size + length]
+        r.sequence = sequence + 1
+        body = start + HEADER.size
+        size = end - body - TAG_LENGTH  # of the inner plaintext
+        cut_size, inner, fragment = self._plain_cut
+        if size != cut_size:
+            if size < 0:  # shorter than a tag: fails authentication, as decrypt has it
+                raise _bad_record_mac()
+            plain = self._plain_view
+            if size > len(plain):
+                plain = self._plain_view = memoryview(bytearray(_grown(len(plain), size)))
+            self._plain_cut = size, plain[:size], plain[: max(size - 1, 0)]
+            _, inner, fragment = self._plain_cut
         try:
-            inner = self._read.aead.decrypt(self._read.next_nonce(), body, header)
+            r.aead.decrypt_into(
+                (r.iv ^ sequence).to_bytes(IV_LENGTH, "big"),  # RFC 8446 §5.3
+                view[body:end],
+                view[start:body],
+                inner,
+            )
         except InvalidTag:
-            raise _fail(
-                AlertDescription.bad_record_mac,
-                "a record failed authentication (tampered, or under a key this side does not hold)",
-            ) from None
-        if len(inner) > MAX_PLAINTEXT + 1:
-            raise _fail(AlertDescription.record_overflow, f"{len(inner)} bytes of inner plaintext")
-        content = inner.rstrip(b"\x00")
+            raise _bad_record_mac() from None
+        if size > MAX_PLAINTEXT + 1:
+            raise _fail(AlertDescription.record_overflow, f"{size} bytes of inner plaintext")
+        content_type = inner[-1] if size else 0
+        if content_type:  # no padding
+            return content_type, bytes(fragment)
+        content = bytes(inner).rstrip(b"\x00")
         if not content:
             raise _fail(AlertDescription.unexpected_message, "a record with no content type")
         return content[-1], content[:-1]
@@ -401,21 +478,35 @@ class TlsRecordSession:
 
     def send(self, data: bytes) -> bytes:
         """Records carrying ``data`` (fragmented at 2^14), preceded by any KeyUpdate owed."""
+        w = self._write
+        sequence = w.sequence
         if (
-            len(data) <= MAX_PLAINTEXT
+            sequence < self._record_limit
             and not self.closed
             and not self._owe_key_update
-            and self._write.sequence < self.suite.records_per_key
-        ):
-            return self._seal(APPLICATION_DATA, data) if data else b""  # the common case
+            and len(data) <= MAX_PLAINTEXT
+        ):  # one record
+            if len(data) != self._cut_length:
+                return self._seal(APPLICATION_DATA, data) if data else b""
+            # _seal inlined for a full record (the bulk of a stream), once the buffer is cut.
+            header, fill, inner, sealed, record = self._cut
+            w.sequence = sequence + 1
+            fill[:] = data
+            inner[-1] = APPLICATION_DATA
+            w.aead.encrypt_into((w.iv ^ sequence).to_bytes(IV_LENGTH, "big"), inner, header, sealed)
+            return record.tobytes()
         self._check_can_send()
-        out = bytearray(self._pending_key_update())
+        records = [self._pending_key_update()]
         view = memoryview(data)
         for start in range(0, len(data), MAX_PLAINTEXT):
             if self._write.sequence >= self.suite.records_per_key:
-                out += self._key_update_record(request_peer=False)
-            out += self._seal(APPLICATION_DATA, bytes(view[start : start + MAX_PLAINTEXT]))
-        return bytes(out)
+                records.append(self._key_update_record(request_peer=False))
+            end = start + MAX_PLAINTEXT
+            if end <= len(data):
+                records.append(self._seal_full(APPLICATION_DATA, view[start:end]))
+            else:
+                records.append(self._seal(APPLICATION_DATA, data[start:]))
+        return b"".join(records)
 
     def key_update(self, request_peer: bool) -> bytes:
         """A KeyUpdate record (this side's key changes after it); ``request_peer`` asks
@@ -489,8 +580,14 @@ class TlsRecordSession:
         return record
 
     def _seal(self, content_type: int, fragment: bytes, padding: int = 0) -> bytes:
-        # The per-record path, kept flat: Python's call overhead is what separates a record
-        # from the bare AEAD call (bench/wrap.py's tls_record figures).
+        """One record: ``fragment``, its content type and ``padding`` zeros, protected."""
+        # The per-record path, kept flat: Python's overhead and the copies around the AEAD
+        # are what separate a record from the bare AEAD call (bench/wrap.py's tls_record
+        # figures).  Full records go to _seal_full; shorter ones keep this plain encoding:
+        # their copies are cheap, and views of a buffer cut for every length would cost
+        # more than they save.
+        if len(fragment) == MAX_PLAINTEXT and not padding:
+            return self._seal_full(content_type, fragment)
         w = self._write
         sequence = w.sequence
         if sequence >= SEQUENCE_LIMIT:
@@ -502,3 +599,44 @@ class TlsRecordSession:
         inner = fragment + _TYPE_BYTE[content_type] + (bytes(padding) if padding else b"")
         header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, len(inner) + TAG_LENGTH)
         return header + w.aead.encrypt(nonce, inner, header)
+
+    def _seal_full(self, content_type: int, fragment: bytes | memoryview) -> bytes:
+        """A full record (``MAX_PLAINTEXT`` bytes of ``fragment``), sealed in the session's
+        buffer: the fragment copied in behind the header already there, sealed in place
+        and the record copied out once.  The same two copies as the plain encoding, but
+        one 16 KiB allocation instead of three (one of them zero-filled by the AEAD), in
+        memory that stays in cache.  send() inlines this once the buffer is cut."""
+        # encrypt_into with input and output at the same address: OpenSSL's in-place AEAD
+        # (tests/test_tls_record.py checks the records byte for byte against the plain
+        # encoding).  Exactly in place only: cryptography 50 gets *partly* overlapping
+        # buffers wrong (pyca/cryptography#15656).
+        w = self._write
+        sequence = w.sequence
+        if sequence >= SEQUENCE_LIMIT:
+            raise _fail(
+                AlertDescription.internal_error, "the record sequence number space is exhausted"
+            )
+        w.sequence = sequence + 1
+        if self._cut_length < 0:
+            self._cut_buffer()
+        header, fill, inner, sealed, record = self._cut
+        fill[:] = fragment
+        inner[-1] = content_type
+        w.aead.encrypt_into((w.iv ^ sequence).to_bytes(IV_LENGTH, "big"), inner, header, sealed)
+        return record.tobytes()
+
+    def _cut_buffer(self) -> None:
+        """The record buffer for full records, cut into views, with their header written
+        (the one header every full record has, never overwritten: sealing starts after it)."""
+        self._out = bytearray(_OUT_SIZE)
+        view = self._out_view = memoryview(self._out)
+        header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, _OUT_SIZE - _BODY)
+        view[:_BODY] = header
+        self._cut = (
+            header,
+            view[_BODY : _BODY + MAX_PLAINTEXT],  # the fragment
+            view[_BODY : _OUT_SIZE - TAG_LENGTH],  # the inner plaintext
+            view[_BODY:],  # ciphertext and tag
+            view,  # the record
+        )
+        self._cut_length = MAX_PLAINTEXT
