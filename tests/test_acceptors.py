@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from handoffd.runtime.daemon import merge_snapshots
 from handoffd.runtime.supervisor import process_plan
 from handoffd.status import GSSError
 from tests.daemon_harness import (
+    REPO,
     RunningDaemon,
     echo_session,
     owner_of,
@@ -257,6 +259,17 @@ async def test_two_acceptors_share_the_listener_each_separated_with_workers_of_i
         assert status["totals"]["handshakes_ok"] == sum(
             row["handshakes_ok"] for row in status["acceptors"])
         assert status["totals"]["lost"] == 0
+
+        # handoffd status shows one row per acceptor and whose each worker is.
+        shown = await trio.run_process(
+            [sys.executable, "-m", "handoffd", "status", "--control", str(daemon.control)],
+            capture_stdout=True, cwd=REPO)
+        lines = shown.stdout.decode().splitlines()
+        header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["acceptor",
+                                                                                "pid"])
+        assert [line.split()[:2] for line in lines[header + 1:header + 3]] == [
+            ["0", str(pids[0])], ["1", str(pids[1])]]
+        assert any(line.split()[-1:] == ["acceptor"] for line in lines)
 
         # Metrics (served by acceptor 0) have each acceptor's figures.
         text = await _metrics(metrics_port)
