@@ -381,7 +381,8 @@ class Daemon:
         if self.parking.mode == KEYRING:
             # Every acceptor's keys count on the one acceptor uid.
             warning = check_quota(max(self.target_count, self.config.workers.count),
-                                  self.config.workers.max_unacked, os.getuid())
+                                  self.config.workers.max_unacked, os.getuid(),
+                                  self.acceptors)
             if warning:
                 log.warning("key quota: %s", warning)
         if self.privsep["insecure_same_uid"]:
@@ -1023,6 +1024,11 @@ class Daemon:
                 # Every slot holds a finished handshake waiting for a worker: nothing to
                 # evict.  Newcomers wait in the listen backlog until a slot frees.
                 await self._slot_freed.wait()
+            while self.acceptors > 1 and self._workers_all_full():
+                # Several acceptors take from the same backlog: while every worker of
+                # this one holds max_unacked handoffs, leave the next connection to an
+                # acceptor whose workers have room.
+                await self._capacity.wait()
             try:
                 stream = await listener.accept()
             except OSError as error:
@@ -1142,6 +1148,13 @@ class Daemon:
         if not candidates:
             return None
         return min(candidates, key=lambda w: (len(w.in_flight), w.handled))
+
+    def _workers_all_full(self) -> bool:
+        """Some worker is ready and none of those has room for another handoff."""
+        ready = [w for w in (*self.workers.values(), *self.external.values())
+                 if w.state == "ready"]
+        limit = self.config.workers.max_unacked
+        return bool(ready) and all(len(w.in_flight) >= limit for w in ready)
 
     def _wake_dispatchers(self) -> None:
         self._capacity.set()
