@@ -395,8 +395,8 @@ class Supervisor:
         those of the others already running)."""
         self._serial += 1
         acceptor = self._start_acceptor(plan, argv, pool, index, generation, count)
-        log.info("acceptor %d started (pid %d, uid %d)", index, acceptor.child.pid,
-                 plan.acceptor[0])
+        log.info("acceptor started (pid %d, uid %d%s)", acceptor.child.pid, plan.acceptor[0],
+                 f", acceptor {index} of {count}" if count > 1 else "")
         self._acceptors[acceptor.serial] = acceptor
         nursery.start_soon(self._run_acceptor, acceptor, nursery)
         siblings = [a for a in self._acceptors.values()
