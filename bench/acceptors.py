@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -40,8 +41,14 @@ from typing import Any
 
 from bench.common import cpu_seconds
 from bench.run import Server, Settings, median, run_load, snapshot, start_handoffd
+from examples.echo.demo import DEMO_ACCEPTOR_UID, DEMO_WORKER_UIDS
 from handoffd import keyfiles
 from handoffd.core.credentials import StaticKeyPair
+
+ACCEPTOR_UID = 69699
+WORKER_UIDS = (69700, 69763)
+"""Uids of this bench's daemons when run as root: beside the demo's 69799/69800-69863
+and the example configs' ranges, used by nothing else handoffd ships."""
 
 _V1 = Path("/sys/fs/cgroup/cpu")
 _V2 = Path("/sys/fs/cgroup")
@@ -109,8 +116,19 @@ class CpuCap:
 @contextlib.contextmanager
 def daemon_with(directory: Path, acceptors: int, workers: int) -> Iterator[Server]:
     def configure(config: Path) -> None:
-        text = config.read_text()
-        config.write_text(text.replace("[server]\n", f"[server]\nacceptors = {acceptors}\n", 1))
+        text = config.read_text().replace("[server]\n",
+                                          f"[server]\nacceptors = {acceptors}\n", 1)
+        if os.geteuid() == 0:
+            # A uid block of this bench's own: the demo's (make bench, make soak) may be
+            # in use by another run on this machine, and a supervisor kills every
+            # process of a worker uid it frees.
+            text = text.replace(f'user = "{DEMO_ACCEPTOR_UID}"', f'user = "{ACCEPTOR_UID}"')
+            text = text.replace(f"uid_range = [{DEMO_WORKER_UIDS[0]}, {DEMO_WORKER_UIDS[1]}]",
+                                f"uid_range = [{WORKER_UIDS[0]}, {WORKER_UIDS[1]}]")
+            for name in ("server.key", "server.key.pub"):
+                if (directory / name).exists():
+                    os.chown(directory / name, ACCEPTOR_UID, ACCEPTOR_UID)
+        config.write_text(text)
 
     server = start_handoffd(directory, workers, configure=configure)
     try:
@@ -226,7 +244,12 @@ def lines(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # runs the finally blocks: daemons stopped, cgroups gone
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quota", type=float, default=DEFAULT_QUOTA,
                         help="CPU of each acceptor in the capped runs, in cores")
