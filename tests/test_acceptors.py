@@ -94,6 +94,22 @@ def test_several_acceptors_need_the_supervisor(tmp_path: Path) -> None:
     assert "acceptors" in (caught.value.detail or "")
 
 
+def test_the_key_quota_counts_one_process_keyring_per_acceptor() -> None:
+    """Every acceptor's keys are charged to the one acceptor uid: 22 workers of 8 slots
+    fit one acceptor's 200-key quota (199 keys) but not two acceptors' (200 + ...)."""
+    from handoffd.kernel.keyring import read_key_users
+    from handoffd.kernel.parking import check_quota, quota_needed
+
+    assert quota_needed(4, 8, 2) == (38, 1802)
+    assert quota_needed(22, 8, 1)[0] == 199 and quota_needed(22, 8, 2)[0] == 200
+    nobody = 65534
+    if read_key_users(nobody).maxkeys != 200:
+        pytest.skip("this host's non-root key quota is not 200 keys")
+    with pytest.raises(GSSError) as caught:
+        check_quota(22, 8, nobody, acceptors=3)
+    assert caught.value.minor == Minor.KEYRING_QUOTA
+
+
 def test_peer_message_round_trips_and_never_names_acceptor_0() -> None:
     assert supervision.decode(supervision.Peer(3).encode()) == supervision.Peer(3)
     for body in (b"", b"\x00", b"\x00\x00", b"\x00\x01\x02"):
@@ -124,6 +140,35 @@ async def test_a_peer_without_its_fd_or_a_spawned_with_one_is_refused() -> None:
         receiver.close()
         os.close(spare_r)
         os.close(spare_w)
+
+
+async def test_a_peer_sent_to_the_supervisor_is_refused_and_its_fd_closed(
+        tmp_path: Path) -> None:
+    """PEER is the supervisor's to send: one from a (compromised) acceptor is logged and
+    its fd closed, and the link keeps working."""
+    from handoffd.runtime.supervisor import ProcessPlan, Supervisor, _Acceptor
+    from handoffd.runtime.supervisor_link import SupervisorLink
+
+    config = parse_config({}, base=tmp_path)
+    plan = ProcessPlan(False, (os.getuid(), os.getgid()))
+    supervisor = Supervisor(config, plan)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    acceptor = _Acceptor(child=None, link=SupervisorLink(ours), serial=1,  # type: ignore[arg-type]
+                         plan=plan, argv=[], pool=None)
+    compromised = SupervisorLink(theirs)
+    read_end, write_end = os.pipe()
+    before = len(os.listdir("/proc/self/fd"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(supervisor._serve_link, acceptor, nursery)
+        await compromised.send(supervision.Peer(1), (read_end,))
+        await compromised.send(supervision.Notify(("READY=1",)))
+        with trio.fail_after(5):
+            await acceptor.became_ready.wait()  # read after the PEER: the link works
+        assert len(os.listdir("/proc/self/fd")) == before
+        compromised.close()
+    acceptor.link.close()
+    os.close(read_end)
+    os.close(write_end)
 
 
 def _snapshot(pid: int, accepted: int, workers: list[dict[str, Any]],
