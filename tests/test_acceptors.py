@@ -368,10 +368,17 @@ async def test_sigkill_to_one_acceptor_loses_no_handed_off_session_and_it_is_rep
         victims_workers = {w["pid"] for w in status["workers"] if w["acceptor"] == 1}
         # Sessions open on every worker, so on both acceptors' workers.
         sessions: list[Any] = []
+
+        async def open_one() -> None:
+            stream = await daemon.connect()
+            sessions.append((stream, await read_line(stream)))
+
         with trio.fail_after(60):
             while {int(s[1]) for s in sessions} < victims_workers:
-                stream = await daemon.connect()
-                sessions.append((stream, await read_line(stream)))
+                assert len(sessions) < 400, "the victim's workers got no session"
+                async with trio.open_nursery() as nursery:
+                    for _ in range(8):  # in parallel, so that both acceptors take some
+                        nursery.start_soon(open_one)
         os.kill(victim, signal.SIGKILL)
         await _wait_log(log, "ACCEPTOR_DIED")
         # Every session handed off before, on either acceptor's workers, goes on.
