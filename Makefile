@@ -94,8 +94,14 @@ unit: venv-krb5 deps-debian
 test: lint typecheck unit
 
 # SO_PEERSEC against real SELinux labels: boots a qemu guest (see lsm/run.sh, docs/LSM.md).
+# Then the kTLS cases again on a kernel that can rekey TLS 1.3 (Linux >= 6.14; Debian's
+# trixie-backports kernel, verified against Debian's archive keyring): KeyUpdate in the kernel.
+KTLS_REKEY_MODULES = netfs 9pnet 9pnet_virtio 9p gf128mul ctr gcm libchacha chacha \
+	libpoly1305 chacha20poly1305 tls
 test-lsm: venv-test
 	lsm/run.sh
+	LSM_KERNEL_SUITE=trixie-backports LSM_MODULES="$(KTLS_REKEY_MODULES)" \
+	    LSM_PYTEST_ARGS=-k,ktls LSM_MIN_CASES=12 lsm/run.sh
 
 # README's systemd install block, then DEPLOY.md's walk-through, each run verbatim as root
 # in a booted Debian 12 container (systemd-nspawn; docs/SYSTEMD-TEST.md): units, sysusers,

@@ -45,7 +45,7 @@ import trio
 from bench.common import cpu_seconds, established_pair, quantile
 from handoffd.core.context import AcceptorContext
 from handoffd.core.credentials import StaticKeyPair
-from handoffd.core.handoff import Ack, Hello, Kind
+from handoffd.core.handoff import Ack, Hello, Kind, decode_ack_batch, encode_handoff_batch
 from handoffd.kernel.channel import Channel
 from handoffd.kernel.parking import AcceptorParking
 from handoffd.runtime.daemon import prepare_handoff, spawn_worker
@@ -94,28 +94,46 @@ class Driver:
     async def read_acks(self, w: BenchWorker) -> None:
         while True:
             message = await w.channel.receive()
-            if message.kind != Kind.ACK:
-                continue
-            ack = Ack.decode(message.payload)
-            _, conn = self.pending.pop(ack.handoff_id)
-            if ack.major != 0:
-                raise SystemExit(f"worker refused handoff {ack.handoff_id}: {ack}")
-            self.parking.release(w.worker_id, conn.key_ref)
-            conn.server.close()  # our copy; the worker holds its own
-            w.window.release()
-            self.acked += 1
-            if self.acked == self.expected:
-                self.all_acked.set()
+            if message.kind == Kind.ACK:
+                self._on_ack(w, Ack.decode(message.payload))
+            elif message.kind == Kind.ACK_BATCH:
+                for ack in decode_ack_batch(message.payload):
+                    self._on_ack(w, ack)
+
+    def _on_ack(self, w: BenchWorker, ack: Ack) -> None:
+        _, conn = self.pending.pop(ack.handoff_id)
+        if ack.major != 0:
+            raise SystemExit(f"worker refused handoff {ack.handoff_id}: {ack}")
+        self.parking.release(w.worker_id, conn.key_ref)
+        conn.server.close()  # our copy; the worker holds its own
+        w.window.release()
+        self.acked += 1
+        if self.acked == self.expected:
+            self.all_acked.set()
 
     async def hand_off(self, w: BenchWorker, conn: Connection) -> None:
         await w.window.acquire()
+        await w.channel.send(Kind.HANDOFF, self._prepare(w, conn), fd=conn.server.fileno())
+
+    async def hand_off_batch(self, w: BenchWorker, conns: list[Connection]) -> None:
+        """As the daemon does when several handoffs are ready for one worker at once: the
+        window slots already taken, one HANDOFF_BATCH (a single HANDOFF for one)."""
+        if len(conns) == 1:
+            await w.channel.send(Kind.HANDOFF, self._prepare(w, conns[0]),
+                                 fd=conns[0].server.fileno())
+            return
+        messages = [self._prepare(w, conn) for conn in conns]
+        await w.channel.send(Kind.HANDOFF_BATCH, encode_handoff_batch(messages),
+                             fds=tuple(conn.server.fileno() for conn in conns))
+
+    def _prepare(self, w: BenchWorker, conn: Connection) -> bytes:
         handoff_id = next(self.ids)
         conn.t0_ns = time.perf_counter_ns()  # "the handshake has just finished"
         inner = conn.context.export()
         conn.key_ref, message = prepare_handoff(self.parking, w.worker_id, handoff_id, inner,
                                                 time.time())
         self.pending[handoff_id] = (w, conn)
-        await w.channel.send(Kind.HANDOFF, message, fd=conn.server.fileno())
+        return message
 
 
 def make_connections(server_key: StaticKeyPair, count: int) -> list[Connection]:
@@ -177,8 +195,8 @@ async def paced_latencies(driver: Driver, spawned: list[BenchWorker], server_key
 
 async def run(workers: int = 2, contexts: int = 1000, rounds: int = 3,
               latency_count: int = 1000, load_fraction: float = 0.5,
-              max_seconds: float = 60.0, latency_rates: Sequence[float] = ()
-              ) -> dict[str, Any]:
+              max_seconds: float = 60.0, latency_rates: Sequence[float] = (),
+              batch_handoffs: bool = True) -> dict[str, Any]:
     """Measure rate and latency of the handoff path; returns plain data."""
     deadline = time.monotonic() + max_seconds
     server_key = StaticKeyPair.generate(os.urandom)
@@ -213,8 +231,22 @@ async def run(workers: int = 2, contexts: int = 1000, rounds: int = 3,
                 feed = iter(batch)
 
                 async def sender(w: BenchWorker, feed: Any = feed) -> None:
-                    for conn in feed:
-                        await driver.hand_off(w, conn)
+                    if not batch_handoffs:
+                        for conn in feed:
+                            await driver.hand_off(w, conn)
+                        return
+                    while True:
+                        await w.window.acquire()
+                        taken = 1
+                        while w.window.value and taken < WINDOW:
+                            w.window.acquire_nowait()
+                            taken += 1
+                        conns = list(itertools.islice(feed, taken))
+                        for _ in range(taken - len(conns)):
+                            w.window.release()
+                        if not conns:
+                            return
+                        await driver.hand_off_batch(w, conns)
 
                 cpu_before = resource.getrusage(resource.RUSAGE_SELF)
                 workers_before = sum(cpu_seconds(w.process.pid) for w in spawned)
@@ -253,6 +285,7 @@ async def run(workers: int = 2, contexts: int = 1000, rounds: int = 3,
                                "worker": worker_cpu / handed * 1e6},
             "key_parking": parking.mode,
             "workers": workers,
+            "batching": batch_handoffs,
         }
     finally:
         for w in spawned:
@@ -274,9 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-rate", type=float, action="append", default=[],
                         help="handoffs/s for a latency figure (repeatable; default: "
                              "--load-fraction of the measured rate)")
+    parser.add_argument("--no-batch", action="store_true",
+                        help="one HANDOFF per message even when the window has room for "
+                             "several (the path before batching, for an A/B)")
     args = parser.parse_args(argv)
     result = trio.run(lambda: run(args.workers, args.contexts, args.rounds, args.latency_count,
-                                  args.load_fraction, args.max_seconds, args.latency_rate))
+                                  args.load_fraction, args.max_seconds, args.latency_rate,
+                                  batch_handoffs=not args.no_batch))
     json.dump(result, sys.stdout)
     print()
 

@@ -197,6 +197,9 @@ class TlsConfig:
     # "subject:<RFC 4514 DN>", "san:<DNS|email|URI|IP>:<value>", "spki:<SHA-256 hex>"
     allowed_clients: tuple[str, ...] = ()
     peer_name: str = "subject"  # the peer name a worker sees: subject, san or spki
+    # Kernel TLS in the workers (docs/TLS.md): "auto" where the kernel can also rekey,
+    # "on" wherever it has the tls ULP (a KeyUpdate then ends the session), "off".
+    ktls: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("text", "json"),
     ("tls", "peer_name"): ("subject", "san", "spki"),
+    ("tls", "ktls"): ("auto", "on", "off"),
 }
 
 _POSITIVE: frozenset[tuple[str, str]] = frozenset({

@@ -14,7 +14,7 @@ import socket
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
-from handoffd.kernel import keyring, peer
+from handoffd.kernel import keyring, ktls, peer
 from handoffd.status import GSSError
 
 
@@ -67,40 +67,24 @@ def _check_pidfd() -> Check:
     return Check("SO_PEERPIDFD", True, "supported", "senders are identified by pidfd")
 
 
-TCP_ULP = 31
-SOL_TLS = 282
-TLS_TX = 1
-TLS_1_3_VERSION = 0x0304
-TLS_CIPHER_AES_GCM_128 = 51
-
-
 def _check_ktls() -> Check:
-    """Try the kernel's TLS ULP on a real loopback connection, then a TLS 1.3 TX key."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname()[:2])
-    server, _ = listener.accept()
-    try:
-        try:
-            client.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
-        except OSError as error:
-            return Check("kTLS", False, f"no kernel TLS ({os.strerror(error.errno or 0)}: "
-                         "no tls ULP; /proc/sys/net/ipv4/tcp_available_ulp)",
-                         "TLS sessions are continued in userspace by the worker (docs/TLS.md)")
-        # struct tls12_crypto_info_aes_gcm_128: version, cipher, iv[8], key[16], salt[4],
-        # rec_seq[8] (dummy values: nothing is sent)
-        info = (TLS_1_3_VERSION.to_bytes(2, "little") + TLS_CIPHER_AES_GCM_128.to_bytes(2, "little")
-                + bytes(8 + 16 + 4 + 8))
-        try:
-            client.setsockopt(SOL_TLS, TLS_TX, info)
-        except OSError as error:
-            return Check("kTLS", False, f"tls ULP present, TLS 1.3 keys refused "
-                         f"({os.strerror(error.errno or 0)})",
-                         "TLS sessions are continued in userspace by the worker")
-        return Check("kTLS", True, "the tls ULP takes TLS 1.3 keys",
-                     "available; handoffd's workers do not use it yet (docs/TLS.md)")
-    finally:
-        for sock in (client, server, listener):
-            sock.close()
+    """Try the kernel's TLS ULP on real loopback connections: every TLS 1.3 suite both
+    ways, and a second key (rekey); say what ``[tls] ktls`` does with that."""
+    support = ktls.probe()
+    if not support.ulp:
+        return Check("kTLS", False, f"no kernel TLS: {support.detail}",
+                     "TLS sessions are continued in userspace by the worker (docs/TLS.md)")
+    if not support.suites:
+        return Check("kTLS", False, support.detail,
+                     "TLS sessions are continued in userspace by the worker")
+    if support.rekey:
+        consequence = ('ktls = "auto" (the default) moves TLS sessions into the kernel; '
+                       "KeyUpdate installs the new keys there")
+    else:
+        consequence = ('ktls = "auto" keeps TLS sessions in userspace (a KeyUpdate could '
+                       'not be served in the kernel); ktls = "on" moves them, and a '
+                       "KeyUpdate then ends the session with internal_error")
+    return Check("kTLS", True, support.detail, consequence)
 
 
 def _check_labels() -> Check:

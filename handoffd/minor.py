@@ -183,6 +183,8 @@ class Minor(IntEnum):
     TLS_CLIENT_NOT_ALLOWED = 1210
     TLS_NOT_TLS = 1211
     TLS_CERTIFICATE_INVALID = 1212
+    TLS_KTLS_FAILED = 1213
+    TLS_KTLS_NO_REKEY = 1214
 
 
 _TEXT: Final[dict[Minor, str]] = {
@@ -356,6 +358,9 @@ _TEXT: Final[dict[Minor, str]] = {
     Minor.TLS_CLIENT_NOT_ALLOWED: "The client certificate is not on [tls] allowed_clients",
     Minor.TLS_NOT_TLS: "The first bytes on a TLS port are not a TLS handshake record",
     Minor.TLS_CERTIFICATE_INVALID: "The TLS certificate, key or CA bundle cannot be loaded",
+    Minor.TLS_KTLS_FAILED: "The kernel's TLS (kTLS) refused a key or a record operation",
+    Minor.TLS_KTLS_NO_REKEY: "A KeyUpdate reached a TLS session in the kernel, which cannot "
+    "take a new key on this kernel (Linux < 6.14)",
 }
 
 

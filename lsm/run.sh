@@ -9,17 +9,28 @@
 # reused: the kernel .deb and its unpacked tree, the initramfs and the policy (rebuilt
 # only when their inputs change).
 #
-# Environment: LSM_TIMEOUT (seconds, default 600), LSM_MIN_CASES (default 22),
-# LSM_PYTEST_ARGS (extra pytest arguments, comma-separated, no spaces).
+# Environment: LSM_TIMEOUT (seconds, default 600), LSM_MIN_CASES (default 34),
+# LSM_PYTEST_ARGS (extra pytest arguments, comma-separated, no spaces),
+# LSM_KERNEL_SUITE (boot the kernel of another Debian suite instead of this host's apt
+# candidate, e.g. trixie-backports: fetched from deb.debian.org and verified against the
+# suite's InRelease signed by Debian's archive keyring), LSM_MODULES (the modules to load,
+# for a kernel whose built-in set differs).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LSM_DIR="$ROOT/.lsm"
 TIMEOUT=${LSM_TIMEOUT:-600}
-MIN_CASES=${LSM_MIN_CASES:-22}
-# Modules the Debian kernel needs for virtio-9p, in dependency order.
-MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-9pnet 9pnet_virtio netfs fscache 9p"
+MIN_CASES=${LSM_MIN_CASES:-34}
+# Modules the Debian kernel needs, in dependency order: virtio-9p for the host's root;
+# then kernel TLS (the tls ULP) and the AEADs TLS 1.3 uses, for the kTLS tests.  The
+# guest has no modprobe, so nothing is loaded on demand.
+MODULES=${LSM_MODULES:-"virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+9pnet 9pnet_virtio netfs fscache 9p
+gf128mul ghash-generic ctr gcm libchacha chacha_generic libpoly1305 poly1305_generic
+chacha20poly1305 tls"}
+KERNEL_SUITE=${LSM_KERNEL_SUITE:-}
+MIRROR=http://deb.debian.org/debian
+ARCHIVE_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 PACKAGES="qemu-system-x86 busybox-static cpio secilc zstd xz-utils"
 
 say() { echo "test-lsm: $*" >&2; }
@@ -38,6 +49,11 @@ ensure_packages() {
     command -v secilc >/dev/null || missing="$missing secilc"
     command -v zstd >/dev/null || missing="$missing zstd"
     command -v xz >/dev/null || missing="$missing xz-utils"
+    if [ -n "$KERNEL_SUITE" ]; then
+        command -v curl >/dev/null || missing="$missing curl"
+        command -v gpgv >/dev/null || missing="$missing gpgv"
+        [ -s "$ARCHIVE_KEYRING" ] || missing="$missing debian-archive-keyring"
+    fi
     [ -z "$missing" ] && return 0
     say "installing Debian packages:$missing"
     command -v apt-get >/dev/null || die "apt-get not found; install:$missing"
@@ -88,24 +104,99 @@ fetch_kernel() {
     fi
     echo "$pkg" > "$LSM_DIR/kernel-package"
     KERNEL_TREE="$LSM_DIR/kernel/$pkg"
-    if [ ! -e "$KERNEL_TREE/.unpacked" ]; then
+    # Re-unpacked when MODULES changes: the pruned tree keeps only those.
+    if [ "$(cat "$KERNEL_TREE/.unpacked" 2>/dev/null)" != "$MODULES" ]; then
         say "unpacking $(basename "$deb")"
         rm -rf "$KERNEL_TREE" && mkdir -p "$KERNEL_TREE"
         dpkg-deb -x "$deb" "$KERNEL_TREE"
         prune_kernel_tree
-        touch "$KERNEL_TREE/.unpacked"
+        echo "$MODULES" > "$KERNEL_TREE/.unpacked"
     fi
-    VMLINUZ=$(find "$KERNEL_TREE/boot" -name 'vmlinuz-*' | head -n1)
-    [ -n "$VMLINUZ" ] || die "no vmlinuz in $pkg"
-    KVER=${VMLINUZ##*/vmlinuz-}
+    find_vmlinuz "$pkg"
+}
+
+# The SHA-256 an index (InRelease's file list, a Packages stanza) gives for $2.
+suite_sha256() {
+    awk -v want="$2" '/^SHA256:/ { inside = 1; next } /^[^ ]/ { inside = 0 }
+        inside && $3 == want { print $1; exit }' "$1"
+}
+
+# Downloads $1 (a path under the mirror) to $2 unless it is there with SHA-256 $3.
+verified_download() {
+    local url=$MIRROR/$1 out=$2 sha=$3
+    if [ ! -s "$out" ] || ! echo "$sha  $out" | sha256sum -c --status; then
+        curl -fsS --retry 3 -o "$out.tmp" "$url" || die "download failed: $url"
+        echo "$sha  $out.tmp" | sha256sum -c --status || die "SHA-256 mismatch: $url"
+        mv "$out.tmp" "$out"
+    fi
+}
+
+# One field of package $2's stanza in the Packages file $1.
+package_field() {
+    awk -v pkg="$2" -v field="$3:" '$1 == "Package:" { inside = ($2 == pkg) }
+        inside && $1 == field { print $2; exit }' "$1"
+}
+
+# The kernel linux-image-amd64 depends on in $KERNEL_SUITE, unpacked into KERNEL_TREE:
+# the archive's InRelease is checked with gpgv against Debian's keyring, Packages.xz
+# against InRelease, and each .deb against Packages.  Newer kernels split the image into
+# linux-binary-* (vmlinuz) and linux-modules-*: whichever of these exist are unpacked.
+fetch_suite_kernel() {
+    local dir=$LSM_DIR/suites/$KERNEL_SUITE sha image version part file
+    mkdir -p "$dir"
+    curl -fsS --retry 3 -o "$dir/InRelease" "$MIRROR/dists/$KERNEL_SUITE/InRelease" \
+        || die "cannot fetch $KERNEL_SUITE's InRelease"
+    gpgv --keyring "$ARCHIVE_KEYRING" "$dir/InRelease" 2>/dev/null \
+        || die "$KERNEL_SUITE's InRelease does not verify against $ARCHIVE_KEYRING"
+    sha=$(suite_sha256 "$dir/InRelease" main/binary-amd64/Packages.xz)
+    [ -n "$sha" ] || die "no Packages.xz in $KERNEL_SUITE's InRelease"
+    verified_download "dists/$KERNEL_SUITE/main/binary-amd64/Packages.xz" \
+        "$dir/Packages.xz" "$sha"
+    xz -dc "$dir/Packages.xz" > "$dir/Packages"
+    image=$(awk '$1 == "Package:" { inside = ($2 == "linux-image-amd64") }
+        inside && $1 == "Depends:" { print; exit }' "$dir/Packages" \
+        | grep -o 'linux-image-[0-9][^ ,]*-amd64' | head -n1)
+    [ -n "$image" ] || die "no linux-image-amd64 in $KERNEL_SUITE"
+    version=${image#linux-image-}
+    KERNEL_TREE="$LSM_DIR/kernel/$image"
+    if [ "$(cat "$KERNEL_TREE/.unpacked" 2>/dev/null)" != "$MODULES" ]; then
+        say "fetching $image from $KERNEL_SUITE"
+        rm -rf "$KERNEL_TREE" && mkdir -p "$KERNEL_TREE"
+        for part in linux-image linux-binary linux-modules; do
+            file=$(package_field "$dir/Packages" "$part-$version" Filename)
+            [ -n "$file" ] || continue
+            verified_download "$file" "$dir/${file##*/}" \
+                "$(package_field "$dir/Packages" "$part-$version" SHA256)"
+            dpkg-deb -x "$dir/${file##*/}" "$KERNEL_TREE"
+        done
+        prune_kernel_tree
+        echo "$MODULES" > "$KERNEL_TREE/.unpacked"
+    fi
+    find_vmlinuz "$image"
+}
+
+# VMLINUZ, KVER and MODULE_DIR of the unpacked tree (/boot or /usr/lib/modules layout).
+find_vmlinuz() {
+    # (find fails on whichever layout is absent: not an error under pipefail here)
+    VMLINUZ=$(find "$KERNEL_TREE/boot" -name 'vmlinuz-*' 2>/dev/null | head -n1 || true)
+    if [ -n "$VMLINUZ" ]; then
+        KVER=${VMLINUZ##*/vmlinuz-}
+    else
+        VMLINUZ=$(find "$KERNEL_TREE/usr/lib/modules" -name vmlinuz 2>/dev/null | head -n1 || true)
+        [ -n "$VMLINUZ" ] || die "no vmlinuz in $1"
+        KVER=$(basename "$(dirname "$VMLINUZ")")
+    fi
+    MODULE_DIR=$(find "$KERNEL_TREE/lib/modules" "$KERNEL_TREE/usr/lib/modules" \
+        -maxdepth 1 -name "$KVER" 2>/dev/null | head -n1 || true)
+    [ -n "$MODULE_DIR" ] || die "no modules for $KVER in $1"
 }
 
 # Keeps only what the guest uses (vmlinuz and MODULES): 400+ MB less under .lsm/.
 prune_kernel_tree() {
     local module keep=()
     for module in $MODULES; do keep+=(! -name "$module.ko*"); done
-    find "$KERNEL_TREE/lib/modules" -name '*.ko*' -type f "${keep[@]}" -delete
-    rm -rf "$KERNEL_TREE/usr"
+    find "$KERNEL_TREE" -path '*/modules/*' -name '*.ko*' -type f "${keep[@]}" -delete
+    rm -rf "$KERNEL_TREE/usr/share" "$KERNEL_TREE/usr/lib/linux"
 }
 
 busybox_path() {
@@ -118,7 +209,7 @@ build_initramfs() {
     busybox=$(busybox_path)
     key=$( { cat "$ROOT/lsm/init.sh"; cksum < "$busybox"; echo "$KVER $MODULES"; } \
         | cksum | cut -d' ' -f1)
-    out="$LSM_DIR/initramfs-$key.cpio.gz"
+    out="$LSM_DIR/initramfs-$KVER-$key.cpio.gz"
     INITRAMFS=$out
     [ -s "$out" ] && return 0
     say "building initramfs for $KVER"
@@ -127,7 +218,7 @@ build_initramfs() {
     cp "$busybox" "$stage/bin/busybox"
     cp "$ROOT/lsm/init.sh" "$stage/init" && chmod 755 "$stage/init"
     for module in $MODULES; do
-        ko=$(find "$KERNEL_TREE/lib/modules/$KVER" -name "$module.ko*" | head -n1)
+        ko=$(find "$MODULE_DIR" -name "$module.ko*" | head -n1)
         [ -n "$ko" ] || die "module $module not in the kernel package"
         case "$ko" in
             *.ko.xz) xz -dc "$ko" > "$stage/lib/modules/$module.ko" ;;
@@ -136,7 +227,7 @@ build_initramfs() {
         esac
         echo "$module" >> "$stage/modules.order"
     done
-    rm -f "$LSM_DIR"/initramfs-*.cpio.gz
+    rm -f "$LSM_DIR/initramfs-$KVER"-*.cpio.gz
     (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -9) > "$out.tmp"
     mv "$out.tmp" "$out"
 }
@@ -155,7 +246,7 @@ build_policy() {
 }
 
 boot_guest() {
-    local log=$LSM_DIR/last-run.log
+    local log=$LSM_DIR/last-run${KERNEL_SUITE:+-$KERNEL_SUITE}.log
     say "booting $KVER under qemu (TCG; timeout ${TIMEOUT}s)"
     local append="console=ttyS0 rdinit=/init panic=-1 lsm=selinux selinux=1 quiet loglevel=3"
     append="$append lsm_root=$ROOT lsm_policy=$POLICY lsm_args=${LSM_PYTEST_ARGS:-}"
@@ -196,8 +287,12 @@ main() {
     [ -x "$ROOT/.venv/bin/python" ] || die ".venv missing: run make venv first"
     ensure_packages
     local package
-    package=$(resolve_kernel_package)
-    fetch_kernel "$package"
+    if [ -n "$KERNEL_SUITE" ]; then
+        fetch_suite_kernel
+    else
+        package=$(resolve_kernel_package)
+        fetch_kernel "$package"
+    fi
     build_initramfs
     build_policy
     boot_guest

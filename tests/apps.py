@@ -121,7 +121,8 @@ async def https_whoami(stream: SecureStream) -> None:
     info = stream.info
     body = (
         f"<html><body><h1>worker {os.getpid()}</h1><p>mechanism={info.get('mechanism')} "
-        f"alpn={info.get('alpn')} sni={info.get('sni')} peer={info.get('peer_name')}</p>"
+        f"alpn={info.get('alpn')} sni={info.get('sni')} peer={info.get('peer_name')} "
+        f"ktls={info.get('ktls')}</p>"
         "</body></html>\n"
     ).encode()
     await stream.send_all(

@@ -66,7 +66,7 @@ def _install() -> None:
     original_receive: Callable[..., Awaitable[Any]] = worker._receive
     original_claim = WorkerParking.claim
     original_ack = worker.HandoffReceiver._ack
-    original_accept = worker.HandoffReceiver._accept_handoff
+    original_accept = worker.HandoffReceiver._accept_group
 
     async def receive(channel: Any, acceptor_process: int | None) -> Any:
         if FAULT == "before-receive":
@@ -85,16 +85,16 @@ def _install() -> None:
         if message.major == 0:
             _pause("after-ack")
 
-    async def accept(self: worker.HandoffReceiver, message: Any) -> Any:
+    async def accept(self: worker.HandoffReceiver, group: Any) -> Any:
         self.clock = _test_clock
-        return await original_accept(self, message)
+        return await original_accept(self, group)
 
     if FAULT:
         worker._receive = receive  # type: ignore[assignment]
         WorkerParking.claim = claim  # type: ignore[method-assign]
         worker.HandoffReceiver._ack = ack  # type: ignore[method-assign]
     if CLOCK_FILE:
-        worker.HandoffReceiver._accept_handoff = accept  # type: ignore[method-assign]
+        worker.HandoffReceiver._accept_group = accept  # type: ignore[method-assign]
 
 
 _install()

@@ -25,6 +25,7 @@ from handoffd.kernel.channel import (
     FLAG_FD,
     HEADER,
     MAGIC,
+    MAX_BATCH_FDS,
     VERSION,
     Channel,
     Received,
@@ -424,8 +425,10 @@ def test_a_flood_of_hostile_fds_is_all_closed(ends: Ends) -> None:
     run(both)
     ends.theirs.setblocking(True)
     assert refused == {
-        Minor.CHANNEL_BAD_HEADER: count // 4,
-        Minor.CHANNEL_TOO_MANY_FDS: count // 2,  # the fd count is judged before the header
+        # The header is judged before the fd count (a batch kind may carry several), unless
+        # there are more fds than any batch may carry.
+        Minor.CHANNEL_BAD_HEADER: count // 2,
+        Minor.CHANNEL_TOO_MANY_FDS: count // 4,
         Minor.CHANNEL_FD_NOT_ALLOWED: count // 4,
     }
     assert open_fds() == before
@@ -481,3 +484,104 @@ async def test_send_on_a_full_channel_waits_for_room_and_loses_nothing() -> None
             assert message.payload[-4:] == index.to_bytes(4, "big")
     left.close()
     right.close()
+
+
+# --- batches: several fds in one message -----------------------------------------------
+
+BATCH = 3  # a batch kind: 1 to MAX_BATCH_FDS fds, their number in the header
+
+
+def _batch_frame(payload: bytes, count: int, *, flags: int = FLAG_FD) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, flags, BATCH, count, len(payload)) + payload
+
+
+@pytest.fixture
+def batch_ends() -> Iterator[Ends]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    channel = Channel(trio.socket.from_stdlib_socket(ours), fd_kinds=FD_KINDS,
+                      batch_kinds=frozenset({BATCH}), max_payload=MAX)
+    client, accepted = tcp_pair()
+    with theirs, client, accepted:
+        yield Ends(channel, ours, theirs, client, accepted)
+    channel.close()
+
+
+async def test_a_batch_carries_its_fds_in_order() -> None:
+    left, right = Channel.pair(fd_kinds=FD_KINDS, batch_kinds=frozenset({BATCH}))
+    pairs = [tcp_pair() for _ in range(5)]
+    try:
+        await left.send(BATCH, b"five", fds=tuple(a.fileno() for _, a in pairs))
+        message = await right.receive()
+        assert (message.kind, message.payload, message.fd) == (BATCH, b"five", None)
+        assert len(message.fds) == 5
+        for (client, _), fd in zip(pairs, message.fds, strict=True):
+            with socket.socket(fileno=fd) as handed:
+                client.sendall(b"which")
+                assert handed.recv(5) == b"which"
+    finally:
+        for client, accepted in pairs:
+            client.close()
+            accepted.close()
+        left.close()
+        right.close()
+
+
+async def test_send_refuses_a_batch_the_receiver_would_refuse() -> None:
+    left, right = Channel.pair(fd_kinds=FD_KINDS, batch_kinds=frozenset({BATCH}))
+    client, accepted = tcp_pair()
+    with client, accepted:
+        for kind, fds, minor in [
+            (BATCH, (), Minor.CHANNEL_TOO_MANY_FDS),  # a batch of none
+            (BATCH, (accepted.fileno(),) * (MAX_BATCH_FDS + 1), Minor.CHANNEL_TOO_MANY_FDS),
+            (NOTE, (accepted.fileno(),), Minor.CHANNEL_FD_NOT_ALLOWED),
+            (HANDOFF, (accepted.fileno(),) * 2, Minor.CHANNEL_FD_NOT_ALLOWED),
+        ]:
+            with pytest.raises(GSSError) as caught:
+                await left.send(kind, b"x", fds=fds)
+            assert caught.value.minor == minor, (kind, len(fds))
+    left.close()
+    right.close()
+
+
+@pytest.mark.parametrize(("count_in_header", "fds_sent", "minor"), [
+    (3, 2, Minor.CHANNEL_NO_FD),  # fewer fds than the header says
+    (2, 3, Minor.CHANNEL_TOO_MANY_FDS),  # more
+    (0, 1, Minor.CHANNEL_BAD_HEADER),  # a batch of none
+    (MAX_BATCH_FDS + 1, MAX_BATCH_FDS + 1, Minor.CHANNEL_TOO_MANY_FDS),
+])
+def test_a_batch_whose_fds_do_not_match_is_refused_all_closed(
+    batch_ends: Ends, count_in_header: int, fds_sent: int, minor: Minor,
+) -> None:
+    before = open_fds()
+    send_raw(batch_ends.theirs, _batch_frame(b"b", count_in_header),
+             [batch_ends.accepted.fileno()] * fds_sent)
+    with pytest.raises(GSSError) as caught:
+        run(batch_ends.channel.receive)
+    assert caught.value.minor == minor
+    assert open_fds() == before
+    receive_good(batch_ends)  # the channel goes on
+
+
+def test_a_batch_with_one_fd_that_is_not_tcp_is_refused_all_closed(batch_ends: Ends) -> None:
+    before = open_fds()
+    read_end, write_end = os.pipe()
+    try:
+        send_raw(batch_ends.theirs, _batch_frame(b"b", 2),
+                 [batch_ends.accepted.fileno(), read_end])
+        with pytest.raises(GSSError) as caught:
+            run(batch_ends.channel.receive)
+        assert caught.value.minor == Minor.CHANNEL_FD_NOT_TCP
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert open_fds() == before
+
+
+def test_a_non_batch_kind_with_a_count_is_a_bad_header(batch_ends: Ends) -> None:
+    before = open_fds()
+    send_raw(batch_ends.theirs, frame(HANDOFF, b"h", reserved=2),
+             [batch_ends.accepted.fileno()] * 2)
+    with pytest.raises(GSSError) as caught:
+        run(batch_ends.channel.receive)
+    assert caught.value.minor == Minor.CHANNEL_BAD_HEADER
+    assert open_fds() == before

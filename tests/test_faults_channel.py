@@ -162,9 +162,7 @@ async def test_hostile_messages_from_the_acceptor_end_leak_nothing_in_the_worker
             handoff_id = h.next_id()
             await _send_raw(h, frame(Kind.HANDOFF,
                                      Handoff(handoff_id, b"\x01" * 8, b"sealed").encode()), [fd])
-            answers: list[Ack] = []
-            for _ in range(len(expected_acks) + 1):
-                answers.append(Ack.decode(await h.expect(Kind.ACK)))
+            answers = await h.acks(len(expected_acks) + 1)
         assert [(a.handoff_id, a.minor) for a in answers[:-1]] == expected_acks
         assert answers[-1].handoff_id == handoff_id and answers[-1].major != 0
         assert all(a.major != 0 for a in answers)

@@ -7,7 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from handoffd.core.handoff import (
+    BATCH_KINDS,
     FD_KINDS,
+    MAX_BATCH,
     MAX_KEY_REF,
     Ack,
     Handoff,
@@ -17,6 +19,11 @@ from handoffd.core.handoff import (
     Refused,
     Registered,
     SessionEnd,
+    batch_entry_size,
+    decode_ack_batch,
+    decode_handoff_batch,
+    encode_ack_batch,
+    encode_handoff_batch,
     expect_empty,
 )
 from handoffd.minor import Minor
@@ -28,10 +35,12 @@ WORKER_ID = bytes(range(16))
 def test_kinds_and_fd_kinds_are_the_documented_values() -> None:
     assert [(k.name, k.value) for k in Kind] == [
         ("HELLO", 1), ("HANDOFF", 2), ("ACK", 3), ("DRAINING", 4), ("DRAINED", 5),
-        ("REGISTERED", 6), ("REFUSED", 7), ("SESSION_END", 8)]
+        ("REGISTERED", 6), ("REFUSED", 7), ("SESSION_END", 8), ("HANDOFF_BATCH", 9),
+        ("ACK_BATCH", 10)]
     assert [(o.name, o.value) for o in Outcome] == [
         ("CLOSED", 0), ("APP_ERROR", 1), ("PEER_ERROR", 2), ("CUT_AT_DRAIN", 3)]
     assert {Kind.HANDOFF, Kind.REGISTERED} == FD_KINDS
+    assert {Kind.HANDOFF_BATCH} == BATCH_KINDS
 
 
 def test_byte_layouts() -> None:
@@ -108,3 +117,64 @@ def test_empty_kinds_and_oversized_key_ref() -> None:
     with pytest.raises(GSSError) as caught:
         Handoff(1, bytes(MAX_KEY_REF + 1), b"s").encode()
     assert caught.value.major == GSS_S_FAILURE
+
+
+# --- batches ----------------------------------------------------------------------------
+
+
+def test_batch_byte_layouts() -> None:
+    one, two = Handoff(1, b"r", b"s1").encode(), Handoff(2, b"rr", b"s22").encode()
+    payload = encode_handoff_batch([one, two])
+    assert payload == (b"\x02" + len(one).to_bytes(4, "big") + one
+                       + len(two).to_bytes(4, "big") + two)
+    assert len(payload) == 1 + batch_entry_size(one) + batch_entry_size(two)
+    assert decode_handoff_batch(payload, 2) == [Handoff(1, b"r", b"s1"), Handoff(2, b"rr", b"s22")]
+    acks = [Ack(1), Ack(2, GSS_S_FAILURE, 7)]
+    assert encode_ack_batch(acks) == b"\x02" + b"".join(a.encode() for a in acks)
+    assert decode_ack_batch(encode_ack_batch(acks)) == acks
+
+
+@pytest.mark.parametrize("bad", [
+    b"",  # no count
+    b"\x01",  # an entry missing
+    b"\x01\x00\x00\x00",  # a truncated length
+    b"\x01\x00\x00\x00\x20" + Handoff(1, b"r", b"s").encode(),  # length past the end
+    b"\x01\x00\x00\x00\x05" + b"\x00" * 5,  # an entry that is no HANDOFF
+    encode_handoff_batch([Handoff(1, b"r", b"s").encode()]) + b"x",  # trailing bytes
+])
+def test_a_malformed_handoff_batch_is_defective(bad: bytes) -> None:
+    with pytest.raises(GSSError) as caught:
+        decode_handoff_batch(bad, 1)
+    assert (caught.value.major, caught.value.minor) == (GSS_S_DEFECTIVE_TOKEN,
+                                                         Minor.CHANNEL_BAD_PAYLOAD)
+
+
+def test_a_batch_must_have_one_fd_per_entry() -> None:
+    payload = encode_handoff_batch([Handoff(1, b"r", b"s").encode()] * 3)
+    for fds in (2, 4):
+        with pytest.raises(GSSError, match="3 entries carried"):
+            decode_handoff_batch(payload, fds)
+
+
+def test_batch_sizes_are_bounded() -> None:
+    entry = Handoff(1, b"r", b"s").encode()
+    for count in (0, MAX_BATCH + 1):
+        with pytest.raises(GSSError):
+            encode_handoff_batch([entry] * count)
+        with pytest.raises(GSSError):
+            encode_ack_batch([Ack(1)] * count)
+    for bad in (b"", b"\x00", b"\x01" + bytes(15), b"\x01" + bytes(17)):
+        with pytest.raises(GSSError):
+            decode_ack_batch(bad)
+
+
+@given(st.binary(max_size=300), st.integers(min_value=0, max_value=5))
+def test_arbitrary_batch_bytes_parse_or_are_defective(data: bytes, fds: int) -> None:
+    try:
+        decode_handoff_batch(data, fds)
+    except GSSError as error:
+        assert error.major == GSS_S_DEFECTIVE_TOKEN
+    try:
+        decode_ack_batch(data)
+    except GSSError as error:
+        assert error.major == GSS_S_DEFECTIVE_TOKEN

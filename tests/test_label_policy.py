@@ -69,11 +69,24 @@ async def test_handoff_from_another_label_is_refused_and_its_fd_closed() -> None
         for label in (IMPOSTOR, None):
             client, server = socket.socketpair()
             fd = server.detach()
-            assert await receiver._accept_handoff(handoff_from(label, fd)) is None
+            assert await receiver._accept_group([handoff_from(label, fd)]) == []
             with pytest.raises(OSError):
                 os.fstat(fd)
             client.close()
         assert receiver.refused == 2
+        # A batch from another label: every fd it carried closed.
+        pairs = [socket.socketpair() for _ in range(3)]
+        fds = tuple(server.detach() for _, server in pairs)
+        batch = Received(kind=Kind.HANDOFF_BATCH, payload=b"", fd=None,
+                         attributes=handoff_from(IMPOSTOR, -1).attributes,
+                         attributes_changed=True, fds=fds)
+        assert await receiver._accept_group([batch]) == []
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        for client, _ in pairs:
+            client.close()
+        assert receiver.refused == 5
         receiver.close()
 
 

@@ -119,7 +119,8 @@ def _acceptor_start_and_fd_limit(pid: int) -> tuple[float, float]:
 
 def _snapshot(**changes: Any) -> dict[str, Any]:
     """A status snapshot as :meth:`Daemon.snapshot` has it, only what metrics read."""
-    totals = ["accepted", "handshakes_ok", "handoffs", "acked", "redelivered",
+    totals = ["accepted", "handshakes_ok", "handoffs", "handoff_batches", "batched_handoffs",
+              "ack_batches", "acked", "redelivered",
               "died_after_claim", "died_unclaimed", "lost", "worker_restarts",
               "accept_errors", "shed", "refused_per_source", "evicted",
               "first_token_timeouts", "unavailable", "control_busy_refused",

@@ -20,7 +20,7 @@ import trio
 from handoffd.core.context import AcceptorContext
 from handoffd.core.credentials import StaticKeyPair
 from handoffd.core.framing import FrameDecoder
-from handoffd.core.handoff import Ack, Hello, Kind
+from handoffd.core.handoff import Ack, Hello, Kind, decode_ack_batch, encode_handoff_batch
 from handoffd.kernel.channel import Channel
 from handoffd.kernel.parking import AcceptorParking
 from handoffd.runtime.client import open_secure_stream
@@ -52,6 +52,24 @@ class Harness:
                 message = await self.channel.receive()
         assert message.kind == kind, message
         return message.payload
+
+    async def acks(self, count: int) -> list[Ack]:
+        """The next ``count`` verdicts, whether the worker sent them one ACK each or
+        grouped in ACK_BATCHes (it groups the handoffs it finds queued together)."""
+        acks: list[Ack] = []
+        with trio.fail_after(10):
+            while len(acks) < count:
+                message = await self.channel.receive()
+                if message.kind == Kind.ACK:
+                    acks.append(Ack.decode(message.payload))
+                elif message.kind == Kind.ACK_BATCH:
+                    acks.extend(decode_ack_batch(message.payload))
+                elif message.kind == Kind.SESSION_END:
+                    self.session_ends.append(message.payload)
+                else:
+                    raise AssertionError(f"unexpected {message}")
+        assert len(acks) == count, acks
+        return acks
 
     async def handshake(self) -> tuple[SecureStream, trio.SocketStream, bytes]:
         """A real client handshake over loopback; returns (client stream, server side, export)."""
@@ -222,3 +240,91 @@ def test_socketpair_creator_is_the_acceptor() -> None:
     finally:
         a.close()
         b.close()
+
+
+# --- batches ------------------------------------------------------------------------------
+
+
+async def _batch(h: Harness, count: int, *, sealed_for: dict[int, bytes] | None = None
+                 ) -> tuple[list[SecureStream], list[trio.SocketStream], list[int], bytes]:
+    """``count`` real handshakes handed off in one HANDOFF_BATCH (entry i sealed for
+    ``sealed_for[i]`` instead of the worker); returns clients, our copies, ids, payload."""
+    clients, copies, ids, entries = [], [], [], []
+    for i in range(count):
+        client, server_side, inner = await h.handshake()
+        handoff_id = h.next_id()
+        target = (sealed_for or {}).get(i, h.worker_id)
+        _, message = prepare_handoff(h.parking, target, handoff_id, inner, trio_clock())
+        clients.append(client)
+        copies.append(server_side)
+        ids.append(handoff_id)
+        entries.append(message)
+    return clients, copies, ids, encode_handoff_batch(entries)
+
+
+async def test_a_batch_is_imported_and_answered_with_one_ack_batch() -> None:
+    async with worker_harness() as h:
+        clients, copies, ids, payload = await _batch(h, 3)
+        await h.channel.send(Kind.HANDOFF_BATCH, payload,
+                             fds=tuple(c.socket.fileno() for c in copies))
+        assert decode_ack_batch(await h.expect(Kind.ACK_BATCH)) == [Ack(i) for i in ids]
+        for copy in copies:
+            copy.socket.close()
+        for client in clients:
+            async with client:
+                assert int(await read_line(client)) == h.process.pid
+                await client.send_all(b"batched")
+                assert await client.receive_some() == b"batched"
+
+
+async def test_a_bad_entry_in_a_batch_is_refused_alone() -> None:
+    async with worker_harness() as h:
+        other = os.urandom(16)
+        h.parking.add_worker(other)
+        clients, copies, ids, payload = await _batch(h, 3, sealed_for={1: other})
+        await h.channel.send(Kind.HANDOFF_BATCH, payload,
+                             fds=tuple(c.socket.fileno() for c in copies))
+        acks = decode_ack_batch(await h.expect(Kind.ACK_BATCH))
+        assert [a.handoff_id for a in acks] == ids
+        assert [a.major == 0 for a in acks] == [True, False, True]
+        h.parking.remove_worker(other)
+        for copy in copies:
+            copy.socket.close()
+        with trio.fail_after(5):  # the refused one's connection was closed, not served
+            assert await clients[1].transport.receive_some(100) == b""
+        await clients[1].transport.aclose()
+        for client in (clients[0], clients[2]):
+            async with client:
+                assert int(await read_line(client)) == h.process.pid
+
+
+async def test_an_impostors_batch_is_refused_with_every_fd_closed() -> None:
+    async with worker_harness() as h:
+        clients, copies, _, payload = await _batch(h, 2)
+        script = (
+            "import sys\n"
+            "from handoffd.kernel.channel import Channel\n"
+            "import trio\n"
+            "chan_fd = int(sys.argv[1])\n"
+            "fds = tuple(int(fd) for fd in sys.argv[3:])\n"
+            "async def main():\n"
+            "    ch = Channel.from_fd(chan_fd, fd_kinds=frozenset({2}),\n"
+            "                         batch_kinds=frozenset({9}), validate_fd=None)\n"
+            "    await ch.send(9, bytes.fromhex(sys.argv[2]), fds=fds)\n"
+            "trio.run(main)\n"
+        )
+        chan_fd = h.channel.fileno()
+        fds = [c.socket.fileno() for c in copies]
+        impostor = await trio.run_process(
+            [sys.executable, "-c", script, str(chan_fd), payload.hex(), *map(str, fds)],
+            pass_fds=(chan_fd, *fds), check=False, capture_stderr=True)
+        assert impostor.returncode == 0, impostor.stderr.decode()
+        for copy in copies:
+            copy.socket.close()
+        for client in clients:
+            with trio.fail_after(10):
+                assert await client.transport.receive_some(100) == b""
+            await client.transport.aclose()
+        with trio.move_on_after(0.5):
+            unexpected = await h.channel.receive()
+            pytest.fail(f"worker answered an impostor's batch: {unexpected}")

@@ -15,7 +15,14 @@ DRAINED    A -> W     (empty)  no more handoffs will be sent
 REGISTERED A -> W     worker_id (16) | grant (JSON object of strings)    + 1 fd
 REFUSED    A -> W     major (u32) | minor (u32)
 SESSION_END W -> A    handoff_id (u64) | outcome (u8) | major (u32) | minor (u32)
+HANDOFF_BATCH A -> W  count (u8) | count x (length (u32) | HANDOFF payload)  + count fds
+ACK_BATCH  W -> A     count (u8) | count x ACK payload (16)
 =========  =========  ====================================================
+
+A batch is what the acceptor sends when more than one handoff is ready for one worker at
+the same moment (under load): one datagram, one wake-up and one sender check for all,
+the i-th fd belonging to the i-th HANDOFF; the worker answers a batch with one ACK_BATCH
+(the verdict on each, in the same order) before it touches any of the connections.
 
 REGISTERED and REFUSED answer an external worker that connected to the
 registration socket; the fd of REGISTERED is the read end of a pipe holding
@@ -52,6 +59,8 @@ class Kind(IntEnum):
     REGISTERED = 6
     REFUSED = 7
     SESSION_END = 8
+    HANDOFF_BATCH = 9
+    ACK_BATCH = 10
 
 
 class Outcome(IntEnum):
@@ -66,10 +75,18 @@ class Outcome(IntEnum):
 FD_KINDS: Final = frozenset({Kind.HANDOFF, Kind.REGISTERED})
 """Kinds whose messages carry exactly one fd (the client connection, the grant pipe)."""
 
+BATCH_KINDS: Final = frozenset({Kind.HANDOFF_BATCH})
+"""Kinds whose messages carry one fd per entry (the channel's ``batch_kinds``)."""
+
+MAX_BATCH: Final = 64
+"""Handoffs in one batch at most (the channel's ``MAX_BATCH_FDS``)."""
+
 _HELLO = struct.Struct(">16sI")
 _HANDOFF_HEAD = struct.Struct(">QB")
 _ACK = struct.Struct(">QII")
 _SESSION_END = struct.Struct(">QBII")
+_COUNT = struct.Struct(">B")
+_ENTRY = struct.Struct(">I")
 
 
 def _defective(what: str) -> GSSError:
@@ -141,6 +158,64 @@ class Ack:
         if len(payload) != _ACK.size:
             raise _defective("ACK payload has the wrong length")
         return cls(*_ACK.unpack(payload))
+
+
+def encode_handoff_batch(handoffs: list[bytes]) -> bytes:
+    """A HANDOFF_BATCH payload from encoded HANDOFF payloads (1 to ``MAX_BATCH``)."""
+    if not 1 <= len(handoffs) <= MAX_BATCH:
+        raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_MESSAGE_TOO_LARGE,
+                       f"a batch of {len(handoffs)} handoffs (1 to {MAX_BATCH})")
+    parts = [_COUNT.pack(len(handoffs))]
+    for handoff in handoffs:
+        parts += (_ENTRY.pack(len(handoff)), handoff)
+    return b"".join(parts)
+
+
+def batch_entry_size(handoff: bytes) -> int:
+    """Bytes one encoded HANDOFF adds to a HANDOFF_BATCH payload."""
+    return _ENTRY.size + len(handoff)
+
+
+def decode_handoff_batch(payload: bytes, fds: int) -> list[Handoff]:
+    """Parse a HANDOFF_BATCH strictly: exactly ``fds`` entries, each a good HANDOFF, and
+    nothing left over; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
+    if len(payload) < _COUNT.size:
+        raise _defective("HANDOFF_BATCH payload is truncated")
+    (count,) = _COUNT.unpack_from(payload)
+    if count != fds:
+        raise _defective(f"HANDOFF_BATCH of {count} entries carried {fds} fds")
+    handoffs: list[Handoff] = []
+    offset = _COUNT.size
+    for _ in range(count):
+        if len(payload) < offset + _ENTRY.size:
+            raise _defective("HANDOFF_BATCH payload is truncated")
+        (length,) = _ENTRY.unpack_from(payload, offset)
+        offset += _ENTRY.size
+        if len(payload) < offset + length:
+            raise _defective("HANDOFF_BATCH entry is truncated")
+        handoffs.append(Handoff.decode(payload[offset:offset + length]))
+        offset += length
+    if offset != len(payload):
+        raise _defective("HANDOFF_BATCH payload has bytes after its last entry")
+    return handoffs
+
+
+def encode_ack_batch(acks: list[Ack]) -> bytes:
+    """An ACK_BATCH payload: the verdicts on one batch, in its order."""
+    if not 1 <= len(acks) <= MAX_BATCH:
+        raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_MESSAGE_TOO_LARGE,
+                       f"a batch of {len(acks)} ACKs (1 to {MAX_BATCH})")
+    return _COUNT.pack(len(acks)) + b"".join(ack.encode() for ack in acks)
+
+
+def decode_ack_batch(payload: bytes) -> list[Ack]:
+    """Parse an ACK_BATCH strictly; a malformed one is ``GSS_S_DEFECTIVE_TOKEN``."""
+    if len(payload) < _COUNT.size:
+        raise _defective("ACK_BATCH payload is truncated")
+    (count,) = _COUNT.unpack_from(payload)
+    if not 1 <= count <= MAX_BATCH or len(payload) != _COUNT.size + count * _ACK.size:
+        raise _defective("ACK_BATCH payload has the wrong length")
+    return [Ack(*_ACK.unpack_from(payload, _COUNT.size + i * _ACK.size)) for i in range(count)]
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,39 @@ class TlsRecordSession:
         """Bytes received and not yet a whole record (a cut here is a truncation)."""
         return len(self._inbuf)
 
+    def missing(self) -> int:
+        """How many more bytes complete the record (or the record header) buffered so far;
+        0 when no record is begun.  A kTLS handover reads exactly these first."""
+        if not self._inbuf:
+            return 0
+        if len(self._inbuf) < HEADER.size:
+            return HEADER.size - len(self._inbuf)
+        length: int = HEADER.unpack_from(self._inbuf)[2]
+        return HEADER.size + length - len(self._inbuf)
+
+    def receive_plaintext(self, content_type: int, fragment: bytes) -> list[Event]:
+        """A record the kernel (kTLS) already authenticated and decrypted: the same checks
+        and events as :meth:`receive_data`, without the decryption."""
+        if self.failed is not None:
+            raise self.failed
+        if self.peer_closed:
+            return []
+        try:
+            return self._dispatch(content_type, fragment)
+        except TlsAlert as err:
+            self.failed = err
+            raise
+
+    @property
+    def read_keys(self) -> tuple[TrafficKeys, int]:
+        """The current read key and the sequence number of the next record it opens."""
+        return self._read.keys, self._read.sequence
+
+    @property
+    def write_keys(self) -> tuple[TrafficKeys, int]:
+        """The current write key and the sequence number of the next record it seals."""
+        return self._write.keys, self._write.sequence
+
     def _next_record(self) -> tuple[int, bytes] | None:
         if len(self._inbuf) < HEADER.size:
             return None
@@ -418,6 +451,24 @@ class TlsRecordSession:
     def owes_key_update(self) -> bool:
         """The peer asked for a KeyUpdate that has not been sent yet."""
         return self._owe_key_update
+
+    def key_update_message(self, request_peer: bool) -> bytes:
+        """A KeyUpdate handshake message in the clear, for a record the kernel seals; this
+        side's write key changes now (settles any KeyUpdate owed to the peer)."""
+        self._check_can_send()
+        self._owe_key_update = False
+        self._write.rekey()
+        return bytes([KEY_UPDATE, 0, 0, 1, UPDATE_REQUESTED if request_peer else 0])
+
+    def end_fragment(self, description: AlertDescription) -> bytes:
+        """An alert's two bytes in the clear, for a record the kernel seals:
+        ``close_notify`` (warning) or a fatal alert; nothing is sent after it (b"" when
+        this side already ended the session)."""
+        if self.closed:
+            return b""
+        self.closed = True
+        level = 1 if description == AlertDescription.close_notify else 2
+        return bytes([level, description])
 
     def _check_can_send(self) -> None:
         if self.closed:

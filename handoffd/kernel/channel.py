@@ -2,7 +2,8 @@
 
 One message is one datagram: a 12-byte header, the payload, and -- for the
 kinds listed in ``fd_kinds`` -- exactly one descriptor passed with
-``SCM_RIGHTS`` (docs/CHANNEL.md has the byte layout).  The receiving side
+``SCM_RIGHTS``; for the kinds listed in ``batch_kinds``, 1 to ``MAX_BATCH_FDS``
+descriptors, their number in the header (docs/CHANNEL.md has the byte layout).  The receiving side
 trusts nothing the peer sends: on truncated data or control data, a wrong
 number of descriptors, unexpected control messages, a malformed header or a
 descriptor that fails ``validate_fd``, every descriptor the kernel installed
@@ -51,13 +52,15 @@ __all__ = [
     "validate_tcp_stream",
 ]
 
-HEADER: Final = struct.Struct(">2sBBHHI")  # magic, version, flags, kind, reserved, length
+HEADER: Final = struct.Struct(">2sBBHHI")  # magic, version, flags, kind, fd_count, length
 MAGIC: Final = b"HD"
 VERSION: Final = 1
-FLAG_FD: Final = 0x01  # the message carries one descriptor
+FLAG_FD: Final = 0x01  # the message carries descriptors
 MAX_KIND: Final = 0xFFFF
-# Room for a few fds so that "two fds" is reported as such, not as MSG_CTRUNC.
-_FD_ROOM: Final = socket.CMSG_SPACE(4 * 4)
+MAX_BATCH_FDS: Final = 64
+"""Descriptors one message of a batch kind may carry (the kernel allows 253)."""
+# Room for one fd more than a batch so that too many is reported as such, not MSG_CTRUNC.
+_FD_ROOM: Final = socket.CMSG_SPACE(4 * (MAX_BATCH_FDS + 1))
 # Room for one SCM_CREDENTIALS so credentials nobody asked for are reported as unexpected.
 _STRAY_ROOM: Final = socket.CMSG_SPACE(12)
 _CLOSED_ERRNOS: Final = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
@@ -68,13 +71,21 @@ _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 
 @dataclass(frozen=True)
 class Received:
-    """One good message; ``fd`` and ``attributes.pidfd`` now belong to the caller."""
+    """One good message; ``fd``, ``fds`` and ``attributes.pidfd`` now belong to the caller.
+
+    ``fd``: the one descriptor of an ``fd_kinds`` message; ``fds``: those of a
+    ``batch_kinds`` message, in the order they were sent."""
 
     kind: int
     payload: bytes
     fd: int | None
     attributes: SenderAttributes | None
     attributes_changed: bool
+    fds: tuple[int, ...] = ()
+
+    def close_fds(self) -> None:
+        """Close every descriptor the message carried (a refused message)."""
+        _close_all([*([self.fd] if self.fd is not None else []), *self.fds])
 
 
 def _close_all(fds: list[int]) -> None:
@@ -136,6 +147,7 @@ class Channel:
         sock: trio.socket.SocketType,
         *,
         fd_kinds: frozenset[int],
+        batch_kinds: frozenset[int] = frozenset(),
         max_payload: int = 65536,
         validate_fd: Callable[[int], None] | None = validate_tcp_stream,
     ) -> None:
@@ -147,6 +159,7 @@ class Channel:
         # The stdlib socket under trio's wrapper, for sends that need no wait (see send).
         self._raw: socket.socket | None = getattr(sock, "_sock", None)
         self.fd_kinds = fd_kinds
+        self.batch_kinds = batch_kinds
         self.max_payload = max_payload
         self._validate_fd = validate_fd
         self._attributes = AttributeReceiver()
@@ -200,13 +213,18 @@ class Channel:
 
     # --- sending ----------------------------------------------------------------------
 
-    async def send(self, kind: int, payload: bytes, fd: int | None = None) -> None:
-        """Send one message; ``fd`` (required exactly for ``fd_kinds``) stays the caller's."""
+    async def send(self, kind: int, payload: bytes, fd: int | None = None,
+                   fds: tuple[int, ...] = ()) -> None:
+        """Send one message; ``fd`` (required exactly for ``fd_kinds``) and ``fds`` (1 to
+        ``MAX_BATCH_FDS``, exactly for ``batch_kinds``) stay the caller's."""
         if not 0 <= kind <= MAX_KIND:
             raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_BAD_HEADER, f"kind {kind}")
         if len(payload) > self.max_payload:
             raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_MESSAGE_TOO_LARGE,
                            f"{len(payload)} > {self.max_payload} bytes")
+        if kind in self.batch_kinds or fds:
+            await self._send_batch(kind, payload, fds)
+            return
         carries_fd = kind in self.fd_kinds
         if carries_fd and fd is None:
             raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_NO_FD,
@@ -218,9 +236,25 @@ class Channel:
         ancillary = []
         if fd is not None:
             ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", fd)))
+        await self._send_message([header, payload], ancillary)
+
+    async def _send_batch(self, kind: int, payload: bytes, fds: tuple[int, ...]) -> None:
+        if kind not in self.batch_kinds:
+            raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_FD_NOT_ALLOWED,
+                           f"kind {kind} carries no batch of fds")
+        if not 1 <= len(fds) <= MAX_BATCH_FDS:
+            raise GSSError(GSS_S_CALL_BAD_STRUCTURE, Minor.CHANNEL_TOO_MANY_FDS,
+                           f"{len(fds)} fds (1 to {MAX_BATCH_FDS})")
+        header = HEADER.pack(MAGIC, VERSION, FLAG_FD, kind, len(fds), len(payload))
+        rights = array.array("i", fds).tobytes()
+        await self._send_message([header, payload],
+                                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+
+    async def _send_message(self, buffers: list[bytes],
+                            ancillary: list[tuple[int, int, bytes]]) -> None:
         try:
-            if not self._send_now([header, payload], ancillary):
-                await self._sock.sendmsg([header, payload], ancillary, socket.MSG_NOSIGNAL)
+            if not self._send_now(buffers, ancillary):
+                await self._sock.sendmsg(buffers, ancillary, socket.MSG_NOSIGNAL)
         except trio.ClosedResourceError:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "channel closed locally") from None
         except OSError as error:
@@ -254,18 +288,46 @@ class Channel:
 
     async def receive(self) -> Received:
         """The next good message; a bad one has all its fds closed and raises ``CHANNEL_*``."""
-        bufsize = HEADER.size + self.max_payload + 1  # +1: an oversized payload shows
-        ancsize = _FD_ROOM + _STRAY_ROOM + self._attributes.control_space()
         try:
             data, ancillary, flags, _ = await self._sock.recvmsg(
-                bufsize, ancsize, socket.MSG_CMSG_CLOEXEC
+                self._bufsize(), self._ancsize(), socket.MSG_CMSG_CLOEXEC
             )
         except trio.ClosedResourceError:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "channel closed locally") from None
         except OSError as error:
-            detail = "channel closed locally" if self._sock.fileno() < 0 else None
-            raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED,
-                           detail or os.strerror(error.errno or 0)) from None
+            raise self._receive_error(error) from None
+        return self._received(data, ancillary, flags)
+
+    def receive_nowait(self) -> Received | None:
+        """The next message if one is already queued (no wait, no trio checkpoint), else
+        None: a caller that just received one drains what arrived with it, to answer
+        them together.  A bad message raises as :meth:`receive` does."""
+        raw = self._raw
+        if raw is None:
+            return None
+        try:
+            data, ancillary, flags, _ = raw.recvmsg(
+                self._bufsize(), self._ancsize(), socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return None
+        except OSError as error:
+            raise self._receive_error(error) from None
+        return self._received(data, ancillary, flags)
+
+    def _bufsize(self) -> int:
+        return HEADER.size + self.max_payload + 1  # +1: an oversized payload shows
+
+    def _ancsize(self) -> int:
+        return _FD_ROOM + _STRAY_ROOM + self._attributes.control_space()
+
+    def _receive_error(self, error: OSError) -> GSSError:
+        detail = "channel closed locally" if self._sock.fileno() < 0 else None
+        return GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED,
+                        detail or os.strerror(error.errno or 0))
+
+    def _received(self, data: bytes, ancillary: list[tuple[int, int, bytes]],
+                  flags: int) -> Received:
         # First take every descriptor the kernel installed, so that none can escape.
         fds: list[int] = []
         pidfds: list[int] = []
@@ -310,13 +372,17 @@ class Channel:
         if unexpected or len(credentials) > 1 or len(labels) > 1 or len(pidfds) > 1:
             raise _defective(Minor.CHANNEL_UNEXPECTED_CONTROL,
                              f"control messages {unexpected or 'repeated'}")
-        if len(fds) > 1:
+        if len(fds) > MAX_BATCH_FDS:
             raise _defective(Minor.CHANNEL_TOO_MANY_FDS, f"{len(fds)} fds")
         if flags & _MSG_TRUNC:
             raise _defective(Minor.CHANNEL_TRUNCATED, "message larger than the receive buffer")
         if not data and not fds and self._peer_hung_up():
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "end of file")
-        kind, payload = self._parse(data)
+        kind, payload, fd_count = self._parse(data)
+        if kind in self.batch_kinds:
+            return self._accept_batch(kind, payload, fd_count, fds, pidfds, credentials, labels)
+        if len(fds) > 1:
+            raise _defective(Minor.CHANNEL_TOO_MANY_FDS, f"{len(fds)} fds")
         fd = fds[0] if fds else None
         if kind in self.fd_kinds:
             if fd is None:
@@ -329,30 +395,54 @@ class Channel:
                                      os.strerror(error.errno or 0)) from None
         elif fd is not None:
             raise _defective(Minor.CHANNEL_FD_NOT_ALLOWED, f"kind {kind} arrived with an fd")
+        attributes, changed = self._report(pidfds, credentials, labels)
+        return Received(kind, payload, fd, attributes, changed)
+
+    def _accept_batch(self, kind: int, payload: bytes, fd_count: int, fds: list[int],
+                      pidfds: list[int], credentials: list[bytes], labels: list[bytes]
+                      ) -> Received:
+        if len(fds) != fd_count:
+            raise _defective(Minor.CHANNEL_NO_FD if len(fds) < fd_count
+                             else Minor.CHANNEL_TOO_MANY_FDS,
+                             f"kind {kind}: {len(fds)} fds, the header says {fd_count}")
+        if self._validate_fd is not None:
+            for fd in fds:
+                try:
+                    self._validate_fd(fd)
+                except OSError as error:
+                    raise _defective(Minor.CHANNEL_FD_NOT_TCP,
+                                     os.strerror(error.errno or 0)) from None
+        attributes, changed = self._report(pidfds, credentials, labels)
+        return Received(kind, payload, None, attributes, changed, tuple(fds))
+
+    def _report(self, pidfds: list[int], credentials: list[bytes], labels: list[bytes]
+                ) -> tuple[SenderAttributes | None, bool]:
         # Last step: on success it closes an unreported pidfd and never raises after that.
-        attributes, changed = self._attributes.report(
+        return self._attributes.report(
             credentials[0] if credentials else None,
             pidfds[0] if pidfds else None,
             labels[0] if labels else None,
         )
-        return Received(kind, payload, fd, attributes, changed)
 
-    def _parse(self, data: bytes) -> tuple[int, bytes]:
+    def _parse(self, data: bytes) -> tuple[int, bytes, int]:
         if len(data) < HEADER.size:
             raise _defective(Minor.CHANNEL_BAD_HEADER, f"{len(data)}-byte message")
-        magic, version, flags, kind, reserved, length = HEADER.unpack_from(data)
-        if magic != MAGIC or version != VERSION or flags & ~FLAG_FD or reserved:
+        magic, version, flags, kind, fd_count, length = HEADER.unpack_from(data)
+        if magic != MAGIC or version != VERSION or flags & ~FLAG_FD:
             raise _defective(Minor.CHANNEL_BAD_HEADER,
                              f"magic {magic!r} version {version} flags {flags:#x}")
+        batch = kind in self.batch_kinds
+        if (not 1 <= fd_count <= MAX_BATCH_FDS) if batch else fd_count:
+            raise _defective(Minor.CHANNEL_BAD_HEADER, f"fd count {fd_count} for kind {kind}")
         if length > self.max_payload or len(data) - HEADER.size > self.max_payload:
             raise _defective(Minor.CHANNEL_MESSAGE_TOO_LARGE,
                              f"payload over {self.max_payload} bytes")
         if length != len(data) - HEADER.size:
             raise _defective(Minor.CHANNEL_BAD_HEADER,
                              f"length {length}, {len(data) - HEADER.size} bytes arrived")
-        if bool(flags & FLAG_FD) != (kind in self.fd_kinds):
+        if bool(flags & FLAG_FD) != (batch or kind in self.fd_kinds):
             raise _defective(Minor.CHANNEL_BAD_HEADER, f"fd flag wrong for kind {kind}")
-        return kind, data[HEADER.size :]
+        return kind, data[HEADER.size :], fd_count
 
     def _peer_hung_up(self) -> bool:
         # recvmsg() == 0 is EOF, or a zero-length datagram a peer may send: only a hang-up

@@ -311,6 +311,11 @@ def render_metrics(snapshot: dict[str, Any],
         ("accepted", "TCP connections accepted"),
         ("handshakes_ok", "Handshakes completed"),
         ("handoffs", "Handoffs sent to workers"),
+        ("handoff_batches", "HANDOFF_BATCH messages sent: several handoffs ready for one "
+         "worker at once, in one message"),
+        ("batched_handoffs", "Handoffs sent within a HANDOFF_BATCH"),
+        ("ack_batches", "ACK_BATCH messages received: a worker's verdicts on several "
+         "handoffs in one message"),
         ("acked", "Handoffs acknowledged by workers"),
         ("redelivered", "Handoffs sent again because the kernel never queued them"),
         ("died_after_claim", "Handoffs whose worker died after claiming the key, not "

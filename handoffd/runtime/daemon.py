@@ -46,7 +46,9 @@ from handoffd.config import Config, load_config, merge_reloaded, worker_share
 from handoffd.core.admission import Admission, Slot, SourceFull, Stage, source_of
 from handoffd.core.framing import FrameDecoder, FrameType, encode_error, encode_frame
 from handoffd.core.handoff import (
+    BATCH_KINDS,
     FD_KINDS,
+    MAX_BATCH,
     Ack,
     Handoff,
     Hello,
@@ -55,6 +57,9 @@ from handoffd.core.handoff import (
     Refused,
     Registered,
     SessionEnd,
+    batch_entry_size,
+    decode_ack_batch,
+    encode_handoff_batch,
     expect_empty,
 )
 from handoffd.core.seal import seal
@@ -116,6 +121,16 @@ class Pending:
 
 
 @dataclass
+class Outgoing:
+    """A HANDOFF waiting in a worker's outbox; ``done`` once sent, or not (``error``)."""
+
+    pending: Pending
+    message: bytes
+    done: trio.Event = field(default_factory=trio.Event)
+    error: GSSError | None = None
+
+
+@dataclass
 class Worker:
     """One worker process incarnation."""
 
@@ -127,6 +142,8 @@ class Worker:
     channel: Channel | None = None
     state: str = "starting"  # starting -> ready -> draining -> dead
     in_flight: dict[int, Pending] = field(default_factory=dict)
+    outbox: list[Outgoing] = field(default_factory=list)  # handoffs ready, not yet sent
+    flushing: bool = False  # a dispatcher is sending the outbox (see _send_handoff)
     handled: int = 0
     ended: int = 0  # sessions the worker reported ended (SESSION_END)
     cut_at_drain: int = 0  # of those, cut at drain_timeout (for the drain's last line)
@@ -176,6 +193,9 @@ class Stats:
         self.handshakes_ok = 0
         self.handshake_failures: Counter[str] = Counter()
         self.handoffs = 0
+        self.handoff_batches = 0  # HANDOFF_BATCH messages (each carrying several handoffs)
+        self.batched_handoffs = 0  # handoffs sent in them
+        self.ack_batches = 0  # ACK_BATCH messages received (a worker answered several)
         self.acked = 0
         self.refused_by_worker: Counter[str] = Counter()
         self.redelivered = 0
@@ -540,7 +560,7 @@ class Daemon:
         )
 
     async def _register(self, conn: trio.socket.SocketType) -> None:
-        channel = Channel(conn, fd_kinds=FD_KINDS, validate_fd=None)
+        channel = Channel(conn, fd_kinds=FD_KINDS, batch_kinds=BATCH_KINDS, validate_fd=None)
         try:
             identity = channel.peer_identity()
             self._registration_policy().check(identity)
@@ -787,6 +807,11 @@ class Daemon:
             log.info("worker %d ready (pid %s)", w.index, w.pid)
         elif kind == Kind.ACK:
             self._on_ack(w, Ack.decode(payload))
+        elif kind == Kind.ACK_BATCH:
+            acks = decode_ack_batch(payload)
+            self.stats.ack_batches += 1
+            for ack in acks:
+                self._on_ack(w, ack)
         elif kind == Kind.SESSION_END:
             self._on_session_end(w, payload)
         elif kind == Kind.DRAINING:
@@ -1196,9 +1221,8 @@ class Daemon:
             w.in_flight[pending.handoff_id] = pending
             pending.deliveries += 1
             pending.sent_at = time.monotonic()
-            assert w.channel is not None
             try:
-                await w.channel.send(Kind.HANDOFF, message, fd=pending.stream.socket.fileno())
+                await self._send_handoff(w, pending, message)
             except GSSError as error:
                 if (error.minor == Minor.CHANNEL_CLOSED
                         or w.in_flight.pop(pending.handoff_id, None) is None):
@@ -1220,9 +1244,75 @@ class Daemon:
                 self._wake_dispatchers()
                 await trio.sleep(_SEND_RETRY_DELAY * send_failures)
                 continue
-            pending.sent = True
-            self.stats.handoffs += 1
             return
+
+    async def _send_handoff(self, w: Worker, pending: Pending, message: bytes) -> None:
+        """Send one HANDOFF; when more handoffs for ``w`` are ready at the same moment,
+        one HANDOFF_BATCH carries them all (one wake-up, one sender check, one ACK_BATCH
+        in the worker).  The first dispatcher to find no send under way sends for the
+        others, which wait; each raises what its own send raised."""
+        item = Outgoing(pending, message)
+        w.outbox.append(item)
+        if w.flushing:
+            await item.done.wait()
+        else:
+            w.flushing = True
+            try:
+                if self._waiting_for_worker:
+                    # Dispatchers woken with this one (ACKs freed the window) and not run
+                    # yet: let them add their handoffs first.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                while w.outbox:
+                    await self._flush(w, self._next_batch(w))
+            finally:
+                w.flushing = False
+                for left in w.outbox:  # only when cancelled: never sent
+                    left.error = GSSError(GSS_S_FAILURE, Minor.CHANNEL_SEND_FAILED,
+                                          "not sent: the sender was cancelled")
+                    left.done.set()
+                w.outbox.clear()
+        if item.error is not None:
+            raise item.error
+
+    def _next_batch(self, w: Worker) -> list[Outgoing]:
+        """The outbox's first handoffs, as many as one message holds."""
+        assert w.channel is not None
+        room = w.channel.max_payload - 1  # the count byte
+        taken = 0
+        while taken < min(len(w.outbox), MAX_BATCH):
+            size = batch_entry_size(w.outbox[taken].message)
+            if taken and size > room:
+                break
+            room -= size
+            taken += 1
+        batch, w.outbox[:taken] = w.outbox[:taken], []
+        return batch
+
+    async def _flush(self, w: Worker, batch: list[Outgoing]) -> None:
+        assert w.channel is not None
+        try:
+            if len(batch) == 1:
+                await w.channel.send(Kind.HANDOFF, batch[0].message,
+                                     fd=batch[0].pending.stream.socket.fileno())
+            else:
+                await w.channel.send(
+                    Kind.HANDOFF_BATCH, encode_handoff_batch([i.message for i in batch]),
+                    fds=tuple(i.pending.stream.socket.fileno() for i in batch))
+                self.stats.handoff_batches += 1
+                self.stats.batched_handoffs += len(batch)
+        except GSSError as error:
+            for item in batch:
+                item.error = error
+        else:
+            for item in batch:
+                item.pending.sent = True
+            self.stats.handoffs += len(batch)
+        finally:
+            for item in batch:
+                if item.error is None and not item.pending.sent:
+                    item.error = GSSError(GSS_S_FAILURE, Minor.CHANNEL_SEND_FAILED,
+                                          "not sent: the sender was cancelled")
+                item.done.set()
 
     async def _wait_for_worker(self, give_up_at: float) -> bool:
         """Wait until a worker may have room; False once ``give_up_at`` passed."""
@@ -1413,6 +1503,9 @@ class Daemon:
                 "accepted": self.stats.accepted,
                 "handshakes_ok": self.stats.handshakes_ok,
                 "handoffs": self.stats.handoffs,
+                "handoff_batches": self.stats.handoff_batches,
+                "batched_handoffs": self.stats.batched_handoffs,
+                "ack_batches": self.stats.ack_batches,
                 "acked": self.stats.acked,
                 "redelivered": self.stats.redelivered,
                 "died_after_claim": self.stats.died_after_claim,

@@ -27,7 +27,7 @@ import trio
 
 from handoffd.config import Config
 from handoffd.core import supervision
-from handoffd.core.handoff import FD_KINDS
+from handoffd.core.handoff import BATCH_KINDS, FD_KINDS
 from handoffd.kernel.channel import Channel
 from handoffd.kernel.parking import ENV_FD, AcceptorParking, WorkerGrant
 from handoffd.minor import Minor
@@ -56,6 +56,8 @@ def worker_command(config: Config) -> list[str]:
         argv += ["--pythonpath", path]
     for label in config.policy.acceptor_labels:
         argv += ["--acceptor-label", label]
+    if config.tls.listen:
+        argv += ["--ktls", config.tls.ktls]
     return argv
 
 
@@ -108,7 +110,8 @@ def _open_channel(parking: AcceptorParking, worker_id: bytes
 
 
 def _channel(ours: socket.socket) -> Channel:
-    return Channel(trio.socket.from_stdlib_socket(ours), fd_kinds=FD_KINDS, validate_fd=None)
+    return Channel(trio.socket.from_stdlib_socket(ours), fd_kinds=FD_KINDS,
+                   batch_kinds=BATCH_KINDS, validate_fd=None)
 
 
 class LocalChild(ChildProcess):

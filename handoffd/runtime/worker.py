@@ -39,7 +39,9 @@ import trio
 
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import (
+    BATCH_KINDS,
     FD_KINDS,
+    MAX_BATCH,
     Ack,
     Handoff,
     Hello,
@@ -48,15 +50,19 @@ from handoffd.core.handoff import (
     Refused,
     Registered,
     SessionEnd,
+    decode_handoff_batch,
+    encode_ack_batch,
 )
 from handoffd.core.seal import open_sealed
 from handoffd.core.tls_export import TlsExport
+from handoffd.kernel import ktls
 from handoffd.kernel.channel import Channel, Received, tcp_stream_socket
 from handoffd.kernel.parking import ENV_FD, WorkerParking
 from handoffd.kernel.peer import PeerIdentity, PeerPolicy, open_peer_pidfd
-from handoffd.mech import TLS, import_session, sealed_mechanism
+from handoffd.mech import TLS, Session, import_session, sealed_mechanism
 from handoffd.mech import noise as _noise  # noqa: F401  # up front: see _accept_handoff
 from handoffd.minor import Minor
+from handoffd.runtime.ktls_stream import KernelTlsStream, KtlsMode, kernel_wanted
 from handoffd.runtime.stream import SecureStream
 from handoffd.runtime.tls_stream import TlsStream, session_from_export
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE, GSSError
@@ -81,6 +87,18 @@ class WorkerIdentity:
     """LSM contexts the acceptor may have (channel peer and every message); None: any."""
 
 
+@dataclass
+class _Imported:
+    """One handoff imported and acknowledged-to-be: what its stream is made of."""
+
+    handoff_id: int
+    sock: socket.socket
+    tls: TlsExport | None
+    context: Session | None = None
+    unread: bytes = b""
+    mechanism: str = ""
+
+
 class HandoffReceiver:
     """The receiving end of one worker's handoff channel.
 
@@ -97,8 +115,10 @@ class HandoffReceiver:
         identity: WorkerIdentity,
         *,
         clock: Callable[[], float] = time.time,
+        ktls: KtlsMode = "auto",
     ) -> None:
         self.channel = channel
+        self.ktls: KtlsMode = ktls  # [tls] ktls: TLS sessions' records in the kernel
         self.parking = parking
         self.identity = identity
         self.clock = clock
@@ -118,12 +138,14 @@ class HandoffReceiver:
 
     @classmethod
     def inherited(cls, environ: Mapping[str, str] | None = None, *,
-                  acceptor_labels: Iterable[bytes | str] | None = None) -> HandoffReceiver:
+                  acceptor_labels: Iterable[bytes | str] | None = None,
+                  ktls: KtlsMode = "auto") -> HandoffReceiver:
         """Set up a worker spawned by handoffd: adopt the key grant, open the channel.
 
         Call it before ``trio.run`` is fine, and it must run before the
         process reads any key: adopting joins a fresh session keyring so the
         worker stops possessing the acceptor's and its siblings' keys.
+        ``ktls`` (``[tls] ktls``): whether TLS sessions move into the kernel.
         ``acceptor_labels`` (``[policy] acceptor_labels``): the LSM contexts the
         channel's creator and every message's sender must have; a non-empty set
         refuses an unlabelled one (``GSS_S_UNAUTHORIZED``, ``PEER_LABEL_*``).
@@ -137,11 +159,12 @@ class HandoffReceiver:
             raise GSSError(GSS_S_UNAUTHORIZED, Minor.WORKER_NOT_REGISTERED,
                            "not started by handoffd (HANDOFFD_* environment missing)") from None
         parking = WorkerParking.adopt(env)
-        channel = Channel.from_fd(fd, fd_kinds=FD_KINDS, validate_fd=None)
+        channel = Channel.from_fd(fd, fd_kinds=FD_KINDS, batch_kinds=BATCH_KINDS,
+                                  validate_fd=None)
         identity = channel.peer_identity()
         receiver = cls(channel, parking,
                        WorkerIdentity(worker_id, acceptor_pid, identity.uid,
-                                      _label_set(acceptor_labels)))
+                                      _label_set(acceptor_labels)), ktls=ktls)
         try:
             receiver._verify_channel_peer(identity)
         except GSSError:
@@ -165,7 +188,7 @@ class HandoffReceiver:
         """
         labels = _label_set(acceptor_labels)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        channel = Channel(sock, fd_kinds=FD_KINDS, validate_fd=None)
+        channel = Channel(sock, fd_kinds=FD_KINDS, batch_kinds=BATCH_KINDS, validate_fd=None)
         # Credentials must be switched on before the acceptor's first message is sent.
         channel.enable_extended_attributes(keep_pidfds=False)
         try:
@@ -225,43 +248,102 @@ class HandoffReceiver:
     async def _streams(self) -> AsyncIterator[SecureStream | TlsStream]:
         if not self._hello_sent:
             await self.hello()
+        deferred: Received | None = None  # read while draining a group, handled next
         while True:
-            try:
-                message = await _receive(self.channel, self._acceptor_process)
-            except GSSError as error:
-                if error.minor == Minor.CHANNEL_CLOSED:
-                    return
-                self.refused += 1
-                log.warning("handoff message refused: %s", error)
-                continue
+            if deferred is not None:
+                message, deferred = deferred, None
+            else:
+                try:
+                    message = await _receive(self.channel, self._acceptor_process)
+                except GSSError as error:
+                    if error.minor == Minor.CHANNEL_CLOSED:
+                        return
+                    self.refused += 1
+                    log.warning("handoff message refused: %s", error)
+                    continue
             if message.kind == Kind.DRAINED:
-                _close_fd(message.fd)
+                message.close_fds()
                 return
-            if message.kind != Kind.HANDOFF:
-                _close_fd(message.fd)
+            if message.kind not in (Kind.HANDOFF, Kind.HANDOFF_BATCH):
+                message.close_fds()
                 log.warning("unexpected %s message on the handoff channel ignored",
                             _kind_name(message.kind))
                 continue
-            stream = await self._accept_handoff(message)
-            if stream is not None:
+            # Under load more handoffs are already queued behind this one: take them now
+            # (no wait) and answer them all with one ACK_BATCH.
+            group = [message]
+            while deferred is None and sum(max(1, len(m.fds)) for m in group) < MAX_BATCH:
+                try:
+                    queued = self.channel.receive_nowait()
+                except GSSError as error:
+                    if error.minor != Minor.CHANNEL_CLOSED:
+                        self.refused += 1
+                        log.warning("handoff message refused: %s", error)
+                    break
+                if queued is None:
+                    break
+                try:
+                    queued = _checked(queued, self._acceptor_process)
+                except GSSError as error:
+                    self.refused += 1
+                    log.warning("handoff message refused: %s", error)
+                    continue
+                if queued.kind in (Kind.HANDOFF, Kind.HANDOFF_BATCH):
+                    group.append(queued)
+                else:
+                    deferred = queued
+            for stream in await self._accept_group(group):
                 yield stream
 
-    async def _accept_handoff(self, message: Received) -> SecureStream | TlsStream | None:
-        fd = message.fd
-        assert fd is not None  # the channel enforces one fd for HANDOFF
+    async def _accept_group(self, group: list[Received]) -> list[SecureStream | TlsStream]:
+        """Handoffs received together: each imported (or refused) on its own, then one
+        ACK (or ACK_BATCH for several) before any of the connections is touched."""
+        imported: list[tuple[_Imported, Received]] = []
+        acks: list[Ack] = []
+        for message in group:
+            for handoff, fd in self._entries(message):
+                session, ack = self._import(handoff, fd)
+                acks.append(ack)
+                if session is not None:
+                    imported.append((session, message))
+        # The ACK goes out before any I/O on the client socket: see the module docstring.
+        if len(acks) == 1:
+            await self._ack(acks[0])
+        elif acks:
+            try:
+                await self._send(Kind.ACK_BATCH, encode_ack_batch(acks))
+            except GSSError as error:
+                log.warning("could not acknowledge %d handoffs: %s", len(acks), error)
+        return [self._stream(session, message) for session, message in imported]
+
+    def _entries(self, message: Received) -> list[tuple[Handoff, int]]:
+        """The handoffs a HANDOFF or HANDOFF_BATCH carries, each with its fd; none (every
+        fd closed, no ACK) when the sender is not the acceptor or the message is not one
+        it could have sent."""
+        fds = message.fds if message.kind == Kind.HANDOFF_BATCH else (message.fd,)
         try:
             self._verify_sender(message)
+            if message.kind == Kind.HANDOFF_BATCH:
+                handoffs = decode_handoff_batch(message.payload, len(message.fds))
+            else:
+                handoffs = [Handoff.decode(message.payload)]
         except GSSError as error:
-            # Not from the acceptor: no ACK (the acceptor did not send it), just refuse.
-            os.close(fd)
-            self.refused += 1
-            log.warning("handoff from an unauthorized sender refused: %s", error)
-            return None
-        handoff_id = 0
+            message.close_fds()
+            self.refused += len(fds)
+            if error.major == GSS_S_UNAUTHORIZED:
+                log.warning("handoff from an unauthorized sender refused: %s", error)
+            else:
+                log.warning("handoff message of %d refused: %s", len(fds), error)
+            return []
+        return [(handoff, fd) for handoff, fd in zip(handoffs, fds, strict=True)
+                if fd is not None]
+
+    def _import(self, handoff: Handoff, fd: int) -> tuple[_Imported | None, Ack]:
+        """Claim the key, open and import one handoff (no I/O): the verdict to ACK, and
+        what the session needs once it is sent.  ``fd`` is owned from here on."""
+        handoff_id = handoff.handoff_id
         sock: socket.socket | None = None
         try:
-            handoff = Handoff.decode(message.payload)
-            handoff_id = handoff.handoff_id
             # From the acceptor, so it waits for an ACK even if the fd is unusable: a
             # client that reset its connection after the handshake leaves one that is no
             # longer connected, and without an ACK the acceptor would kill this worker.
@@ -273,12 +355,13 @@ class HandoffReceiver:
             inner = open_sealed(key, handoff.sealed, worker_id=self.identity.worker_id,
                                 now=self.clock(), mech=mechanism.seal_id)
             if mechanism is TLS:
-                tls_export = TlsExport.decode(inner)  # defects refused before the ACK
+                imported = _Imported(handoff_id, sock, TlsExport.decode(inner))
             else:
                 # Noise's module is imported at start-up, not lazily here: an import opens
                 # files, and a worker at its fd limit died of that OSError with all its
                 # sessions.
                 context, unread = import_session(mechanism, inner, clock=self.clock)
+                imported = _Imported(handoff_id, sock, None, context, unread, mechanism.name)
         except GSSError as error:
             if sock is not None:
                 sock.close()
@@ -286,21 +369,22 @@ class HandoffReceiver:
                 os.close(fd)
             self.refused += 1
             log.warning("handoff %d refused: %s", handoff_id, error)
-            if handoff_id:
-                await self._ack(Ack(handoff_id, error.major, error.minor))
-            return None
-        assert sock is not None  # the try above returned unless it was set
-        # The ACK goes out before any I/O on the client socket: see the module docstring.
-        await self._ack(Ack(handoff_id))
+            return None, Ack(handoff_id, error.major, error.minor)
         self.accepted += 1
-        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        if mechanism is TLS:
-            return self._tls_stream(transport, tls_export, handoff_id, message)
+        return imported, Ack(handoff_id)
+
+    def _stream(self, imported: _Imported, message: Received) -> SecureStream | TlsStream:
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(imported.sock))
+        handoff_id = imported.handoff_id
+        if imported.tls is not None:
+            return self._tls_stream(transport, imported.tls, handoff_id, message)
+        context = imported.context
+        assert context is not None
         log.debug("handoff %d imported: peer %s, flags %s, context %s", handoff_id,
                   context.peer_name, int(context.flags), context.context_id)
         decoder = FrameDecoder()
-        if unread:
-            decoder.feed(unread)
+        if imported.unread:
+            decoder.feed(imported.unread)
         info: dict[str, object] = {
             "peer_name": context.peer_name,
             "peer_fingerprint": context.peer_fingerprint,
@@ -308,7 +392,7 @@ class HandoffReceiver:
             "anonymous": context.anonymous,
             "handoff_id": handoff_id,
             "context_id": context.context_id,
-            "mechanism": mechanism.name,
+            "mechanism": imported.mechanism,
             "sender": message.attributes,
             "worker_pid": os.getpid(),
         }
@@ -334,8 +418,14 @@ class HandoffReceiver:
             "sender": message.attributes,
             "worker_pid": os.getpid(),
         }
-        return TlsStream(transport, session_from_export(export), unread=export.unread,
-                         expiry=export.expiry, info=info)
+        session = session_from_export(export)
+        support = ktls.probe() if self.ktls != "off" else None
+        if support is not None and kernel_wanted(self.ktls, export.suite, support):
+            return KernelTlsStream(transport, session, support=support,
+                                   unread=export.unread, expiry=export.expiry, info=info)
+        info["ktls"] = False
+        return TlsStream(transport, session, unread=export.unread, expiry=export.expiry,
+                         info=info)
 
     def _verify_sender(self, message: Received) -> None:
         _check_sender(message, self._policy)
@@ -412,7 +502,11 @@ async def _receive(channel: Channel, acceptor_process: int | None) -> Received:
     handoff for nothing, so it is closed at once.  A mismatch closes every fd the
     message carried and raises ``PEER_PID_MISMATCH``.
     """
-    message = await channel.receive()
+    return _checked(await channel.receive(), acceptor_process)
+
+
+def _checked(message: Received, acceptor_process: int | None) -> Received:
+    """:func:`_receive`'s check of one message already received."""
     attributes = message.attributes
     if attributes is None:
         return message
@@ -425,11 +519,11 @@ async def _receive(channel: Channel, acceptor_process: int | None) -> Received:
     if attributes.process is None:
         # The kernel sends a negative errno instead of a pidfd it could not install (this
         # worker at its fd limit): fail closed rather than skip the pidfd check.
-        _close_fd(message.fd)
+        message.close_fds()
         raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH,
                        f"no pidfd for pid {attributes.pid} (fd limit?): cannot verify the sender")
     if attributes.process != acceptor_process:
-        _close_fd(message.fd)
+        message.close_fds()
         raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH,
                        f"pid {attributes.pid} is not the acceptor's process (pidfd)")
     return message

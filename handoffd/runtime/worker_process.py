@@ -38,12 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-format", default="text")
     # [policy] acceptor_labels: LSM contexts the channel and its messages must come from.
     parser.add_argument("--acceptor-label", action="append", default=[])
+    # [tls] ktls: whether TLS sessions move into the kernel (docs/TLS.md).
+    parser.add_argument("--ktls", choices=("auto", "on", "off"), default="auto")
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format, role="worker")
     log = logging.getLogger("handoffd.worker")
     try:
         # Adopt the key grant first: nothing else runs with the acceptor's session keyring.
-        receiver = HandoffReceiver.inherited(acceptor_labels=args.acceptor_label)
+        receiver = HandoffReceiver.inherited(acceptor_labels=args.acceptor_label,
+                                             ktls=args.ktls)
         if args.app is not None:
             handler = load_app(args.app, pythonpath=args.pythonpath)
             run = partial(serve, receiver, handler, drain_timeout=args.drain_timeout)
