@@ -239,8 +239,15 @@ async def _both_used(daemon: RunningDaemon, rounds: int = 20) -> dict[str, Any]:
 
 
 async def _acceptor_rows(daemon: RunningDaemon) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = (await daemon.status())["acceptors"]
-    return rows
+    """``status``'s acceptors; a query cut off by a handover or a dying acceptor 0 is
+    retried."""
+    with trio.fail_after(30):
+        while True:
+            try:
+                rows: list[dict[str, Any]] = (await daemon.status())["acceptors"]
+                return rows
+            except GSSError:
+                await trio.sleep(0.05)
 
 
 @supervised
@@ -393,11 +400,7 @@ async def test_sigkill_to_one_acceptor_loses_no_handed_off_session_and_it_is_rep
             for _ in range(8):
                 await echo_session(daemon, messages=1)
             while True:
-                try:
-                    rows = await _acceptor_rows(daemon)
-                except GSSError:  # acceptor 0 (the control socket's) is starting
-                    await trio.sleep(0.05)
-                    continue
+                rows = await _acceptor_rows(daemon)  # waits for a new acceptor 0
                 if rows[index].get("pid") not in (None, victim) and all(
                         row.get("workers") == 2 for row in rows):
                     break
@@ -441,5 +444,36 @@ async def test_reload_and_restart_with_two_acceptors_fail_no_client(tmp_path: Pa
         rows = await _acceptor_rows(daemon)
         assert len(rows) == 2 and all(row["state"] == "running" for row in rows)
         assert "ACCEPTOR_DIED" not in log.read_text()
+    finally:
+        assert await daemon.stop() == 0
+
+
+@supervised
+async def test_the_number_of_acceptors_changes_at_a_restart_not_at_a_reload(
+        tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=4, log=log)
+    config = tmp_path / "handoffd.toml"
+    try:
+        assert len(await _acceptor_rows(daemon)) == 1
+        config.write_text(config.read_text().replace("[server]\n", TWO, 1))
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        await _wait_log(log, "[server] acceptors changed but take effect at the next restart")
+        assert len(await _acceptor_rows(daemon)) == 1
+        os.kill(daemon.process.pid, signal.SIGUSR2)
+        await _wait_log(log, "restarted: acceptor pid")
+        with trio.fail_after(30):
+            while len(rows := await _acceptor_rows(daemon)) != 2 or not all(
+                    row.get("workers") == 2 for row in rows):
+                await trio.sleep(0.05)
+        await _both_used(daemon)
+        # And back to one.
+        config.write_text(config.read_text().replace("acceptors = 2\n", "", 1))
+        os.kill(daemon.process.pid, signal.SIGUSR2)
+        await _wait_log(log, "restarted: acceptor pid", count=2)
+        with trio.fail_after(30):
+            while len(rows := await _acceptor_rows(daemon)) != 1 or rows[0]["workers"] != 4:
+                await trio.sleep(0.05)
+        await echo_session(daemon, messages=1)
     finally:
         assert await daemon.stop() == 0
