@@ -131,7 +131,8 @@ demo-https: venv
 	$(BIN)/python -m examples.https.demo
 
 # handoffd against its alternatives (docs/BENCHMARKS.md); not part of `make test`.
-# Writes bench/results/latest.json and latest.png, prints the table (~4 min on 2 cores).
+# Writes bench/results/latest.json and latest.png, prints the table (~7 min on 2 cores;
+# bench/acceptors.py, [server] acceptors 1 against 2, is ~2.5 of them).
 bench: venv
 	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.run

@@ -442,6 +442,13 @@ def under_attack_section(quick: bool) -> dict[str, Any]:
         return under_attack.run(scenario, Path(tmp))
 
 
+def acceptors_section(s: Settings, quick: bool) -> dict[str, Any]:
+    """``bench/acceptors.py``: conn/s with ``[server] acceptors`` = 1 and 2."""
+    from bench import acceptors
+
+    return acceptors.run(s, quick=quick)
+
+
 def web_section(s: Settings) -> dict[str, Any]:
     """``bench/web.py``: requests/s of examples.asgi through handoffd and plain hypercorn."""
     from bench import web
@@ -571,12 +578,22 @@ def table(r: dict[str, Any]) -> str:
         f"TLS contender: {r['tls_negotiated']['version']} {r['tls_negotiated']['group']} "
         f"{r['tls_negotiated']['cipher']}, {r['tls_negotiated']['certificate']} (asserted)",
         *under_attack_lines(r),
+        *acceptors_lines(r),
         *web_lines(r),
         "",
         "targets: " + ", ".join(f"{k} {'MET' if v else 'NOT MET'}"
                                 for k, v in r["targets"].items()),
     ]
     return "\n".join(lines)
+
+
+def acceptors_lines(r: dict[str, Any]) -> list[str]:
+    """The ``acceptors`` rows of the table (none in a result from before it existed)."""
+    if "acceptors" not in r:
+        return []
+    from bench.acceptors import lines
+
+    return lines(r["acceptors"])
 
 
 def web_lines(r: dict[str, Any]) -> list[str]:
@@ -684,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     # Last, on a fresh daemon: hostile clients beside a legitimate one (bench/under_attack).
     print("under attack: slowloris + replay flood beside a legitimate client ...", flush=True)
     result["under_attack"] = under_attack_section(args.quick)
+    # One acceptor against two, acceptor-bound (CPU-capped) and as is (bench/acceptors.py).
+    print("acceptors: 1 against 2, capped and uncapped ...", flush=True)
+    result["acceptors"] = acceptors_section(s, args.quick)
     # The ASGI example through handoffd against plain hypercorn, TLS both (bench/web.py).
     print("web: the ASGI example through handoffd and under plain hypercorn ...", flush=True)
     result["web"] = web_section(s)

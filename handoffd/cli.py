@@ -177,12 +177,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if privsep:
         print(("INSECURE: " if privsep["insecure_same_uid"] else "separated: ")
               + f"acceptor uid {privsep['acceptor_uid']}, workers {privsep['workers']}")
+    acceptors = snapshot.get("acceptors", [])
+    several = len(acceptors) > 1
+    if several:
+        print(f"{'acceptor':>8} {'pid':>8} {'state':>11} {'workers':>7} {'accepted':>9} "
+              f"{'handshakes':>10} {'handoffs':>9} {'in-flight':>9} {'active':>7}")
+        for a in acceptors:
+            if a.get("state") == "unreachable":
+                print(f"{a['index']:>8} {'-':>8} {'unreachable':>11}")
+                continue
+            print(f"{a['index']:>8} {a['pid']:>8} {a['state']:>11} {a['workers']:>7} "
+                  f"{a['accepted']:>9} {a['handshakes_ok']:>10} {a['handoffs']:>9} "
+                  f"{a['in_flight']:>9} {a['sessions_active']:>7}")
     print(f"{'worker':>6} {'pid':>8} {'uid':>7} {'state':>9} {'in-flight':>9} {'handled':>8} "
-          f"{'active':>7} {'restarts':>8}")
+          f"{'active':>7} {'restarts':>8}" + (f" {'acceptor':>8}" if several else ""))
     for w in snapshot["workers"]:
         print(f"{w['index']:>6} {w['pid'] or '-':>8} {w.get('uid') or '-':>7} {w['state']:>9} "
               f"{w['in_flight']:>9} {w['handled']:>8} {w.get('active', 0):>7} "
-              f"{w['restarts']:>8}")
+              f"{w['restarts']:>8}" + (f" {w.get('acceptor', 0):>8}" if several else ""))
     slots = snapshot.get("handshake_slots", {})
     print(f"sessions: {snapshot.get('sessions_active', 0)} active; ended "
           f"{totals.get('sessions_closed', 0)} closed, {totals.get('sessions_app_error', 0)} "

@@ -70,6 +70,12 @@ class ServerConfig:
     group: str | None = None
     """The acceptor's group (name or gid); None: ``user``'s primary group (or gid =
     uid for a uid with no passwd entry)."""
+    acceptors: int = 1
+    """Acceptor processes accepting on the same listening sockets (1 to
+    :data:`MAX_ACCEPTORS`), each under ``user`` and each starting and feeding its own
+    share of ``[workers] count`` (so at most ``count``); more than 1 needs the
+    supervisor (``serve`` as root).  ``max_handshakes`` counts per acceptor.  Applied
+    at a restart (SIGUSR2), not a reload.  docs/PRIVSEP.md, "Several acceptors"."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,10 @@ _POSITIVE: frozenset[tuple[str, str]] = frozenset({
     ("server", "first_token_timeout"), ("control", "max_connections"), ("control", "timeout"),
 })
 
-UID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to setresuid
+UID_MAX = 2**32 - 2
+MAX_ACCEPTORS = 64
+"""The most ``[server] acceptors``: one per core on a large machine, bounded so that a
+typo cannot start thousands of key-holding processes."""  # (uid_t)-1 means "unchanged" to setresuid
 
 
 def _invalid(where: str, why: str) -> GSSError:
@@ -336,6 +345,12 @@ def parse_config(data: Mapping[str, object], *, base: Path, path: Path | None = 
     if config.control.metrics is not None:
         _check_address("[control] metrics", config.control.metrics)
     server = config.server
+    if not 1 <= server.acceptors <= MAX_ACCEPTORS:
+        raise _invalid("[server] acceptors", f"must be from 1 to {MAX_ACCEPTORS}")
+    if server.acceptors > max(1, config.workers.count):
+        raise _invalid("[server] acceptors", f"{server.acceptors} acceptors need at least as "
+                       f"many spawned workers ([workers] count = {config.workers.count}): each "
+                       "acceptor feeds a share of its own")
     if server.source_prefix_v4 > 32 or server.source_prefix_v6 > 128:
         raise _invalid("[server] source_prefix_v4/v6", "at most 32 (IPv4) and 128 (IPv6)")
     if server.max_handshakes_per_source < 0:
@@ -464,9 +479,9 @@ def _check_mechanisms(config: Config) -> None:
 
 RESTART_ONLY: frozenset[tuple[str, str]] = frozenset({
     ("server", "listen"), ("server", "backlog"), ("server", "user"), ("server", "group"),
-    ("workers", "register_socket"), ("workers", "register_group"), ("workers", "user"),
-    ("workers", "group"), ("workers", "uid_range"), ("workers", "insecure_same_uid"),
-    ("workers", "keyring"), ("workers", "max_unacked"),
+    ("server", "acceptors"), ("workers", "register_socket"), ("workers", "register_group"),
+    ("workers", "user"), ("workers", "group"), ("workers", "uid_range"),
+    ("workers", "insecure_same_uid"), ("workers", "keyring"), ("workers", "max_unacked"),
     ("control", "socket"), ("control", "metrics"), ("log", "format"), ("tls", "listen"),
 })
 """Settings a reload (SIGHUP) cannot change: sockets are bound, uids and key slots
@@ -479,6 +494,12 @@ BOUND_SOCKETS: frozenset[tuple[str, str]] = frozenset({
 })
 """What even the zero-downtime restart (SIGUSR2) keeps: its new acceptor generation
 takes over the listening sockets the supervisor bound at start."""
+
+
+def worker_share(count: int, index: int, acceptors: int) -> int:
+    """How many of ``count`` spawned workers acceptor ``index`` of ``acceptors`` starts:
+    an equal share, the first ``count % acceptors`` acceptors one more."""
+    return count // acceptors + (1 if index < count % acceptors else 0)
 
 
 def merge_reloaded(running: Config, new: Config, *,

@@ -38,6 +38,10 @@ def test_bench_quick_run_writes_the_documented_schema(tmp_path: Path) -> None:
     assert set(web["requests_per_s"]) == {"handoffd", "hypercorn"}
     assert all(_number(v) and v > 0 for v in web["requests_per_s"].values())
     assert web["client_errors"] == {"handoffd": 0, "hypercorn": 0}
+    pair = result["acceptors"]["uncapped"]  # [server] acceptors = 1 against 2
+    assert set(pair["conn_per_s"]) == {"1", "2"} and pair["errors"] == 0
+    assert all(_number(v) and v > 0 for v in pair["conn_per_s"].values())
+    assert [len(run["handshake_share"]) for run in pair["runs"]["2"]] == [2]
     assert set(result["rss_mib"]) == {"acceptor", "worker"}
     assert all(_number(v) and v > 0 for v in result["rss_mib"].values())
     assert isinstance(result["fd_count_after"], int) and result["fd_count_after"] > 0

@@ -21,6 +21,9 @@ EXITED       S -> A   worker_id (16) | status (i32): the worker and all it spawn
 SIGNAL       A -> S   worker_id (16) | signal (u8): 15 (TERM: drain) or 9 (KILL: with all
                       it spawned)
 NOTIFY       A -> S   systemd notification lines (UTF-8), forwarded by the supervisor
+PEER         S -> A   index (u16) + fd: to acceptor 0 of a set of ``[server] acceptors``,
+                      its end of the status socketpair the supervisor made for acceptor
+                      ``index`` (status and metrics are answered for all by acceptor 0)
 ===========  =======  ================================================================
 """
 
@@ -44,6 +47,7 @@ __all__ = [
     "MAX_MESSAGE",
     "Exited",
     "Notify",
+    "Peer",
     "SigKind",
     "Signal",
     "Spawn",
@@ -75,6 +79,7 @@ class SigKind(IntEnum):
     EXITED = 4
     SIGNAL = 5
     NOTIFY = 6
+    PEER = 7
 
 
 _ID = struct.Struct(">16s")
@@ -82,6 +87,7 @@ _SPAWNED = struct.Struct(">16sII")
 _FAILED = struct.Struct(">16sII")
 _EXITED = struct.Struct(">16si")
 _SIGNAL = struct.Struct(">16sB")
+_PEER = struct.Struct(">H")
 
 
 def _bad(what: str) -> GSSError:
@@ -219,7 +225,27 @@ class Notify:
         return cls(fields)
 
 
-Message = Spawn | Spawned | SpawnFailed | Exited | Signal | Notify
+@dataclass(frozen=True)
+class Peer:
+    """The fd that comes with it reaches acceptor ``index`` of the same set (status)."""
+
+    index: int
+
+    def encode(self) -> bytes:
+        return bytes([SigKind.PEER]) + _PEER.pack(self.index)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Peer:
+        try:
+            (index,) = _PEER.unpack(body)
+        except struct.error:
+            raise _bad("PEER malformed") from None
+        if index == 0:
+            raise _bad("PEER for acceptor 0")
+        return cls(index)
+
+
+Message = Spawn | Spawned | SpawnFailed | Exited | Signal | Notify | Peer
 
 _DECODERS: Final[dict[SigKind, Callable[[bytes], Message]]] = {
     SigKind.SPAWN: Spawn.decode,
@@ -228,6 +254,7 @@ _DECODERS: Final[dict[SigKind, Callable[[bytes], Message]]] = {
     SigKind.EXITED: Exited.decode,
     SigKind.SIGNAL: Signal.decode,
     SigKind.NOTIFY: Notify.decode,
+    SigKind.PEER: Peer.decode,
 }
 
 

@@ -484,23 +484,23 @@ class AcceptorParking:
         return len(self._worker(worker_id).in_flight)
 
 
-def quota_needed(workers: int, slots: int) -> tuple[int, int]:
+def quota_needed(workers: int, slots: int, acceptors: int = 1) -> tuple[int, int]:
     """Keys and bytes of key quota ``workers`` workers with ``slots`` slots each hold.
 
-    Measured on 6.18 (docs/PRIVSEP.md): one key for the acceptor's process keyring, per
+    Measured on 6.18 (docs/PRIVSEP.md): one key for each acceptor's process keyring, per
     worker a keyring (~40 bytes with its description) and per slot a 41-byte payload,
     its description and a link (~51 bytes); rounded up.
     """
-    return 1 + workers * (slots + 1), 5 + workers * (40 + 51 * slots)
+    return acceptors + workers * (slots + 1), 5 * acceptors + workers * (40 + 51 * slots)
 
 
-def check_quota(workers: int, slots: int, uid: int) -> str | None:
+def check_quota(workers: int, slots: int, uid: int, acceptors: int = 1) -> str | None:
     """Refuse a pool the key quota of ``uid`` cannot hold (``KEYRING_QUOTA``); return a
     warning when it cannot hold two pools at once, as a SIGHUP roll briefly needs."""
     if uid == 0:
         return None  # root's quota: 1e6 keys, 25 MB
     usage = keyring.read_key_users(uid)
-    keys, nbytes = quota_needed(workers, slots)
+    keys, nbytes = quota_needed(workers, slots, acceptors)
     advice = ("lower [workers] count or max_unacked, or raise the sysctls "
               "kernel.keys.maxkeys and kernel.keys.maxbytes")
     if usage.maxkeys and (keys > usage.maxkeys or nbytes > usage.maxbytes):
@@ -508,7 +508,7 @@ def check_quota(workers: int, slots: int, uid: int) -> str | None:
                        f"{workers} workers with {slots} key slots need {keys} keys and "
                        f"{nbytes} bytes of uid {uid}'s key quota ({usage.maxkeys} keys, "
                        f"{usage.maxbytes} bytes): {advice}")
-    rolled_keys, rolled_bytes = quota_needed(2 * workers, slots)
+    rolled_keys, rolled_bytes = quota_needed(2 * workers, slots, acceptors)
     if usage.maxkeys and (rolled_keys > usage.maxkeys or rolled_bytes > usage.maxbytes):
         return (f"a SIGHUP roll holds the keys of old and new workers at once "
                 f"({rolled_keys} keys, {rolled_bytes} bytes), more than uid {uid}'s quota "

@@ -24,7 +24,9 @@ from handoffd.runtime.binding import BoundSockets
 from handoffd.runtime.daemon import Daemon
 from handoffd.runtime.spawner import LinkNotifier, SupervisedSpawner
 from handoffd.runtime.supervisor import (
+    ENV_SUPERVISOR_ACCEPTOR,
     ENV_SUPERVISOR_FD,
+    ENV_SUPERVISOR_PEER_FD,
     ENV_SUPERVISOR_PID,
     ENV_WATCHDOG_USEC,
     process_plan,
@@ -47,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("handoffd.acceptor")
     try:
         config = load_config(args.config)
-        setup_logging(config.log.level, config.log.format, role="acceptor")
+        index = os.environ.get(ENV_SUPERVISOR_ACCEPTOR, "0/1").partition("/")[0]
+        setup_logging(config.log.level, config.log.format,
+                      role="acceptor" if index == "0" else f"acceptor-{index}")
         if effective_capabilities() != 0:
             log.error("the acceptor holds capabilities (CapEff %#x): refusing to run",
                       effective_capabilities())
@@ -55,11 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         link = SupervisorLink.from_fd(int(os.environ.pop(ENV_SUPERVISOR_FD)))
         bound = BoundSockets.from_environ(os.environ)
         watchdog = os.environ.pop(ENV_WATCHDOG_USEC, None)
+        index, _, count = os.environ.pop(ENV_SUPERVISOR_ACCEPTOR, "0/1").partition("/")
+        peer_fd = os.environ.pop(ENV_SUPERVISOR_PEER_FD, None)
         plan = process_plan(config, privileged=True)
         daemon = Daemon(config, bound=bound, spawner=SupervisedSpawner(link),
                         notifier=LinkNotifier(link), join_session=False,
                         watchdog_period=int(watchdog) / 2e6 if watchdog else None,
-                        privsep=plan.describe())
+                        privsep=plan.describe(), acceptor_index=int(index),
+                        acceptors=int(count),
+                        peer=None if peer_fd is None else int(peer_fd))
         trio.run(daemon.run)
     except GSSError as error:
         log.error("acceptor cannot run: %s (major %#010x, minor %d)", error, error.major,

@@ -169,7 +169,7 @@ async def _answer(daemon: Daemon, stream: trio.SocketStream) -> None:
     except (ValueError, AttributeError):
         command = None
     if command == "status":
-        reply = daemon.snapshot()
+        reply = await daemon.gathered_snapshot()
     else:
         reply = {"error": "unknown command; try {\"command\": \"status\"}"}
     await stream.send_all(json.dumps(reply).encode() + b"\n")
@@ -365,6 +365,21 @@ def render_metrics(snapshot: dict[str, Any],
            "for a worker to take them", [({}, snapshot["waiting_for_worker"])])
     metric("in_flight", "gauge", "Handoffs awaiting acknowledgement",
            [({}, sum(w["in_flight"] for w in snapshot["workers"]))])
+    acceptors = [a for a in snapshot.get("acceptors", []) if a.get("state") != "unreachable"]
+    if acceptors:
+        metric("acceptors", "gauge", "Acceptor processes answering ([server] acceptors; "
+               "one that did not answer acceptor 0 within a second is left out)",
+               [({}, len(acceptors))])
+        for key, kind, help_text in [
+            ("accepted_total", "counter", "TCP connections accepted, by acceptor"),
+            ("handshakes_ok_total", "counter", "Handshakes completed, by acceptor"),
+            ("handoffs_total", "counter", "Handoffs sent to workers, by acceptor"),
+            ("workers", "gauge", "Ready workers fed by each acceptor"),
+            ("in_flight", "gauge", "Handoffs awaiting acknowledgement, by acceptor"),
+        ]:
+            field = key.removesuffix("_total")
+            metric(f"acceptor_{key}", kind, help_text,
+                   [({"acceptor": str(a["index"])}, a[field]) for a in acceptors])
     latency = snapshot["handoff_latency_seconds"]
     name = "handoffd_handoff_latency_seconds"
     lines.extend(_family(
@@ -415,7 +430,7 @@ async def _respond(daemon: Daemon, stream: trio.SocketStream) -> None:
     if target.split(b"?", 1)[0] not in (b"/metrics", b"/"):
         response = _http(404, "Not Found", b"metrics are at /metrics\n")
     else:
-        response = _http(200, "OK", render_metrics(daemon.snapshot()).encode(),
+        response = _http(200, "OK", render_metrics(await daemon.gathered_snapshot()).encode(),
                          content_type=b"text/plain; version=0.0.4; charset=utf-8")
     if method == b"HEAD":
         response = response.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"

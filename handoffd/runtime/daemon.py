@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import logging
 import os
 import signal
@@ -35,13 +36,13 @@ import socket
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from handoffd.config import Config, load_config, merge_reloaded
+from handoffd.config import Config, load_config, merge_reloaded, worker_share
 from handoffd.core.admission import Admission, Slot, SourceFull, Stage, source_of
 from handoffd.core.framing import FrameDecoder, FrameType, encode_error, encode_frame
 from handoffd.core.handoff import (
@@ -74,7 +75,14 @@ from handoffd.minor import Minor
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
 from handoffd.runtime.control import EndpointStats
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
-from handoffd.runtime.spawner import LocalChild, LocalSpawner, Spawner, WorkerProcess, spawn_local
+from handoffd.runtime.spawner import (
+    LocalChild,
+    LocalSpawner,
+    Spawner,
+    SupervisedSpawner,
+    WorkerProcess,
+    spawn_local,
+)
 from handoffd.runtime.supervisor import ProcessPlan
 from handoffd.runtime.tls_stream import accept_tls_handshake
 from handoffd.runtime.wire import PeerReportedError, accept_any_handshake, send_error
@@ -208,7 +216,13 @@ class Stats:
     def latency_quantiles(self, scale: float = 1e6) -> dict[str, float | None]:
         """p50 and p99 of the recent handoff latencies, in microseconds (``scale``: what a
         second counts as; 1.0 for seconds)."""
-        sample = sorted(self.latencies)
+        return self.quantiles_of(self.latencies, scale)
+
+    @staticmethod
+    def quantiles_of(latencies: Iterable[float], scale: float = 1e6
+                     ) -> dict[str, float | None]:
+        """p50 and p99 of ``latencies`` (seconds), times ``scale``."""
+        sample = sorted(latencies)
         if not sample:
             return {"p50": None, "p99": None}
 
@@ -224,6 +238,80 @@ class Stats:
                 **self.latency_quantiles(1.0)}
 
 
+@dataclass
+class _Peer:
+    """Acceptor 0's socket to another acceptor of its set (status and metrics)."""
+
+    sock: trio.socket.SocketType
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    sequence: int = 0
+
+
+_PEER_ASK = b"status?"
+_PEER_MAX = 4 << 20
+_PEER_TIMEOUT = 1.0
+
+_SUMMED = ("sessions_active", "waiting_for_worker")
+_MERGED_COUNTERS = ("handshake_failures", "refused_by_worker")
+
+
+def merge_snapshots(own: dict[str, Any], own_latencies: list[float],
+                    others: dict[int, dict[str, Any] | None]) -> dict[str, Any]:
+    """Acceptor 0's snapshot ``own`` with the other acceptors' reports folded in.
+
+    Everything a single acceptor reports keeps its key and meaning for the whole set:
+    totals, handshake slots (capacity: ``max_handshakes`` per acceptor, summed), the
+    per-outcome counters and gauges are summed; ``workers`` lists every acceptor's
+    (each with its ``acceptor``); the handoff latency's p50 and p99 are taken over every
+    acceptor's recent handoffs, its sum and count summed.  ``pid``, ``uptime_s`` and
+    ``state`` stay acceptor 0's.  ``acceptors`` lists each acceptor's own figures:
+    ``{"index", "pid", "state", "workers", "accepted", "handshakes_ok", "handoffs",
+    "acked", "in_flight", "sessions_active"}``, or ``{"index", "state": "unreachable"}``.
+    """
+    merged: dict[str, Any] = json.loads(json.dumps(own))  # a deep copy of plain data
+    samples = list(own_latencies)
+    rows = [_acceptor_row(0, own)]
+    for index in sorted(others):
+        report = others[index]
+        snapshot = report.get("snapshot") if isinstance(report, dict) else None
+        if not isinstance(snapshot, dict):
+            rows.append({"index": index, "state": "unreachable"})
+            continue
+        rows.append(_acceptor_row(index, snapshot))
+        merged["workers"] = [*merged["workers"], *snapshot.get("workers", [])]
+        for key, value in snapshot.get("totals", {}).items():
+            merged["totals"][key] = merged["totals"].get(key, 0) + value
+        for key, value in snapshot.get("handshake_slots", {}).items():
+            merged["handshake_slots"][key] = merged["handshake_slots"].get(key, 0) + value
+        for key in _SUMMED:
+            merged[key] = merged.get(key, 0) + snapshot.get(key, 0)
+        for key in _MERGED_COUNTERS:
+            counter = Counter(merged.get(key, {}))
+            counter.update(snapshot.get(key, {}))
+            merged[key] = dict(counter)
+        latency = snapshot.get("handoff_latency_seconds", {})
+        merged["handoff_latency_seconds"]["sum"] += latency.get("sum", 0.0)
+        merged["handoff_latency_seconds"]["count"] += latency.get("count", 0)
+        samples.extend(x / 1e6 for x in report.get("latencies_us", ()))  # type: ignore[union-attr]
+    if len(rows) > 1:
+        quantiles = Stats.quantiles_of(samples, 1.0)
+        merged["handoff_latency_seconds"].update(quantiles)
+        merged["handoff_latency_us"] = Stats.quantiles_of(samples, 1e6)
+    merged["acceptors"] = rows
+    return merged
+
+
+def _acceptor_row(index: int, snapshot: dict[str, Any]) -> dict[str, Any]:
+    totals = snapshot.get("totals", {})
+    workers = snapshot.get("workers", [])
+    return {"index": index, "pid": snapshot.get("pid"), "state": snapshot.get("state"),
+            "workers": sum(1 for w in workers if w.get("state") == "ready"),
+            **{key: totals.get(key, 0) for key in ("accepted", "handshakes_ok", "handoffs",
+                                                     "acked")},
+            "in_flight": sum(w.get("in_flight", 0) for w in workers),
+            "sessions_active": snapshot.get("sessions_active", 0)}
+
+
 class Daemon:
     """The acceptor + supervisor.  Run with ``await daemon.run(task_status=...)``."""
 
@@ -231,8 +319,17 @@ class Daemon:
                  bound: BoundSockets | None = None, spawner: Spawner | None = None,
                  notifier: Any = None, join_session: bool = True,
                  watchdog_period: float | None = None,
-                 privsep: dict[str, Any] | None = None) -> None:
+                 privsep: dict[str, Any] | None = None, acceptor_index: int = 0,
+                 acceptors: int = 1, peer: int | None = None) -> None:
         self.config = config
+        self.acceptor_index = acceptor_index
+        """Which of the ``[server] acceptors`` this is (0 answers control and metrics for
+        all, and takes external workers' registrations)."""
+        self.acceptors = acceptors
+        self._peer_fd = peer
+        self._peers: dict[int, _Peer] = {}
+        if acceptor_index == 0 and isinstance(spawner, SupervisedSpawner):
+            spawner.on_peer = self._add_peer
         self.bound = bound
         self.spawner: Spawner = spawner if spawner is not None else LocalSpawner(config)
         self.privsep = privsep if privsep is not None else ProcessPlan(
@@ -246,7 +343,7 @@ class Daemon:
         self._external_parking: AcceptorParking | None = None
         self._external_index = itertools.count(1000)
         self.registrations_refused = 0
-        self.target_count = config.workers.count
+        self.target_count = worker_share(config.workers.count, acceptor_index, acceptors)
         self.restarts: Counter[int] = Counter()
         self.listeners: list[trio.SocketListener] = []
         self.addresses: list[tuple[str, int]] = []
@@ -302,8 +399,10 @@ class Daemon:
         if nofile_warning:
             log.warning("fd limit: %s", nofile_warning)
         if self.parking.mode == KEYRING:
-            warning = check_quota(self.target_count, self.config.workers.max_unacked,
-                                  os.getuid())
+            # Every acceptor's keys count on the one acceptor uid.
+            warning = check_quota(max(self.target_count, self.config.workers.count),
+                                  self.config.workers.max_unacked, os.getuid(),
+                                  self.acceptors)
             if warning:
                 log.warning("key quota: %s", warning)
         if self.privsep["insecure_same_uid"]:
@@ -874,8 +973,9 @@ class Daemon:
             self.admission.per_source = config.server.max_handshakes_per_source
             self.spawner.reconfigure(config)
             self._log_fingerprint()
-            if config.workers.count != self.target_count:
-                self._resize(config.workers.count)
+            share = worker_share(config.workers.count, self.acceptor_index, self.acceptors)
+            if share != self.target_count:
+                self._resize(share)
         self._roll()
 
     def _roll(self) -> None:
@@ -949,6 +1049,11 @@ class Daemon:
                 # Every slot holds a finished handshake waiting for a worker: nothing to
                 # evict.  Newcomers wait in the listen backlog until a slot frees.
                 await self._slot_freed.wait()
+            while self.acceptors > 1 and self._workers_all_full():
+                # Several acceptors take from the same backlog: while every worker of
+                # this one holds max_unacked handoffs, leave the next connection to an
+                # acceptor whose workers have room.
+                await self._capacity.wait()
             try:
                 stream = await listener.accept()
             except OSError as error:
@@ -1068,6 +1173,13 @@ class Daemon:
         if not candidates:
             return None
         return min(candidates, key=lambda w: (len(w.in_flight), w.handled))
+
+    def _workers_all_full(self) -> bool:
+        """Some worker is ready and none of those has room for another handoff."""
+        ready = [w for w in (*self.workers.values(), *self.external.values())
+                 if w.state == "ready"]
+        limit = self.config.workers.max_unacked
+        return bool(ready) and all(len(w.in_flight) >= limit for w in ready)
 
     def _wake_dispatchers(self) -> None:
         self._capacity.set()
@@ -1250,6 +1362,14 @@ class Daemon:
         assert self.bound is not None
         with self._operations:
             async with trio.open_nursery() as nursery:
+                if self.acceptor_index != 0:
+                    # Acceptor 0 serves these sockets for the whole set and asks this one
+                    # for its figures over the supervisor's socketpair.
+                    if self._peer_fd is not None:
+                        nursery.start_soon(self._answer_peer, self._peer_fd)
+                        self._peer_fd = None
+                    task_status.started()
+                    return
                 if self.bound.register is not None:
                     await nursery.start(self._serve_registrations, self.bound.register)
                 if self.bound.control is not None:
@@ -1276,8 +1396,85 @@ class Daemon:
         return (f"{ready}/{self.target_count} workers ready, {self.stats.acked} handoffs, "
                 f"{sum(self.stats.handshake_failures.values())} handshake failures")
 
+    async def gathered_snapshot(self) -> dict[str, Any]:
+        """What ``handoffd status`` and the metrics show: this acceptor's
+        :meth:`snapshot`, and with several acceptors (this one is acceptor 0) every
+        other's, asked over the supervisor's socketpairs and merged
+        (:func:`merge_snapshots`).  An acceptor that does not answer within a second
+        (starting, dead, stuck) is listed as ``unreachable`` and counted in nothing."""
+        own = self.snapshot()
+        others: dict[int, dict[str, Any] | None] = {
+            index: None for index in range(1, self.acceptors)}
+        if self.acceptors > 1:
+            async with trio.open_nursery() as nursery:
+                async def ask(index: int) -> None:
+                    others[index] = await self._ask_peer(index)
+
+                for index in others:
+                    nursery.start_soon(ask, index)
+        return merge_snapshots(own, list(self.stats.latencies), others)
+
+    def _add_peer(self, index: int, fd: int) -> None:
+        """The supervisor's PEER: the socket to ask acceptor ``index`` for its figures
+        (a replacement acceptor's replaces the dead one's)."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET \
+                or not 0 < index < self.acceptors:
+            log.error("supervisor sent an unusable status socket for acceptor %d", index)
+            sock.close()
+            return
+        old = self._peers.pop(index, None)
+        if old is not None:
+            old.sock.close()
+        self._peers[index] = _Peer(trio.socket.from_stdlib_socket(sock))
+
+    async def _ask_peer(self, index: int) -> dict[str, Any] | None:
+        peer = self._peers.get(index)
+        if peer is None:
+            return None
+        async with peer.lock:
+            peer.sequence += 1
+            tag = peer.sequence.to_bytes(8, "big")
+            with trio.move_on_after(_PEER_TIMEOUT):
+                try:
+                    await peer.sock.send(_PEER_ASK + tag)
+                    while True:
+                        data = await peer.sock.recv(_PEER_MAX)
+                        if not data:
+                            return None
+                        if data[:8] == tag:  # an answer to an earlier, abandoned ask: skip
+                            report: dict[str, Any] = json.loads(data[8:])
+                            return report
+                except (OSError, ValueError, trio.ClosedResourceError):
+                    return None
+        return None
+
+    async def _answer_peer(self, fd: int) -> None:
+        """Acceptor ``index`` > 0: answer acceptor 0's asks with this one's snapshot and
+        recent handoff latencies, until the socket ends or the operations stop."""
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        with sock:
+            while True:
+                try:
+                    data = await sock.recv(64)
+                except OSError:
+                    return
+                if not data:
+                    return
+                if len(data) != len(_PEER_ASK) + 8 or not data.startswith(_PEER_ASK):
+                    continue
+                report = {"snapshot": self.snapshot(),
+                          "latencies_us": [round(x * 1e6, 1) for x in self.stats.latencies]}
+                with contextlib.suppress(OSError):
+                    await sock.send(data[len(_PEER_ASK):] + json.dumps(report).encode())
+
     def snapshot(self) -> dict[str, Any]:
-        """Everything ``handoffd status`` shows, as plain data."""
+        """This acceptor's part of what ``handoffd status`` shows, as plain data (all of
+        it with one acceptor; see :meth:`gathered_snapshot`)."""
         workers = [*self.workers.values(), *self.retiring, *self.external.values()]
         return {
             "pid": os.getpid(),
@@ -1298,6 +1495,7 @@ class Daemon:
                     "active": w.active,
                     "restarts": self.restarts[w.index],
                     "external": w.external,
+                    "acceptor": self.acceptor_index,
                 }
                 for w in sorted(workers, key=lambda w: (w.index, w.started))
             ],

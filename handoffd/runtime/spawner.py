@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import trio
@@ -210,6 +210,8 @@ class SupervisedSpawner:
 
     def __init__(self, link: SupervisorLink) -> None:
         self.link = link
+        self.on_peer: Callable[[int, int], None] | None = None
+        """Called with (index, fd) for each PEER (acceptor 0 of several); owns the fd."""
         self._children: dict[bytes, SupervisedChild] = {}
         self._waiting: dict[bytes, trio.MemorySendChannel[
             supervision.Spawned | supervision.SpawnFailed]] = {}
@@ -238,6 +240,11 @@ class SupervisedSpawner:
                 child = self._children.pop(message.worker_id, None)
                 if child is not None:
                     child.exited(message.status)
+            elif isinstance(message, supervision.Peer):
+                if self.on_peer is not None:
+                    self.on_peer(message.index, incoming.fds[0])
+                else:
+                    os.close(incoming.fds[0])
             else:
                 log.error("supervisor link: unexpected %s", type(message).__name__)
 

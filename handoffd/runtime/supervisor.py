@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -70,6 +71,10 @@ log = logging.getLogger("handoffd.supervisor")
 ENV_SUPERVISOR_FD = "HANDOFFD_SUPERVISOR_FD"
 ENV_SUPERVISOR_PID = "HANDOFFD_SUPERVISOR_PID"
 ENV_WATCHDOG_USEC = "HANDOFFD_WATCHDOG_USEC"
+ENV_SUPERVISOR_ACCEPTOR = "HANDOFFD_SUPERVISOR_ACCEPTOR"
+"""``index/count``: which of the ``[server] acceptors`` this acceptor is."""
+ENV_SUPERVISOR_PEER_FD = "HANDOFFD_SUPERVISOR_PEER_FD"
+"""For acceptor ``index`` > 0: its end of the status socketpair with acceptor 0."""
 _KILL_ALL = "import os\ntry:\n    os.kill(-1, 9)\nexcept OSError:\n    pass\n"
 _FORWARDED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -117,6 +122,10 @@ def process_plan(config: Config, *, privileged: bool | None = None) -> ProcessPl
             raise _privsep_error(Minor.PRIVSEP_NOT_PERMITTED,
                                  "[server] user, [workers] user and uid_range need serve to "
                                  "start as root (it then keeps only a small supervisor)")
+        if config.server.acceptors > 1:
+            raise _privsep_error(Minor.PRIVSEP_NOT_PERMITTED,
+                                 "[server] acceptors > 1 needs the supervisor: start serve as "
+                                 "root with [server] user")
         if not workers.insecure_same_uid:
             raise _privsep_error(
                 Minor.PRIVSEP_SAME_UID,
@@ -188,20 +197,32 @@ class Supervised:
     child: ChildProcess
     uid: int
     own_uid: bool
-    generation: int
+    acceptor: int
+    """The serial of the acceptor process that asked for it: only that one may signal it
+    and hears of its exit."""
     pool: UidPool | None = None
 
 
 @dataclass
 class _Acceptor:
-    """One acceptor generation, with the plan and worker command its workers get."""
+    """One acceptor process: acceptor ``index`` of its generation (``[server] acceptors``
+    of them accept on the same sockets), with the plan and worker command its workers
+    get."""
 
     child: ChildProcess
     link: SupervisorLink
-    generation: int
+    serial: int
+    """Unique per acceptor process started by this supervisor."""
     plan: ProcessPlan
     argv: list[str]
     pool: UidPool | None
+    index: int = 0
+    generation: int = 0
+    """The set it was started in: at start, or by a SIGUSR2 restart (a replacement for a
+    dead acceptor joins the serving set's generation)."""
+    peer_end: socket.socket | None = None
+    """For ``index`` > 0: the supervisor's copy of acceptor 0's end of the status
+    socketpair between the two (handed to each acceptor 0 of the generation)."""
     started: float = 0.0
     ready: bool = False
     became_ready: trio.Event = field(default_factory=trio.Event)
@@ -222,32 +243,50 @@ async def kill_everything_of(uid: int) -> None:
     await helper.wait()
 
 
+def _final_status(statuses: list[int]) -> int:
+    """The supervisor's exit status from its serving acceptors' at a stop: 0 when every
+    one drained (0, or SIGTERM's), else the first other one (a signal counts as 1)."""
+    bad = [status for status in statuses if status not in (0, -signal.SIGTERM)]
+    if not bad:
+        return 0
+    return bad[0] if bad[0] > 0 else 1
+
+
 @dataclass
 class Supervisor:
-    """Runs the acceptor and the workers under their own uids; see the module docstring."""
+    """Runs the acceptors and the workers under their own uids; see the module docstring."""
 
     config: Config
     plan: ProcessPlan
     bound: BoundSockets | None = None
     workers: dict[bytes, Supervised] = field(default_factory=dict)
-    _acceptor: _Acceptor | None = None
-    """The serving generation: it gets HUP/TTIN/TTOU, its notifications reach systemd."""
+    _serving: list[_Acceptor | None] = field(default_factory=list)
+    """The serving generation, by index (None: a dead one waiting for its replacement):
+    they get HUP/TTIN/TTOU, their notifications reach systemd."""
     _acceptors: dict[int, _Acceptor] = field(default_factory=dict)
-    """Every running generation: the serving one, one starting, old ones draining."""
-    _incoming: _Acceptor | None = None
+    """Every running acceptor by serial: the serving ones, those starting, old ones
+    handing over."""
+    _incoming: list[_Acceptor] | None = None
+    _serial: int = 0
     _generation: int = 0
+    """The serving generation's number."""
+    _generations: int = 0
     _stopping: bool = False
     _status: int = 0
+    _stop_statuses: list[int] = field(default_factory=list)
+    _backoff: dict[int, float] = field(default_factory=dict)
+    _resize_turn: int = 0
 
     def __post_init__(self) -> None:
         self._pool = (UidPool(*self.plan.worker_range) if self.plan.worker_range else None)
         self._argv = worker_command(self.config)
         self._notifier = Notifier.from_environ()
         self._watchdog = watchdog_interval()
-        self._serving_exits, self._exits = trio.open_memory_channel[_Acceptor](16)
+        self._serving_exits, self._exits = trio.open_memory_channel[_Acceptor | None](
+            math.inf)
 
     async def run(self) -> int:
-        """Bind, start the acceptor, supervise until it has drained after SIGTERM."""
+        """Bind, start the acceptors, supervise until they have drained after SIGTERM."""
         if self.bound is None:
             self.bound = bind_all(self.config, register_group=self._register_group())
         if keyring.probe() is keyring.KeyringStatus.AVAILABLE:
@@ -263,6 +302,9 @@ class Supervisor:
                     nursery.cancel_scope.cancel()
         finally:
             await self._kill_leftovers()
+            for acceptor in self._acceptors.values():
+                if acceptor.peer_end is not None:
+                    acceptor.peer_end.close()
             self.bound.close(unlink=True)
             if self._notifier is not None:
                 self._notifier.close()
@@ -272,34 +314,63 @@ class Supervisor:
         group = self.config.workers.register_group
         return None if group is None else group_id("[workers] register_group", group)
 
-    # ------------------------------------------------------------------ the acceptor
+    # ------------------------------------------------------------------ the acceptors
+
+    def _is_serving(self, acceptor: _Acceptor) -> bool:
+        return (acceptor.index < len(self._serving)
+                and self._serving[acceptor.index] is acceptor)
 
     async def _run_acceptors(self, nursery: trio.Nursery) -> None:
-        backoff = 0.1
+        self._generations += 1
+        self._generation = self._generations
+        self._serving = [None] * self.config.server.acceptors
+        for index in range(len(self._serving)):
+            self._serving[index] = self._launch(nursery, self.plan, self._argv, self._pool,
+                                                index, self._generation, len(self._serving))
         while True:
-            if self._acceptor is None:  # not when a restart put one in place meanwhile
-                self._acceptor = self._launch(nursery, self.plan, self._argv, self._pool)
-            exited = await self._exits.receive()  # always the serving generation
-            self._acceptor = None
-            status = exited.status
-            if self._stopping or not exited.ready:
-                # Drained on request, or a start-up failure the acceptor reported itself:
-                # restarting would only repeat it.
-                self._status = 0 if self._stopping and status in (0, -signal.SIGTERM) \
-                    else (status if status > 0 else 1)
-                if not exited.ready and not self._stopping:
-                    log.error("acceptor exited with status %d before it was ready", status)
+            exited = await self._exits.receive()
+            if exited is not None:
+                if not self._is_serving(exited):
+                    continue  # replaced meanwhile (a restart swapped the generation)
+                self._serving[exited.index] = None
+                if self._stopping:
+                    self._stop_statuses.append(exited.status)
+                elif not exited.ready:
+                    # A start-up failure the acceptor reported itself: restarting would
+                    # only repeat it.  Its siblings stop too.
+                    log.error("acceptor %d exited with status %d before it was ready",
+                              exited.index, exited.status)
+                    self._status = exited.status if exited.status > 0 else 1
+                    await self._stop_other_generations()
+                    return
+                else:
+                    log.error("acceptor %d (pid %d) died with status %d: %s; its workers "
+                              "finish their sessions and leave, a new acceptor %d starts",
+                              exited.index, exited.child.pid, exited.status,
+                              Minor.ACCEPTOR_DIED.name, exited.index)
+                    nursery.start_soon(self._replace, exited, nursery)
+                    continue
+            if self._stopping and all(a is None for a in self._serving):
+                # Drained on request (or SIGTERM while no acceptor ran).
+                self._status = _final_status(self._stop_statuses)
                 await self._stop_other_generations()
                 return
-            log.error("acceptor (pid %d) died with status %d: %s; its workers finish their "
-                      "sessions and leave, a new acceptor starts", exited.child.pid, status,
-                      Minor.ACCEPTOR_DIED.name)
-            backoff = 0.1 if time.monotonic() - exited.started > 10 else min(backoff * 2, 5.0)
-            await trio.sleep(backoff)
-            if self._stopping:  # SIGTERM while no acceptor ran: nothing left to drain
-                self._status = 0
-                await self._stop_other_generations()
-                return
+
+    async def _replace(self, dead: _Acceptor, nursery: trio.Nursery) -> None:
+        """Start a new acceptor in a dead one's place, after 0.1 s if it had run more than
+        10 s, otherwise after a wait that doubles with each quick death, up to 5 s."""
+        index = dead.index
+        backoff = 0.1 if time.monotonic() - dead.started > 10 else min(
+            self._backoff.get(index, 0.1) * 2, 5.0)
+        self._backoff[index] = backoff
+        await trio.sleep(backoff)
+        if self._stopping:  # SIGTERM meanwhile: nothing to start; let the loop see it
+            self._serving_exits.send_nowait(None)
+            return
+        if dead.generation != self._generation or self._serving[index] is not None:
+            return  # a restart put a new generation in place meanwhile
+        self._serving[index] = self._launch(nursery, self.plan, self._argv, self._pool,
+                                            index, self._generation, len(self._serving))
 
     async def _stop_other_generations(self) -> None:
         """The supervisor is about to exit: a starting or handing-over generation stops
@@ -315,55 +386,95 @@ class Supervisor:
 
     def _orphans(self) -> list[Supervised]:
         """Workers whose acceptor handed over (or died): they serve their sessions alone."""
-        return [w for w in self.workers.values() if w.generation not in self._acceptors]
+        return [w for w in self.workers.values() if w.acceptor not in self._acceptors]
 
     def _launch(self, nursery: trio.Nursery, plan: ProcessPlan, argv: list[str],
-                pool: UidPool | None) -> _Acceptor:
-        """Start one acceptor generation and the task that serves its link and reaps it."""
-        self._generation += 1
-        acceptor = self._start_acceptor(plan, argv, pool)
-        log.info("acceptor started (pid %d, uid %d)", acceptor.child.pid, plan.acceptor[0])
-        self._acceptors[acceptor.generation] = acceptor
-        nursery.start_soon(self._run_generation, acceptor, nursery)
+                pool: UidPool | None, index: int, generation: int, count: int) -> _Acceptor:
+        """Start one acceptor and the task that serves its link and reaps it; give acceptor
+        0 of its generation the status sockets of the others (or, for acceptor 0 itself,
+        those of the others already running)."""
+        self._serial += 1
+        acceptor = self._start_acceptor(plan, argv, pool, index, generation, count)
+        log.info("acceptor started (pid %d, uid %d%s)", acceptor.child.pid, plan.acceptor[0],
+                 f", acceptor {index} of {count}" if count > 1 else "")
+        self._acceptors[acceptor.serial] = acceptor
+        nursery.start_soon(self._run_acceptor, acceptor, nursery)
+        siblings = [a for a in self._acceptors.values()
+                    if a.generation == generation and not a.exited.is_set()]
+        if index == 0:
+            for sibling in siblings:
+                if sibling.peer_end is not None:
+                    nursery.start_soon(self._send_peer, acceptor, sibling)
+        elif acceptor.peer_end is not None:
+            for first in siblings:
+                if first.index == 0:
+                    nursery.start_soon(self._send_peer, first, acceptor)
         return acceptor
 
-    async def _run_generation(self, acceptor: _Acceptor, nursery: trio.Nursery) -> None:
+    async def _send_peer(self, first: _Acceptor, other: _Acceptor) -> None:
+        """Acceptor 0 gets a copy of its end of ``other``'s status socketpair."""
+        if other.peer_end is None:
+            return
+        with contextlib.suppress(GSSError, OSError):
+            await first.link.send(supervision.Peer(other.index), (other.peer_end.fileno(),))
+
+    async def _run_acceptor(self, acceptor: _Acceptor, nursery: trio.Nursery) -> None:
         async with trio.open_nursery() as link_nursery:
             link_nursery.start_soon(self._serve_link, acceptor, nursery)
             acceptor.status = await acceptor.child.wait()
             link_nursery.cancel_scope.cancel()
         acceptor.link.close()
-        del self._acceptors[acceptor.generation]
+        if acceptor.peer_end is not None:
+            acceptor.peer_end.close()
+            acceptor.peer_end = None
+        del self._acceptors[acceptor.serial]
         acceptor.exited.set()
-        if acceptor is self._acceptor:
+        if self._is_serving(acceptor):
             self._serving_exits.send_nowait(acceptor)
 
     def _start_acceptor(self, plan: ProcessPlan, worker_argv: list[str],
-                        pool: UidPool | None) -> _Acceptor:
+                        pool: UidPool | None, index: int, generation: int,
+                        count: int) -> _Acceptor:
         assert self.bound is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        peer_first: socket.socket | None = None
+        peer_theirs: socket.socket | None = None
+        if index > 0:
+            # Acceptor 0 answers status and metrics for the whole set: it asks this one
+            # over a socketpair made here, not by either acceptor.
+            peer_first, peer_theirs = socket.socketpair(socket.AF_UNIX,
+                                                        socket.SOCK_SEQPACKET)
         env = child_environment(os.environ)
         env[ENV_BOUND] = self.bound.environ_value()
         env[ENV_SUPERVISOR_FD] = str(theirs.fileno())
         env[ENV_SUPERVISOR_PID] = str(os.getpid())
+        env[ENV_SUPERVISOR_ACCEPTOR] = f"{index}/{count}"
+        pass_fds = [*self.bound.fds(), theirs.fileno()]
+        if peer_theirs is not None:
+            env[ENV_SUPERVISOR_PEER_FD] = str(peer_theirs.fileno())
+            pass_fds.append(peer_theirs.fileno())
         if self._watchdog:
             env[ENV_WATCHDOG_USEC] = str(int(self._watchdog * 1e6))
         argv = [sys.executable, "-m", "handoffd.runtime.acceptor_process"]
         if self.config.path is not None:
             argv += ["--config", str(self.config.path.resolve())]
         try:
-            child = ChildProcess.spawn(argv, env=env, pass_fds=(*self.bound.fds(),
-                                                                 theirs.fileno()),
+            child = ChildProcess.spawn(argv, env=env, pass_fds=tuple(pass_fds),
                                        credentials=plan.acceptor, new_session=True,
                                        cwd="/")
         except OSError as error:
             ours.close()
+            if peer_first is not None:
+                peer_first.close()
             raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_SPAWN_FAILED,
                            f"acceptor: {error.strerror}") from None
         finally:
             theirs.close()
-        return _Acceptor(child, SupervisorLink(ours), self._generation, plan, worker_argv,
-                         pool, started=time.monotonic())
+            if peer_theirs is not None:
+                peer_theirs.close()
+        return _Acceptor(child, SupervisorLink(ours), self._serial, plan, worker_argv,
+                         pool, index=index, generation=generation, peer_end=peer_first,
+                         started=time.monotonic())
 
     async def _serve_link(self, acceptor: _Acceptor, nursery: trio.Nursery) -> None:
         while True:
@@ -380,15 +491,28 @@ class Supervisor:
             elif isinstance(message, supervision.Signal):
                 self._signal(acceptor, message)
             elif isinstance(message, supervision.Notify):
-                if any(f == "READY=1" for f in message.fields):
-                    acceptor.ready = True
-                    acceptor.became_ready.set()
-                # Only the serving generation speaks for the service: a starting one is
-                # not ready yet as far as systemd knows, a draining one is not stopping.
-                if self._notifier is not None and acceptor is self._acceptor:
-                    self._notifier.notify(*message.fields)
+                self._on_notify(acceptor, message.fields)
             else:
+                for fd in incoming.fds:  # a PEER is ours to send, never to receive
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
                 log.error("acceptor sent an unexpected %s", type(message).__name__)
+
+    def _on_notify(self, acceptor: _Acceptor, fields: tuple[str, ...]) -> None:
+        """Only the serving generation speaks for the service (a starting one is not
+        ready yet as far as systemd knows, a draining one is not stopping), and of it
+        acceptor 0; READY=1 goes out once every acceptor of it is ready."""
+        ready = "READY=1" in fields
+        if ready:
+            acceptor.ready = True
+            acceptor.became_ready.set()
+        if self._notifier is None or not self._is_serving(acceptor):
+            return
+        forwarded = [f for f in fields if f != "READY=1"] if acceptor.index == 0 else []
+        if ready and all(a is not None and a.ready for a in self._serving):
+            forwarded.insert(0, "READY=1")
+        if forwarded:
+            self._notifier.notify(*forwarded)
 
     # ------------------------------------------------------------------ workers
 
@@ -443,7 +567,7 @@ class Supervisor:
             raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_SPAWN_FAILED,
                            f"worker: {error.strerror}") from None
         worker = Supervised(request.worker_id, child, credentials[0], pool is not None,
-                            acceptor.generation, pool)
+                            acceptor.serial, pool)
         self.workers[request.worker_id] = worker
         nursery.start_soon(self._reap, worker)
         return supervision.Spawned(request.worker_id, child.pid, credentials[0])
@@ -454,7 +578,7 @@ class Supervisor:
         self.workers.pop(worker.worker_id, None)
         if worker.pool is not None:
             worker.pool.give_back(worker.uid)
-        acceptor = self._acceptors.get(worker.generation)
+        acceptor = self._acceptors.get(worker.acceptor)
         if acceptor is not None:
             with contextlib.suppress(GSSError):
                 await acceptor.link.send(supervision.Exited(worker.worker_id, status))
@@ -469,7 +593,7 @@ class Supervisor:
 
     def _signal(self, acceptor: _Acceptor, request: supervision.Signal) -> None:
         worker = self.workers.get(request.worker_id)
-        if worker is None or worker.generation != acceptor.generation:
+        if worker is None or worker.acceptor != acceptor.serial:
             return
         if request.signum == signal.SIGKILL:
             if worker.own_uid:
@@ -490,13 +614,12 @@ class Supervisor:
 
     async def _watch_signals(self, signals: Any, nursery: trio.Nursery) -> None:
         async for signum in signals:
-            acceptor = self._acceptor
             if signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("received %s: the acceptor drains", signal.Signals(signum).name)
+                log.info("received %s: the acceptors drain", signal.Signals(signum).name)
                 self._stopping = True
                 if self._notifier is not None:
                     self._notifier.notify("STOPPING=1")
-                # Kept until now for a restarted acceptor; once the acceptor closes its
+                # Kept until now for a restarted acceptor; once the acceptors close their
                 # copies too, new connections are refused instead of queued.
                 assert self.bound is not None
                 for listener in (*self.bound.listeners, *self.bound.tls_listeners):
@@ -507,17 +630,30 @@ class Supervisor:
                     running.child.send_signal(signal.SIGTERM)
                 for orphan in self._orphans():
                     orphan.child.send_signal(signal.SIGTERM)
+                self._serving_exits.send_nowait(None)  # none running: nothing to wait for
             elif signum == signal.SIGUSR2:
                 if self._incoming is not None or self._stopping:
                     log.warning("SIGUSR2 ignored: %s", "a restart is under way"
                                 if not self._stopping else "stopping")
                 else:
                     nursery.start_soon(self._restart, nursery)
+            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+                # One worker more or fewer: from the acceptors in turn, so that their
+                # shares stay within one of each other.
+                serving = len(self._serving)
+                if signum == signal.SIGTTOU:
+                    self._resize_turn -= 1
+                acceptor = self._serving[self._resize_turn % serving] if serving else None
+                if signum == signal.SIGTTIN:
+                    self._resize_turn += 1
+                if acceptor is not None:
+                    acceptor.child.send_signal(signum)
             else:
                 if signum == signal.SIGHUP:
                     self._reload()
-                if acceptor is not None:
-                    acceptor.child.send_signal(signum)
+                for acceptor in self._serving:
+                    if acceptor is not None:
+                        acceptor.child.send_signal(signum)
 
     async def _restart(self, nursery: trio.Nursery) -> None:
         """SIGUSR2: a new acceptor generation (new code, the configuration re-read in
@@ -536,14 +672,22 @@ class Supervisor:
                      "STATUS=restarting: a new acceptor generation starts")
         pool = self._pool_for(plan)
         argv = worker_command(config)
-        try:
-            incoming = self._launch(nursery, plan, argv, pool)
-        except GSSError as error:
-            log.error("restart failed, the running generation keeps serving: %s", error)
-            self._notify("READY=1", "STATUS=restart failed: the running generation serves")
-            return
+        self._generations += 1
+        generation, count = self._generations, config.server.acceptors
+        incoming: list[_Acceptor] = []
         self._incoming = incoming
         try:
+            try:
+                for index in range(count):
+                    incoming.append(self._launch(nursery, plan, argv, pool, index,
+                                                 generation, count))
+            except GSSError as error:
+                for started in incoming:
+                    started.child.send_signal(signal.SIGTERM)
+                log.error("restart failed, the running generation keeps serving: %s", error)
+                self._notify("READY=1",
+                             "STATUS=restart failed: the running generation serves")
+                return
             failure = await self._until_ready(incoming, config.workers.drain_timeout)
         finally:
             self._incoming = None
@@ -551,19 +695,30 @@ class Supervisor:
             log.info("restart abandoned: stopping")
             return
         if failure is not None:
-            incoming.child.send_signal(signal.SIGTERM)
-            log.error("restart failed: the new acceptor (pid %d) %s; the running "
-                      "generation keeps serving", incoming.child.pid, failure)
+            for started in incoming:
+                started.child.send_signal(signal.SIGTERM)
+            log.error("restart failed: the new %s; the running generation keeps serving",
+                      failure)
             self._notify("READY=1", "STATUS=restart failed: the running generation serves")
             return
-        old, self._acceptor = self._acceptor, incoming
+        old, self._serving = self._serving, list[_Acceptor | None](incoming)
+        self._generation = generation
+        self._backoff.clear()
         self.config, self.plan, self._argv, self._pool = config, plan, argv, pool
-        if old is not None:
-            # A ready acceptor hands over (stops accepting, exits; its workers finish
-            # their sessions); one still starting after a crash has no client: it stops.
-            old.child.send_signal(signal.SIGUSR2 if old.ready else signal.SIGTERM)
-        log.info("restarted: acceptor pid %d serves%s", incoming.child.pid,
-                 "" if old is None else f"; the old one (pid {old.child.pid}) hands over")
+        for retired in old:
+            if retired is not None:
+                # A ready acceptor hands over (stops accepting, exits; its workers finish
+                # their sessions); one still starting after a crash has no client: it
+                # stops.
+                retired.child.send_signal(signal.SIGUSR2 if retired.ready
+                                          else signal.SIGTERM)
+        for started in incoming:
+            if started.exited.is_set():  # died between ready and now: replace it
+                self._serving_exits.send_nowait(started)
+        pids = ", ".join(str(a.child.pid) for a in incoming)
+        handing = ", ".join(str(a.child.pid) for a in old if a is not None)
+        log.info("restarted: acceptor pid %s serves%s", pids,
+                 f"; the old one (pid {handing}) hands over" if handing else "")
         self._notify("READY=1", "STATUS=restarted")
 
     def _reread_in_full(self) -> tuple[Config, ProcessPlan, list[str]]:
@@ -588,21 +743,32 @@ class Supervisor:
         return pool
 
     @staticmethod
-    async def _until_ready(acceptor: _Acceptor, timeout: float) -> str | None:
-        """None once ``acceptor`` is ready; else why not."""
+    async def _until_ready(acceptors: list[_Acceptor], timeout: float) -> str | None:
+        """None once every one of ``acceptors`` is ready; else why not (the first that
+        exited, or that was not ready in time)."""
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as race:
-                async def settle(event: trio.Event) -> None:
+                async def all_ready() -> None:
+                    for acceptor in acceptors:
+                        await acceptor.became_ready.wait()
+                    race.cancel_scope.cancel()
+
+                async def one_exited(event: trio.Event) -> None:
                     await event.wait()
                     race.cancel_scope.cancel()
 
-                race.start_soon(settle, acceptor.became_ready)
-                race.start_soon(settle, acceptor.exited)
-        if acceptor.ready:
-            return None
-        if acceptor.exited.is_set():
-            return f"exited with status {acceptor.status} before it was ready"
-        return f"was not ready within {timeout:g}s ([workers] drain_timeout)"
+                race.start_soon(all_ready)
+                for acceptor in acceptors:
+                    race.start_soon(one_exited, acceptor.exited)
+        for acceptor in acceptors:
+            if acceptor.exited.is_set() and not acceptor.ready:
+                return (f"acceptor (pid {acceptor.child.pid}) exited with status "
+                        f"{acceptor.status} before it was ready")
+        for acceptor in acceptors:
+            if not acceptor.ready:
+                return (f"acceptor (pid {acceptor.child.pid}) was not ready within "
+                        f"{timeout:g}s ([workers] drain_timeout)")
+        return None
 
     def _notify(self, *fields: str) -> None:
         if self._notifier is not None:
@@ -620,5 +786,6 @@ class Supervisor:
             return
         self.config, _, _ = merge_reloaded(self.config, config)
         self._argv = worker_command(self.config)
-        if self._acceptor is not None:
-            self._acceptor.argv = self._argv
+        for acceptor in self._serving:
+            if acceptor is not None:
+                acceptor.argv = self._argv
