@@ -229,53 +229,13 @@ class KernelTlsStream(TlsStream):
     async def _send_record(self, content_type: int, fragment: bytes) -> None:
         await self._socket.sendmsg([fragment], [ktls.type_cmsg(content_type)])
 
-    async def send_close(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("stream is closed")
+    async def _before_io(self) -> None:
         await self._settle()
-        if self._where is not _Where.KERNEL:
-            await super().send_close()
-            return
-        async with self._send_lock:
-            fragment = self.session.end_fragment(AlertDescription.close_notify)
-            if fragment:
-                await self._send_record(ALERT, fragment)
 
-    async def abort(self, error: GSSError) -> None:
+    async def _send_end(self, description: AlertDescription) -> None:
         if self._where is not _Where.KERNEL:
-            await super().abort(error)
+            await super()._send_end(description)
             return
-        if self._closed:
-            return
-        self._closed = True
-        if isinstance(error, TlsAlert):
-            description = error.alert
-        else:
-            description = AlertDescription.internal_error
-        try:
-            fragment = self.session.end_fragment(description) if description is not None else b""
-            if fragment:
-                with trio.move_on_after(1):
-                    await self._send_record(ALERT, fragment)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            await self.transport.aclose()
-
-    async def aclose(self) -> None:
-        if self._where is not _Where.KERNEL:
-            await super().aclose()
-            return
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            with trio.move_on_after(1):
-                async with self._send_lock:
-                    fragment = self.session.end_fragment(AlertDescription.close_notify)
-                    if fragment:
-                        await self._send_record(ALERT, fragment)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, GSSError):
-            pass
-        finally:
-            await self.transport.aclose()
+        fragment = self.session.end_fragment(description)
+        if fragment:
+            await self._send_record(ALERT, fragment)

@@ -156,10 +156,9 @@ class TlsStream(trio.abc.Stream):
         """close_notify; the transport stays open for reading."""
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
+        await self._before_io()
         async with self._send_lock:
-            record = self.session.close()
-            if record:
-                await self.transport.send_all(record)
+            await self._send_end(AlertDescription.close_notify)
 
     async def send_eof(self) -> None:
         await self.send_close()
@@ -170,14 +169,12 @@ class TlsStream(trio.abc.Stream):
         if self._closed:
             return
         self._closed = True
+        description = (error.alert if isinstance(error, TlsAlert)
+                       else AlertDescription.internal_error)
         try:
-            if isinstance(error, TlsAlert):
-                record = self.session.alert(error.alert) if error.alert is not None else b""
-            else:
-                record = self.session.alert(AlertDescription.internal_error)
-            if record:
+            if description is not None:
                 with trio.move_on_after(1):
-                    await self.transport.send_all(record)
+                    await self._send_end(description)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
@@ -191,10 +188,20 @@ class TlsStream(trio.abc.Stream):
         try:
             with trio.move_on_after(1):
                 async with self._send_lock:
-                    record = self.session.close()
-                    if record:
-                        await self.transport.send_all(record)
+                    await self._send_end(AlertDescription.close_notify)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, GSSError):
             pass
         finally:
             await self.transport.aclose()
+
+    async def _before_io(self) -> None:
+        """What must happen before this stream's first read or write (nothing here)."""
+
+    async def _send_end(self, description: AlertDescription) -> None:
+        """``close_notify`` or a fatal alert, once; nothing is sent after it."""
+        if description == AlertDescription.close_notify:
+            record = self.session.close()
+        else:
+            record = self.session.alert(description)
+        if record:
+            await self.transport.send_all(record)
