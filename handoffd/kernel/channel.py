@@ -67,6 +67,7 @@ _CLOSED_ERRNOS: Final = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
 # Plain ints: ``int & socket.MSG_*`` goes through enum.IntFlag (~0.6 us per test, per message).
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_RECV_NOWAIT: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,12 @@ class Channel:
         self.max_payload = max_payload
         self._validate_fd = validate_fd
         self._attributes = AttributeReceiver()
+        # recvmsg's buffer sizes, per channel constants (attributes change the control room).
+        self._bufsize = HEADER.size + max_payload + 1  # +1: an oversized payload shows
+        self._ancsize = _FD_ROOM + _STRAY_ROOM
+        # receive_nowait() just found the channel empty: receive() waits before its recvmsg
+        # instead of trying one that would fail with EAGAIN first.
+        self._empty = False
 
     @classmethod
     def pair(cls, *, fd_kinds: frozenset[int], **kw: Any) -> tuple[Channel, Channel]:
@@ -201,6 +208,7 @@ class Channel:
         """
         self._attributes.enable(self._sock)
         self._attributes.keep_pidfds = keep_pidfds
+        self._ancsize = _FD_ROOM + _STRAY_ROOM + self._attributes.control_space()
 
     def set_new_attributes_only(self, on: bool) -> None:
         """Report attributes only when they differ from the last set (``ATTRS_NOT_ENABLED``
@@ -289,8 +297,14 @@ class Channel:
     async def receive(self) -> Received:
         """The next good message; a bad one has all its fds closed and raises ``CHANNEL_*``."""
         try:
+            if self._empty:
+                # Nothing was queued a moment ago: trio's recvmsg would try the syscall
+                # first, fail with EAGAIN, then wait.  Wait first (wait_readable is a
+                # checkpoint, as recvmsg is); its recvmsg then finds the message.
+                self._empty = False
+                await trio.lowlevel.wait_readable(self._sock)
             data, ancillary, flags, _ = await self._sock.recvmsg(
-                self._bufsize(), self._ancsize(), socket.MSG_CMSG_CLOEXEC
+                self._bufsize, self._ancsize, socket.MSG_CMSG_CLOEXEC
             )
         except trio.ClosedResourceError:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "channel closed locally") from None
@@ -306,20 +320,13 @@ class Channel:
         if raw is None:
             return None
         try:
-            data, ancillary, flags, _ = raw.recvmsg(
-                self._bufsize(), self._ancsize(), socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
-            )
+            data, ancillary, flags, _ = raw.recvmsg(self._bufsize, self._ancsize, _RECV_NOWAIT)
         except BlockingIOError:
+            self._empty = True
             return None
         except OSError as error:
             raise self._receive_error(error) from None
         return self._received(data, ancillary, flags)
-
-    def _bufsize(self) -> int:
-        return HEADER.size + self.max_payload + 1  # +1: an oversized payload shows
-
-    def _ancsize(self) -> int:
-        return _FD_ROOM + _STRAY_ROOM + self._attributes.control_space()
 
     def _receive_error(self, error: OSError) -> GSSError:
         detail = "channel closed locally" if self._sock.fileno() < 0 else None
