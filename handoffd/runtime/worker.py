@@ -535,8 +535,7 @@ def _check_sender(message: Received, policy: PeerPolicy) -> None:
     if attributes is None:
         raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_CREDENTIALS_UNAVAILABLE,
                        "message arrived without sender credentials")
-    policy.check(PeerIdentity(pid=attributes.pid, uid=attributes.uid, gid=attributes.gid,
-                              label=attributes.label))
+    policy.check(attributes)  # the same pid, uid, gid and (normalised) label fields
 
 
 def _close_fd(fd: int | None) -> None:
