@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, replace
 
 import trio
+from trio._util import ConflictDetector
 
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import (
@@ -374,14 +375,15 @@ class HandoffReceiver:
         return imported, Ack(handoff_id)
 
     def _stream(self, imported: _Imported, message: Received) -> SecureStream | TlsStream:
-        transport = trio.SocketStream(trio.socket.from_stdlib_socket(imported.sock))
+        transport = _socket_stream(trio.socket.from_stdlib_socket(imported.sock))
         handoff_id = imported.handoff_id
         if imported.tls is not None:
             return self._tls_stream(transport, imported.tls, handoff_id, message)
         context = imported.context
         assert context is not None
-        log.debug("handoff %d imported: peer %s, flags %s, context %s", handoff_id,
-                  context.peer_name, int(context.flags), context.context_id)
+        if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than the disabled call
+            log.debug("handoff %d imported: peer %s, flags %s, context %s", handoff_id,
+                      context.peer_name, int(context.flags), context.context_id)
         decoder = FrameDecoder()
         if imported.unread:
             decoder.feed(imported.unread)
@@ -468,6 +470,23 @@ class HandoffReceiver:
     def close(self) -> None:
         """Close the channel; the acceptor sees this worker leave."""
         self.channel.close()
+
+
+_SEND_CONFLICT = "another task is currently sending data on this SocketStream"  # trio's words
+
+
+def _socket_stream(sock: trio.socket.SocketType) -> trio.SocketStream:
+    """``trio.SocketStream(sock)`` without its two ``setsockopt`` calls (``TCP_NODELAY``,
+    ``TCP_NOTSENT_LOWAT``): the acceptor's own ``trio.SocketStream`` already set both on
+    this very socket (``SCM_RIGHTS`` passes the open socket, and options belong to it).
+    What ``__init__`` leaves besides is the socket and a fresh conflict detector;
+    ``tests/test_worker_library.py`` checks this builds the same object as trio does."""
+    if sock.type != socket.SOCK_STREAM:  # trio's own check (tcp_stream_socket made sure)
+        raise ValueError("SocketStream requires a SOCK_STREAM socket")
+    stream: trio.SocketStream = object.__new__(trio.SocketStream)
+    stream.socket = sock
+    stream._send_conflict_detector = ConflictDetector(_SEND_CONFLICT)
+    return stream
 
 
 def _label_set(labels: Iterable[bytes | str] | None) -> frozenset[bytes] | None:
