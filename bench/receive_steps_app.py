@@ -127,13 +127,15 @@ def _install() -> None:
 
     receiver._send = send  # type: ignore[method-assign]
 
-    # trio.SocketStream is final: the worker module gets a copy of trio's namespace whose
-    # SocketStream is a timed factory (trio itself, and isinstance checks, untouched).
-    socket_stream = _timed("socket_stream", trio.SocketStream)
-    worker_trio = types.ModuleType("trio")
-    worker_trio.__dict__.update(trio.__dict__)
-    worker_trio.SocketStream = socket_stream  # type: ignore[attr-defined]
-    worker.trio = worker_trio  # type: ignore[attr-defined]
+    if hasattr(worker, "_socket_stream"):  # the library's own, leaner construction
+        worker._socket_stream = _timed("socket_stream", worker._socket_stream)
+    else:
+        # trio.SocketStream is final: the worker module gets a copy of trio's namespace
+        # whose SocketStream is a timed factory (trio itself, isinstance checks untouched).
+        worker_trio = types.ModuleType("trio")
+        worker_trio.__dict__.update(trio.__dict__)
+        worker_trio.SocketStream = _timed("socket_stream", trio.SocketStream)  # type: ignore[attr-defined]
+        worker.trio = worker_trio  # type: ignore[attr-defined]
 
     class SecureStream(worker.SecureStream):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -142,8 +144,6 @@ def _install() -> None:
             _record("secure_stream", _now() - t0)
 
     worker.SecureStream = SecureStream  # type: ignore[misc]
-    if hasattr(worker, "_socket_stream"):  # a leaner construction, where the library has one
-        worker._socket_stream = _timed("socket_stream", worker._socket_stream)
 
 
 def _dump() -> None:
