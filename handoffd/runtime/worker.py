@@ -480,9 +480,9 @@ def _socket_stream(sock: trio.socket.SocketType) -> trio.SocketStream:
     ``TCP_NOTSENT_LOWAT``): the acceptor's own ``trio.SocketStream`` already set both on
     this very socket (``SCM_RIGHTS`` passes the open socket, and options belong to it).
     What ``__init__`` leaves besides is the socket and a fresh conflict detector;
-    ``tests/test_worker_library.py`` checks this builds the same object as trio does."""
-    if sock.type != socket.SOCK_STREAM:  # trio's own check (tcp_stream_socket made sure)
-        raise ValueError("SocketStream requires a SOCK_STREAM socket")
+    ``tests/test_worker_library.py`` checks this builds the same object as trio does.
+    trio's check that ``sock`` is a ``SOCK_STREAM`` is left to ``tcp_stream_socket``,
+    which refused anything else before the handoff was imported."""
     stream: trio.SocketStream = object.__new__(trio.SocketStream)
     stream.socket = sock
     stream._send_conflict_detector = ConflictDetector(_SEND_CONFLICT)
