@@ -69,6 +69,9 @@ _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 _RECV_NOWAIT: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 _SOCK_STREAM: Final = int(socket.SOCK_STREAM)
+_SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+_SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
+_INT: Final = struct.Struct("=i")
 _INET_FAMILIES: Final = (int(socket.AF_INET), int(socket.AF_INET6))
 _IPPROTO_TCP: Final = int(socket.IPPROTO_TCP)
 
@@ -347,22 +350,26 @@ class Channel:
         credentials: list[bytes] = []
         labels: list[bytes] = []
         unexpected: list[tuple[int, int]] = []
+        expected = self._attributes.expected  # what AttributeReceiver.expects() accepts
         for level, kind, body in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                numbers = array.array("i")
-                numbers.frombytes(body[: len(body) - len(body) % numbers.itemsize])
-                fds.extend(numbers)
-                continue
-            if level == socket.SOL_SOCKET and kind == SCM_PIDFD and len(body) >= 4:
-                (pidfd,) = struct.unpack_from("=i", body)
-                if pidfd >= 0:  # a negative errno when the kernel could not make one
-                    pidfds.append(pidfd)
-            elif level == socket.SOL_SOCKET and kind == SCM_CREDENTIALS:
-                credentials.append(body)
-            elif level == socket.SOL_SOCKET and kind == SCM_SECURITY:
-                labels.append(body)
-            if not self._attributes.expects(level, kind):
-                unexpected.append((level, kind))
+            if level == _SOL_SOCKET:
+                if kind == _SCM_RIGHTS:
+                    numbers = array.array("i")
+                    numbers.frombytes(body[: len(body) - len(body) % numbers.itemsize])
+                    fds.extend(numbers)
+                    continue
+                if kind == SCM_PIDFD:
+                    if len(body) >= 4:
+                        (pidfd,) = _INT.unpack_from(body)
+                        if pidfd >= 0:  # a negative errno when the kernel could not make one
+                            pidfds.append(pidfd)
+                elif kind == SCM_CREDENTIALS:
+                    credentials.append(body)
+                elif kind == SCM_SECURITY:
+                    labels.append(body)
+                if kind in expected:
+                    continue
+            unexpected.append((level, kind))
         try:
             return self._accept(data, flags, fds, pidfds, credentials, labels, unexpected)
         except BaseException:
