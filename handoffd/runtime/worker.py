@@ -74,6 +74,8 @@ ENV_CHANNEL_FD = "HANDOFFD_CHANNEL_FD"
 ENV_WORKER_ID = "HANDOFFD_WORKER_ID"
 ENV_ACCEPTOR_PID = "HANDOFFD_ACCEPTOR_PID"
 
+_HANDOFF_KINDS = frozenset({Kind.HANDOFF, Kind.HANDOFF_BATCH})
+
 Handler = Callable[[SecureStream | TlsStream], Awaitable[None]]
 
 
@@ -127,7 +129,8 @@ class HandoffReceiver:
         self.accepted = 0
         self._hello_sent = False
         self._draining = False
-        self._sending: trio.Event | None = None  # set while a send is under way: see _send
+        self._sending = False  # a send is under way: see _send
+        self._sent: trio.Event | None = None  # made by a send that has to wait for one
         self.ended: Counter[Outcome] = Counter()  # sessions ended here, by outcome
         self._policy = PeerPolicy(
             uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid,
@@ -265,7 +268,7 @@ class HandoffReceiver:
             if message.kind == Kind.DRAINED:
                 message.close_fds()
                 return
-            if message.kind not in (Kind.HANDOFF, Kind.HANDOFF_BATCH):
+            if message.kind not in _HANDOFF_KINDS:
                 message.close_fds()
                 log.warning("unexpected %s message on the handoff channel ignored",
                             _kind_name(message.kind))
@@ -273,7 +276,8 @@ class HandoffReceiver:
             # Under load more handoffs are already queued behind this one: take them now
             # (no wait) and answer them all with one ACK_BATCH.
             group = [message]
-            while deferred is None and sum(max(1, len(m.fds)) for m in group) < MAX_BATCH:
+            taken = max(1, len(message.fds))  # handoffs in the group so far
+            while deferred is None and taken < MAX_BATCH:
                 try:
                     queued = self.channel.receive_nowait()
                 except GSSError as error:
@@ -289,8 +293,9 @@ class HandoffReceiver:
                     self.refused += 1
                     log.warning("handoff message refused: %s", error)
                     continue
-                if queued.kind in (Kind.HANDOFF, Kind.HANDOFF_BATCH):
+                if queued.kind in _HANDOFF_KINDS:
                     group.append(queued)
+                    taken += max(1, len(queued.fds))
                 else:
                     deferred = queued
             for stream in await self._accept_group(group):
@@ -438,15 +443,20 @@ class HandoffReceiver:
         wait for it to drain, and a second task waiting on one trio socket raises
         BusyResourceError, which no caller expects: the worker would die with all its
         sessions.  Not a trio.Lock: that costs two scheduler passes per ACK even when no
-        one else is sending."""
-        while self._sending is not None:
-            await self._sending.wait()
-        self._sending = done = trio.Event()
+        one else is sending; and no Event either unless someone has to wait (nearly
+        always no one does: the send goes out at once)."""
+        while self._sending:
+            if self._sent is None:
+                self._sent = trio.Event()
+            await self._sent.wait()
+        self._sending = True
         try:
             await self.channel.send(kind, payload)
         finally:
-            self._sending = None
-            done.set()
+            self._sending = False
+            sent, self._sent = self._sent, None
+            if sent is not None:
+                sent.set()  # every waiter wakes; the first to run sends, the others wait again
 
     async def _ack(self, ack: Ack) -> None:
         try:
