@@ -165,6 +165,36 @@ def read_stamps(connections: list[Connection]) -> list[float]:
     return latencies
 
 
+async def saturate(driver: Driver, spawned: list[BenchWorker], batch: list[Connection],
+                   batch_handoffs: bool = True) -> None:
+    """Hand ``batch`` off with every worker's window kept full (batched as the daemon does
+    unless ``batch_handoffs`` is False), until the last ACK."""
+    feed = iter(batch)
+
+    async def sender(w: BenchWorker) -> None:
+        if not batch_handoffs:
+            for conn in feed:
+                await driver.hand_off(w, conn)
+            return
+        while True:
+            await w.window.acquire()
+            taken = 1
+            while w.window.value and taken < WINDOW:
+                w.window.acquire_nowait()
+                taken += 1
+            conns = list(itertools.islice(feed, taken))
+            for _ in range(taken - len(conns)):
+                w.window.release()
+            if not conns:
+                return
+            await driver.hand_off_batch(w, conns)
+
+    async with trio.open_nursery() as senders:
+        for w in spawned:
+            senders.start_soon(sender, w)
+    await driver.all_acked.wait()
+
+
 async def paced_latencies(driver: Driver, spawned: list[BenchWorker], server_key: StaticKeyPair,
                           count: int, rate: float, deadline: float) -> list[float]:
     """``count`` handoffs paced at ``rate`` per second, round robin: sorted latencies (µs)."""
@@ -228,34 +258,11 @@ async def run(workers: int = 2, contexts: int = 1000, rounds: int = 3,
                 batch = make_connections(server_key, contexts)
                 driver.acked, driver.expected = 0, len(batch)
                 driver.all_acked = trio.Event()
-                feed = iter(batch)
-
-                async def sender(w: BenchWorker, feed: Any = feed) -> None:
-                    if not batch_handoffs:
-                        for conn in feed:
-                            await driver.hand_off(w, conn)
-                        return
-                    while True:
-                        await w.window.acquire()
-                        taken = 1
-                        while w.window.value and taken < WINDOW:
-                            w.window.acquire_nowait()
-                            taken += 1
-                        conns = list(itertools.islice(feed, taken))
-                        for _ in range(taken - len(conns)):
-                            w.window.release()
-                        if not conns:
-                            return
-                        await driver.hand_off_batch(w, conns)
-
                 cpu_before = resource.getrusage(resource.RUSAGE_SELF)
                 workers_before = sum(cpu_seconds(w.process.pid) for w in spawned)
                 started = time.perf_counter()
                 with trio.fail_after(max(1.0, deadline - time.monotonic()) + ACK_GRACE):
-                    async with trio.open_nursery() as senders:
-                        for w in spawned:
-                            senders.start_soon(sender, w)
-                    await driver.all_acked.wait()
+                    await saturate(driver, spawned, batch, batch_handoffs)
                 elapsed = time.perf_counter() - started
                 cpu_after = resource.getrusage(resource.RUSAGE_SELF)
                 worker_cpu += sum(cpu_seconds(w.process.pid) for w in spawned) - workers_before

@@ -486,6 +486,49 @@ async def test_send_on_a_full_channel_waits_for_room_and_loses_nothing() -> None
     right.close()
 
 
+async def test_receive_after_an_empty_receive_nowait_waits_then_gets_the_message() -> None:
+    """receive_nowait() takes what is queued and answers None on an empty channel; the
+    receive() after such a None waits first (no recvmsg bound to fail) and still gets the
+    next message, a local close or the peer's end of file."""
+    left, right = Channel.pair(fd_kinds=FD_KINDS)
+    await left.send(NOTE, b"queued")
+    queued = right.receive_nowait()
+    assert queued is not None and queued.payload == b"queued"
+    assert right.receive_nowait() is None
+
+    async def later(payload: bytes) -> None:
+        await trio.sleep(0.05)
+        await left.send(NOTE, payload)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(later, b"later")
+        with trio.fail_after(5):
+            assert (await right.receive()).payload == b"later"
+    assert right.receive_nowait() is None
+    await left.send(NOTE, b"raced")  # arrives between the None and receive()
+    with trio.fail_after(5):
+        assert (await right.receive()).payload == b"raced"
+
+    assert right.receive_nowait() is None
+    async with trio.open_nursery() as nursery:
+        async def close_soon() -> None:
+            await trio.sleep(0.05)
+            right.close()
+        nursery.start_soon(close_soon)
+        with pytest.raises(GSSError) as closed, trio.fail_after(5):
+            await right.receive()
+    assert closed.value.minor == Minor.CHANNEL_CLOSED
+
+    ours, theirs = Channel.pair(fd_kinds=FD_KINDS)
+    assert ours.receive_nowait() is None
+    theirs.close()
+    with pytest.raises(GSSError) as ended, trio.fail_after(5):
+        await ours.receive()
+    assert ended.value.minor == Minor.CHANNEL_CLOSED
+    ours.close()
+    left.close()
+
+
 # --- batches: several fds in one message -----------------------------------------------
 
 BATCH = 3  # a batch kind: 1 to MAX_BATCH_FDS fds, their number in the header

@@ -328,3 +328,53 @@ async def test_an_impostors_batch_is_refused_with_every_fd_closed() -> None:
         with trio.move_on_after(0.5):
             unexpected = await h.channel.receive()
             pytest.fail(f"worker answered an impostor's batch: {unexpected}")
+
+
+async def test_lean_socket_stream_is_the_one_trio_builds() -> None:
+    """The worker builds its transport without trio.SocketStream's two setsockopt calls
+    (worker._socket_stream): the object must be what trio's constructor makes, so that a
+    trio upgrade that changes SocketStream's state fails here rather than in a session."""
+    from handoffd.runtime.worker import _socket_stream
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(2)]
+        served = [listener.accept()[0] for _ in range(2)]
+    trios = trio.SocketStream(trio.socket.from_stdlib_socket(served[0]))
+    lean = _socket_stream(trio.socket.from_stdlib_socket(served[1]))
+    assert type(lean) is type(trios)
+    assert {k: type(v) for k, v in vars(lean).items()} == \
+        {k: type(v) for k, v in vars(trios).items()}
+    assert vars(lean._send_conflict_detector) == vars(trios._send_conflict_detector)
+    assert lean._send_conflict_detector is not trios._send_conflict_detector
+    await lean.send_all(b"ping")
+    assert clients[1].recv(4) == b"ping"
+    clients[1].sendall(b"pong")
+    assert await lean.receive_some(4) == b"pong"
+    await lean.aclose()
+    await trios.aclose()
+    for client in clients:
+        client.close()
+
+
+async def test_handed_off_sockets_already_have_trios_options() -> None:
+    """What lets the worker skip those setsockopt calls: the acceptor accepts through
+    trio.SocketListener, whose SocketStream sets TCP_NODELAY and TCP_NOTSENT_LOWAT, and
+    the descriptor SCM_RIGHTS hands over is the same socket, options included."""
+    with socket.create_server(("127.0.0.1", 0)) as bound:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(bound.dup()))
+        client = socket.create_connection(bound.getsockname())
+        stream = await listener.accept()
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        socket.send_fds(left, [b"x"], [stream.socket.fileno()])
+        _, (fd,), _, _ = socket.recv_fds(right, 1, 1)
+        received = socket.socket(fileno=fd)
+        try:
+            assert received.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert received.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 2**14
+        finally:
+            received.close()
+            left.close()
+            right.close()
+            client.close()
+            await stream.aclose()
+            await listener.aclose()

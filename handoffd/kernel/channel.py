@@ -67,6 +67,13 @@ _CLOSED_ERRNOS: Final = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
 # Plain ints: ``int & socket.MSG_*`` goes through enum.IntFlag (~0.6 us per test, per message).
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_RECV_NOWAIT: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_SOCK_STREAM: Final = int(socket.SOCK_STREAM)
+_SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+_SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
+_INT: Final = struct.Struct("=i")
+_INET_FAMILIES: Final = (int(socket.AF_INET), int(socket.AF_INET6))
+_IPPROTO_TCP: Final = int(socket.IPPROTO_TCP)
 
 
 @dataclass(frozen=True)
@@ -113,12 +120,15 @@ def tcp_stream_socket(fd: int) -> socket.socket:
                          f"fd is not a socket ({os.strerror(error.errno or 0)})") from None
     try:
         # socket(fileno=) asked the kernel already (getsockname's family, SO_TYPE,
-        # SO_PROTOCOL): asking again cost three getsockopt calls per handoff.
-        kind, domain, protocol = sock.type, sock.family, sock.proto
+        # SO_PROTOCOL): asking again cost three getsockopt calls per handoff.  Read as
+        # the plain ints the kernel gave (socket.socket's own properties convert them to
+        # enums first: ~1 us per handoff for nothing).
+        raw: Any = super(socket.socket, sock)  # _socket.socket's int fields
+        kind, domain, protocol = raw.type, raw.family, sock.proto
         if (
-            kind != socket.SOCK_STREAM
-            or domain not in (socket.AF_INET, socket.AF_INET6)
-            or protocol != socket.IPPROTO_TCP
+            kind != _SOCK_STREAM
+            or domain not in _INET_FAMILIES
+            or protocol != _IPPROTO_TCP
         ):
             raise _defective(Minor.CHANNEL_FD_NOT_TCP,
                              f"socket type {kind} domain {domain} protocol {protocol}")
@@ -163,6 +173,12 @@ class Channel:
         self.max_payload = max_payload
         self._validate_fd = validate_fd
         self._attributes = AttributeReceiver()
+        # recvmsg's buffer sizes, per channel constants (attributes change the control room).
+        self._bufsize = HEADER.size + max_payload + 1  # +1: an oversized payload shows
+        self._ancsize = _FD_ROOM + _STRAY_ROOM
+        # receive_nowait() just found the channel empty: receive() waits before its recvmsg
+        # instead of trying one that would fail with EAGAIN first.
+        self._empty = False
 
     @classmethod
     def pair(cls, *, fd_kinds: frozenset[int], **kw: Any) -> tuple[Channel, Channel]:
@@ -201,6 +217,7 @@ class Channel:
         """
         self._attributes.enable(self._sock)
         self._attributes.keep_pidfds = keep_pidfds
+        self._ancsize = _FD_ROOM + _STRAY_ROOM + self._attributes.control_space()
 
     def set_new_attributes_only(self, on: bool) -> None:
         """Report attributes only when they differ from the last set (``ATTRS_NOT_ENABLED``
@@ -289,8 +306,14 @@ class Channel:
     async def receive(self) -> Received:
         """The next good message; a bad one has all its fds closed and raises ``CHANNEL_*``."""
         try:
+            if self._empty:
+                # Nothing was queued a moment ago: trio's recvmsg would try the syscall
+                # first, fail with EAGAIN, then wait.  Wait first (wait_readable is a
+                # checkpoint, as recvmsg is); its recvmsg then finds the message.
+                self._empty = False
+                await trio.lowlevel.wait_readable(self._sock)
             data, ancillary, flags, _ = await self._sock.recvmsg(
-                self._bufsize(), self._ancsize(), socket.MSG_CMSG_CLOEXEC
+                self._bufsize, self._ancsize, socket.MSG_CMSG_CLOEXEC
             )
         except trio.ClosedResourceError:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_CLOSED, "channel closed locally") from None
@@ -306,20 +329,13 @@ class Channel:
         if raw is None:
             return None
         try:
-            data, ancillary, flags, _ = raw.recvmsg(
-                self._bufsize(), self._ancsize(), socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
-            )
+            data, ancillary, flags, _ = raw.recvmsg(self._bufsize, self._ancsize, _RECV_NOWAIT)
         except BlockingIOError:
+            self._empty = True
             return None
         except OSError as error:
             raise self._receive_error(error) from None
         return self._received(data, ancillary, flags)
-
-    def _bufsize(self) -> int:
-        return HEADER.size + self.max_payload + 1  # +1: an oversized payload shows
-
-    def _ancsize(self) -> int:
-        return _FD_ROOM + _STRAY_ROOM + self._attributes.control_space()
 
     def _receive_error(self, error: OSError) -> GSSError:
         detail = "channel closed locally" if self._sock.fileno() < 0 else None
@@ -334,22 +350,26 @@ class Channel:
         credentials: list[bytes] = []
         labels: list[bytes] = []
         unexpected: list[tuple[int, int]] = []
+        expected = self._attributes.expected  # what AttributeReceiver.expects() accepts
         for level, kind, body in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                numbers = array.array("i")
-                numbers.frombytes(body[: len(body) - len(body) % numbers.itemsize])
-                fds.extend(numbers)
-                continue
-            if level == socket.SOL_SOCKET and kind == SCM_PIDFD and len(body) >= 4:
-                (pidfd,) = struct.unpack_from("=i", body)
-                if pidfd >= 0:  # a negative errno when the kernel could not make one
-                    pidfds.append(pidfd)
-            elif level == socket.SOL_SOCKET and kind == SCM_CREDENTIALS:
-                credentials.append(body)
-            elif level == socket.SOL_SOCKET and kind == SCM_SECURITY:
-                labels.append(body)
-            if not self._attributes.expects(level, kind):
-                unexpected.append((level, kind))
+            if level == _SOL_SOCKET:
+                if kind == _SCM_RIGHTS:
+                    numbers = array.array("i")
+                    numbers.frombytes(body[: len(body) - len(body) % numbers.itemsize])
+                    fds.extend(numbers)
+                    continue
+                if kind == SCM_PIDFD:
+                    if len(body) >= 4:
+                        (pidfd,) = _INT.unpack_from(body)
+                        if pidfd >= 0:  # a negative errno when the kernel could not make one
+                            pidfds.append(pidfd)
+                elif kind == SCM_CREDENTIALS:
+                    credentials.append(body)
+                elif kind == SCM_SECURITY:
+                    labels.append(body)
+                if kind in expected:
+                    continue
+            unexpected.append((level, kind))
         try:
             return self._accept(data, flags, fds, pidfds, credentials, labels, unexpected)
         except BaseException:

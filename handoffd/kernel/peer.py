@@ -24,6 +24,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Final, Protocol
 
 from handoffd.minor import Minor
@@ -39,6 +40,7 @@ __all__ = [
     "SO_PEERPIDFD",
     "SO_PEERSEC",
     "GetSockOpt",
+    "Identified",
     "OptionTooLong",
     "PeerIdentity",
     "PeerPolicy",
@@ -116,6 +118,20 @@ class PeerIdentity:
     uid: int
     gid: int
     label: bytes | None
+
+
+class Identified(Protocol):
+    """What :meth:`PeerPolicy.check` reads: a :class:`PeerIdentity`, or a message's
+    ``SenderAttributes`` as they are (no copy per message)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def uid(self) -> int: ...
+    @property
+    def gid(self) -> int: ...
+    @property
+    def label(self) -> bytes | None: ...
 
 
 def read_peer_label(
@@ -247,7 +263,14 @@ class PeerPolicy:
     require_label: bool = False
     pid: int | None = None
 
-    def check(self, identity: PeerIdentity) -> None:
+    @cached_property
+    def _allowed_labels(self) -> frozenset[bytes | None] | None:
+        # Normalised once, not on every message checked.
+        if self.labels is None:
+            return None
+        return frozenset(normalise_label(entry) for entry in self.labels)
+
+    def check(self, identity: Identified) -> None:
         """Raise ``GSSError(GSS_S_UNAUTHORIZED, PEER_*)`` naming the first field that fails."""
         if self.pid is not None and identity.pid != self.pid:
             raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_PID_MISMATCH,
@@ -264,8 +287,7 @@ class PeerPolicy:
                 raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_LABEL_REQUIRED,
                                f"peer pid {identity.pid} has no LSM label")
             return
-        if self.labels is not None:
-            allowed = {normalise_label(entry) for entry in self.labels}
-            if label not in allowed:
-                raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_LABEL_NOT_ALLOWED,
-                               f"peer label {_show_label(label)} not allowed")
+        allowed = self._allowed_labels
+        if allowed is not None and label not in allowed:
+            raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_LABEL_NOT_ALLOWED,
+                           f"peer label {_show_label(label)} not allowed")

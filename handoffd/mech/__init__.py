@@ -157,6 +157,7 @@ TLS: Final = MechanismInfo("tls", "2.25.69207048195977104655848167048146508387",
                            max_handshake_frame=(1 << 14) + 256)
 
 _SEAL_HEAD: Final = struct.Struct(">BH")  # version, mechanism: the sealed token's first bytes
+_BY_SEAL_ID: Final = {m.seal_id: m for m in (*MECHANISMS.values(), TLS)}  # ids are unique
 
 
 def sealed_mechanism(sealed: bytes) -> MechanismInfo:
@@ -167,10 +168,9 @@ def sealed_mechanism(sealed: bytes) -> MechanismInfo:
     An unknown or truncated claim is the seal's own opaque ``EXPORT_TOKEN_INVALID``.
     """
     if len(sealed) >= _SEAL_HEAD.size:
-        _, seal_id = _SEAL_HEAD.unpack_from(sealed)
-        for mechanism in (*MECHANISMS.values(), TLS):
-            if mechanism.seal_id == seal_id:
-                return mechanism
+        mechanism = _BY_SEAL_ID.get(_SEAL_HEAD.unpack_from(sealed)[1])
+        if mechanism is not None:
+            return mechanism
     from handoffd.status import GSS_S_DEFECTIVE_TOKEN
 
     raise GSSError(GSS_S_DEFECTIVE_TOKEN, Minor.EXPORT_TOKEN_INVALID)

@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, replace
 
 import trio
+from trio._util import ConflictDetector
 
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import (
@@ -72,6 +73,8 @@ log = logging.getLogger("handoffd.worker")
 ENV_CHANNEL_FD = "HANDOFFD_CHANNEL_FD"
 ENV_WORKER_ID = "HANDOFFD_WORKER_ID"
 ENV_ACCEPTOR_PID = "HANDOFFD_ACCEPTOR_PID"
+
+_HANDOFF_KINDS = frozenset({Kind.HANDOFF, Kind.HANDOFF_BATCH})
 
 Handler = Callable[[SecureStream | TlsStream], Awaitable[None]]
 
@@ -126,7 +129,8 @@ class HandoffReceiver:
         self.accepted = 0
         self._hello_sent = False
         self._draining = False
-        self._sending: trio.Event | None = None  # set while a send is under way: see _send
+        self._sending = False  # a send is under way: see _send
+        self._sent: trio.Event | None = None  # made by a send that has to wait for one
         self.ended: Counter[Outcome] = Counter()  # sessions ended here, by outcome
         self._policy = PeerPolicy(
             uids=frozenset({identity.acceptor_uid}), pid=identity.acceptor_pid,
@@ -264,7 +268,7 @@ class HandoffReceiver:
             if message.kind == Kind.DRAINED:
                 message.close_fds()
                 return
-            if message.kind not in (Kind.HANDOFF, Kind.HANDOFF_BATCH):
+            if message.kind not in _HANDOFF_KINDS:
                 message.close_fds()
                 log.warning("unexpected %s message on the handoff channel ignored",
                             _kind_name(message.kind))
@@ -272,7 +276,8 @@ class HandoffReceiver:
             # Under load more handoffs are already queued behind this one: take them now
             # (no wait) and answer them all with one ACK_BATCH.
             group = [message]
-            while deferred is None and sum(max(1, len(m.fds)) for m in group) < MAX_BATCH:
+            taken = max(1, len(message.fds))  # handoffs in the group so far
+            while deferred is None and taken < MAX_BATCH:
                 try:
                     queued = self.channel.receive_nowait()
                 except GSSError as error:
@@ -288,8 +293,9 @@ class HandoffReceiver:
                     self.refused += 1
                     log.warning("handoff message refused: %s", error)
                     continue
-                if queued.kind in (Kind.HANDOFF, Kind.HANDOFF_BATCH):
+                if queued.kind in _HANDOFF_KINDS:
                     group.append(queued)
+                    taken += max(1, len(queued.fds))
                 else:
                     deferred = queued
             for stream in await self._accept_group(group):
@@ -374,14 +380,15 @@ class HandoffReceiver:
         return imported, Ack(handoff_id)
 
     def _stream(self, imported: _Imported, message: Received) -> SecureStream | TlsStream:
-        transport = trio.SocketStream(trio.socket.from_stdlib_socket(imported.sock))
+        transport = _socket_stream(trio.socket.from_stdlib_socket(imported.sock))
         handoff_id = imported.handoff_id
         if imported.tls is not None:
             return self._tls_stream(transport, imported.tls, handoff_id, message)
         context = imported.context
         assert context is not None
-        log.debug("handoff %d imported: peer %s, flags %s, context %s", handoff_id,
-                  context.peer_name, int(context.flags), context.context_id)
+        if log.isEnabledFor(logging.DEBUG):  # its arguments cost more than the disabled call
+            log.debug("handoff %d imported: peer %s, flags %s, context %s", handoff_id,
+                      context.peer_name, int(context.flags), context.context_id)
         decoder = FrameDecoder()
         if imported.unread:
             decoder.feed(imported.unread)
@@ -436,15 +443,20 @@ class HandoffReceiver:
         wait for it to drain, and a second task waiting on one trio socket raises
         BusyResourceError, which no caller expects: the worker would die with all its
         sessions.  Not a trio.Lock: that costs two scheduler passes per ACK even when no
-        one else is sending."""
-        while self._sending is not None:
-            await self._sending.wait()
-        self._sending = done = trio.Event()
+        one else is sending; and no Event either unless someone has to wait (nearly
+        always no one does: the send goes out at once)."""
+        while self._sending:
+            if self._sent is None:
+                self._sent = trio.Event()
+            await self._sent.wait()
+        self._sending = True
         try:
             await self.channel.send(kind, payload)
         finally:
-            self._sending = None
-            done.set()
+            self._sending = False
+            sent, self._sent = self._sent, None
+            if sent is not None:
+                sent.set()  # every waiter wakes; the first to run sends, the others wait again
 
     async def _ack(self, ack: Ack) -> None:
         try:
@@ -468,6 +480,23 @@ class HandoffReceiver:
     def close(self) -> None:
         """Close the channel; the acceptor sees this worker leave."""
         self.channel.close()
+
+
+_SEND_CONFLICT = "another task is currently sending data on this SocketStream"  # trio's words
+
+
+def _socket_stream(sock: trio.socket.SocketType) -> trio.SocketStream:
+    """``trio.SocketStream(sock)`` without its two ``setsockopt`` calls (``TCP_NODELAY``,
+    ``TCP_NOTSENT_LOWAT``): the acceptor's own ``trio.SocketStream`` already set both on
+    this very socket (``SCM_RIGHTS`` passes the open socket, and options belong to it).
+    What ``__init__`` leaves besides is the socket and a fresh conflict detector;
+    ``tests/test_worker_library.py`` checks this builds the same object as trio does.
+    trio's check that ``sock`` is a ``SOCK_STREAM`` is left to ``tcp_stream_socket``,
+    which refused anything else before the handoff was imported."""
+    stream: trio.SocketStream = object.__new__(trio.SocketStream)
+    stream.socket = sock
+    stream._send_conflict_detector = ConflictDetector(_SEND_CONFLICT)
+    return stream
 
 
 def _label_set(labels: Iterable[bytes | str] | None) -> frozenset[bytes] | None:
@@ -535,8 +564,7 @@ def _check_sender(message: Received, policy: PeerPolicy) -> None:
     if attributes is None:
         raise GSSError(GSS_S_UNAUTHORIZED, Minor.PEER_CREDENTIALS_UNAVAILABLE,
                        "message arrived without sender credentials")
-    policy.check(PeerIdentity(pid=attributes.pid, uid=attributes.uid, gid=attributes.gid,
-                              label=attributes.label))
+    policy.check(attributes)  # the same pid, uid, gid and (normalised) label fields
 
 
 def _close_fd(fd: int | None) -> None:
