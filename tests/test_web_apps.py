@@ -1,10 +1,11 @@
 """ASGI and WSGI apps in handoffd's workers (``[workers] asgi`` / ``wsgi``), served by the
-real hypercorn, reached by real clients: httpx over TLS (HTTP/1.1 and h2 by ALPN), a
+real hypercorn, reached by real clients: httpx and curl over TLS (HTTP/1.1 and h2 by ALPN), a
 WebSocket client, curl through the local forwarder over Noise.  The apps are the shipped
 examples (``examples/asgi``: Starlette, ``examples/flask``: Flask)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -67,6 +68,24 @@ async def test_asgi_over_tls_http_1_1_and_h2(asgi: tuple[RunningDaemon, int, Pat
         assert answer["worker_pid"] in workers and answer["scheme"] == "https"
         assert answer["peer"]["mechanism"] == "tls" and answer["peer"]["sni"] == "localhost"
     assert two["peer"]["alpn"] == "h2"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_over_tls_with_http_1_1_and_http2(asgi: tuple[RunningDaemon, int, Path]) -> None:
+    """Debian's curl (OpenSSL, nghttp2): ``--http1.1`` and ``--http2`` (ALPN h2) both
+    reach the ASGI app in a worker; curl's own report says which version was spoken."""
+    daemon, port, ca = asgi
+    workers = set(await daemon.worker_pids())
+    for flag, version, alpn in (("--http1.1", "1.1", "http/1.1"), ("--http2", "2", "h2")):
+        result = await trio.run_process(
+            ["curl", "-sS", flag, "--max-time", "10", "--cacert", str(ca),
+             "-w", "\n%{http_version}", f"https://localhost:{port}/whoami"],
+            capture_stdout=True, capture_stderr=True, check=False)
+        assert result.returncode == 0, result.stderr.decode()
+        body, _, spoken = result.stdout.decode().rpartition("\n")
+        answer = json.loads(body)
+        assert spoken == version and answer["http_version"] == version, (flag, spoken, answer)
+        assert answer["worker_pid"] in workers and answer["peer"]["alpn"] == alpn
 
 
 async def test_asgi_websocket_echo(asgi: tuple[RunningDaemon, int, Path]) -> None:
