@@ -39,6 +39,7 @@ from handoffd import __version__
 from handoffd.kernel.fdreserve import SHED_ERRNOS, FdReserve
 from handoffd.logs import ThrottledLog
 from handoffd.minor import Minor
+from handoffd.runtime.pool import WorkerState
 from handoffd.status import GSS_S_UNAVAILABLE, GSSError
 
 if TYPE_CHECKING:
@@ -355,7 +356,8 @@ def render_metrics(snapshot: dict[str, Any],
            [({"status": k}, v) for k, v in sorted(snapshot["handshake_failures"].items())])
     metric("workers", "gauge", "Workers by state",
            [({"state": state}, sum(1 for w in snapshot["workers"] if w["state"] == state))
-            for state in ("starting", "ready", "draining")])
+            for state in (WorkerState.STARTING.value, WorkerState.READY.value,
+                          WorkerState.DRAINING.value)])
     slots = snapshot["handshake_slots"]
     metric("handshake_slots", "gauge", "Handshake slots in use by stage (capacity: "
            "[server] max_handshakes)",

@@ -69,18 +69,19 @@ from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
 from handoffd.kernel.peer import PeerPolicy
 from handoffd.kernel.systemd import Notifier, watchdog_interval
 from handoffd.logs import ThrottledLog
-from handoffd.mech import NOISE, TLS, acceptor_factories
+from handoffd.mech import TLS, acceptor_factories
 from handoffd.mech.tls import TlsAcceptorFactory
 from handoffd.minor import Minor
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
 from handoffd.runtime.control import EndpointStats
+from handoffd.runtime.dispatch import MECH_NOISE, Outgoing, Pending
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
+from handoffd.runtime.pool import Worker, WorkerState, transition
 from handoffd.runtime.spawner import (
     LocalChild,
     LocalSpawner,
     Spawner,
     SupervisedSpawner,
-    WorkerProcess,
     spawn_local,
 )
 from handoffd.runtime.supervisor import ProcessPlan
@@ -90,7 +91,6 @@ from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_n
 
 log = logging.getLogger("handoffd.acceptor")
 
-MECH_NOISE = NOISE.seal_id
 SEAL_LIFETIME = 30.0
 """Seconds a sealed handoff token stays valid: it only has to cross one socketpair."""
 
@@ -102,69 +102,6 @@ worker); after ``_SEND_ATTEMPTS`` refusals the connection is dropped and logged.
 _READ_AFTER_EXIT = 1.0
 """Seconds to go on reading a worker's channel after it exited: what it sent last (the
 SESSION_END of each session its drain cut) may still be queued."""
-
-
-@dataclass
-class Pending:
-    """A connection handed to a worker and not yet acknowledged."""
-
-    handoff_id: int
-    stream: trio.SocketStream
-    inner: bytes
-    handshake_done: float
-    peer: str
-    mech: int = MECH_NOISE  # seal id of the exported context's mechanism (handoffd.mech)
-    key_ref: bytes = b""
-    deliveries: int = 0
-    sent_at: float = 0.0  # time.monotonic() of the last delivery
-    sent: bool = False  # the kernel queued the HANDOFF: it never goes to another worker
-
-
-@dataclass
-class Outgoing:
-    """A HANDOFF waiting in a worker's outbox; ``done`` once sent, or not (``error``)."""
-
-    pending: Pending
-    message: bytes
-    done: trio.Event = field(default_factory=trio.Event)
-    error: GSSError | None = None
-
-
-@dataclass
-class Worker:
-    """One worker process incarnation."""
-
-    index: int
-    worker_id: bytes
-    parking: AcceptorParking
-    process: WorkerProcess | None = None
-    external_pid: int | None = None  # registered over the socket, not spawned by us
-    channel: Channel | None = None
-    state: str = "starting"  # starting -> ready -> draining -> dead
-    in_flight: dict[int, Pending] = field(default_factory=dict)
-    outbox: list[Outgoing] = field(default_factory=list)  # handoffs ready, not yet sent
-    flushing: bool = False  # a dispatcher is sending the outbox (see _send_handoff)
-    handled: int = 0
-    ended: int = 0  # sessions the worker reported ended (SESSION_END)
-    cut_at_drain: int = 0  # of those, cut at drain_timeout (for the drain's last line)
-    started: float = field(default_factory=time.monotonic)
-    ready: trio.Event = field(default_factory=trio.Event)
-    gone: trio.Event = field(default_factory=trio.Event)
-
-    @property
-    def pid(self) -> int | None:
-        """The worker's pid (spawned or registered), if it has one yet."""
-        return self.process.pid if self.process else self.external_pid
-
-    @property
-    def external(self) -> bool:
-        """True for a worker that registered over the socket."""
-        return self.external_pid is not None
-
-    @property
-    def active(self) -> int:
-        """Sessions imported and not yet reported ended."""
-        return max(0, self.handled - self.ended)
 
 
 class LatencyWindow(deque[float]):
@@ -673,9 +610,9 @@ class Daemon:
         for w in everyone:
             self._terminate(w)
         for w in list(self.external.values()):
-            if w.state == "ready" and w.channel is not None:
+            if w.state is WorkerState.READY and w.channel is not None:
                 # We will send nothing more; the external worker finishes and leaves.
-                w.state = "draining"
+                transition(w, WorkerState.DRAINING)
                 with contextlib.suppress(GSSError):
                     await w.channel.send(Kind.DRAINED, b"")
         with trio.move_on_after(self.config.workers.drain_timeout + 2) as scope:
@@ -732,7 +669,7 @@ class Daemon:
             # Out of keyring quota (EDQUOT), fds or processes: not the application's
             # fault, so not a boot failure; the slot retries with backoff.
             log.error("cannot spawn worker %d: %s", w.index, error)
-            w.state = "dead"
+            transition(w, WorkerState.DEAD)
             w.gone.set()
             return
         read_all = trio.Event()
@@ -750,7 +687,7 @@ class Daemon:
                 await w.process.wait()
                 # Its last reports are still queued: read them (its end is closed, so the
                 # channel ends), taking it out of the dispatch meanwhile.
-                w.state = "dead"
+                transition(w, WorkerState.DEAD)
                 with trio.move_on_after(_READ_AFTER_EXIT):
                     await read_all.wait()
                 nursery.cancel_scope.cancel()
@@ -793,15 +730,18 @@ class Daemon:
                 log.warning("worker %s sent a bad %s message: %s", w.pid, message.kind, error)
 
     async def _on_worker_message(self, w: Worker, kind: int, payload: bytes) -> None:
-        if w.state == "dead" and kind in (Kind.HELLO, Kind.DRAINING):
+        if w.state is WorkerState.DEAD and kind in (Kind.HELLO, Kind.DRAINING):
             return  # read after it exited: it takes nothing any more
         if kind == Kind.HELLO:
             hello = Hello.decode(payload)
             if hello.worker_id != w.worker_id or hello.pid != w.pid:
                 raise GSSError(GSS_S_FAILURE, Minor.PEER_PID_MISMATCH, "HELLO does not match")
+            if w.state is not WorkerState.STARTING:
+                # Said once already, or said DRAINING: a worker is never ready twice.
+                raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_BAD_HEADER,
+                               f"HELLO from a {w.state.value} worker")
             w.parking.worker_adopted(w.worker_id)
-            w.state = "ready"
-            w.ready.set()
+            transition(w, WorkerState.READY)
             self._boot_failures = 0
             self._wake_dispatchers()
             log.info("worker %d ready (pid %s)", w.index, w.pid)
@@ -870,7 +810,8 @@ class Daemon:
         pending.stream.socket.close()
 
     async def _worker_gone(self, w: Worker) -> None:
-        w.state = "dead"
+        if w.state is not WorkerState.DEAD:
+            transition(w, WorkerState.DEAD)
         if self._handing_over:
             # Not gone: this acceptor is; the worker finishes its sessions on its own.
             if w.channel is not None:
@@ -938,9 +879,9 @@ class Daemon:
 
     def _retire(self, w: Worker) -> None:
         """The worker drains: no new handoffs; its slot is refilled at once."""
-        if w.state == "draining":
+        if w.state is WorkerState.DRAINING:
             return
-        w.state = "draining"
+        transition(w, WorkerState.DRAINING)
         if self.workers.get(w.index) is w:
             self.retiring.append(w)
             del self.workers[w.index]
@@ -1169,7 +1110,7 @@ class Daemon:
     def _pick_worker(self) -> Worker | None:
         limit = self.config.workers.max_unacked
         candidates = [w for w in (*self.workers.values(), *self.external.values())
-                      if w.state == "ready" and len(w.in_flight) < limit]
+                      if w.state is WorkerState.READY and len(w.in_flight) < limit]
         if not candidates:
             return None
         return min(candidates, key=lambda w: (len(w.in_flight), w.handled))
@@ -1177,7 +1118,7 @@ class Daemon:
     def _workers_all_full(self) -> bool:
         """Some worker is ready and none of those has room for another handoff."""
         ready = [w for w in (*self.workers.values(), *self.external.values())
-                 if w.state == "ready"]
+                 if w.state is WorkerState.READY]
         limit = self.config.workers.max_unacked
         return bool(ready) and all(len(w.in_flight) >= limit for w in ready)
 
@@ -1316,7 +1257,7 @@ class Daemon:
 
     async def _wait_for_worker(self, give_up_at: float) -> bool:
         """Wait until a worker may have room; False once ``give_up_at`` passed."""
-        if not any(w.state == "ready" for w in (*self.workers.values(),
+        if not any(w.state is WorkerState.READY for w in (*self.workers.values(),
                                                 *self.external.values())):
             self._throttled.log(logging.WARNING, "no-worker",
                                 "no worker is ready: %d connections waiting for one",
@@ -1392,7 +1333,7 @@ class Daemon:
             self.notifier.notify(*fields)
 
     def _status_line(self) -> str:
-        ready = sum(1 for w in self.workers.values() if w.state == "ready")
+        ready = sum(1 for w in self.workers.values() if w.state is WorkerState.READY)
         return (f"{ready}/{self.target_count} workers ready, {self.stats.acked} handoffs, "
                 f"{sum(self.stats.handshake_failures.values())} handshake failures")
 
@@ -1489,7 +1430,7 @@ class Daemon:
                     "index": w.index,
                     "pid": w.pid,
                     "uid": getattr(w.process, "uid", None),
-                    "state": w.state,
+                    "state": w.state.value,
                     "in_flight": len(w.in_flight),
                     "handled": w.handled,
                     "active": w.active,
@@ -1530,7 +1471,7 @@ class Daemon:
                 "sessions_lost_with_worker": self.stats.sessions_ended["lost_with_worker"],
                 "session_reports_refused": self.stats.session_reports_refused,
             },
-            "sessions_active": sum(w.active for w in workers if w.state != "dead"),
+            "sessions_active": sum(w.active for w in workers if w.state is not WorkerState.DEAD),
             "handshake_slots": {
                 "capacity": self.admission.capacity,
                 "first_token": self.admission.count(Stage.FIRST_TOKEN),
