@@ -73,6 +73,7 @@ from handoffd.mech import TLS, acceptor_factories
 from handoffd.mech.tls import TlsAcceptorFactory
 from handoffd.minor import Minor
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
+from handoffd.runtime.changes import Changes
 from handoffd.runtime.control import EndpointStats
 from handoffd.runtime.dispatch import MECH_NOISE, Outgoing, Pending
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
@@ -298,10 +299,14 @@ class Daemon:
             watchdog_period = interval / 2 if interval else None
         self._watchdog_period = watchdog_period
         self._handoff_ids = itertools.count(1)
-        self._capacity = trio.Event()
+        self._capacity = Changes()
+        """A worker may have room: an ACK came, a worker became ready or died."""
+        self._pool_changed = Changes()
+        """A slot got a new worker or lost its own, a worker became ready, the target
+        count changed, or the daemon is failing (what :meth:`_pool_ready` reads)."""
         server = config.server
         self.admission = Admission(server.max_handshakes, server.max_handshakes_per_source)
-        self._slot_freed = trio.Event()
+        self._slot_freed = Changes()
         self._paces: dict[Slot, tuple[ConnectionPace, trio.SocketStream]] = {}
         self._turns = SourceTurns()
         self._waiting_for_worker = 0
@@ -454,6 +459,7 @@ class Daemon:
             getattr(self, "_stop_event", trio.Event()).set()
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
+            self._pool_changed.notify()
 
     # ------------------------------------------------------------------ external workers
 
@@ -567,13 +573,16 @@ class Daemon:
                          signal.Signals(signum).name)
         return ready
 
+    def _pool_ready(self, rolled: set[bytes] | frozenset[bytes] = frozenset()) -> bool:
+        """Every slot has a ready worker, none of them one of ``rolled``."""
+        return len(self.workers) >= self.target_count and all(
+            w.ready.is_set() and w.worker_id not in rolled for w in self.workers.values())
+
     async def _wait_workers_ready(self) -> None:
-        while not all(w.ready.is_set() for w in self.workers.values()) or (
-            len(self.workers) < self.target_count
-        ):
-            if self._fatal is not None:
-                await trio.sleep_forever()  # the nursery is being cancelled
-            await trio.sleep(0.01)
+        await self._pool_changed.wait_until(
+            lambda: self._fatal is not None or self._pool_ready())
+        if self._fatal is not None:
+            await trio.sleep_forever()  # the nursery is being cancelled
 
     async def _hand_over(self) -> None:
         """SIGUSR2 (via the supervisor): stop accepting, let the handshakes in progress reach
@@ -648,11 +657,13 @@ class Daemon:
             assert self.parking is not None
             w = Worker(index=index, worker_id=os.urandom(16), parking=self.parking)
             self.workers[index] = w
+            self._pool_changed.notify()
             await self._run_worker(w)
             if self.workers.get(index) is not w:
                 return  # retired (roll, resize): whoever retired it refilled the slot
             if self._stopping or index >= self.target_count:
                 del self.workers[index]
+                self._pool_changed.notify()
                 return
             lived = time.monotonic() - w.started
             backoff = 0.05 if lived > 10 else min(backoff * 2,
@@ -742,6 +753,7 @@ class Daemon:
                                f"HELLO from a {w.state.value} worker")
             w.parking.worker_adopted(w.worker_id)
             transition(w, WorkerState.READY)
+            self._pool_changed.notify()
             self._boot_failures = 0
             self._wake_dispatchers()
             log.info("worker %d ready (pid %s)", w.index, w.pid)
@@ -885,6 +897,7 @@ class Daemon:
         if self.workers.get(w.index) is w:
             self.retiring.append(w)
             del self.workers[w.index]
+            self._pool_changed.notify()
             if not self._stopping and w.index < self.target_count and self._nursery:
                 self._nursery.start_soon(self._manage_slot, w.index)
 
@@ -931,18 +944,14 @@ class Daemon:
     async def _ready_after_roll(self, rolled: set[bytes]) -> None:
         """READY=1 once every slot has a fresh, ready worker (or the drain time passed)."""
         with trio.move_on_after(self.config.workers.drain_timeout + 10):
-            while True:
-                current = list(self.workers.values())
-                if len(current) >= self.target_count and all(
-                        w.worker_id not in rolled and w.ready.is_set() for w in current):
-                    break
-                await trio.sleep(0.02)
+            await self._pool_changed.wait_until(lambda: self._pool_ready(rolled))
         self._notify("READY=1", f"STATUS={self._status_line()}")
 
     def _resize(self, count: int) -> None:
         count = max(1, count)
         old = self.target_count
         self.target_count = count
+        self._pool_changed.notify()
         log.info("resizing pool from %d to %d workers", old, count)
         assert self._nursery is not None
         for index in range(old, count):
@@ -1043,8 +1052,7 @@ class Daemon:
     def _free_slot(self, slot: Slot) -> None:
         self.admission.release(slot)
         self._paces.pop(slot, None)
-        self._slot_freed.set()
-        self._slot_freed = trio.Event()
+        self._slot_freed.notify()
 
     async def _serve_client(self, stream: trio.SocketStream, pace: ConnectionPace,
                             tls: bool = False) -> None:
@@ -1123,8 +1131,7 @@ class Daemon:
         return bool(ready) and all(len(w.in_flight) >= limit for w in ready)
 
     def _wake_dispatchers(self) -> None:
-        self._capacity.set()
-        self._capacity = trio.Event()
+        self._capacity.notify()
 
     async def _dispatch(self, pending: Pending) -> None:
         """Send a connection to the least-loaded worker; wait while all are full."""
