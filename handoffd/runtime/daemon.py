@@ -77,7 +77,7 @@ from handoffd.runtime.changes import Changes
 from handoffd.runtime.control import EndpointStats
 from handoffd.runtime.dispatch import MECH_NOISE, Outgoing, Pending
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
-from handoffd.runtime.pool import Worker, WorkerState, transition
+from handoffd.runtime.pool import Worker, WorkerState, ack_watchdog, transition
 from handoffd.runtime.spawner import (
     LocalChild,
     LocalSpawner,
@@ -694,7 +694,7 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_channel)
-                nursery.start_soon(self._ack_watchdog, w)
+                nursery.start_soon(ack_watchdog, w, self.config.workers.ack_timeout)
                 await w.process.wait()
                 # Its last reports are still queued: read them (its end is closed, so the
                 # channel ends), taking it out of the dispatch meanwhile.
@@ -704,24 +704,6 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             await self._worker_gone(w)
-
-    async def _ack_watchdog(self, w: Worker) -> None:
-        """A worker holding a handoff past ``ack_timeout`` is stuck: kill it.
-
-        Killed with everything it spawned (the supervisor sees to that), and what it
-        was sent is not redelivered: it may have imported it (see the module docstring).
-        """
-        assert w.process is not None
-        timeout = self.config.workers.ack_timeout
-        while True:
-            await trio.sleep(timeout / 4)
-            now = time.monotonic()
-            late = [p.handoff_id for p in w.in_flight.values() if now - p.sent_at > timeout]
-            if late:
-                log.error("worker %s did not acknowledge handoff %d within %gs: killing it",
-                          w.pid, late[0], timeout)
-                w.process.kill()
-                return
 
     async def _read_channel(self, w: Worker) -> None:
         assert w.channel is not None
@@ -1168,7 +1150,7 @@ class Daemon:
                 continue
             w.in_flight[pending.handoff_id] = pending
             pending.deliveries += 1
-            pending.sent_at = time.monotonic()
+            pending.sent_at = trio.current_time()
             try:
                 await self._send_handoff(w, pending, message)
             except GSSError as error:

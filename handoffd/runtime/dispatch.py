@@ -26,7 +26,7 @@ class Pending:
     mech: int = MECH_NOISE  # seal id of the exported context's mechanism (handoffd.mech)
     key_ref: bytes = b""
     deliveries: int = 0
-    sent_at: float = 0.0  # time.monotonic() of the last delivery
+    sent_at: float = 0.0  # trio.current_time() of the last delivery (the ACK watchdog's clock)
     sent: bool = False  # the kernel queued the HANDOFF: it never goes to another worker
 
 

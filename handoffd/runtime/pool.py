@@ -18,6 +18,7 @@ the acceptor (a worker's own out-of-order messages are refused before they get h
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ from handoffd.kernel.channel import Channel
 from handoffd.kernel.parking import AcceptorParking
 from handoffd.runtime.dispatch import Outgoing, Pending
 from handoffd.runtime.spawner import WorkerProcess
+
+log = logging.getLogger("handoffd.acceptor")
 
 
 class WorkerState(enum.StrEnum):
@@ -105,3 +108,23 @@ def transition(w: Worker, new: WorkerState) -> None:
     w.state = new
     if new is WorkerState.READY:
         w.ready.set()
+
+
+async def ack_watchdog(w: Worker, timeout: float) -> None:
+    """A spawned worker holding a handoff past ``timeout`` seconds is stuck: kill it.
+
+    Killed with everything it spawned (the supervisor sees to that), and what it was
+    sent is not redelivered: it may have imported it (``docs/HANDOFF.md``).  Checks
+    every ``timeout / 4`` seconds on trio's clock (``Pending.sent_at`` is
+    :func:`trio.current_time`), so a :class:`trio.testing.MockClock` drives it.
+    """
+    assert w.process is not None
+    while True:
+        await trio.sleep(timeout / 4)
+        now = trio.current_time()
+        late = [p.handoff_id for p in w.in_flight.values() if now - p.sent_at > timeout]
+        if late:
+            log.error("worker %s did not acknowledge handoff %d within %gs: killing it",
+                      w.pid, late[0], timeout)
+            w.process.kill()
+            return
