@@ -96,10 +96,11 @@ async def _serve(
     throttled = ThrottledLog(log, _LOG_INTERVAL)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(bound))
     reserve = FdReserve(1)
-    active = 0
+    # One token per connection being served: taken here when accepted, given back by
+    # the connection's task when it ends (its only owner).
+    active = trio.CapacityLimiter(limit)
 
     async def run(stream: trio.SocketStream) -> None:
-        nonlocal active
         try:
             async with stream:
                 with trio.move_on_after(timeout):
@@ -107,7 +108,7 @@ async def _serve(
                                              trio.ClosedResourceError, OSError):
                         await handle(daemon, stream)
         finally:
-            active -= 1
+            active.release_on_behalf_of(stream)
 
     task_status.started()
     try:
@@ -128,15 +129,16 @@ async def _serve(
                                   else "waiting for capacity")
                     await trio.sleep(0 if shed else _CAPACITY_WAIT)
                     continue
-                if active >= limit:
+                try:
+                    active.acquire_on_behalf_of_nowait(stream)
+                except trio.WouldBlock:
                     stats.busy_refused += 1
                     _refuse(stream, busy)
                     throttled.log(logging.WARNING, "busy",
                                   "%s: %d connections open ([control] max_connections): "
-                                  "closed a new one", endpoint, active)
+                                  "closed a new one", endpoint, active.borrowed_tokens)
                     await trio.sleep(0)
                     continue
-                active += 1
                 nursery.start_soon(run, stream)
     finally:
         throttled.flush()
