@@ -48,21 +48,16 @@ from handoffd.core.framing import FrameDecoder, FrameType, encode_error, encode_
 from handoffd.core.handoff import (
     BATCH_KINDS,
     FD_KINDS,
-    MAX_BATCH,
     Ack,
-    Handoff,
     Hello,
     Kind,
     Outcome,
     Refused,
     Registered,
     SessionEnd,
-    batch_entry_size,
     decode_ack_batch,
-    encode_handoff_batch,
     expect_empty,
 )
-from handoffd.core.seal import seal
 from handoffd.kernel.channel import Channel
 from handoffd.kernel.fdreserve import SHED_ERRNOS, FdReserve, nofile_needed, raise_nofile
 from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
@@ -76,7 +71,8 @@ from handoffd.runtime.acceptor_stats import Stats, merge_snapshots
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
 from handoffd.runtime.changes import Changes
 from handoffd.runtime.control import EndpointStats
-from handoffd.runtime.dispatch import MECH_NOISE, Outgoing, Pending
+from handoffd.runtime.dispatch import Dispatcher, Pending
+from handoffd.runtime.dispatch import prepare_handoff as prepare_handoff  # re-exported
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
 from handoffd.runtime.pool import Worker, WorkerState, ack_watchdog, transition
 from handoffd.runtime.spawner import (
@@ -93,14 +89,7 @@ from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_n
 
 log = logging.getLogger("handoffd.acceptor")
 
-SEAL_LIFETIME = 30.0
-"""Seconds a sealed handoff token stays valid: it only has to cross one socketpair."""
-
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_SEND_ATTEMPTS = 5
-_SEND_RETRY_DELAY = 0.05
-"""A HANDOFF the kernel refused to queue is tried again after 0.05, 0.1, ... s (to any
-worker); after ``_SEND_ATTEMPTS`` refusals the connection is dropped and logged."""
 _READ_AFTER_EXIT = 1.0
 """Seconds to go on reading a worker's channel after it exited: what it sent last (the
 SESSION_END of each session its drain cut) may still be queued."""
@@ -169,8 +158,6 @@ class Daemon:
             watchdog_period = interval / 2 if interval else None
         self._watchdog_period = watchdog_period
         self._handoff_ids = itertools.count(1)
-        self._capacity = Changes()
-        """A worker may have room: an ACK came, a worker became ready or died."""
         self._pool_changed = Changes()
         """A slot got a new worker or lost its own, a worker became ready, the target
         count changed, or the daemon is failing (what :meth:`_pool_ready` reads)."""
@@ -179,8 +166,13 @@ class Daemon:
         self._slot_freed = Changes()
         self._paces: dict[Slot, tuple[ConnectionPace, trio.SocketStream]] = {}
         self._turns = SourceTurns()
-        self._waiting_for_worker = 0
         self._throttled = ThrottledLog(log)
+        self.dispatcher = Dispatcher(
+            workers=lambda: (*self.workers.values(), *self.external.values()),
+            settings=lambda: self.config.workers, stats=self.stats,
+            throttled=self._throttled, clock=clock,
+            failing=lambda: self._fatal is not None,
+            no_worker_left=lambda: self._stopping and not self.workers)
         self._fd_reserve: FdReserve | None = None
         self.control_stats = EndpointStats()
         self.metrics_stats = EndpointStats()
@@ -228,6 +220,7 @@ class Daemon:
                                            signal.SIGUSR2) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self.dispatcher.nursery = nursery
                     nursery.start_soon(self._serve_spawner)
                     for index in range(self.target_count):
                         nursery.start_soon(self._manage_slot, index)
@@ -471,7 +464,7 @@ class Daemon:
                 await self._slot_freed.wait()
         with trio.move_on_after(self.config.workers.ack_timeout):
             while any(w.in_flight for w in self.workers.values()):
-                await self._capacity.wait()
+                await self.dispatcher.capacity.wait()
         log.info("handed over: %d workers finish their %d sessions on their own",
                  len(self.workers) + len(self.retiring),
                  sum(w.active for w in (*self.workers.values(), *self.retiring)))
@@ -607,15 +600,15 @@ class Daemon:
             transition(w, WorkerState.READY)
             self._pool_changed.notify()
             self._boot_failures = 0
-            self._wake_dispatchers()
+            self.dispatcher.wake()
             log.info("worker %d ready (pid %s)", w.index, w.pid)
         elif kind == Kind.ACK:
-            self._on_ack(w, Ack.decode(payload))
+            self.dispatcher.on_ack(w, Ack.decode(payload))
         elif kind == Kind.ACK_BATCH:
             acks = decode_ack_batch(payload)
             self.stats.ack_batches += 1
             for ack in acks:
-                self._on_ack(w, ack)
+                self.dispatcher.on_ack(w, ack)
         elif kind == Kind.SESSION_END:
             self._on_session_end(w, payload)
         elif kind == Kind.DRAINING:
@@ -625,28 +618,6 @@ class Daemon:
             await w.channel.send(Kind.DRAINED, b"")
         else:
             raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_BAD_HEADER, f"unexpected kind {kind}")
-
-    def _on_ack(self, w: Worker, ack: Ack) -> None:
-        pending = w.in_flight.pop(ack.handoff_id, None)
-        if pending is None:
-            log.warning("worker %s acknowledged unknown handoff %d", w.pid, ack.handoff_id)
-            return
-        w.parking.release(w.worker_id, pending.key_ref)
-        pending.inner = b""
-        self._close_copy(pending)
-        if ack.major == 0:
-            w.handled += 1
-            self.stats.acked += 1
-            latency = time.perf_counter() - pending.handshake_done
-            self.stats.latencies.append(latency)
-            log.debug("handoff %d of %s imported by worker %s in %.0f us", ack.handoff_id,
-                      pending.peer, w.pid, latency * 1e6)
-        else:
-            name = status_name(ack.major)
-            self.stats.refused_by_worker[name] += 1
-            log.warning("worker %s refused handoff %d from %s: %s", w.pid, ack.handoff_id,
-                        pending.peer, GSSError(ack.major, ack.minor))
-        self._wake_dispatchers()
 
     def _on_session_end(self, w: Worker, payload: bytes) -> None:
         """Count a session's end.  A worker can misreport its own sessions only; a report
@@ -669,10 +640,6 @@ class Daemon:
             w.cut_at_drain += 1
         self.stats.sessions_ended[report.outcome.name.lower()] += 1
 
-    def _close_copy(self, pending: Pending) -> None:
-        # Closing our copy of the fd does not touch the connection the worker holds.
-        pending.stream.socket.close()
-
     async def _worker_gone(self, w: Worker) -> None:
         if w.state is not WorkerState.DEAD:
             transition(w, WorkerState.DEAD)
@@ -689,26 +656,7 @@ class Daemon:
             w.ended = w.handled
         if w.channel is not None:
             w.channel.close()
-        unacked = list(w.in_flight.values())
-        w.in_flight.clear()
-        redeliver = []
-        for pending in unacked:
-            if not pending.sent:
-                redeliver.append(pending)
-                continue
-            # Sent: it may have been imported, so it never goes to another worker.
-            claimed = w.parking.claimed(w.worker_id, pending.key_ref)
-            if claimed:
-                self.stats.died_after_claim += 1
-            else:
-                self.stats.died_unclaimed += 1
-            log.warning("connection %s ends with worker %s, which died before it acknowledged "
-                        "handoff %d (%s): not redelivered, a second import would reuse its "
-                        "keys", pending.peer, w.pid, pending.handoff_id,
-                        "claimed" if claimed else "key slot not burned" if claimed is False
-                        else "claim not visible in fallback mode")
-            pending.inner = b""
-            self._close_copy(pending)
+        redeliver = self.dispatcher.take_back(w)
         w.parking.remove_worker(w.worker_id)
         if w.external:
             self.external.pop(w.worker_id, None)
@@ -728,14 +676,7 @@ class Daemon:
         if w in self.retiring:
             self.retiring.remove(w)
         w.gone.set()
-        for pending in redeliver:
-            # Never queued to the dead worker: it never saw the token.  Send it elsewhere.
-            self.stats.redelivered += 1
-            log.info("redelivering handoff %d from %s (worker %s died)", pending.handoff_id,
-                     pending.peer, w.pid)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._dispatch, pending)
-        self._wake_dispatchers()
+        self.dispatcher.redeliver(w, redeliver)
 
     def _terminate(self, w: Worker) -> None:
         if w.process is not None and w.process.returncode is None:
@@ -851,11 +792,11 @@ class Daemon:
                 # Every slot holds a finished handshake waiting for a worker: nothing to
                 # evict.  Newcomers wait in the listen backlog until a slot frees.
                 await self._slot_freed.wait()
-            while self.acceptors > 1 and self._workers_all_full():
+            while self.acceptors > 1 and self.dispatcher.all_full():
                 # Several acceptors take from the same backlog: while every worker of
                 # this one holds max_unacked handoffs, leave the next connection to an
                 # acceptor whose workers have room.
-                await self._capacity.wait()
+                await self.dispatcher.capacity.wait()
             try:
                 stream = await listener.accept()
             except OSError as error:
@@ -944,7 +885,7 @@ class Daemon:
             return
         self.admission.progress(slot, Stage.WAITING_FOR_WORKER, trio.current_time())
         try:
-            await self._dispatch(pending)
+            await self.dispatcher.dispatch(pending)
         finally:
             self._free_slot(slot)
 
@@ -966,186 +907,6 @@ class Daemon:
             return GSSError(GSS_S_FAILURE, Minor.FIRST_TOKEN_TIMEOUT,
                             f"{min(server.first_token_timeout, server.handshake_timeout):g}s")
         return GSSError(GSS_S_FAILURE, Minor.HANDSHAKE_TIMEOUT, f"{server.handshake_timeout:g}s")
-
-    def _pick_worker(self) -> Worker | None:
-        limit = self.config.workers.max_unacked
-        candidates = [w for w in (*self.workers.values(), *self.external.values())
-                      if w.state is WorkerState.READY and len(w.in_flight) < limit]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda w: (len(w.in_flight), w.handled))
-
-    def _workers_all_full(self) -> bool:
-        """Some worker is ready and none of those has room for another handoff."""
-        ready = [w for w in (*self.workers.values(), *self.external.values())
-                 if w.state is WorkerState.READY]
-        limit = self.config.workers.max_unacked
-        return bool(ready) and all(len(w.in_flight) >= limit for w in ready)
-
-    def _wake_dispatchers(self) -> None:
-        self._capacity.notify()
-
-    async def _dispatch(self, pending: Pending) -> None:
-        """Send a connection to the least-loaded worker; wait while all are full."""
-        assert self.parking is not None
-        send_failures = 0
-        give_up_at = trio.current_time() + self.config.workers.wait_timeout
-        while True:
-            if self._fatal is not None:
-                self._drop(pending, "the daemon is failing")
-                return
-            w = self._pick_worker()
-            if w is None:
-                if self._stopping and not self.workers:
-                    self._drop(pending, "no worker left while stopping")
-                    return
-                if not await self._wait_for_worker(give_up_at):
-                    await self._unavailable(pending)
-                    return
-                continue
-            try:
-                pending.key_ref, message = prepare_handoff(
-                    w.parking, w.worker_id, pending.handoff_id, pending.inner, self.clock(),
-                    mech=pending.mech)
-            except GSSError as error:
-                self._throttled.log(logging.WARNING, f"park:{error.minor}",
-                                    "cannot park a key for worker %s: %s", w.pid, error)
-                # An ack frees keys, but the quota may be held by someone else: retry
-                # soon, as long as the client's wait for a worker lasts.
-                if trio.current_time() >= give_up_at:
-                    await self._unavailable(pending)
-                    return
-                with trio.move_on_after(0.2):
-                    await self._capacity.wait()
-                continue
-            w.in_flight[pending.handoff_id] = pending
-            pending.deliveries += 1
-            pending.sent_at = trio.current_time()
-            try:
-                await self._send_handoff(w, pending, message)
-            except GSSError as error:
-                if (error.minor == Minor.CHANNEL_CLOSED
-                        or w.in_flight.pop(pending.handoff_id, None) is None):
-                    # Not queued: the worker is going away, and its death redelivers
-                    # what it never received (pending.sent is still False).
-                    log.warning("handoff %d to worker %s failed: %s", pending.handoff_id,
-                                w.pid, error)
-                    return
-                # A SEQPACKET datagram goes whole or not at all (ENOBUFS, ETOOMANYREFS...):
-                # the worker never saw this one.  Take it back and send it again, rather
-                # than leave it to the ACK watchdog, which would kill a healthy worker.
-                w.parking.release(w.worker_id, pending.key_ref)
-                send_failures += 1
-                if send_failures >= _SEND_ATTEMPTS:
-                    self._drop(pending, f"handoff not sent after {send_failures} tries: {error}")
-                    return
-                log.warning("handoff %d to worker %s not sent (%s): retrying",
-                            pending.handoff_id, w.pid, error)
-                self._wake_dispatchers()
-                await trio.sleep(_SEND_RETRY_DELAY * send_failures)
-                continue
-            return
-
-    async def _send_handoff(self, w: Worker, pending: Pending, message: bytes) -> None:
-        """Send one HANDOFF; when more handoffs for ``w`` are ready at the same moment,
-        one HANDOFF_BATCH carries them all (one wake-up, one sender check, one ACK_BATCH
-        in the worker).  The first dispatcher to find no send under way sends for the
-        others, which wait; each raises what its own send raised."""
-        item = Outgoing(pending, message)
-        w.outbox.append(item)
-        if w.flushing:
-            await item.done.wait()
-        else:
-            w.flushing = True
-            try:
-                if self._waiting_for_worker:
-                    # Dispatchers woken with this one (ACKs freed the window) and not run
-                    # yet: let them add their handoffs first.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                while w.outbox:
-                    await self._flush(w, self._next_batch(w))
-            finally:
-                w.flushing = False
-                for left in w.outbox:  # only when cancelled: never sent
-                    left.error = GSSError(GSS_S_FAILURE, Minor.CHANNEL_SEND_FAILED,
-                                          "not sent: the sender was cancelled")
-                    left.done.set()
-                w.outbox.clear()
-        if item.error is not None:
-            raise item.error
-
-    def _next_batch(self, w: Worker) -> list[Outgoing]:
-        """The outbox's first handoffs, as many as one message holds."""
-        assert w.channel is not None
-        room = w.channel.max_payload - 1  # the count byte
-        taken = 0
-        while taken < min(len(w.outbox), MAX_BATCH):
-            size = batch_entry_size(w.outbox[taken].message)
-            if taken and size > room:
-                break
-            room -= size
-            taken += 1
-        batch, w.outbox[:taken] = w.outbox[:taken], []
-        return batch
-
-    async def _flush(self, w: Worker, batch: list[Outgoing]) -> None:
-        assert w.channel is not None
-        try:
-            if len(batch) == 1:
-                await w.channel.send(Kind.HANDOFF, batch[0].message,
-                                     fd=batch[0].pending.stream.socket.fileno())
-            else:
-                await w.channel.send(
-                    Kind.HANDOFF_BATCH, encode_handoff_batch([i.message for i in batch]),
-                    fds=tuple(i.pending.stream.socket.fileno() for i in batch))
-                self.stats.handoff_batches += 1
-                self.stats.batched_handoffs += len(batch)
-        except GSSError as error:
-            for item in batch:
-                item.error = error
-        else:
-            for item in batch:
-                item.pending.sent = True
-            self.stats.handoffs += len(batch)
-        finally:
-            for item in batch:
-                if item.error is None and not item.pending.sent:
-                    item.error = GSSError(GSS_S_FAILURE, Minor.CHANNEL_SEND_FAILED,
-                                          "not sent: the sender was cancelled")
-                item.done.set()
-
-    async def _wait_for_worker(self, give_up_at: float) -> bool:
-        """Wait until a worker may have room; False once ``give_up_at`` passed."""
-        if not any(w.state is WorkerState.READY for w in (*self.workers.values(),
-                                                *self.external.values())):
-            self._throttled.log(logging.WARNING, "no-worker",
-                                "no worker is ready: %d connections waiting for one",
-                                self._waiting_for_worker + 1)
-        self._waiting_for_worker += 1
-        try:
-            with trio.move_on_at(give_up_at):
-                await self._capacity.wait()
-                return True
-            return False
-        finally:
-            self._waiting_for_worker -= 1
-
-    async def _unavailable(self, pending: Pending) -> None:
-        """``[workers] wait_timeout`` passed with no worker taking the connection."""
-        self.stats.unavailable += 1
-        self._throttled.log(logging.WARNING, "unavailable",
-                            "connection %s closed: no worker took it within %gs "
-                            "([workers] wait_timeout, %s)", pending.peer,
-                            self.config.workers.wait_timeout, Minor.NO_WORKER_AVAILABLE.name)
-        pending.inner = b""
-        await send_error(pending.stream, GSSError(GSS_S_UNAVAILABLE, Minor.NO_WORKER_AVAILABLE))
-        self._close_copy(pending)
-
-    def _drop(self, pending: Pending, why: str) -> None:
-        self.stats.lost += 1
-        log.error("connection %s dropped: %s", pending.peer, why)
-        pending.inner = b""
-        self._close_copy(pending)
 
     # ------------------------------------------------------------------ operations
 
@@ -1337,7 +1098,7 @@ class Daemon:
                 "handshake": self.admission.count(Stage.HANDSHAKE),
                 "waiting_for_worker": self.admission.count(Stage.WAITING_FOR_WORKER),
             },
-            "waiting_for_worker": self._waiting_for_worker,
+            "waiting_for_worker": self.dispatcher.waiting,
             "handshake_failures": dict(self.stats.handshake_failures),
             "refused_by_worker": dict(self.stats.refused_by_worker),
             "handoff_latency_us": self.stats.latency_quantiles(),
@@ -1352,21 +1113,6 @@ def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
     benchmarks; the daemon goes through its spawner).  See :func:`spawn_local`."""
     argv = [sys.executable, "-m", "handoffd.runtime.worker_process", "--app", app, *(args or [])]
     return spawn_local(parking, worker_id, argv, credentials=credentials)
-
-
-def prepare_handoff(parking: AcceptorParking, worker_id: bytes, handoff_id: int, inner: bytes,
-                    now: float, *, mech: int = MECH_NOISE) -> tuple[bytes, bytes]:
-    """Park a fresh key for ``worker_id``, seal the exported context with it.
-
-    Returns ``(key_ref, HANDOFF payload)``.  The key itself goes only into the
-    worker's keyring; the payload carries its reference and the sealed state.
-    ``mech`` is the seal id of the context's mechanism (:mod:`handoffd.mech`),
-    authenticated in the sealed token's header; the worker imports by it.
-    """
-    key_ref, key = parking.park(worker_id)
-    sealed = seal(key, plaintext=inner, mech=mech, worker_id=worker_id,
-                  expires_at=int(now + SEAL_LIFETIME), nonce=os.urandom(12))
-    return key_ref, Handoff(handoff_id, key_ref, sealed).encode()
 
 
 def _peer_host(stream: trio.SocketStream) -> str:

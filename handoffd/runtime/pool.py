@@ -21,13 +21,16 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from handoffd.kernel.channel import Channel
 from handoffd.kernel.parking import AcceptorParking
-from handoffd.runtime.dispatch import Outgoing, Pending
 from handoffd.runtime.spawner import WorkerProcess
+
+if TYPE_CHECKING:
+    from handoffd.runtime.dispatch import Outgoing, Pending
 
 log = logging.getLogger("handoffd.acceptor")
 
