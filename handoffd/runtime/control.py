@@ -20,7 +20,6 @@ per 10 s with a count (:class:`~handoffd.logs.ThrottledLog`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from handoffd import __version__
-from handoffd.kernel.fdreserve import SHED_ERRNOS, FdReserve
+from handoffd.kernel.fdreserve import CAPACITY_ERRNOS, SHED_ERRNOS, FdReserve
 from handoffd.logs import ThrottledLog
 from handoffd.minor import Minor
 from handoffd.runtime.pool import WorkerState
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
     from handoffd.runtime.daemon import Daemon
 
 _MAX_REQUEST = 4096
-_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _CAPACITY_WAIT = 0.1
 """Seconds to wait after an accept() failure that shedding could not relieve."""
 _LOG_INTERVAL = 10.0
@@ -119,7 +117,7 @@ async def _serve(
                 except OSError as error:
                     # Out of fds (or memory) is the moment an operator asks for status:
                     # never die of it, never spin on a backlog we cannot take from.
-                    if error.errno not in _CAPACITY_ERRNOS:
+                    if error.errno not in CAPACITY_ERRNOS:
                         raise
                     stats.accept_errors += 1
                     shed = error.errno in SHED_ERRNOS and reserve.shed(bound)

@@ -26,7 +26,6 @@ registration sockets, let the handshakes in progress reach a worker, exit.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import logging
@@ -46,22 +45,23 @@ from handoffd.config import Config, load_config, merge_reloaded, worker_share
 from handoffd.core.admission import Admission, Slot, SourceFull, Stage, source_of
 from handoffd.core.framing import FrameDecoder, FrameType, encode_error, encode_frame
 from handoffd.core.handoff import (
-    BATCH_KINDS,
-    FD_KINDS,
     Ack,
     Hello,
     Kind,
     Outcome,
-    Refused,
-    Registered,
     SessionEnd,
     decode_ack_batch,
     expect_empty,
 )
 from handoffd.kernel.channel import Channel
-from handoffd.kernel.fdreserve import SHED_ERRNOS, FdReserve, nofile_needed, raise_nofile
+from handoffd.kernel.fdreserve import (
+    CAPACITY_ERRNOS,
+    SHED_ERRNOS,
+    FdReserve,
+    nofile_needed,
+    raise_nofile,
+)
 from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
-from handoffd.kernel.peer import PeerPolicy
 from handoffd.kernel.systemd import Notifier, watchdog_interval
 from handoffd.logs import ThrottledLog
 from handoffd.mech import TLS, acceptor_factories
@@ -75,6 +75,7 @@ from handoffd.runtime.dispatch import Dispatcher, Pending
 from handoffd.runtime.dispatch import prepare_handoff as prepare_handoff  # re-exported
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
 from handoffd.runtime.pool import Worker, WorkerState, ack_watchdog, transition
+from handoffd.runtime.registration import Registrations
 from handoffd.runtime.spawner import (
     LocalChild,
     LocalSpawner,
@@ -89,7 +90,6 @@ from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_n
 
 log = logging.getLogger("handoffd.acceptor")
 
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _READ_AFTER_EXIT = 1.0
 """Seconds to go on reading a worker's channel after it exited: what it sent last (the
 SESSION_END of each session its drain cut) may still be queued."""
@@ -137,9 +137,6 @@ class Daemon:
         self.workers: dict[int, Worker] = {}
         self.retiring: list[Worker] = []
         self.external: dict[bytes, Worker] = {}
-        self._external_parking: AcceptorParking | None = None
-        self._external_index = itertools.count(1000)
-        self.registrations_refused = 0
         self.target_count = worker_share(config.workers.count, acceptor_index, acceptors)
         self.restarts: Counter[int] = Counter()
         self.listeners: list[trio.SocketListener] = []
@@ -167,6 +164,9 @@ class Daemon:
         self._paces: dict[Slot, tuple[ConnectionPace, trio.SocketStream]] = {}
         self._turns = SourceTurns()
         self._throttled = ThrottledLog(log)
+        self.registrations = Registrations(
+            config=lambda: self.config, serve=self._serve_external,
+            out_of_fds=self._out_of_fds, throttled=self._throttled)
         self.dispatcher = Dispatcher(
             workers=lambda: (*self.workers.values(), *self.external.values()),
             settings=lambda: self.config.workers, stats=self.stats,
@@ -254,7 +254,7 @@ class Daemon:
             for listener in (*self.listeners, *self.tls_listeners):
                 await listener.aclose()
             self.bound.close(unlink=not self.spawner.separated)
-            for parking in (self.parking, self._external_parking):
+            for parking in (self.parking, self.registrations.parking):
                 if parking is not None:
                     parking.close()
             if self.notifier is not None:
@@ -324,90 +324,9 @@ class Daemon:
                 self._nursery.cancel_scope.cancel()
             self._pool_changed.notify()
 
-    # ------------------------------------------------------------------ external workers
-
-    async def _serve_registrations(
-        self, bound: socket.socket, *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Accept external workers on the bound Unix socket (mode 0660, ``[workers]
-        register_group``); the ``[policy]`` section decides who may register."""
-        # listen() again from this process: a registering worker's SO_PEERCRED names
-        # whoever called listen() last, and it must name the acceptor that will send it
-        # handoffs, not the supervisor that bound the socket.
-        bound.listen(64)
-        sock = trio.socket.from_stdlib_socket(bound)
-        task_status.started()
-        try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    try:
-                        conn, _ = await sock.accept()
-                    except OSError as error:
-                        if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                            raise
-                        # Out of fds: shed or wait like the client accept loop, never die.
-                        await self._out_of_fds("registration accept", bound, error)
-                        continue
-                    nursery.start_soon(self._register, conn)
-        finally:
-            sock.close()
-
-    def _registration_policy(self) -> PeerPolicy:
-        """Only what ``[policy]`` names (config refuses a register_socket naming nobody);
-        never the acceptor's own uid unless listed there explicitly."""
-        p = self.config.policy
-        return PeerPolicy(
-            uids=frozenset(p.worker_uids) if p.worker_uids else None,
-            gids=frozenset(p.worker_gids) if p.worker_gids else None,
-            labels=frozenset(label.encode() for label in p.worker_labels)
-            if p.worker_labels else None,
-            require_label=p.require_label,
-        )
-
-    async def _register(self, conn: trio.socket.SocketType) -> None:
-        channel = Channel(conn, fd_kinds=FD_KINDS, batch_kinds=BATCH_KINDS, validate_fd=None)
-        try:
-            identity = channel.peer_identity()
-            self._registration_policy().check(identity)
-        except GSSError as error:
-            self.registrations_refused += 1
-            self._throttled.log(logging.WARNING, "registration-refused",
-                                "external worker registration refused: %s", error)
-            with contextlib.suppress(GSSError):
-                await channel.send(Kind.REFUSED, Refused(error.major, error.minor).encode())
-            channel.close()
-            return
-        try:
-            if self._external_parking is None:
-                # External workers cannot inherit a keyring: their keys are derived from a
-                # secret handed over as a pipe fd (docs/KEYRING.md, fallback mode).
-                self._external_parking = AcceptorParking.open(
-                    slots_per_worker=self.config.workers.max_unacked, mode="fallback")
-            w = Worker(index=next(self._external_index), worker_id=os.urandom(16),
-                       parking=self._external_parking, external_pid=identity.pid,
-                       channel=channel)
-            grant = w.parking.add_worker(w.worker_id)
-        except GSSError as error:
-            # Out of fds or keys: refuse this worker, never take the daemon down with it.
-            log.warning("external worker %s not registered: %s", identity.pid, error)
-            with contextlib.suppress(GSSError):
-                await channel.send(Kind.REFUSED, Refused(error.major, error.minor).encode())
-            channel.close()
-            return
-        try:
-            await channel.send(Kind.REGISTERED, Registered(w.worker_id, grant.env).encode(),
-                               fd=grant.pass_fds[0])
-        except GSSError as error:
-            log.warning("external worker %s vanished while registering: %s", w.pid, error)
-            channel.close()
-            w.parking.remove_worker(w.worker_id)
-            return
-        finally:
-            for fd in grant.pass_fds:
-                os.close(fd)
+    async def _serve_external(self, w: Worker) -> None:
+        """A registered external worker: a worker like the others until it leaves."""
         self.external[w.worker_id] = w
-        log.info("external worker pid %s uid %s registered", identity.pid, identity.uid)
         try:
             await self._read_channel(w)
         finally:
@@ -800,7 +719,7 @@ class Daemon:
             try:
                 stream = await listener.accept()
             except OSError as error:
-                if error.errno in _ACCEPT_CAPACITY_ERRNOS:
+                if error.errno in CAPACITY_ERRNOS:
                     self.stats.accept_errors += 1
                     await self._out_of_fds("accept", bound, error)
                     continue
@@ -932,7 +851,7 @@ class Daemon:
                     task_status.started()
                     return
                 if self.bound.register is not None:
-                    await nursery.start(self._serve_registrations, self.bound.register)
+                    await nursery.start(self.registrations.serve, self.bound.register)
                 if self.bound.control is not None:
                     await nursery.start(control.serve_control, self, self.bound.control,
                                         self.control_stats)
@@ -1074,7 +993,7 @@ class Daemon:
                 "lost": self.stats.lost,
                 "worker_restarts": self.stats.worker_restarts,
                 "accept_errors": self.stats.accept_errors,
-                "registrations_refused": self.registrations_refused,
+                "registrations_refused": self.registrations.refused,
                 "shed": self.stats.shed,
                 "control_busy_refused": self.control_stats.busy_refused,
                 "control_accept_errors": self.control_stats.accept_errors,
