@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import os
 import signal
@@ -36,7 +35,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -74,6 +72,7 @@ from handoffd.runtime.control import EndpointStats
 from handoffd.runtime.dispatch import Dispatcher, Pending
 from handoffd.runtime.dispatch import prepare_handoff as prepare_handoff  # re-exported
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
+from handoffd.runtime.peers import AcceptorPeers
 from handoffd.runtime.pool import Worker, WorkerState, ack_watchdog, transition
 from handoffd.runtime.registration import Registrations
 from handoffd.runtime.spawner import (
@@ -95,20 +94,6 @@ _READ_AFTER_EXIT = 1.0
 SESSION_END of each session its drain cut) may still be queued."""
 
 
-@dataclass
-class _Peer:
-    """Acceptor 0's socket to another acceptor of its set (status and metrics)."""
-
-    sock: trio.socket.SocketType
-    lock: trio.Lock = field(default_factory=trio.Lock)
-    sequence: int = 0
-
-
-_PEER_ASK = b"status?"
-_PEER_MAX = 4 << 20
-_PEER_TIMEOUT = 1.0
-
-
 class Daemon:
     """The acceptor + supervisor.  Run with ``await daemon.run(task_status=...)``."""
 
@@ -124,9 +109,9 @@ class Daemon:
         all, and takes external workers' registrations)."""
         self.acceptors = acceptors
         self._peer_fd = peer
-        self._peers: dict[int, _Peer] = {}
+        self.peers = AcceptorPeers(acceptors)
         if acceptor_index == 0 and isinstance(spawner, SupervisedSpawner):
-            spawner.on_peer = self._add_peer
+            spawner.on_peer = self.peers.add
         self.bound = bound
         self.spawner: Spawner = spawner if spawner is not None else LocalSpawner(config)
         self.privsep = privsep if privsep is not None else ProcessPlan(
@@ -846,7 +831,8 @@ class Daemon:
                     # Acceptor 0 serves these sockets for the whole set and asks this one
                     # for its figures over the supervisor's socketpair.
                     if self._peer_fd is not None:
-                        nursery.start_soon(self._answer_peer, self._peer_fd)
+                        nursery.start_soon(self.peers.answer, self._peer_fd,
+                                           self._peer_report)
                         self._peer_fd = None
                     task_status.started()
                     return
@@ -883,74 +869,14 @@ class Daemon:
         (:func:`merge_snapshots`).  An acceptor that does not answer within a second
         (starting, dead, stuck) is listed as ``unreachable`` and counted in nothing."""
         own = self.snapshot()
-        others: dict[int, dict[str, Any] | None] = {
-            index: None for index in range(1, self.acceptors)}
-        if self.acceptors > 1:
-            async with trio.open_nursery() as nursery:
-                async def ask(index: int) -> None:
-                    others[index] = await self._ask_peer(index)
-
-                for index in others:
-                    nursery.start_soon(ask, index)
+        others = await self.peers.gather()
         return merge_snapshots(own, list(self.stats.latencies), others)
 
-    def _add_peer(self, index: int, fd: int) -> None:
-        """The supervisor's PEER: the socket to ask acceptor ``index`` for its figures
-        (a replacement acceptor's replaces the dead one's)."""
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            os.close(fd)
-            return
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET \
-                or not 0 < index < self.acceptors:
-            log.error("supervisor sent an unusable status socket for acceptor %d", index)
-            sock.close()
-            return
-        old = self._peers.pop(index, None)
-        if old is not None:
-            old.sock.close()
-        self._peers[index] = _Peer(trio.socket.from_stdlib_socket(sock))
-
-    async def _ask_peer(self, index: int) -> dict[str, Any] | None:
-        peer = self._peers.get(index)
-        if peer is None:
-            return None
-        async with peer.lock:
-            peer.sequence += 1
-            tag = peer.sequence.to_bytes(8, "big")
-            with trio.move_on_after(_PEER_TIMEOUT):
-                try:
-                    await peer.sock.send(_PEER_ASK + tag)
-                    while True:
-                        data = await peer.sock.recv(_PEER_MAX)
-                        if not data:
-                            return None
-                        if data[:8] == tag:  # an answer to an earlier, abandoned ask: skip
-                            report: dict[str, Any] = json.loads(data[8:])
-                            return report
-                except (OSError, ValueError, trio.ClosedResourceError):
-                    return None
-        return None
-
-    async def _answer_peer(self, fd: int) -> None:
-        """Acceptor ``index`` > 0: answer acceptor 0's asks with this one's snapshot and
-        recent handoff latencies, until the socket ends or the operations stop."""
-        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
-        with sock:
-            while True:
-                try:
-                    data = await sock.recv(64)
-                except OSError:
-                    return
-                if not data:
-                    return
-                if len(data) != len(_PEER_ASK) + 8 or not data.startswith(_PEER_ASK):
-                    continue
-                report = {"snapshot": self.snapshot(),
-                          "latencies_us": [round(x * 1e6, 1) for x in self.stats.latencies]}
-                with contextlib.suppress(OSError):
-                    await sock.send(data[len(_PEER_ASK):] + json.dumps(report).encode())
+    def _peer_report(self) -> dict[str, Any]:
+        """What this acceptor (index > 0) answers acceptor 0: its snapshot and its recent
+        handoff latencies."""
+        return {"snapshot": self.snapshot(),
+                "latencies_us": [round(x * 1e6, 1) for x in self.stats.latencies]}
 
     def snapshot(self) -> dict[str, Any]:
         """This acceptor's part of what ``handoffd status`` shows, as plain data (all of
