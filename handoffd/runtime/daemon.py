@@ -33,7 +33,6 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -43,13 +42,8 @@ from handoffd.config import Config, load_config, merge_reloaded, worker_share
 from handoffd.core.admission import Admission, Slot, SourceFull, Stage, source_of
 from handoffd.core.framing import FrameDecoder, FrameType, encode_error, encode_frame
 from handoffd.core.handoff import (
-    Ack,
-    Hello,
     Kind,
     Outcome,
-    SessionEnd,
-    decode_ack_batch,
-    expect_empty,
 )
 from handoffd.kernel.channel import Channel
 from handoffd.kernel.fdreserve import (
@@ -73,7 +67,7 @@ from handoffd.runtime.dispatch import Dispatcher, Pending
 from handoffd.runtime.dispatch import prepare_handoff as prepare_handoff  # re-exported
 from handoffd.runtime.pacing import ConnectionPace, SourceTurns
 from handoffd.runtime.peers import AcceptorPeers
-from handoffd.runtime.pool import Worker, WorkerState, ack_watchdog, transition
+from handoffd.runtime.pool import Pool, Worker, WorkerState, transition
 from handoffd.runtime.registration import Registrations
 from handoffd.runtime.spawner import (
     LocalChild,
@@ -89,13 +83,12 @@ from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_n
 
 log = logging.getLogger("handoffd.acceptor")
 
-_READ_AFTER_EXIT = 1.0
-"""Seconds to go on reading a worker's channel after it exited: what it sent last (the
-SESSION_END of each session its drain cut) may still be queued."""
-
 
 class Daemon:
     """The acceptor + supervisor.  Run with ``await daemon.run(task_status=...)``."""
+
+    pool: Pool
+    """The workers: spawned slots, retiring and external ones (:mod:`.pool`)."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
                  bound: BoundSockets | None = None, spawner: Spawner | None = None,
@@ -119,11 +112,6 @@ class Daemon:
         self._join_session = join_session
         self.clock = clock
         self.stats = Stats()
-        self.workers: dict[int, Worker] = {}
-        self.retiring: list[Worker] = []
-        self.external: dict[bytes, Worker] = {}
-        self.target_count = worker_share(config.workers.count, acceptor_index, acceptors)
-        self.restarts: Counter[int] = Counter()
         self.listeners: list[trio.SocketListener] = []
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
@@ -140,9 +128,6 @@ class Daemon:
             watchdog_period = interval / 2 if interval else None
         self._watchdog_period = watchdog_period
         self._handoff_ids = itertools.count(1)
-        self._pool_changed = Changes()
-        """A slot got a new worker or lost its own, a worker became ready, the target
-        count changed, or the daemon is failing (what :meth:`_pool_ready` reads)."""
         server = config.server
         self.admission = Admission(server.max_handshakes, server.max_handshakes_per_source)
         self._slot_freed = Changes()
@@ -150,23 +135,26 @@ class Daemon:
         self._turns = SourceTurns()
         self._throttled = ThrottledLog(log)
         self.registrations = Registrations(
-            config=lambda: self.config, serve=self._serve_external,
+            config=lambda: self.config, serve=lambda w: self.pool.serve_external(w),
             out_of_fds=self._out_of_fds, throttled=self._throttled)
         self.dispatcher = Dispatcher(
-            workers=lambda: (*self.workers.values(), *self.external.values()),
+            workers=lambda: (*self.pool.workers.values(), *self.pool.external.values()),
             settings=lambda: self.config.workers, stats=self.stats,
             throttled=self._throttled, clock=clock,
             failing=lambda: self._fatal is not None,
-            no_worker_left=lambda: self._stopping and not self.workers)
+            no_worker_left=lambda: self.pool.stopping and not self.pool.workers)
+        self.pool = Pool(
+            config=lambda: self.config, spawner=self.spawner, dispatcher=self.dispatcher,
+            stats=self.stats, throttled=self._throttled,
+            target_count=worker_share(config.workers.count, acceptor_index, acceptors),
+            fail=self._fail, failing=lambda: self._fatal is not None,
+            notify=self._notify, status_line=self._status_line)
         self._fd_reserve: FdReserve | None = None
         self.control_stats = EndpointStats()
         self.metrics_stats = EndpointStats()
-        self._boot_failures = 0
-        self._stopping = False
         self._fatal: GSSError | None = None
         self._nursery: trio.Nursery | None = None
         self._roll_generation = 0
-        self._handing_over = False
         self._operations = trio.CancelScope()
         """Control, metrics and registrations: cancelled at a hand-over, since the new
         acceptor serves those sockets from then on."""
@@ -181,6 +169,7 @@ class Daemon:
             slots_per_worker=self.config.workers.max_unacked,
             mode=self.config.workers.keyring, join_session=self._join_session,
         )
+        self.pool.parking = self.parking
         log.info("key parking mode: %s", self.parking.mode)
         self._log_fingerprint()
         self._fd_reserve = FdReserve(1)
@@ -189,7 +178,7 @@ class Daemon:
             log.warning("fd limit: %s", nofile_warning)
         if self.parking.mode == KEYRING:
             # Every acceptor's keys count on the one acceptor uid.
-            warning = check_quota(max(self.target_count, self.config.workers.count),
+            warning = check_quota(max(self.pool.target_count, self.config.workers.count),
                                   self.config.workers.max_unacked, os.getuid(),
                                   self.acceptors)
             if warning:
@@ -205,10 +194,11 @@ class Daemon:
                                            signal.SIGUSR2) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self.pool.nursery = nursery
                     self.dispatcher.nursery = nursery
                     nursery.start_soon(self._serve_spawner)
-                    for index in range(self.target_count):
-                        nursery.start_soon(self._manage_slot, index)
+                    for index in range(self.pool.target_count):
+                        nursery.start_soon(self.pool.manage_slot, index)
                     if not await self._ready_or_stopped(signals):
                         # SIGTERM before the pool was ever ready (spawns keep failing,
                         # e.g. for key quota): stop instead of waiting for it forever.
@@ -224,13 +214,13 @@ class Daemon:
                         nursery.start_soon(self._accept_loop, listener, bound, True)
                     await self._start_operations(nursery)
                     self._notify("READY=1", f"STATUS={self._status_line()}")
-                    log.info("ready: %d workers, listening on %s", len(self.workers),
+                    log.info("ready: %d workers, listening on %s", len(self.pool.workers),
                              ", ".join([*(show_address(h, p) for h, p in self.addresses),
                                         *(f"{show_address(h, p)} (TLS)"
                                           for h, p in self.tls_addresses)]))
                     task_status.started(self)
                     await self._handle_signals(signals)
-                    if self._handing_over:
+                    if self.pool.handing_over:
                         await self._hand_over()
                     else:
                         await self._shutdown()
@@ -286,14 +276,14 @@ class Daemon:
                                     "supervisor: start serve as root; ignored")
                         continue
                     log.info("received SIGUSR2: handing the listeners over to a new acceptor")
-                    self._handing_over = True
+                    self.pool.handing_over = True
                     self._operations.cancel()
                     stop.set()
                     return
                 elif signum == signal.SIGTTIN:
-                    self._resize(self.target_count + 1)
+                    self.pool.resize(self.pool.target_count + 1)
                 elif signum == signal.SIGTTOU:
-                    self._resize(self.target_count - 1)
+                    self.pool.resize(self.pool.target_count - 1)
 
         assert self._nursery is not None
         self._nursery.start_soon(watch)
@@ -307,15 +297,7 @@ class Daemon:
             getattr(self, "_stop_event", trio.Event()).set()
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
-            self._pool_changed.notify()
-
-    async def _serve_external(self, w: Worker) -> None:
-        """A registered external worker: a worker like the others until it leaves."""
-        self.external[w.worker_id] = w
-        try:
-            await self._read_channel(w)
-        finally:
-            await self._worker_gone(w)
+            self.pool.changed.notify()
 
     async def _ready_or_stopped(self, signals: Any) -> bool:
         """True once every worker is ready; False if SIGTERM/SIGINT came first (other
@@ -324,7 +306,7 @@ class Daemon:
 
         async def wait_ready(scope: trio.CancelScope) -> None:
             nonlocal ready
-            await self._wait_workers_ready()
+            await self.pool.wait_ready()
             ready = True
             scope.cancel()
 
@@ -340,17 +322,6 @@ class Daemon:
                          signal.Signals(signum).name)
         return ready
 
-    def _pool_ready(self, rolled: set[bytes] | frozenset[bytes] = frozenset()) -> bool:
-        """Every slot has a ready worker, none of them one of ``rolled``."""
-        return len(self.workers) >= self.target_count and all(
-            w.ready.is_set() and w.worker_id not in rolled for w in self.workers.values())
-
-    async def _wait_workers_ready(self) -> None:
-        await self._pool_changed.wait_until(
-            lambda: self._fatal is not None or self._pool_ready())
-        if self._fatal is not None:
-            await trio.sleep_forever()  # the nursery is being cancelled
-
     async def _hand_over(self) -> None:
         """SIGUSR2 (via the supervisor): stop accepting, let the handshakes in progress reach
         a worker and every handoff be acknowledged, then exit and leave the workers
@@ -358,7 +329,7 @@ class Daemon:
         ``drain_timeout``) while the supervisor's next acceptor takes new connections on
         the same listening sockets.  Nothing is refused: connections that arrive in
         between wait in the listen backlog."""
-        self._stopping = True
+        self.pool.stopping = True
         self._notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}",
                      "STATUS=handing over to a new acceptor")
         for listener in (*self.listeners, *self.tls_listeners):
@@ -367,14 +338,14 @@ class Daemon:
             while len(self.admission):
                 await self._slot_freed.wait()
         with trio.move_on_after(self.config.workers.ack_timeout):
-            while any(w.in_flight for w in self.workers.values()):
+            while any(w.in_flight for w in self.pool.workers.values()):
                 await self.dispatcher.capacity.wait()
         log.info("handed over: %d workers finish their %d sessions on their own",
-                 len(self.workers) + len(self.retiring),
-                 sum(w.active for w in (*self.workers.values(), *self.retiring)))
+                 len(self.pool.workers) + len(self.pool.retiring),
+                 sum(w.active for w in (*self.pool.workers.values(), *self.pool.retiring)))
 
     async def _shutdown(self) -> None:
-        self._stopping = True
+        self.pool.stopping = True
         self._notify("STOPPING=1", "STATUS=draining")
         for listener in (*self.listeners, *self.tls_listeners):
             await listener.aclose()
@@ -382,10 +353,10 @@ class Daemon:
         with trio.move_on_after(self.config.server.handshake_timeout):
             while len(self.admission):
                 await self._slot_freed.wait()
-        everyone = [*self.workers.values(), *self.retiring]
+        everyone = [*self.pool.workers.values(), *self.pool.retiring]
         for w in everyone:
-            self._terminate(w)
-        for w in list(self.external.values()):
+            self.pool.terminate(w)
+        for w in list(self.pool.external.values()):
             if w.state is WorkerState.READY and w.channel is not None:
                 # We will send nothing more; the external worker finishes and leaves.
                 transition(w, WorkerState.DRAINING)
@@ -417,187 +388,6 @@ class Daemon:
 
     # ------------------------------------------------------------------ workers
 
-    async def _manage_slot(self, index: int) -> None:
-        """Keep one worker alive at ``index``: spawn, watch, respawn with backoff."""
-        backoff = 0.05
-        while not self._stopping and index < self.target_count:
-            assert self.parking is not None
-            w = Worker(index=index, worker_id=os.urandom(16), parking=self.parking)
-            self.workers[index] = w
-            self._pool_changed.notify()
-            await self._run_worker(w)
-            if self.workers.get(index) is not w:
-                return  # retired (roll, resize): whoever retired it refilled the slot
-            if self._stopping or index >= self.target_count:
-                del self.workers[index]
-                self._pool_changed.notify()
-                return
-            lived = time.monotonic() - w.started
-            backoff = 0.05 if lived > 10 else min(backoff * 2,
-                                                  self.config.workers.restart_backoff_max)
-            self.restarts[index] += 1
-            self.stats.worker_restarts += 1
-            await trio.sleep(backoff)
-
-    async def _run_worker(self, w: Worker) -> None:
-        assert self.parking is not None
-        try:
-            w.process, w.channel = await self.spawner.spawn(self.parking, w.worker_id)
-        except (GSSError, OSError) as error:
-            # Out of keyring quota (EDQUOT), fds or processes: not the application's
-            # fault, so not a boot failure; the slot retries with backoff.
-            log.error("cannot spawn worker %d: %s", w.index, error)
-            transition(w, WorkerState.DEAD)
-            w.gone.set()
-            return
-        read_all = trio.Event()
-
-        async def read_channel() -> None:
-            try:
-                await self._read_channel(w)
-            finally:
-                read_all.set()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_channel)
-                nursery.start_soon(ack_watchdog, w, self.config.workers.ack_timeout)
-                await w.process.wait()
-                # Its last reports are still queued: read them (its end is closed, so the
-                # channel ends), taking it out of the dispatch meanwhile.
-                transition(w, WorkerState.DEAD)
-                with trio.move_on_after(_READ_AFTER_EXIT):
-                    await read_all.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            await self._worker_gone(w)
-
-    async def _read_channel(self, w: Worker) -> None:
-        assert w.channel is not None
-        while True:
-            try:
-                message = await w.channel.receive()
-            except GSSError as error:
-                if error.minor == Minor.CHANNEL_CLOSED:
-                    return
-                log.warning("worker %s sent a bad message: %s", w.pid, error)
-                continue
-            if message.fd is not None:  # pragma: no cover - workers never send fds
-                os.close(message.fd)
-            try:
-                await self._on_worker_message(w, message.kind, message.payload)
-            except GSSError as error:
-                log.warning("worker %s sent a bad %s message: %s", w.pid, message.kind, error)
-
-    async def _on_worker_message(self, w: Worker, kind: int, payload: bytes) -> None:
-        if w.state is WorkerState.DEAD and kind in (Kind.HELLO, Kind.DRAINING):
-            return  # read after it exited: it takes nothing any more
-        if kind == Kind.HELLO:
-            hello = Hello.decode(payload)
-            if hello.worker_id != w.worker_id or hello.pid != w.pid:
-                raise GSSError(GSS_S_FAILURE, Minor.PEER_PID_MISMATCH, "HELLO does not match")
-            if w.state is not WorkerState.STARTING:
-                # Said once already, or said DRAINING: a worker is never ready twice.
-                raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_BAD_HEADER,
-                               f"HELLO from a {w.state.value} worker")
-            w.parking.worker_adopted(w.worker_id)
-            transition(w, WorkerState.READY)
-            self._pool_changed.notify()
-            self._boot_failures = 0
-            self.dispatcher.wake()
-            log.info("worker %d ready (pid %s)", w.index, w.pid)
-        elif kind == Kind.ACK:
-            self.dispatcher.on_ack(w, Ack.decode(payload))
-        elif kind == Kind.ACK_BATCH:
-            acks = decode_ack_batch(payload)
-            self.stats.ack_batches += 1
-            for ack in acks:
-                self.dispatcher.on_ack(w, ack)
-        elif kind == Kind.SESSION_END:
-            self._on_session_end(w, payload)
-        elif kind == Kind.DRAINING:
-            expect_empty(Kind.DRAINING, payload)
-            self._retire(w)
-            assert w.channel is not None
-            await w.channel.send(Kind.DRAINED, b"")
-        else:
-            raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_BAD_HEADER, f"unexpected kind {kind}")
-
-    def _on_session_end(self, w: Worker, payload: bytes) -> None:
-        """Count a session's end.  A worker can misreport its own sessions only; a report
-        that is malformed or beyond what it was handed is refused (counted, logged
-        rate-limited)."""
-        try:
-            report = SessionEnd.decode(payload)
-        except GSSError as error:
-            self.stats.session_reports_refused += 1
-            self._throttled.log(logging.WARNING, "session-report",
-                                "worker %s sent a malformed session report: %s", w.pid, error)
-            return
-        if w.ended >= w.handled:
-            self.stats.session_reports_refused += 1
-            self._throttled.log(logging.WARNING, "session-report",
-                                "worker %s reported more sessions ended than it imported", w.pid)
-            return
-        w.ended += 1
-        if report.outcome == Outcome.CUT_AT_DRAIN:
-            w.cut_at_drain += 1
-        self.stats.sessions_ended[report.outcome.name.lower()] += 1
-
-    async def _worker_gone(self, w: Worker) -> None:
-        if w.state is not WorkerState.DEAD:
-            transition(w, WorkerState.DEAD)
-        if self._handing_over:
-            # Not gone: this acceptor is; the worker finishes its sessions on its own.
-            if w.channel is not None:
-                w.channel.close()
-            return
-        if w.active:
-            # Sessions it never reported ended died with it (killed, crashed).
-            self.stats.sessions_ended["lost_with_worker"] += w.active
-            log.warning("worker %s exited with %d sessions open: they are cut", w.pid,
-                        w.active)
-            w.ended = w.handled
-        if w.channel is not None:
-            w.channel.close()
-        redeliver = self.dispatcher.take_back(w)
-        w.parking.remove_worker(w.worker_id)
-        if w.external:
-            self.external.pop(w.worker_id, None)
-            log.info("external worker %s left", w.pid)
-        elif not w.ready.is_set():
-            self._boot_failures += 1
-            log.warning("worker %d (pid %s) exited with %s before it was ready",
-                        w.index, w.pid, w.process.returncode if w.process else None)
-            if self._boot_failures >= self.config.workers.boot_failures_max:
-                self._fail(GSSError(GSS_S_FAILURE, Minor.WORKER_BOOT_FAILED,
-                                    f"{self._boot_failures} workers in a row exited before "
-                                    f"they were ready; last exit status "
-                                    f"{w.process.returncode if w.process else None}"))
-        elif not self._stopping and w not in self.retiring:
-            log.warning("worker %d (pid %s) died with exit status %s", w.index, w.pid,
-                        w.process.returncode if w.process else None)
-        if w in self.retiring:
-            self.retiring.remove(w)
-        w.gone.set()
-        self.dispatcher.redeliver(w, redeliver)
-
-    def _terminate(self, w: Worker) -> None:
-        if w.process is not None and w.process.returncode is None:
-            w.process.send_signal(signal.SIGTERM)
-
-    def _retire(self, w: Worker) -> None:
-        """The worker drains: no new handoffs; its slot is refilled at once."""
-        if w.state is WorkerState.DRAINING:
-            return
-        transition(w, WorkerState.DRAINING)
-        if self.workers.get(w.index) is w:
-            self.retiring.append(w)
-            del self.workers[w.index]
-            self._pool_changed.notify()
-            if not self._stopping and w.index < self.target_count and self._nursery:
-                self._nursery.start_soon(self._manage_slot, w.index)
-
     def _reload(self) -> None:
         """SIGHUP: re-read the config file and what it names (server key, allow-list,
         keytab); apply it to new connections and roll the workers.  Connections in
@@ -625,38 +415,9 @@ class Daemon:
             self.spawner.reconfigure(config)
             self._log_fingerprint()
             share = worker_share(config.workers.count, self.acceptor_index, self.acceptors)
-            if share != self.target_count:
-                self._resize(share)
-        self._roll()
-
-    def _roll(self) -> None:
-        """SIGHUP: every current worker drains; fresh ones take its place."""
-        self._notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}")
-        rolled = {w.worker_id for w in self.workers.values()}
-        for w in list(self.workers.values()):
-            self._terminate(w)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._ready_after_roll, rolled)
-
-    async def _ready_after_roll(self, rolled: set[bytes]) -> None:
-        """READY=1 once every slot has a fresh, ready worker (or the drain time passed)."""
-        with trio.move_on_after(self.config.workers.drain_timeout + 10):
-            await self._pool_changed.wait_until(lambda: self._pool_ready(rolled))
-        self._notify("READY=1", f"STATUS={self._status_line()}")
-
-    def _resize(self, count: int) -> None:
-        count = max(1, count)
-        old = self.target_count
-        self.target_count = count
-        self._pool_changed.notify()
-        log.info("resizing pool from %d to %d workers", old, count)
-        assert self._nursery is not None
-        for index in range(old, count):
-            self._nursery.start_soon(self._manage_slot, index)
-        for index in range(count, old):
-            w = self.workers.get(index)
-            if w is not None:
-                self._terminate(w)
+            if share != self.pool.target_count:
+                self.pool.resize(share)
+        self.pool.roll()
 
     # ------------------------------------------------------------------ acceptor
 
@@ -858,8 +619,8 @@ class Daemon:
             self.notifier.notify(*fields)
 
     def _status_line(self) -> str:
-        ready = sum(1 for w in self.workers.values() if w.state is WorkerState.READY)
-        return (f"{ready}/{self.target_count} workers ready, {self.stats.acked} handoffs, "
+        ready = sum(1 for w in self.pool.workers.values() if w.state is WorkerState.READY)
+        return (f"{ready}/{self.pool.target_count} workers ready, {self.stats.acked} handoffs, "
                 f"{sum(self.stats.handshake_failures.values())} handshake failures")
 
     async def gathered_snapshot(self) -> dict[str, Any]:
@@ -881,11 +642,11 @@ class Daemon:
     def snapshot(self) -> dict[str, Any]:
         """This acceptor's part of what ``handoffd status`` shows, as plain data (all of
         it with one acceptor; see :meth:`gathered_snapshot`)."""
-        workers = [*self.workers.values(), *self.retiring, *self.external.values()]
+        workers = [*self.pool.workers.values(), *self.pool.retiring, *self.pool.external.values()]
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.stats.started, 3),
-            "state": "stopping" if self._stopping else "running",
+            "state": "stopping" if self.pool.stopping else "running",
             "key_parking": self.parking.mode if self.parking else None,
             "privilege_separation": self.privsep,
             "listen": [show_address(h, p) for h, p in self.addresses],
@@ -899,7 +660,7 @@ class Daemon:
                     "in_flight": len(w.in_flight),
                     "handled": w.handled,
                     "active": w.active,
-                    "restarts": self.restarts[w.index],
+                    "restarts": self.pool.restarts[w.index],
                     "external": w.external,
                     "acceptor": self.acceptor_index,
                 }
