@@ -59,7 +59,9 @@ from handoffd.logs import ThrottledLog
 from handoffd.mech import TLS, acceptor_factories
 from handoffd.mech.tls import TlsAcceptorFactory
 from handoffd.minor import Minor
-from handoffd.runtime.acceptor_stats import Stats, merge_snapshots
+from handoffd.runtime import operations
+from handoffd.runtime.acceptor_stats import Stats
+from handoffd.runtime.acceptor_stats import merge_snapshots as merge_snapshots  # re-exported
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
 from handoffd.runtime.changes import Changes
 from handoffd.runtime.control import EndpointStats
@@ -101,7 +103,7 @@ class Daemon:
         """Which of the ``[server] acceptors`` this is (0 answers control and metrics for
         all, and takes external workers' registrations)."""
         self.acceptors = acceptors
-        self._peer_fd = peer
+        self.peer_fd = peer
         self.peers = AcceptorPeers(acceptors)
         if acceptor_index == 0 and isinstance(spawner, SupervisedSpawner):
             spawner.on_peer = self.peers.add
@@ -155,7 +157,7 @@ class Daemon:
         self._fatal: GSSError | None = None
         self._nursery: trio.Nursery | None = None
         self._roll_generation = 0
-        self._operations = trio.CancelScope()
+        self.operations_scope = trio.CancelScope()
         """Control, metrics and registrations: cancelled at a hand-over, since the new
         acceptor serves those sockets from then on."""
 
@@ -277,7 +279,7 @@ class Daemon:
                         continue
                     log.info("received SIGUSR2: handing the listeners over to a new acceptor")
                     self.pool.handing_over = True
-                    self._operations.cancel()
+                    self.operations_scope.cancel()
                     stop.set()
                     return
                 elif signum == signal.SIGTTIN:
@@ -576,140 +578,24 @@ class Daemon:
     # ------------------------------------------------------------------ operations
 
     async def _start_operations(self, nursery: trio.Nursery) -> None:
-        await nursery.start(self._serve_operations)
+        await nursery.start(operations.serve_operations, self)
         if self.notifier is not None and self._watchdog_period:
-            nursery.start_soon(self._watchdog, self._watchdog_period)
-
-    async def _serve_operations(self, *,
-                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                                ) -> None:
-        from handoffd.runtime import control
-
-        assert self.bound is not None
-        with self._operations:
-            async with trio.open_nursery() as nursery:
-                if self.acceptor_index != 0:
-                    # Acceptor 0 serves these sockets for the whole set and asks this one
-                    # for its figures over the supervisor's socketpair.
-                    if self._peer_fd is not None:
-                        nursery.start_soon(self.peers.answer, self._peer_fd,
-                                           self._peer_report)
-                        self._peer_fd = None
-                    task_status.started()
-                    return
-                if self.bound.register is not None:
-                    await nursery.start(self.registrations.serve, self.bound.register)
-                if self.bound.control is not None:
-                    await nursery.start(control.serve_control, self, self.bound.control,
-                                        self.control_stats)
-                if self.bound.metrics is not None:
-                    await nursery.start(control.serve_metrics, self, self.bound.metrics,
-                                        self.metrics_stats)
-                task_status.started()
-
-    async def _watchdog(self, period: float) -> None:
-        assert self.notifier is not None
-        while True:
-            self.notifier.watchdog()
-            self.notifier.status(self._status_line())
-            await trio.sleep(period)
+            nursery.start_soon(operations.systemd_watchdog, self, self._watchdog_period)
 
     def _notify(self, *fields: str) -> None:
         if self.notifier is not None:
             self.notifier.notify(*fields)
 
     def _status_line(self) -> str:
-        ready = sum(1 for w in self.pool.workers.values() if w.state is WorkerState.READY)
-        return (f"{ready}/{self.pool.target_count} workers ready, {self.stats.acked} handoffs, "
-                f"{sum(self.stats.handshake_failures.values())} handshake failures")
+        return operations.status_line(self)
 
     async def gathered_snapshot(self) -> dict[str, Any]:
-        """What ``handoffd status`` and the metrics show: this acceptor's
-        :meth:`snapshot`, and with several acceptors (this one is acceptor 0) every
-        other's, asked over the supervisor's socketpairs and merged
-        (:func:`merge_snapshots`).  An acceptor that does not answer within a second
-        (starting, dead, stuck) is listed as ``unreachable`` and counted in nothing."""
-        own = self.snapshot()
-        others = await self.peers.gather()
-        return merge_snapshots(own, list(self.stats.latencies), others)
-
-    def _peer_report(self) -> dict[str, Any]:
-        """What this acceptor (index > 0) answers acceptor 0: its snapshot and its recent
-        handoff latencies."""
-        return {"snapshot": self.snapshot(),
-                "latencies_us": [round(x * 1e6, 1) for x in self.stats.latencies]}
+        """What ``handoffd status`` and the metrics show (:mod:`.operations`)."""
+        return await operations.gathered_snapshot(self)
 
     def snapshot(self) -> dict[str, Any]:
-        """This acceptor's part of what ``handoffd status`` shows, as plain data (all of
-        it with one acceptor; see :meth:`gathered_snapshot`)."""
-        workers = [*self.pool.workers.values(), *self.pool.retiring, *self.pool.external.values()]
-        return {
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.stats.started, 3),
-            "state": "stopping" if self.pool.stopping else "running",
-            "key_parking": self.parking.mode if self.parking else None,
-            "privilege_separation": self.privsep,
-            "listen": [show_address(h, p) for h, p in self.addresses],
-            "tls_listen": [show_address(h, p) for h, p in self.tls_addresses],
-            "workers": [
-                {
-                    "index": w.index,
-                    "pid": w.pid,
-                    "uid": getattr(w.process, "uid", None),
-                    "state": w.state.value,
-                    "in_flight": len(w.in_flight),
-                    "handled": w.handled,
-                    "active": w.active,
-                    "restarts": self.pool.restarts[w.index],
-                    "external": w.external,
-                    "acceptor": self.acceptor_index,
-                }
-                for w in sorted(workers, key=lambda w: (w.index, w.started))
-            ],
-            "totals": {
-                "accepted": self.stats.accepted,
-                "handshakes_ok": self.stats.handshakes_ok,
-                "handoffs": self.stats.handoffs,
-                "handoff_batches": self.stats.handoff_batches,
-                "batched_handoffs": self.stats.batched_handoffs,
-                "ack_batches": self.stats.ack_batches,
-                "acked": self.stats.acked,
-                "redelivered": self.stats.redelivered,
-                "died_after_claim": self.stats.died_after_claim,
-                "died_unclaimed": self.stats.died_unclaimed,
-                "lost": self.stats.lost,
-                "worker_restarts": self.stats.worker_restarts,
-                "accept_errors": self.stats.accept_errors,
-                "registrations_refused": self.registrations.refused,
-                "shed": self.stats.shed,
-                "control_busy_refused": self.control_stats.busy_refused,
-                "control_accept_errors": self.control_stats.accept_errors,
-                "metrics_busy_refused": self.metrics_stats.busy_refused,
-                "metrics_accept_errors": self.metrics_stats.accept_errors,
-                "refused_per_source": self.stats.refused_per_source,
-                "evicted": self.stats.evicted,
-                "first_token_timeouts": self.stats.first_token_timeouts,
-                "unavailable": self.stats.unavailable,
-                "sessions_closed": self.stats.sessions_ended["closed"],
-                "sessions_app_error": self.stats.sessions_ended["app_error"],
-                "sessions_peer_error": self.stats.sessions_ended["peer_error"],
-                "sessions_cut_at_drain": self.stats.sessions_ended["cut_at_drain"],
-                "sessions_lost_with_worker": self.stats.sessions_ended["lost_with_worker"],
-                "session_reports_refused": self.stats.session_reports_refused,
-            },
-            "sessions_active": sum(w.active for w in workers if w.state is not WorkerState.DEAD),
-            "handshake_slots": {
-                "capacity": self.admission.capacity,
-                "first_token": self.admission.count(Stage.FIRST_TOKEN),
-                "handshake": self.admission.count(Stage.HANDSHAKE),
-                "waiting_for_worker": self.admission.count(Stage.WAITING_FOR_WORKER),
-            },
-            "waiting_for_worker": self.dispatcher.waiting,
-            "handshake_failures": dict(self.stats.handshake_failures),
-            "refused_by_worker": dict(self.stats.refused_by_worker),
-            "handoff_latency_us": self.stats.latency_quantiles(),
-            "handoff_latency_seconds": self.stats.latency_summary(),
-        }
+        """This acceptor's part of what ``handoffd status`` shows (:mod:`.operations`)."""
+        return operations.snapshot(self)
 
 
 def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
