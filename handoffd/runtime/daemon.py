@@ -26,11 +26,9 @@ registration sockets, let the handshakes in progress reach a worker, exit.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -39,16 +37,13 @@ from typing import Any
 import trio
 
 from handoffd.config import Config, load_config, merge_reloaded, worker_share
-from handoffd.core.admission import Admission, Slot, SourceFull, Stage, source_of
-from handoffd.core.framing import FrameDecoder, FrameType, encode_error, encode_frame
+from handoffd.core.admission import Admission
 from handoffd.core.handoff import (
     Kind,
     Outcome,
 )
 from handoffd.kernel.channel import Channel
 from handoffd.kernel.fdreserve import (
-    CAPACITY_ERRNOS,
-    SHED_ERRNOS,
     FdReserve,
     nofile_needed,
     raise_nofile,
@@ -56,18 +51,17 @@ from handoffd.kernel.fdreserve import (
 from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
 from handoffd.kernel.systemd import Notifier, watchdog_interval
 from handoffd.logs import ThrottledLog
-from handoffd.mech import TLS, acceptor_factories
+from handoffd.mech import acceptor_factories
 from handoffd.mech.tls import TlsAcceptorFactory
 from handoffd.minor import Minor
 from handoffd.runtime import operations
 from handoffd.runtime.acceptor_stats import Stats
 from handoffd.runtime.acceptor_stats import merge_snapshots as merge_snapshots  # re-exported
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
-from handoffd.runtime.changes import Changes
 from handoffd.runtime.control import EndpointStats
-from handoffd.runtime.dispatch import Dispatcher, Pending
+from handoffd.runtime.dispatch import Dispatcher
 from handoffd.runtime.dispatch import prepare_handoff as prepare_handoff  # re-exported
-from handoffd.runtime.pacing import ConnectionPace, SourceTurns
+from handoffd.runtime.intake import Handshakes
 from handoffd.runtime.peers import AcceptorPeers
 from handoffd.runtime.pool import Pool, Worker, WorkerState, transition
 from handoffd.runtime.registration import Registrations
@@ -79,9 +73,7 @@ from handoffd.runtime.spawner import (
     spawn_local,
 )
 from handoffd.runtime.supervisor import ProcessPlan
-from handoffd.runtime.tls_stream import accept_tls_handshake
-from handoffd.runtime.wire import PeerReportedError, accept_any_handshake, send_error
-from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_name
+from handoffd.status import GSS_S_FAILURE, GSSError
 
 log = logging.getLogger("handoffd.acceptor")
 
@@ -129,16 +121,9 @@ class Daemon:
             interval = watchdog_interval()
             watchdog_period = interval / 2 if interval else None
         self._watchdog_period = watchdog_period
-        self._handoff_ids = itertools.count(1)
         server = config.server
         self.admission = Admission(server.max_handshakes, server.max_handshakes_per_source)
-        self._slot_freed = Changes()
-        self._paces: dict[Slot, tuple[ConnectionPace, trio.SocketStream]] = {}
-        self._turns = SourceTurns()
         self._throttled = ThrottledLog(log)
-        self.registrations = Registrations(
-            config=lambda: self.config, serve=lambda w: self.pool.serve_external(w),
-            out_of_fds=self._out_of_fds, throttled=self._throttled)
         self.dispatcher = Dispatcher(
             workers=lambda: (*self.pool.workers.values(), *self.pool.external.values()),
             settings=lambda: self.config.workers, stats=self.stats,
@@ -151,6 +136,14 @@ class Daemon:
             target_count=worker_share(config.workers.count, acceptor_index, acceptors),
             fail=self._fail, failing=lambda: self._fatal is not None,
             notify=self._notify, status_line=self._status_line)
+        self.handshakes = Handshakes(
+            admission=self.admission, config=lambda: self.config,
+            mechanisms=lambda: self.mechanisms, tls=lambda: self.tls,
+            dispatcher=self.dispatcher, stats=self.stats, throttled=self._throttled,
+            acceptors=acceptors)
+        self.registrations = Registrations(
+            config=lambda: self.config, serve=self.pool.serve_external,
+            out_of_fds=self.handshakes.out_of_fds, throttled=self._throttled)
         self._fd_reserve: FdReserve | None = None
         self.control_stats = EndpointStats()
         self.metrics_stats = EndpointStats()
@@ -175,6 +168,7 @@ class Daemon:
         log.info("key parking mode: %s", self.parking.mode)
         self._log_fingerprint()
         self._fd_reserve = FdReserve(1)
+        self.handshakes.fd_reserve = self._fd_reserve
         nofile_warning = raise_nofile(nofile_needed(self.config))
         if nofile_warning:
             log.warning("fd limit: %s", nofile_warning)
@@ -197,6 +191,7 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     self.pool.nursery = nursery
+                    self.handshakes.nursery = nursery
                     self.dispatcher.nursery = nursery
                     nursery.start_soon(self._serve_spawner)
                     for index in range(self.pool.target_count):
@@ -210,10 +205,10 @@ class Daemon:
                     await self._open_listeners()
                     for listener, bound in zip(self.listeners, self.bound.listeners,
                                                strict=True):
-                        nursery.start_soon(self._accept_loop, listener, bound)
+                        nursery.start_soon(self.handshakes.accept_loop, listener, bound)
                     for listener, bound in zip(self.tls_listeners, self.bound.tls_listeners,
                                                strict=True):
-                        nursery.start_soon(self._accept_loop, listener, bound, True)
+                        nursery.start_soon(self.handshakes.accept_loop, listener, bound, True)
                     await self._start_operations(nursery)
                     self._notify("READY=1", f"STATUS={self._status_line()}")
                     log.info("ready: %d workers, listening on %s", len(self.pool.workers),
@@ -338,7 +333,7 @@ class Daemon:
             await listener.aclose()
         with trio.move_on_after(self.config.server.handshake_timeout):
             while len(self.admission):
-                await self._slot_freed.wait()
+                await self.handshakes.slot_freed.wait()
         with trio.move_on_after(self.config.workers.ack_timeout):
             while any(w.in_flight for w in self.pool.workers.values()):
                 await self.dispatcher.capacity.wait()
@@ -354,7 +349,7 @@ class Daemon:
         # Connections already handshaking get their chance to reach a worker.
         with trio.move_on_after(self.config.server.handshake_timeout):
             while len(self.admission):
-                await self._slot_freed.wait()
+                await self.handshakes.slot_freed.wait()
         everyone = [*self.pool.workers.values(), *self.pool.retiring]
         for w in everyone:
             self.pool.terminate(w)
@@ -437,144 +432,6 @@ class Daemon:
         if self.bound.activated:
             log.info("using %d socket(s) from systemd activation", len(self.listeners))
 
-    async def _out_of_fds(self, what: str, bound: socket.socket, error: OSError) -> None:
-        """accept() failed for lack of fds or memory: drop the connection at the head of
-        the backlog with the reserved fd (its client sees the connection closed) rather
-        than leave everyone behind it hanging, or wait if that cannot help."""
-        assert self._fd_reserve is not None
-        shed = error.errno in SHED_ERRNOS and self._fd_reserve.shed(bound)
-        if shed:
-            self.stats.shed += 1
-        self._throttled.log(logging.ERROR, f"{what}:{error.errno}",
-                            "%s: %s; %s", what, os.strerror(error.errno or 0),
-                            "closing new connections until fds are free" if shed
-                            else "waiting for capacity")
-        await trio.sleep(0 if shed else 0.1)
-
-    async def _accept_loop(self, listener: trio.SocketListener, bound: socket.socket,
-                           tls: bool = False) -> None:
-        assert self._nursery is not None
-        while True:
-            while self.admission.full:
-                # Every slot holds a finished handshake waiting for a worker: nothing to
-                # evict.  Newcomers wait in the listen backlog until a slot frees.
-                await self._slot_freed.wait()
-            while self.acceptors > 1 and self.dispatcher.all_full():
-                # Several acceptors take from the same backlog: while every worker of
-                # this one holds max_unacked handoffs, leave the next connection to an
-                # acceptor whose workers have room.
-                await self.dispatcher.capacity.wait()
-            try:
-                stream = await listener.accept()
-            except OSError as error:
-                if error.errno in CAPACITY_ERRNOS:
-                    self.stats.accept_errors += 1
-                    await self._out_of_fds("accept", bound, error)
-                    continue
-                raise
-            except trio.ClosedResourceError:
-                return  # listener closed: we are draining
-            self.stats.accepted += 1
-            self._admit(stream, tls)
-
-    def _admit(self, stream: trio.SocketStream, tls: bool = False) -> None:
-        """Give the connection a slot (evicting the most stalled handshake if all are
-        taken), or close it at once if its source holds its share."""
-        server = self.config.server
-        source = source_of(_peer_host(stream), prefix_v4=server.source_prefix_v4,
-                           prefix_v6=server.source_prefix_v6)
-        slot, evicted = self.admission.admit(source, trio.current_time())
-        if evicted is not None:
-            self.stats.evicted += 1
-            self._throttled.log(logging.WARNING, "evicted",
-                                "every handshake slot taken: evicted a stalled handshake "
-                                "from %s for a connection from %s (%s)", evicted.source,
-                                source, Minor.HANDSHAKE_EVICTED.name)
-            victim, victim_stream = self._paces.pop(evicted)
-            victim.evict()
-            # Closed now, not when its task runs: the newcomer's fd must not come on top.
-            _abandon(victim_stream, GSSError(GSS_S_UNAVAILABLE, Minor.HANDSHAKE_EVICTED))
-        if isinstance(slot, SourceFull):
-            self.stats.refused_per_source += 1
-            self._throttled.log(logging.WARNING, "per-source",
-                                "refused a connection from %s: it holds %d handshake slots "
-                                "([server] max_handshakes_per_source, %s)", source,
-                                slot.limit, Minor.HANDSHAKE_SOURCE_LIMIT.name)
-            _abandon(stream, GSSError(GSS_S_UNAVAILABLE, Minor.HANDSHAKE_SOURCE_LIMIT))
-            return
-        pace = ConnectionPace(self.admission, slot, self._turns,
-                              first_token_timeout=server.first_token_timeout,
-                              handshake_timeout=server.handshake_timeout)
-        self._paces[slot] = (pace, stream)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._serve_client, stream, pace, tls)
-
-    def _free_slot(self, slot: Slot) -> None:
-        self.admission.release(slot)
-        self._paces.pop(slot, None)
-        self._slot_freed.notify()
-
-    async def _serve_client(self, stream: trio.SocketStream, pace: ConnectionPace,
-                            tls: bool = False) -> None:
-        """Handshake, then hand off; holds its slot until a worker has it."""
-        peer = _peer_text(stream)
-        slot = pace.slot
-        try:
-            try:
-                with pace.scope:
-                    if tls:
-                        mech, inner, peer_name = await self._tls_handshake(stream, pace)
-                    else:
-                        decoder = FrameDecoder()
-                        mechanism, context = await accept_any_handshake(
-                            stream, self.mechanisms, decoder, pace=pace)
-                        mech, peer_name = mechanism.info.seal_id, context.peer_name
-                        inner = context.export(unread=decoder.unread())
-                if pace.scope.cancelled_caught:
-                    raise self._handshake_cut_short(slot)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED) from None
-            done = time.perf_counter()
-            self.stats.handshakes_ok += 1
-            pending = Pending(next(self._handoff_ids), stream, inner, done,
-                              f"{peer} ({peer_name})", mech=mech)
-        except GSSError as error:
-            self._free_slot(slot)
-            self.stats.handshake_failures[status_name(error.major)] += 1
-            self._throttled.log(logging.INFO, f"handshake:{error.minor}",
-                                "connection from %s closed: %s", peer, error)
-            # A TLS client is told in TLS (OpenSSL's alert, sent by the handshake driver),
-            # never with a handoffd ERROR frame it could not parse.
-            answer = error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED)
-            if answer and not tls and not isinstance(error, PeerReportedError):
-                await send_error(stream, error)  # an ERROR is never answered with one
-            await stream.aclose()
-            return
-        self.admission.progress(slot, Stage.WAITING_FOR_WORKER, trio.current_time())
-        try:
-            await self.dispatcher.dispatch(pending)
-        finally:
-            self._free_slot(slot)
-
-    async def _tls_handshake(self, stream: trio.SocketStream,
-                             pace: ConnectionPace) -> tuple[int, bytes, str]:
-        """OpenSSL's TLS 1.3 handshake; the sealed export's mechanism, bytes and peer."""
-        assert self.tls is not None
-        handshake = self.tls.new_handshake()
-        await accept_tls_handshake(stream, handshake, pace=pace)
-        export = handshake.export()
-        return TLS.seal_id, export.encode(), str(export.peer.get("name", "anonymous"))
-
-    def _handshake_cut_short(self, slot: Slot) -> GSSError:
-        server = self.config.server
-        if slot.evicted:
-            return GSSError(GSS_S_UNAVAILABLE, Minor.HANDSHAKE_EVICTED)
-        if slot.stage == Stage.FIRST_TOKEN:
-            self.stats.first_token_timeouts += 1
-            return GSSError(GSS_S_FAILURE, Minor.FIRST_TOKEN_TIMEOUT,
-                            f"{min(server.first_token_timeout, server.handshake_timeout):g}s")
-        return GSSError(GSS_S_FAILURE, Minor.HANDSHAKE_TIMEOUT, f"{server.handshake_timeout:g}s")
-
     # ------------------------------------------------------------------ operations
 
     async def _start_operations(self, nursery: trio.Nursery) -> None:
@@ -605,29 +462,3 @@ def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
     benchmarks; the daemon goes through its spawner).  See :func:`spawn_local`."""
     argv = [sys.executable, "-m", "handoffd.runtime.worker_process", "--app", app, *(args or [])]
     return spawn_local(parking, worker_id, argv, credentials=credentials)
-
-
-def _peer_host(stream: trio.SocketStream) -> str:
-    try:
-        address = stream.socket.getpeername()
-    except OSError:
-        return "unknown peer"
-    return str(address[0]) if isinstance(address, tuple) else str(address)
-
-
-def _abandon(stream: trio.SocketStream, error: GSSError) -> None:
-    """Close a connection now, telling the client why if its socket buffer takes the
-    13-byte ERROR frame without waiting (it always does on a fresh connection)."""
-    frame = encode_frame(FrameType.ERROR, encode_error(error.major, error.minor))
-    with contextlib.suppress(OSError):
-        os.write(stream.socket.fileno(), frame)
-    stream.socket.close()
-
-
-def _peer_text(stream: trio.SocketStream) -> str:
-    try:
-        address = stream.socket.getpeername()
-    except OSError:
-        return "unknown peer"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
