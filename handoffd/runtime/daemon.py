@@ -21,6 +21,19 @@ Signals: TERM/INT drain and stop, HUP rolls the workers, TTIN/TTOU grow and
 shrink the pool, USR2 (from the supervisor, once a new acceptor generation is ready on
 the same sockets) hands over: stop accepting and answering the control, metrics and
 registration sockets, let the handshakes in progress reach a worker, exit.
+
+This module is the acceptor's lifecycle (wiring, run, signals, reload, drain,
+hand-over); each part it wires has a module of its own:
+
+- :mod:`~handoffd.runtime.intake`: accept, handshake slots, handshakes, export;
+- :mod:`~handoffd.runtime.dispatch`: which worker, the HANDOFF or batch, the ACK,
+  the handoffs in flight and what a worker's death does to them;
+- :mod:`~handoffd.runtime.pool`: the workers, their states and channels, respawn,
+  roll, resize, the ACK watchdog;
+- :mod:`~handoffd.runtime.registration`: external workers;
+- :mod:`~handoffd.runtime.operations`, :mod:`~handoffd.runtime.peers`,
+  :mod:`~handoffd.runtime.acceptor_stats`: status, metrics, systemd, the figures of an
+  acceptor set.
 """
 
 from __future__ import annotations
