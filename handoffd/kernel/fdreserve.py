@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 SHED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 """accept() errors :meth:`FdReserve.shed` is for: out of fds, in the process or the system."""
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""accept() errors that mean "out of resources" (fds, memory): an accept loop logs, sheds
+or waits, and goes on; any other error is raised."""
 
 NOFILE_MARGIN = 32
 """Fds :func:`nofile_needed` adds for what does not scale with the config: stdio, the

@@ -20,7 +20,6 @@ per 10 s with a count (:class:`~handoffd.logs.ThrottledLog`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -36,16 +35,16 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from handoffd import __version__
-from handoffd.kernel.fdreserve import SHED_ERRNOS, FdReserve
+from handoffd.kernel.fdreserve import CAPACITY_ERRNOS, SHED_ERRNOS, FdReserve
 from handoffd.logs import ThrottledLog
 from handoffd.minor import Minor
+from handoffd.runtime.pool import WorkerState
 from handoffd.status import GSS_S_UNAVAILABLE, GSSError
 
 if TYPE_CHECKING:
     from handoffd.runtime.daemon import Daemon
 
 _MAX_REQUEST = 4096
-_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _CAPACITY_WAIT = 0.1
 """Seconds to wait after an accept() failure that shedding could not relieve."""
 _LOG_INTERVAL = 10.0
@@ -95,10 +94,11 @@ async def _serve(
     throttled = ThrottledLog(log, _LOG_INTERVAL)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(bound))
     reserve = FdReserve(1)
-    active = 0
+    # One token per connection being served: taken here when accepted, given back by
+    # the connection's task when it ends (its only owner).
+    active = trio.CapacityLimiter(limit)
 
     async def run(stream: trio.SocketStream) -> None:
-        nonlocal active
         try:
             async with stream:
                 with trio.move_on_after(timeout):
@@ -106,7 +106,7 @@ async def _serve(
                                              trio.ClosedResourceError, OSError):
                         await handle(daemon, stream)
         finally:
-            active -= 1
+            active.release_on_behalf_of(stream)
 
     task_status.started()
     try:
@@ -117,7 +117,7 @@ async def _serve(
                 except OSError as error:
                     # Out of fds (or memory) is the moment an operator asks for status:
                     # never die of it, never spin on a backlog we cannot take from.
-                    if error.errno not in _CAPACITY_ERRNOS:
+                    if error.errno not in CAPACITY_ERRNOS:
                         raise
                     stats.accept_errors += 1
                     shed = error.errno in SHED_ERRNOS and reserve.shed(bound)
@@ -127,15 +127,16 @@ async def _serve(
                                   else "waiting for capacity")
                     await trio.sleep(0 if shed else _CAPACITY_WAIT)
                     continue
-                if active >= limit:
+                try:
+                    active.acquire_on_behalf_of_nowait(stream)
+                except trio.WouldBlock:
                     stats.busy_refused += 1
                     _refuse(stream, busy)
                     throttled.log(logging.WARNING, "busy",
                                   "%s: %d connections open ([control] max_connections): "
-                                  "closed a new one", endpoint, active)
+                                  "closed a new one", endpoint, active.borrowed_tokens)
                     await trio.sleep(0)
                     continue
-                active += 1
                 nursery.start_soon(run, stream)
     finally:
         throttled.flush()
@@ -355,7 +356,8 @@ def render_metrics(snapshot: dict[str, Any],
            [({"status": k}, v) for k, v in sorted(snapshot["handshake_failures"].items())])
     metric("workers", "gauge", "Workers by state",
            [({"state": state}, sum(1 for w in snapshot["workers"] if w["state"] == state))
-            for state in ("starting", "ready", "draining")])
+            for state in (WorkerState.STARTING.value, WorkerState.READY.value,
+                          WorkerState.DRAINING.value)])
     slots = snapshot["handshake_slots"]
     metric("handshake_slots", "gauge", "Handshake slots in use by stage (capacity: "
            "[server] max_handshakes)",

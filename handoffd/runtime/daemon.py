@@ -21,299 +21,81 @@ Signals: TERM/INT drain and stop, HUP rolls the workers, TTIN/TTOU grow and
 shrink the pool, USR2 (from the supervisor, once a new acceptor generation is ready on
 the same sockets) hands over: stop accepting and answering the control, metrics and
 registration sockets, let the handshakes in progress reach a worker, exit.
+
+This module is the acceptor's lifecycle (wiring, run, signals, reload, drain,
+hand-over); each part it wires has a module of its own:
+
+- :mod:`~handoffd.runtime.intake`: accept, handshake slots, handshakes, export;
+- :mod:`~handoffd.runtime.dispatch`: which worker, the HANDOFF or batch, the ACK,
+  the handoffs in flight and what a worker's death does to them;
+- :mod:`~handoffd.runtime.pool`: the workers, their states and channels, respawn,
+  roll, resize, the ACK watchdog;
+- :mod:`~handoffd.runtime.registration`: external workers;
+- :mod:`~handoffd.runtime.operations`, :mod:`~handoffd.runtime.peers`,
+  :mod:`~handoffd.runtime.acceptor_stats`: status, metrics, systemd, the figures of an
+  acceptor set.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import itertools
-import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from handoffd.config import Config, load_config, merge_reloaded, worker_share
-from handoffd.core.admission import Admission, Slot, SourceFull, Stage, source_of
-from handoffd.core.framing import FrameDecoder, FrameType, encode_error, encode_frame
+from handoffd.core.admission import Admission
 from handoffd.core.handoff import (
-    BATCH_KINDS,
-    FD_KINDS,
-    MAX_BATCH,
-    Ack,
-    Handoff,
-    Hello,
     Kind,
     Outcome,
-    Refused,
-    Registered,
-    SessionEnd,
-    batch_entry_size,
-    decode_ack_batch,
-    encode_handoff_batch,
-    expect_empty,
 )
-from handoffd.core.seal import seal
 from handoffd.kernel.channel import Channel
-from handoffd.kernel.fdreserve import SHED_ERRNOS, FdReserve, nofile_needed, raise_nofile
+from handoffd.kernel.fdreserve import (
+    FdReserve,
+    nofile_needed,
+    raise_nofile,
+)
 from handoffd.kernel.parking import KEYRING, AcceptorParking, check_quota
-from handoffd.kernel.peer import PeerPolicy
 from handoffd.kernel.systemd import Notifier, watchdog_interval
 from handoffd.logs import ThrottledLog
-from handoffd.mech import NOISE, TLS, acceptor_factories
+from handoffd.mech import acceptor_factories
 from handoffd.mech.tls import TlsAcceptorFactory
 from handoffd.minor import Minor
+from handoffd.runtime import operations
+from handoffd.runtime.acceptor_stats import Stats
+from handoffd.runtime.acceptor_stats import merge_snapshots as merge_snapshots  # re-exported
 from handoffd.runtime.binding import BoundSockets, bind_all, show_address
 from handoffd.runtime.control import EndpointStats
-from handoffd.runtime.pacing import ConnectionPace, SourceTurns
+from handoffd.runtime.dispatch import Dispatcher
+from handoffd.runtime.dispatch import prepare_handoff as prepare_handoff  # re-exported
+from handoffd.runtime.intake import Handshakes
+from handoffd.runtime.peers import AcceptorPeers
+from handoffd.runtime.pool import Pool, Worker, WorkerState, transition
+from handoffd.runtime.registration import Registrations
 from handoffd.runtime.spawner import (
     LocalChild,
     LocalSpawner,
     Spawner,
     SupervisedSpawner,
-    WorkerProcess,
     spawn_local,
 )
 from handoffd.runtime.supervisor import ProcessPlan
-from handoffd.runtime.tls_stream import accept_tls_handshake
-from handoffd.runtime.wire import PeerReportedError, accept_any_handshake, send_error
-from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError, status_name
+from handoffd.status import GSS_S_FAILURE, GSSError
 
 log = logging.getLogger("handoffd.acceptor")
-
-MECH_NOISE = NOISE.seal_id
-SEAL_LIFETIME = 30.0
-"""Seconds a sealed handoff token stays valid: it only has to cross one socketpair."""
-
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_SEND_ATTEMPTS = 5
-_SEND_RETRY_DELAY = 0.05
-"""A HANDOFF the kernel refused to queue is tried again after 0.05, 0.1, ... s (to any
-worker); after ``_SEND_ATTEMPTS`` refusals the connection is dropped and logged."""
-_READ_AFTER_EXIT = 1.0
-"""Seconds to go on reading a worker's channel after it exited: what it sent last (the
-SESSION_END of each session its drain cut) may still be queued."""
-
-
-@dataclass
-class Pending:
-    """A connection handed to a worker and not yet acknowledged."""
-
-    handoff_id: int
-    stream: trio.SocketStream
-    inner: bytes
-    handshake_done: float
-    peer: str
-    mech: int = MECH_NOISE  # seal id of the exported context's mechanism (handoffd.mech)
-    key_ref: bytes = b""
-    deliveries: int = 0
-    sent_at: float = 0.0  # time.monotonic() of the last delivery
-    sent: bool = False  # the kernel queued the HANDOFF: it never goes to another worker
-
-
-@dataclass
-class Outgoing:
-    """A HANDOFF waiting in a worker's outbox; ``done`` once sent, or not (``error``)."""
-
-    pending: Pending
-    message: bytes
-    done: trio.Event = field(default_factory=trio.Event)
-    error: GSSError | None = None
-
-
-@dataclass
-class Worker:
-    """One worker process incarnation."""
-
-    index: int
-    worker_id: bytes
-    parking: AcceptorParking
-    process: WorkerProcess | None = None
-    external_pid: int | None = None  # registered over the socket, not spawned by us
-    channel: Channel | None = None
-    state: str = "starting"  # starting -> ready -> draining -> dead
-    in_flight: dict[int, Pending] = field(default_factory=dict)
-    outbox: list[Outgoing] = field(default_factory=list)  # handoffs ready, not yet sent
-    flushing: bool = False  # a dispatcher is sending the outbox (see _send_handoff)
-    handled: int = 0
-    ended: int = 0  # sessions the worker reported ended (SESSION_END)
-    cut_at_drain: int = 0  # of those, cut at drain_timeout (for the drain's last line)
-    started: float = field(default_factory=time.monotonic)
-    ready: trio.Event = field(default_factory=trio.Event)
-    gone: trio.Event = field(default_factory=trio.Event)
-
-    @property
-    def pid(self) -> int | None:
-        """The worker's pid (spawned or registered), if it has one yet."""
-        return self.process.pid if self.process else self.external_pid
-
-    @property
-    def external(self) -> bool:
-        """True for a worker that registered over the socket."""
-        return self.external_pid is not None
-
-    @property
-    def active(self) -> int:
-        """Sessions imported and not yet reported ended."""
-        return max(0, self.handled - self.ended)
-
-
-class LatencyWindow(deque[float]):
-    """The most recent handoff latencies (seconds, at most ``maxlen``) for the quantiles,
-    and the running ``total`` and ``observed`` (sum and number) of every latency ever
-    appended, a Prometheus summary's ``_sum`` and ``_count``.  Only :meth:`append` keeps
-    them (``deque.count`` is the deque's own method)."""
-
-    def __init__(self, maxlen: int) -> None:
-        super().__init__((), maxlen)
-        self.total = 0.0
-        self.observed = 0
-
-    def append(self, latency: float) -> None:
-        super().append(latency)
-        self.total += latency
-        self.observed += 1
-
-
-class Stats:
-    """Counters and a latency sample for status and metrics."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self.accepted = 0
-        self.handshakes_ok = 0
-        self.handshake_failures: Counter[str] = Counter()
-        self.handoffs = 0
-        self.handoff_batches = 0  # HANDOFF_BATCH messages (each carrying several handoffs)
-        self.batched_handoffs = 0  # handoffs sent in them
-        self.ack_batches = 0  # ACK_BATCH messages received (a worker answered several)
-        self.acked = 0
-        self.refused_by_worker: Counter[str] = Counter()
-        self.redelivered = 0
-        self.died_after_claim = 0
-        self.died_unclaimed = 0
-        self.lost = 0
-        self.worker_restarts = 0
-        self.accept_errors = 0
-        self.shed = 0
-        self.refused_per_source = 0
-        self.evicted = 0
-        self.first_token_timeouts = 0
-        self.unavailable = 0
-        self.sessions_ended: Counter[str] = Counter()  # by Outcome name, lower case
-        self.session_reports_refused = 0
-        self.latencies = LatencyWindow(maxlen=4096)
-
-    def latency_quantiles(self, scale: float = 1e6) -> dict[str, float | None]:
-        """p50 and p99 of the recent handoff latencies, in microseconds (``scale``: what a
-        second counts as; 1.0 for seconds)."""
-        return self.quantiles_of(self.latencies, scale)
-
-    @staticmethod
-    def quantiles_of(latencies: Iterable[float], scale: float = 1e6
-                     ) -> dict[str, float | None]:
-        """p50 and p99 of ``latencies`` (seconds), times ``scale``."""
-        sample = sorted(latencies)
-        if not sample:
-            return {"p50": None, "p99": None}
-
-        def q(p: float) -> float:
-            return sample[min(len(sample) - 1, int(p * len(sample)))] * scale
-
-        return {"p50": q(0.50), "p99": q(0.99)}
-
-    def latency_summary(self) -> dict[str, float | None]:
-        """The handoff latency as a summary, in seconds: the running ``sum`` and ``count``
-        of every handoff since start, p50 and p99 of the recent ones (None: none yet)."""
-        return {"sum": self.latencies.total, "count": self.latencies.observed,
-                **self.latency_quantiles(1.0)}
-
-
-@dataclass
-class _Peer:
-    """Acceptor 0's socket to another acceptor of its set (status and metrics)."""
-
-    sock: trio.socket.SocketType
-    lock: trio.Lock = field(default_factory=trio.Lock)
-    sequence: int = 0
-
-
-_PEER_ASK = b"status?"
-_PEER_MAX = 4 << 20
-_PEER_TIMEOUT = 1.0
-
-_SUMMED = ("sessions_active", "waiting_for_worker")
-_MERGED_COUNTERS = ("handshake_failures", "refused_by_worker")
-
-
-def merge_snapshots(own: dict[str, Any], own_latencies: list[float],
-                    others: dict[int, dict[str, Any] | None]) -> dict[str, Any]:
-    """Acceptor 0's snapshot ``own`` with the other acceptors' reports folded in.
-
-    Everything a single acceptor reports keeps its key and meaning for the whole set:
-    totals, handshake slots (capacity: ``max_handshakes`` per acceptor, summed), the
-    per-outcome counters and gauges are summed; ``workers`` lists every acceptor's
-    (each with its ``acceptor``); the handoff latency's p50 and p99 are taken over every
-    acceptor's recent handoffs, its sum and count summed.  ``pid``, ``uptime_s`` and
-    ``state`` stay acceptor 0's.  ``acceptors`` lists each acceptor's own figures:
-    ``{"index", "pid", "state", "workers", "accepted", "handshakes_ok", "handoffs",
-    "acked", "in_flight", "sessions_active"}``, or ``{"index", "state": "unreachable"}``.
-    """
-    merged: dict[str, Any] = json.loads(json.dumps(own))  # a deep copy of plain data
-    samples = list(own_latencies)
-    rows = [_acceptor_row(0, own)]
-    for index in sorted(others):
-        report = others[index]
-        snapshot = report.get("snapshot") if isinstance(report, dict) else None
-        if not isinstance(snapshot, dict):
-            rows.append({"index": index, "state": "unreachable"})
-            continue
-        rows.append(_acceptor_row(index, snapshot))
-        merged["workers"] = [*merged["workers"], *snapshot.get("workers", [])]
-        for key, value in snapshot.get("totals", {}).items():
-            merged["totals"][key] = merged["totals"].get(key, 0) + value
-        for key, value in snapshot.get("handshake_slots", {}).items():
-            merged["handshake_slots"][key] = merged["handshake_slots"].get(key, 0) + value
-        for key in _SUMMED:
-            merged[key] = merged.get(key, 0) + snapshot.get(key, 0)
-        for key in _MERGED_COUNTERS:
-            counter = Counter(merged.get(key, {}))
-            counter.update(snapshot.get(key, {}))
-            merged[key] = dict(counter)
-        latency = snapshot.get("handoff_latency_seconds", {})
-        merged["handoff_latency_seconds"]["sum"] += latency.get("sum", 0.0)
-        merged["handoff_latency_seconds"]["count"] += latency.get("count", 0)
-        samples.extend(x / 1e6 for x in report.get("latencies_us", ()))  # type: ignore[union-attr]
-    if len(rows) > 1:
-        quantiles = Stats.quantiles_of(samples, 1.0)
-        merged["handoff_latency_seconds"].update(quantiles)
-        merged["handoff_latency_us"] = Stats.quantiles_of(samples, 1e6)
-    merged["acceptors"] = rows
-    return merged
-
-
-def _acceptor_row(index: int, snapshot: dict[str, Any]) -> dict[str, Any]:
-    totals = snapshot.get("totals", {})
-    workers = snapshot.get("workers", [])
-    return {"index": index, "pid": snapshot.get("pid"), "state": snapshot.get("state"),
-            "workers": sum(1 for w in workers if w.get("state") == "ready"),
-            **{key: totals.get(key, 0) for key in ("accepted", "handshakes_ok", "handoffs",
-                                                     "acked")},
-            "in_flight": sum(w.get("in_flight", 0) for w in workers),
-            "sessions_active": snapshot.get("sessions_active", 0)}
 
 
 class Daemon:
     """The acceptor + supervisor.  Run with ``await daemon.run(task_status=...)``."""
+
+    pool: Pool
+    """The workers: spawned slots, retiring and external ones (:mod:`.pool`)."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
                  bound: BoundSockets | None = None, spawner: Spawner | None = None,
@@ -326,10 +108,10 @@ class Daemon:
         """Which of the ``[server] acceptors`` this is (0 answers control and metrics for
         all, and takes external workers' registrations)."""
         self.acceptors = acceptors
-        self._peer_fd = peer
-        self._peers: dict[int, _Peer] = {}
+        self.peer_fd = peer
+        self.peers = AcceptorPeers(acceptors)
         if acceptor_index == 0 and isinstance(spawner, SupervisedSpawner):
-            spawner.on_peer = self._add_peer
+            spawner.on_peer = self.peers.add
         self.bound = bound
         self.spawner: Spawner = spawner if spawner is not None else LocalSpawner(config)
         self.privsep = privsep if privsep is not None else ProcessPlan(
@@ -337,14 +119,6 @@ class Daemon:
         self._join_session = join_session
         self.clock = clock
         self.stats = Stats()
-        self.workers: dict[int, Worker] = {}
-        self.retiring: list[Worker] = []
-        self.external: dict[bytes, Worker] = {}
-        self._external_parking: AcceptorParking | None = None
-        self._external_index = itertools.count(1000)
-        self.registrations_refused = 0
-        self.target_count = worker_share(config.workers.count, acceptor_index, acceptors)
-        self.restarts: Counter[int] = Counter()
         self.listeners: list[trio.SocketListener] = []
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
@@ -360,25 +134,36 @@ class Daemon:
             interval = watchdog_interval()
             watchdog_period = interval / 2 if interval else None
         self._watchdog_period = watchdog_period
-        self._handoff_ids = itertools.count(1)
-        self._capacity = trio.Event()
         server = config.server
         self.admission = Admission(server.max_handshakes, server.max_handshakes_per_source)
-        self._slot_freed = trio.Event()
-        self._paces: dict[Slot, tuple[ConnectionPace, trio.SocketStream]] = {}
-        self._turns = SourceTurns()
-        self._waiting_for_worker = 0
         self._throttled = ThrottledLog(log)
+        self.dispatcher = Dispatcher(
+            workers=lambda: (*self.pool.workers.values(), *self.pool.external.values()),
+            settings=lambda: self.config.workers, stats=self.stats,
+            throttled=self._throttled, clock=clock,
+            failing=lambda: self._fatal is not None,
+            no_worker_left=lambda: self.pool.stopping and not self.pool.workers)
+        self.pool = Pool(
+            config=lambda: self.config, spawner=self.spawner, dispatcher=self.dispatcher,
+            stats=self.stats, throttled=self._throttled,
+            target_count=worker_share(config.workers.count, acceptor_index, acceptors),
+            fail=self._fail, failing=lambda: self._fatal is not None,
+            notify=self._notify, status_line=self._status_line)
+        self.handshakes = Handshakes(
+            admission=self.admission, config=lambda: self.config,
+            mechanisms=lambda: self.mechanisms, tls=lambda: self.tls,
+            dispatcher=self.dispatcher, stats=self.stats, throttled=self._throttled,
+            acceptors=acceptors)
+        self.registrations = Registrations(
+            config=lambda: self.config, serve=self.pool.serve_external,
+            out_of_fds=self.handshakes.out_of_fds, throttled=self._throttled)
         self._fd_reserve: FdReserve | None = None
         self.control_stats = EndpointStats()
         self.metrics_stats = EndpointStats()
-        self._boot_failures = 0
-        self._stopping = False
         self._fatal: GSSError | None = None
         self._nursery: trio.Nursery | None = None
         self._roll_generation = 0
-        self._handing_over = False
-        self._operations = trio.CancelScope()
+        self.operations_scope = trio.CancelScope()
         """Control, metrics and registrations: cancelled at a hand-over, since the new
         acceptor serves those sockets from then on."""
 
@@ -392,15 +177,17 @@ class Daemon:
             slots_per_worker=self.config.workers.max_unacked,
             mode=self.config.workers.keyring, join_session=self._join_session,
         )
+        self.pool.parking = self.parking
         log.info("key parking mode: %s", self.parking.mode)
         self._log_fingerprint()
         self._fd_reserve = FdReserve(1)
+        self.handshakes.fd_reserve = self._fd_reserve
         nofile_warning = raise_nofile(nofile_needed(self.config))
         if nofile_warning:
             log.warning("fd limit: %s", nofile_warning)
         if self.parking.mode == KEYRING:
             # Every acceptor's keys count on the one acceptor uid.
-            warning = check_quota(max(self.target_count, self.config.workers.count),
+            warning = check_quota(max(self.pool.target_count, self.config.workers.count),
                                   self.config.workers.max_unacked, os.getuid(),
                                   self.acceptors)
             if warning:
@@ -416,9 +203,12 @@ class Daemon:
                                            signal.SIGUSR2) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self.pool.nursery = nursery
+                    self.handshakes.nursery = nursery
+                    self.dispatcher.nursery = nursery
                     nursery.start_soon(self._serve_spawner)
-                    for index in range(self.target_count):
-                        nursery.start_soon(self._manage_slot, index)
+                    for index in range(self.pool.target_count):
+                        nursery.start_soon(self.pool.manage_slot, index)
                     if not await self._ready_or_stopped(signals):
                         # SIGTERM before the pool was ever ready (spawns keep failing,
                         # e.g. for key quota): stop instead of waiting for it forever.
@@ -428,19 +218,19 @@ class Daemon:
                     await self._open_listeners()
                     for listener, bound in zip(self.listeners, self.bound.listeners,
                                                strict=True):
-                        nursery.start_soon(self._accept_loop, listener, bound)
+                        nursery.start_soon(self.handshakes.accept_loop, listener, bound)
                     for listener, bound in zip(self.tls_listeners, self.bound.tls_listeners,
                                                strict=True):
-                        nursery.start_soon(self._accept_loop, listener, bound, True)
+                        nursery.start_soon(self.handshakes.accept_loop, listener, bound, True)
                     await self._start_operations(nursery)
                     self._notify("READY=1", f"STATUS={self._status_line()}")
-                    log.info("ready: %d workers, listening on %s", len(self.workers),
+                    log.info("ready: %d workers, listening on %s", len(self.pool.workers),
                              ", ".join([*(show_address(h, p) for h, p in self.addresses),
                                         *(f"{show_address(h, p)} (TLS)"
                                           for h, p in self.tls_addresses)]))
                     task_status.started(self)
                     await self._handle_signals(signals)
-                    if self._handing_over:
+                    if self.pool.handing_over:
                         await self._hand_over()
                     else:
                         await self._shutdown()
@@ -449,7 +239,7 @@ class Daemon:
             for listener in (*self.listeners, *self.tls_listeners):
                 await listener.aclose()
             self.bound.close(unlink=not self.spawner.separated)
-            for parking in (self.parking, self._external_parking):
+            for parking in (self.parking, self.registrations.parking):
                 if parking is not None:
                     parking.close()
             if self.notifier is not None:
@@ -496,14 +286,14 @@ class Daemon:
                                     "supervisor: start serve as root; ignored")
                         continue
                     log.info("received SIGUSR2: handing the listeners over to a new acceptor")
-                    self._handing_over = True
-                    self._operations.cancel()
+                    self.pool.handing_over = True
+                    self.operations_scope.cancel()
                     stop.set()
                     return
                 elif signum == signal.SIGTTIN:
-                    self._resize(self.target_count + 1)
+                    self.pool.resize(self.pool.target_count + 1)
                 elif signum == signal.SIGTTOU:
-                    self._resize(self.target_count - 1)
+                    self.pool.resize(self.pool.target_count - 1)
 
         assert self._nursery is not None
         self._nursery.start_soon(watch)
@@ -517,95 +307,7 @@ class Daemon:
             getattr(self, "_stop_event", trio.Event()).set()
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
-
-    # ------------------------------------------------------------------ external workers
-
-    async def _serve_registrations(
-        self, bound: socket.socket, *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Accept external workers on the bound Unix socket (mode 0660, ``[workers]
-        register_group``); the ``[policy]`` section decides who may register."""
-        # listen() again from this process: a registering worker's SO_PEERCRED names
-        # whoever called listen() last, and it must name the acceptor that will send it
-        # handoffs, not the supervisor that bound the socket.
-        bound.listen(64)
-        sock = trio.socket.from_stdlib_socket(bound)
-        task_status.started()
-        try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    try:
-                        conn, _ = await sock.accept()
-                    except OSError as error:
-                        if error.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                            raise
-                        # Out of fds: shed or wait like the client accept loop, never die.
-                        await self._out_of_fds("registration accept", bound, error)
-                        continue
-                    nursery.start_soon(self._register, conn)
-        finally:
-            sock.close()
-
-    def _registration_policy(self) -> PeerPolicy:
-        """Only what ``[policy]`` names (config refuses a register_socket naming nobody);
-        never the acceptor's own uid unless listed there explicitly."""
-        p = self.config.policy
-        return PeerPolicy(
-            uids=frozenset(p.worker_uids) if p.worker_uids else None,
-            gids=frozenset(p.worker_gids) if p.worker_gids else None,
-            labels=frozenset(label.encode() for label in p.worker_labels)
-            if p.worker_labels else None,
-            require_label=p.require_label,
-        )
-
-    async def _register(self, conn: trio.socket.SocketType) -> None:
-        channel = Channel(conn, fd_kinds=FD_KINDS, batch_kinds=BATCH_KINDS, validate_fd=None)
-        try:
-            identity = channel.peer_identity()
-            self._registration_policy().check(identity)
-        except GSSError as error:
-            self.registrations_refused += 1
-            self._throttled.log(logging.WARNING, "registration-refused",
-                                "external worker registration refused: %s", error)
-            with contextlib.suppress(GSSError):
-                await channel.send(Kind.REFUSED, Refused(error.major, error.minor).encode())
-            channel.close()
-            return
-        try:
-            if self._external_parking is None:
-                # External workers cannot inherit a keyring: their keys are derived from a
-                # secret handed over as a pipe fd (docs/KEYRING.md, fallback mode).
-                self._external_parking = AcceptorParking.open(
-                    slots_per_worker=self.config.workers.max_unacked, mode="fallback")
-            w = Worker(index=next(self._external_index), worker_id=os.urandom(16),
-                       parking=self._external_parking, external_pid=identity.pid,
-                       channel=channel)
-            grant = w.parking.add_worker(w.worker_id)
-        except GSSError as error:
-            # Out of fds or keys: refuse this worker, never take the daemon down with it.
-            log.warning("external worker %s not registered: %s", identity.pid, error)
-            with contextlib.suppress(GSSError):
-                await channel.send(Kind.REFUSED, Refused(error.major, error.minor).encode())
-            channel.close()
-            return
-        try:
-            await channel.send(Kind.REGISTERED, Registered(w.worker_id, grant.env).encode(),
-                               fd=grant.pass_fds[0])
-        except GSSError as error:
-            log.warning("external worker %s vanished while registering: %s", w.pid, error)
-            channel.close()
-            w.parking.remove_worker(w.worker_id)
-            return
-        finally:
-            for fd in grant.pass_fds:
-                os.close(fd)
-        self.external[w.worker_id] = w
-        log.info("external worker pid %s uid %s registered", identity.pid, identity.uid)
-        try:
-            await self._read_channel(w)
-        finally:
-            await self._worker_gone(w)
+            self.pool.changed.notify()
 
     async def _ready_or_stopped(self, signals: Any) -> bool:
         """True once every worker is ready; False if SIGTERM/SIGINT came first (other
@@ -614,7 +316,7 @@ class Daemon:
 
         async def wait_ready(scope: trio.CancelScope) -> None:
             nonlocal ready
-            await self._wait_workers_ready()
+            await self.pool.wait_ready()
             ready = True
             scope.cancel()
 
@@ -630,14 +332,6 @@ class Daemon:
                          signal.Signals(signum).name)
         return ready
 
-    async def _wait_workers_ready(self) -> None:
-        while not all(w.ready.is_set() for w in self.workers.values()) or (
-            len(self.workers) < self.target_count
-        ):
-            if self._fatal is not None:
-                await trio.sleep_forever()  # the nursery is being cancelled
-            await trio.sleep(0.01)
-
     async def _hand_over(self) -> None:
         """SIGUSR2 (via the supervisor): stop accepting, let the handshakes in progress reach
         a worker and every handoff be acknowledged, then exit and leave the workers
@@ -645,37 +339,37 @@ class Daemon:
         ``drain_timeout``) while the supervisor's next acceptor takes new connections on
         the same listening sockets.  Nothing is refused: connections that arrive in
         between wait in the listen backlog."""
-        self._stopping = True
+        self.pool.stopping = True
         self._notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}",
                      "STATUS=handing over to a new acceptor")
         for listener in (*self.listeners, *self.tls_listeners):
             await listener.aclose()
         with trio.move_on_after(self.config.server.handshake_timeout):
             while len(self.admission):
-                await self._slot_freed.wait()
+                await self.handshakes.slot_freed.wait()
         with trio.move_on_after(self.config.workers.ack_timeout):
-            while any(w.in_flight for w in self.workers.values()):
-                await self._capacity.wait()
+            while any(w.in_flight for w in self.pool.workers.values()):
+                await self.dispatcher.capacity.wait()
         log.info("handed over: %d workers finish their %d sessions on their own",
-                 len(self.workers) + len(self.retiring),
-                 sum(w.active for w in (*self.workers.values(), *self.retiring)))
+                 len(self.pool.workers) + len(self.pool.retiring),
+                 sum(w.active for w in (*self.pool.workers.values(), *self.pool.retiring)))
 
     async def _shutdown(self) -> None:
-        self._stopping = True
+        self.pool.stopping = True
         self._notify("STOPPING=1", "STATUS=draining")
         for listener in (*self.listeners, *self.tls_listeners):
             await listener.aclose()
         # Connections already handshaking get their chance to reach a worker.
         with trio.move_on_after(self.config.server.handshake_timeout):
             while len(self.admission):
-                await self._slot_freed.wait()
-        everyone = [*self.workers.values(), *self.retiring]
+                await self.handshakes.slot_freed.wait()
+        everyone = [*self.pool.workers.values(), *self.pool.retiring]
         for w in everyone:
-            self._terminate(w)
-        for w in list(self.external.values()):
-            if w.state == "ready" and w.channel is not None:
+            self.pool.terminate(w)
+        for w in list(self.pool.external.values()):
+            if w.state is WorkerState.READY and w.channel is not None:
                 # We will send nothing more; the external worker finishes and leaves.
-                w.state = "draining"
+                transition(w, WorkerState.DRAINING)
                 with contextlib.suppress(GSSError):
                     await w.channel.send(Kind.DRAINED, b"")
         with trio.move_on_after(self.config.workers.drain_timeout + 2) as scope:
@@ -704,249 +398,6 @@ class Daemon:
 
     # ------------------------------------------------------------------ workers
 
-    async def _manage_slot(self, index: int) -> None:
-        """Keep one worker alive at ``index``: spawn, watch, respawn with backoff."""
-        backoff = 0.05
-        while not self._stopping and index < self.target_count:
-            assert self.parking is not None
-            w = Worker(index=index, worker_id=os.urandom(16), parking=self.parking)
-            self.workers[index] = w
-            await self._run_worker(w)
-            if self.workers.get(index) is not w:
-                return  # retired (roll, resize): whoever retired it refilled the slot
-            if self._stopping or index >= self.target_count:
-                del self.workers[index]
-                return
-            lived = time.monotonic() - w.started
-            backoff = 0.05 if lived > 10 else min(backoff * 2,
-                                                  self.config.workers.restart_backoff_max)
-            self.restarts[index] += 1
-            self.stats.worker_restarts += 1
-            await trio.sleep(backoff)
-
-    async def _run_worker(self, w: Worker) -> None:
-        assert self.parking is not None
-        try:
-            w.process, w.channel = await self.spawner.spawn(self.parking, w.worker_id)
-        except (GSSError, OSError) as error:
-            # Out of keyring quota (EDQUOT), fds or processes: not the application's
-            # fault, so not a boot failure; the slot retries with backoff.
-            log.error("cannot spawn worker %d: %s", w.index, error)
-            w.state = "dead"
-            w.gone.set()
-            return
-        read_all = trio.Event()
-
-        async def read_channel() -> None:
-            try:
-                await self._read_channel(w)
-            finally:
-                read_all.set()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_channel)
-                nursery.start_soon(self._ack_watchdog, w)
-                await w.process.wait()
-                # Its last reports are still queued: read them (its end is closed, so the
-                # channel ends), taking it out of the dispatch meanwhile.
-                w.state = "dead"
-                with trio.move_on_after(_READ_AFTER_EXIT):
-                    await read_all.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            await self._worker_gone(w)
-
-    async def _ack_watchdog(self, w: Worker) -> None:
-        """A worker holding a handoff past ``ack_timeout`` is stuck: kill it.
-
-        Killed with everything it spawned (the supervisor sees to that), and what it
-        was sent is not redelivered: it may have imported it (see the module docstring).
-        """
-        assert w.process is not None
-        timeout = self.config.workers.ack_timeout
-        while True:
-            await trio.sleep(timeout / 4)
-            now = time.monotonic()
-            late = [p.handoff_id for p in w.in_flight.values() if now - p.sent_at > timeout]
-            if late:
-                log.error("worker %s did not acknowledge handoff %d within %gs: killing it",
-                          w.pid, late[0], timeout)
-                w.process.kill()
-                return
-
-    async def _read_channel(self, w: Worker) -> None:
-        assert w.channel is not None
-        while True:
-            try:
-                message = await w.channel.receive()
-            except GSSError as error:
-                if error.minor == Minor.CHANNEL_CLOSED:
-                    return
-                log.warning("worker %s sent a bad message: %s", w.pid, error)
-                continue
-            if message.fd is not None:  # pragma: no cover - workers never send fds
-                os.close(message.fd)
-            try:
-                await self._on_worker_message(w, message.kind, message.payload)
-            except GSSError as error:
-                log.warning("worker %s sent a bad %s message: %s", w.pid, message.kind, error)
-
-    async def _on_worker_message(self, w: Worker, kind: int, payload: bytes) -> None:
-        if w.state == "dead" and kind in (Kind.HELLO, Kind.DRAINING):
-            return  # read after it exited: it takes nothing any more
-        if kind == Kind.HELLO:
-            hello = Hello.decode(payload)
-            if hello.worker_id != w.worker_id or hello.pid != w.pid:
-                raise GSSError(GSS_S_FAILURE, Minor.PEER_PID_MISMATCH, "HELLO does not match")
-            w.parking.worker_adopted(w.worker_id)
-            w.state = "ready"
-            w.ready.set()
-            self._boot_failures = 0
-            self._wake_dispatchers()
-            log.info("worker %d ready (pid %s)", w.index, w.pid)
-        elif kind == Kind.ACK:
-            self._on_ack(w, Ack.decode(payload))
-        elif kind == Kind.ACK_BATCH:
-            acks = decode_ack_batch(payload)
-            self.stats.ack_batches += 1
-            for ack in acks:
-                self._on_ack(w, ack)
-        elif kind == Kind.SESSION_END:
-            self._on_session_end(w, payload)
-        elif kind == Kind.DRAINING:
-            expect_empty(Kind.DRAINING, payload)
-            self._retire(w)
-            assert w.channel is not None
-            await w.channel.send(Kind.DRAINED, b"")
-        else:
-            raise GSSError(GSS_S_FAILURE, Minor.CHANNEL_BAD_HEADER, f"unexpected kind {kind}")
-
-    def _on_ack(self, w: Worker, ack: Ack) -> None:
-        pending = w.in_flight.pop(ack.handoff_id, None)
-        if pending is None:
-            log.warning("worker %s acknowledged unknown handoff %d", w.pid, ack.handoff_id)
-            return
-        w.parking.release(w.worker_id, pending.key_ref)
-        pending.inner = b""
-        self._close_copy(pending)
-        if ack.major == 0:
-            w.handled += 1
-            self.stats.acked += 1
-            latency = time.perf_counter() - pending.handshake_done
-            self.stats.latencies.append(latency)
-            log.debug("handoff %d of %s imported by worker %s in %.0f us", ack.handoff_id,
-                      pending.peer, w.pid, latency * 1e6)
-        else:
-            name = status_name(ack.major)
-            self.stats.refused_by_worker[name] += 1
-            log.warning("worker %s refused handoff %d from %s: %s", w.pid, ack.handoff_id,
-                        pending.peer, GSSError(ack.major, ack.minor))
-        self._wake_dispatchers()
-
-    def _on_session_end(self, w: Worker, payload: bytes) -> None:
-        """Count a session's end.  A worker can misreport its own sessions only; a report
-        that is malformed or beyond what it was handed is refused (counted, logged
-        rate-limited)."""
-        try:
-            report = SessionEnd.decode(payload)
-        except GSSError as error:
-            self.stats.session_reports_refused += 1
-            self._throttled.log(logging.WARNING, "session-report",
-                                "worker %s sent a malformed session report: %s", w.pid, error)
-            return
-        if w.ended >= w.handled:
-            self.stats.session_reports_refused += 1
-            self._throttled.log(logging.WARNING, "session-report",
-                                "worker %s reported more sessions ended than it imported", w.pid)
-            return
-        w.ended += 1
-        if report.outcome == Outcome.CUT_AT_DRAIN:
-            w.cut_at_drain += 1
-        self.stats.sessions_ended[report.outcome.name.lower()] += 1
-
-    def _close_copy(self, pending: Pending) -> None:
-        # Closing our copy of the fd does not touch the connection the worker holds.
-        pending.stream.socket.close()
-
-    async def _worker_gone(self, w: Worker) -> None:
-        w.state = "dead"
-        if self._handing_over:
-            # Not gone: this acceptor is; the worker finishes its sessions on its own.
-            if w.channel is not None:
-                w.channel.close()
-            return
-        if w.active:
-            # Sessions it never reported ended died with it (killed, crashed).
-            self.stats.sessions_ended["lost_with_worker"] += w.active
-            log.warning("worker %s exited with %d sessions open: they are cut", w.pid,
-                        w.active)
-            w.ended = w.handled
-        if w.channel is not None:
-            w.channel.close()
-        unacked = list(w.in_flight.values())
-        w.in_flight.clear()
-        redeliver = []
-        for pending in unacked:
-            if not pending.sent:
-                redeliver.append(pending)
-                continue
-            # Sent: it may have been imported, so it never goes to another worker.
-            claimed = w.parking.claimed(w.worker_id, pending.key_ref)
-            if claimed:
-                self.stats.died_after_claim += 1
-            else:
-                self.stats.died_unclaimed += 1
-            log.warning("connection %s ends with worker %s, which died before it acknowledged "
-                        "handoff %d (%s): not redelivered, a second import would reuse its "
-                        "keys", pending.peer, w.pid, pending.handoff_id,
-                        "claimed" if claimed else "key slot not burned" if claimed is False
-                        else "claim not visible in fallback mode")
-            pending.inner = b""
-            self._close_copy(pending)
-        w.parking.remove_worker(w.worker_id)
-        if w.external:
-            self.external.pop(w.worker_id, None)
-            log.info("external worker %s left", w.pid)
-        elif not w.ready.is_set():
-            self._boot_failures += 1
-            log.warning("worker %d (pid %s) exited with %s before it was ready",
-                        w.index, w.pid, w.process.returncode if w.process else None)
-            if self._boot_failures >= self.config.workers.boot_failures_max:
-                self._fail(GSSError(GSS_S_FAILURE, Minor.WORKER_BOOT_FAILED,
-                                    f"{self._boot_failures} workers in a row exited before "
-                                    f"they were ready; last exit status "
-                                    f"{w.process.returncode if w.process else None}"))
-        elif not self._stopping and w not in self.retiring:
-            log.warning("worker %d (pid %s) died with exit status %s", w.index, w.pid,
-                        w.process.returncode if w.process else None)
-        if w in self.retiring:
-            self.retiring.remove(w)
-        w.gone.set()
-        for pending in redeliver:
-            # Never queued to the dead worker: it never saw the token.  Send it elsewhere.
-            self.stats.redelivered += 1
-            log.info("redelivering handoff %d from %s (worker %s died)", pending.handoff_id,
-                     pending.peer, w.pid)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._dispatch, pending)
-        self._wake_dispatchers()
-
-    def _terminate(self, w: Worker) -> None:
-        if w.process is not None and w.process.returncode is None:
-            w.process.send_signal(signal.SIGTERM)
-
-    def _retire(self, w: Worker) -> None:
-        """The worker drains: no new handoffs; its slot is refilled at once."""
-        if w.state == "draining":
-            return
-        w.state = "draining"
-        if self.workers.get(w.index) is w:
-            self.retiring.append(w)
-            del self.workers[w.index]
-            if not self._stopping and w.index < self.target_count and self._nursery:
-                self._nursery.start_soon(self._manage_slot, w.index)
-
     def _reload(self) -> None:
         """SIGHUP: re-read the config file and what it names (server key, allow-list,
         keytab); apply it to new connections and roll the workers.  Connections in
@@ -974,42 +425,9 @@ class Daemon:
             self.spawner.reconfigure(config)
             self._log_fingerprint()
             share = worker_share(config.workers.count, self.acceptor_index, self.acceptors)
-            if share != self.target_count:
-                self._resize(share)
-        self._roll()
-
-    def _roll(self) -> None:
-        """SIGHUP: every current worker drains; fresh ones take its place."""
-        self._notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}")
-        rolled = {w.worker_id for w in self.workers.values()}
-        for w in list(self.workers.values()):
-            self._terminate(w)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._ready_after_roll, rolled)
-
-    async def _ready_after_roll(self, rolled: set[bytes]) -> None:
-        """READY=1 once every slot has a fresh, ready worker (or the drain time passed)."""
-        with trio.move_on_after(self.config.workers.drain_timeout + 10):
-            while True:
-                current = list(self.workers.values())
-                if len(current) >= self.target_count and all(
-                        w.worker_id not in rolled and w.ready.is_set() for w in current):
-                    break
-                await trio.sleep(0.02)
-        self._notify("READY=1", f"STATUS={self._status_line()}")
-
-    def _resize(self, count: int) -> None:
-        count = max(1, count)
-        old = self.target_count
-        self.target_count = count
-        log.info("resizing pool from %d to %d workers", old, count)
-        assert self._nursery is not None
-        for index in range(old, count):
-            self._nursery.start_soon(self._manage_slot, index)
-        for index in range(count, old):
-            w = self.workers.get(index)
-            if w is not None:
-                self._terminate(w)
+            if share != self.pool.target_count:
+                self.pool.resize(share)
+        self.pool.roll()
 
     # ------------------------------------------------------------------ acceptor
 
@@ -1027,522 +445,27 @@ class Daemon:
         if self.bound.activated:
             log.info("using %d socket(s) from systemd activation", len(self.listeners))
 
-    async def _out_of_fds(self, what: str, bound: socket.socket, error: OSError) -> None:
-        """accept() failed for lack of fds or memory: drop the connection at the head of
-        the backlog with the reserved fd (its client sees the connection closed) rather
-        than leave everyone behind it hanging, or wait if that cannot help."""
-        assert self._fd_reserve is not None
-        shed = error.errno in SHED_ERRNOS and self._fd_reserve.shed(bound)
-        if shed:
-            self.stats.shed += 1
-        self._throttled.log(logging.ERROR, f"{what}:{error.errno}",
-                            "%s: %s; %s", what, os.strerror(error.errno or 0),
-                            "closing new connections until fds are free" if shed
-                            else "waiting for capacity")
-        await trio.sleep(0 if shed else 0.1)
-
-    async def _accept_loop(self, listener: trio.SocketListener, bound: socket.socket,
-                           tls: bool = False) -> None:
-        assert self._nursery is not None
-        while True:
-            while self.admission.full:
-                # Every slot holds a finished handshake waiting for a worker: nothing to
-                # evict.  Newcomers wait in the listen backlog until a slot frees.
-                await self._slot_freed.wait()
-            while self.acceptors > 1 and self._workers_all_full():
-                # Several acceptors take from the same backlog: while every worker of
-                # this one holds max_unacked handoffs, leave the next connection to an
-                # acceptor whose workers have room.
-                await self._capacity.wait()
-            try:
-                stream = await listener.accept()
-            except OSError as error:
-                if error.errno in _ACCEPT_CAPACITY_ERRNOS:
-                    self.stats.accept_errors += 1
-                    await self._out_of_fds("accept", bound, error)
-                    continue
-                raise
-            except trio.ClosedResourceError:
-                return  # listener closed: we are draining
-            self.stats.accepted += 1
-            self._admit(stream, tls)
-
-    def _admit(self, stream: trio.SocketStream, tls: bool = False) -> None:
-        """Give the connection a slot (evicting the most stalled handshake if all are
-        taken), or close it at once if its source holds its share."""
-        server = self.config.server
-        source = source_of(_peer_host(stream), prefix_v4=server.source_prefix_v4,
-                           prefix_v6=server.source_prefix_v6)
-        slot, evicted = self.admission.admit(source, trio.current_time())
-        if evicted is not None:
-            self.stats.evicted += 1
-            self._throttled.log(logging.WARNING, "evicted",
-                                "every handshake slot taken: evicted a stalled handshake "
-                                "from %s for a connection from %s (%s)", evicted.source,
-                                source, Minor.HANDSHAKE_EVICTED.name)
-            victim, victim_stream = self._paces.pop(evicted)
-            victim.evict()
-            # Closed now, not when its task runs: the newcomer's fd must not come on top.
-            _abandon(victim_stream, GSSError(GSS_S_UNAVAILABLE, Minor.HANDSHAKE_EVICTED))
-        if isinstance(slot, SourceFull):
-            self.stats.refused_per_source += 1
-            self._throttled.log(logging.WARNING, "per-source",
-                                "refused a connection from %s: it holds %d handshake slots "
-                                "([server] max_handshakes_per_source, %s)", source,
-                                slot.limit, Minor.HANDSHAKE_SOURCE_LIMIT.name)
-            _abandon(stream, GSSError(GSS_S_UNAVAILABLE, Minor.HANDSHAKE_SOURCE_LIMIT))
-            return
-        pace = ConnectionPace(self.admission, slot, self._turns,
-                              first_token_timeout=server.first_token_timeout,
-                              handshake_timeout=server.handshake_timeout)
-        self._paces[slot] = (pace, stream)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._serve_client, stream, pace, tls)
-
-    def _free_slot(self, slot: Slot) -> None:
-        self.admission.release(slot)
-        self._paces.pop(slot, None)
-        self._slot_freed.set()
-        self._slot_freed = trio.Event()
-
-    async def _serve_client(self, stream: trio.SocketStream, pace: ConnectionPace,
-                            tls: bool = False) -> None:
-        """Handshake, then hand off; holds its slot until a worker has it."""
-        peer = _peer_text(stream)
-        slot = pace.slot
-        try:
-            try:
-                with pace.scope:
-                    if tls:
-                        mech, inner, peer_name = await self._tls_handshake(stream, pace)
-                    else:
-                        decoder = FrameDecoder()
-                        mechanism, context = await accept_any_handshake(
-                            stream, self.mechanisms, decoder, pace=pace)
-                        mech, peer_name = mechanism.info.seal_id, context.peer_name
-                        inner = context.export(unread=decoder.unread())
-                if pace.scope.cancelled_caught:
-                    raise self._handshake_cut_short(slot)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                raise GSSError(GSS_S_FAILURE, Minor.PEER_CLOSED) from None
-            done = time.perf_counter()
-            self.stats.handshakes_ok += 1
-            pending = Pending(next(self._handoff_ids), stream, inner, done,
-                              f"{peer} ({peer_name})", mech=mech)
-        except GSSError as error:
-            self._free_slot(slot)
-            self.stats.handshake_failures[status_name(error.major)] += 1
-            self._throttled.log(logging.INFO, f"handshake:{error.minor}",
-                                "connection from %s closed: %s", peer, error)
-            # A TLS client is told in TLS (OpenSSL's alert, sent by the handshake driver),
-            # never with a handoffd ERROR frame it could not parse.
-            answer = error.minor not in (Minor.PEER_CLOSED, Minor.HANDSHAKE_EVICTED)
-            if answer and not tls and not isinstance(error, PeerReportedError):
-                await send_error(stream, error)  # an ERROR is never answered with one
-            await stream.aclose()
-            return
-        self.admission.progress(slot, Stage.WAITING_FOR_WORKER, trio.current_time())
-        try:
-            await self._dispatch(pending)
-        finally:
-            self._free_slot(slot)
-
-    async def _tls_handshake(self, stream: trio.SocketStream,
-                             pace: ConnectionPace) -> tuple[int, bytes, str]:
-        """OpenSSL's TLS 1.3 handshake; the sealed export's mechanism, bytes and peer."""
-        assert self.tls is not None
-        handshake = self.tls.new_handshake()
-        await accept_tls_handshake(stream, handshake, pace=pace)
-        export = handshake.export()
-        return TLS.seal_id, export.encode(), str(export.peer.get("name", "anonymous"))
-
-    def _handshake_cut_short(self, slot: Slot) -> GSSError:
-        server = self.config.server
-        if slot.evicted:
-            return GSSError(GSS_S_UNAVAILABLE, Minor.HANDSHAKE_EVICTED)
-        if slot.stage == Stage.FIRST_TOKEN:
-            self.stats.first_token_timeouts += 1
-            return GSSError(GSS_S_FAILURE, Minor.FIRST_TOKEN_TIMEOUT,
-                            f"{min(server.first_token_timeout, server.handshake_timeout):g}s")
-        return GSSError(GSS_S_FAILURE, Minor.HANDSHAKE_TIMEOUT, f"{server.handshake_timeout:g}s")
-
-    def _pick_worker(self) -> Worker | None:
-        limit = self.config.workers.max_unacked
-        candidates = [w for w in (*self.workers.values(), *self.external.values())
-                      if w.state == "ready" and len(w.in_flight) < limit]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda w: (len(w.in_flight), w.handled))
-
-    def _workers_all_full(self) -> bool:
-        """Some worker is ready and none of those has room for another handoff."""
-        ready = [w for w in (*self.workers.values(), *self.external.values())
-                 if w.state == "ready"]
-        limit = self.config.workers.max_unacked
-        return bool(ready) and all(len(w.in_flight) >= limit for w in ready)
-
-    def _wake_dispatchers(self) -> None:
-        self._capacity.set()
-        self._capacity = trio.Event()
-
-    async def _dispatch(self, pending: Pending) -> None:
-        """Send a connection to the least-loaded worker; wait while all are full."""
-        assert self.parking is not None
-        send_failures = 0
-        give_up_at = trio.current_time() + self.config.workers.wait_timeout
-        while True:
-            if self._fatal is not None:
-                self._drop(pending, "the daemon is failing")
-                return
-            w = self._pick_worker()
-            if w is None:
-                if self._stopping and not self.workers:
-                    self._drop(pending, "no worker left while stopping")
-                    return
-                if not await self._wait_for_worker(give_up_at):
-                    await self._unavailable(pending)
-                    return
-                continue
-            try:
-                pending.key_ref, message = prepare_handoff(
-                    w.parking, w.worker_id, pending.handoff_id, pending.inner, self.clock(),
-                    mech=pending.mech)
-            except GSSError as error:
-                self._throttled.log(logging.WARNING, f"park:{error.minor}",
-                                    "cannot park a key for worker %s: %s", w.pid, error)
-                # An ack frees keys, but the quota may be held by someone else: retry
-                # soon, as long as the client's wait for a worker lasts.
-                if trio.current_time() >= give_up_at:
-                    await self._unavailable(pending)
-                    return
-                with trio.move_on_after(0.2):
-                    await self._capacity.wait()
-                continue
-            w.in_flight[pending.handoff_id] = pending
-            pending.deliveries += 1
-            pending.sent_at = time.monotonic()
-            try:
-                await self._send_handoff(w, pending, message)
-            except GSSError as error:
-                if (error.minor == Minor.CHANNEL_CLOSED
-                        or w.in_flight.pop(pending.handoff_id, None) is None):
-                    # Not queued: the worker is going away, and its death redelivers
-                    # what it never received (pending.sent is still False).
-                    log.warning("handoff %d to worker %s failed: %s", pending.handoff_id,
-                                w.pid, error)
-                    return
-                # A SEQPACKET datagram goes whole or not at all (ENOBUFS, ETOOMANYREFS...):
-                # the worker never saw this one.  Take it back and send it again, rather
-                # than leave it to the ACK watchdog, which would kill a healthy worker.
-                w.parking.release(w.worker_id, pending.key_ref)
-                send_failures += 1
-                if send_failures >= _SEND_ATTEMPTS:
-                    self._drop(pending, f"handoff not sent after {send_failures} tries: {error}")
-                    return
-                log.warning("handoff %d to worker %s not sent (%s): retrying",
-                            pending.handoff_id, w.pid, error)
-                self._wake_dispatchers()
-                await trio.sleep(_SEND_RETRY_DELAY * send_failures)
-                continue
-            return
-
-    async def _send_handoff(self, w: Worker, pending: Pending, message: bytes) -> None:
-        """Send one HANDOFF; when more handoffs for ``w`` are ready at the same moment,
-        one HANDOFF_BATCH carries them all (one wake-up, one sender check, one ACK_BATCH
-        in the worker).  The first dispatcher to find no send under way sends for the
-        others, which wait; each raises what its own send raised."""
-        item = Outgoing(pending, message)
-        w.outbox.append(item)
-        if w.flushing:
-            await item.done.wait()
-        else:
-            w.flushing = True
-            try:
-                if self._waiting_for_worker:
-                    # Dispatchers woken with this one (ACKs freed the window) and not run
-                    # yet: let them add their handoffs first.
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                while w.outbox:
-                    await self._flush(w, self._next_batch(w))
-            finally:
-                w.flushing = False
-                for left in w.outbox:  # only when cancelled: never sent
-                    left.error = GSSError(GSS_S_FAILURE, Minor.CHANNEL_SEND_FAILED,
-                                          "not sent: the sender was cancelled")
-                    left.done.set()
-                w.outbox.clear()
-        if item.error is not None:
-            raise item.error
-
-    def _next_batch(self, w: Worker) -> list[Outgoing]:
-        """The outbox's first handoffs, as many as one message holds."""
-        assert w.channel is not None
-        room = w.channel.max_payload - 1  # the count byte
-        taken = 0
-        while taken < min(len(w.outbox), MAX_BATCH):
-            size = batch_entry_size(w.outbox[taken].message)
-            if taken and size > room:
-                break
-            room -= size
-            taken += 1
-        batch, w.outbox[:taken] = w.outbox[:taken], []
-        return batch
-
-    async def _flush(self, w: Worker, batch: list[Outgoing]) -> None:
-        assert w.channel is not None
-        try:
-            if len(batch) == 1:
-                await w.channel.send(Kind.HANDOFF, batch[0].message,
-                                     fd=batch[0].pending.stream.socket.fileno())
-            else:
-                await w.channel.send(
-                    Kind.HANDOFF_BATCH, encode_handoff_batch([i.message for i in batch]),
-                    fds=tuple(i.pending.stream.socket.fileno() for i in batch))
-                self.stats.handoff_batches += 1
-                self.stats.batched_handoffs += len(batch)
-        except GSSError as error:
-            for item in batch:
-                item.error = error
-        else:
-            for item in batch:
-                item.pending.sent = True
-            self.stats.handoffs += len(batch)
-        finally:
-            for item in batch:
-                if item.error is None and not item.pending.sent:
-                    item.error = GSSError(GSS_S_FAILURE, Minor.CHANNEL_SEND_FAILED,
-                                          "not sent: the sender was cancelled")
-                item.done.set()
-
-    async def _wait_for_worker(self, give_up_at: float) -> bool:
-        """Wait until a worker may have room; False once ``give_up_at`` passed."""
-        if not any(w.state == "ready" for w in (*self.workers.values(),
-                                                *self.external.values())):
-            self._throttled.log(logging.WARNING, "no-worker",
-                                "no worker is ready: %d connections waiting for one",
-                                self._waiting_for_worker + 1)
-        self._waiting_for_worker += 1
-        try:
-            with trio.move_on_at(give_up_at):
-                await self._capacity.wait()
-                return True
-            return False
-        finally:
-            self._waiting_for_worker -= 1
-
-    async def _unavailable(self, pending: Pending) -> None:
-        """``[workers] wait_timeout`` passed with no worker taking the connection."""
-        self.stats.unavailable += 1
-        self._throttled.log(logging.WARNING, "unavailable",
-                            "connection %s closed: no worker took it within %gs "
-                            "([workers] wait_timeout, %s)", pending.peer,
-                            self.config.workers.wait_timeout, Minor.NO_WORKER_AVAILABLE.name)
-        pending.inner = b""
-        await send_error(pending.stream, GSSError(GSS_S_UNAVAILABLE, Minor.NO_WORKER_AVAILABLE))
-        self._close_copy(pending)
-
-    def _drop(self, pending: Pending, why: str) -> None:
-        self.stats.lost += 1
-        log.error("connection %s dropped: %s", pending.peer, why)
-        pending.inner = b""
-        self._close_copy(pending)
-
     # ------------------------------------------------------------------ operations
 
     async def _start_operations(self, nursery: trio.Nursery) -> None:
-        await nursery.start(self._serve_operations)
+        await nursery.start(operations.serve_operations, self)
         if self.notifier is not None and self._watchdog_period:
-            nursery.start_soon(self._watchdog, self._watchdog_period)
-
-    async def _serve_operations(self, *,
-                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                                ) -> None:
-        from handoffd.runtime import control
-
-        assert self.bound is not None
-        with self._operations:
-            async with trio.open_nursery() as nursery:
-                if self.acceptor_index != 0:
-                    # Acceptor 0 serves these sockets for the whole set and asks this one
-                    # for its figures over the supervisor's socketpair.
-                    if self._peer_fd is not None:
-                        nursery.start_soon(self._answer_peer, self._peer_fd)
-                        self._peer_fd = None
-                    task_status.started()
-                    return
-                if self.bound.register is not None:
-                    await nursery.start(self._serve_registrations, self.bound.register)
-                if self.bound.control is not None:
-                    await nursery.start(control.serve_control, self, self.bound.control,
-                                        self.control_stats)
-                if self.bound.metrics is not None:
-                    await nursery.start(control.serve_metrics, self, self.bound.metrics,
-                                        self.metrics_stats)
-                task_status.started()
-
-    async def _watchdog(self, period: float) -> None:
-        assert self.notifier is not None
-        while True:
-            self.notifier.watchdog()
-            self.notifier.status(self._status_line())
-            await trio.sleep(period)
+            nursery.start_soon(operations.systemd_watchdog, self, self._watchdog_period)
 
     def _notify(self, *fields: str) -> None:
         if self.notifier is not None:
             self.notifier.notify(*fields)
 
     def _status_line(self) -> str:
-        ready = sum(1 for w in self.workers.values() if w.state == "ready")
-        return (f"{ready}/{self.target_count} workers ready, {self.stats.acked} handoffs, "
-                f"{sum(self.stats.handshake_failures.values())} handshake failures")
+        return operations.status_line(self)
 
     async def gathered_snapshot(self) -> dict[str, Any]:
-        """What ``handoffd status`` and the metrics show: this acceptor's
-        :meth:`snapshot`, and with several acceptors (this one is acceptor 0) every
-        other's, asked over the supervisor's socketpairs and merged
-        (:func:`merge_snapshots`).  An acceptor that does not answer within a second
-        (starting, dead, stuck) is listed as ``unreachable`` and counted in nothing."""
-        own = self.snapshot()
-        others: dict[int, dict[str, Any] | None] = {
-            index: None for index in range(1, self.acceptors)}
-        if self.acceptors > 1:
-            async with trio.open_nursery() as nursery:
-                async def ask(index: int) -> None:
-                    others[index] = await self._ask_peer(index)
-
-                for index in others:
-                    nursery.start_soon(ask, index)
-        return merge_snapshots(own, list(self.stats.latencies), others)
-
-    def _add_peer(self, index: int, fd: int) -> None:
-        """The supervisor's PEER: the socket to ask acceptor ``index`` for its figures
-        (a replacement acceptor's replaces the dead one's)."""
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            os.close(fd)
-            return
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET \
-                or not 0 < index < self.acceptors:
-            log.error("supervisor sent an unusable status socket for acceptor %d", index)
-            sock.close()
-            return
-        old = self._peers.pop(index, None)
-        if old is not None:
-            old.sock.close()
-        self._peers[index] = _Peer(trio.socket.from_stdlib_socket(sock))
-
-    async def _ask_peer(self, index: int) -> dict[str, Any] | None:
-        peer = self._peers.get(index)
-        if peer is None:
-            return None
-        async with peer.lock:
-            peer.sequence += 1
-            tag = peer.sequence.to_bytes(8, "big")
-            with trio.move_on_after(_PEER_TIMEOUT):
-                try:
-                    await peer.sock.send(_PEER_ASK + tag)
-                    while True:
-                        data = await peer.sock.recv(_PEER_MAX)
-                        if not data:
-                            return None
-                        if data[:8] == tag:  # an answer to an earlier, abandoned ask: skip
-                            report: dict[str, Any] = json.loads(data[8:])
-                            return report
-                except (OSError, ValueError, trio.ClosedResourceError):
-                    return None
-        return None
-
-    async def _answer_peer(self, fd: int) -> None:
-        """Acceptor ``index`` > 0: answer acceptor 0's asks with this one's snapshot and
-        recent handoff latencies, until the socket ends or the operations stop."""
-        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
-        with sock:
-            while True:
-                try:
-                    data = await sock.recv(64)
-                except OSError:
-                    return
-                if not data:
-                    return
-                if len(data) != len(_PEER_ASK) + 8 or not data.startswith(_PEER_ASK):
-                    continue
-                report = {"snapshot": self.snapshot(),
-                          "latencies_us": [round(x * 1e6, 1) for x in self.stats.latencies]}
-                with contextlib.suppress(OSError):
-                    await sock.send(data[len(_PEER_ASK):] + json.dumps(report).encode())
+        """What ``handoffd status`` and the metrics show (:mod:`.operations`)."""
+        return await operations.gathered_snapshot(self)
 
     def snapshot(self) -> dict[str, Any]:
-        """This acceptor's part of what ``handoffd status`` shows, as plain data (all of
-        it with one acceptor; see :meth:`gathered_snapshot`)."""
-        workers = [*self.workers.values(), *self.retiring, *self.external.values()]
-        return {
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.stats.started, 3),
-            "state": "stopping" if self._stopping else "running",
-            "key_parking": self.parking.mode if self.parking else None,
-            "privilege_separation": self.privsep,
-            "listen": [show_address(h, p) for h, p in self.addresses],
-            "tls_listen": [show_address(h, p) for h, p in self.tls_addresses],
-            "workers": [
-                {
-                    "index": w.index,
-                    "pid": w.pid,
-                    "uid": getattr(w.process, "uid", None),
-                    "state": w.state,
-                    "in_flight": len(w.in_flight),
-                    "handled": w.handled,
-                    "active": w.active,
-                    "restarts": self.restarts[w.index],
-                    "external": w.external,
-                    "acceptor": self.acceptor_index,
-                }
-                for w in sorted(workers, key=lambda w: (w.index, w.started))
-            ],
-            "totals": {
-                "accepted": self.stats.accepted,
-                "handshakes_ok": self.stats.handshakes_ok,
-                "handoffs": self.stats.handoffs,
-                "handoff_batches": self.stats.handoff_batches,
-                "batched_handoffs": self.stats.batched_handoffs,
-                "ack_batches": self.stats.ack_batches,
-                "acked": self.stats.acked,
-                "redelivered": self.stats.redelivered,
-                "died_after_claim": self.stats.died_after_claim,
-                "died_unclaimed": self.stats.died_unclaimed,
-                "lost": self.stats.lost,
-                "worker_restarts": self.stats.worker_restarts,
-                "accept_errors": self.stats.accept_errors,
-                "registrations_refused": self.registrations_refused,
-                "shed": self.stats.shed,
-                "control_busy_refused": self.control_stats.busy_refused,
-                "control_accept_errors": self.control_stats.accept_errors,
-                "metrics_busy_refused": self.metrics_stats.busy_refused,
-                "metrics_accept_errors": self.metrics_stats.accept_errors,
-                "refused_per_source": self.stats.refused_per_source,
-                "evicted": self.stats.evicted,
-                "first_token_timeouts": self.stats.first_token_timeouts,
-                "unavailable": self.stats.unavailable,
-                "sessions_closed": self.stats.sessions_ended["closed"],
-                "sessions_app_error": self.stats.sessions_ended["app_error"],
-                "sessions_peer_error": self.stats.sessions_ended["peer_error"],
-                "sessions_cut_at_drain": self.stats.sessions_ended["cut_at_drain"],
-                "sessions_lost_with_worker": self.stats.sessions_ended["lost_with_worker"],
-                "session_reports_refused": self.stats.session_reports_refused,
-            },
-            "sessions_active": sum(w.active for w in workers if w.state != "dead"),
-            "handshake_slots": {
-                "capacity": self.admission.capacity,
-                "first_token": self.admission.count(Stage.FIRST_TOKEN),
-                "handshake": self.admission.count(Stage.HANDSHAKE),
-                "waiting_for_worker": self.admission.count(Stage.WAITING_FOR_WORKER),
-            },
-            "waiting_for_worker": self._waiting_for_worker,
-            "handshake_failures": dict(self.stats.handshake_failures),
-            "refused_by_worker": dict(self.stats.refused_by_worker),
-            "handoff_latency_us": self.stats.latency_quantiles(),
-            "handoff_latency_seconds": self.stats.latency_summary(),
-        }
+        """This acceptor's part of what ``handoffd status`` shows (:mod:`.operations`)."""
+        return operations.snapshot(self)
 
 
 def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
@@ -1552,44 +475,3 @@ def spawn_worker(parking: AcceptorParking, worker_id: bytes, app: str,
     benchmarks; the daemon goes through its spawner).  See :func:`spawn_local`."""
     argv = [sys.executable, "-m", "handoffd.runtime.worker_process", "--app", app, *(args or [])]
     return spawn_local(parking, worker_id, argv, credentials=credentials)
-
-
-def prepare_handoff(parking: AcceptorParking, worker_id: bytes, handoff_id: int, inner: bytes,
-                    now: float, *, mech: int = MECH_NOISE) -> tuple[bytes, bytes]:
-    """Park a fresh key for ``worker_id``, seal the exported context with it.
-
-    Returns ``(key_ref, HANDOFF payload)``.  The key itself goes only into the
-    worker's keyring; the payload carries its reference and the sealed state.
-    ``mech`` is the seal id of the context's mechanism (:mod:`handoffd.mech`),
-    authenticated in the sealed token's header; the worker imports by it.
-    """
-    key_ref, key = parking.park(worker_id)
-    sealed = seal(key, plaintext=inner, mech=mech, worker_id=worker_id,
-                  expires_at=int(now + SEAL_LIFETIME), nonce=os.urandom(12))
-    return key_ref, Handoff(handoff_id, key_ref, sealed).encode()
-
-
-def _peer_host(stream: trio.SocketStream) -> str:
-    try:
-        address = stream.socket.getpeername()
-    except OSError:
-        return "unknown peer"
-    return str(address[0]) if isinstance(address, tuple) else str(address)
-
-
-def _abandon(stream: trio.SocketStream, error: GSSError) -> None:
-    """Close a connection now, telling the client why if its socket buffer takes the
-    13-byte ERROR frame without waiting (it always does on a fresh connection)."""
-    frame = encode_frame(FrameType.ERROR, encode_error(error.major, error.minor))
-    with contextlib.suppress(OSError):
-        os.write(stream.socket.fileno(), frame)
-    stream.socket.close()
-
-
-def _peer_text(stream: trio.SocketStream) -> str:
-    try:
-        address = stream.socket.getpeername()
-    except OSError:
-        return "unknown peer"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

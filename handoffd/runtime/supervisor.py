@@ -60,6 +60,7 @@ from handoffd.kernel.privileges import can_switch_users
 from handoffd.kernel.systemd import Notifier, watchdog_interval
 from handoffd.minor import Minor
 from handoffd.runtime.binding import ENV_BOUND, BoundSockets, bind_all
+from handoffd.runtime.changes import Changes
 from handoffd.runtime.process import ChildProcess
 from handoffd.runtime.spawner import child_environment, worker_command
 from handoffd.runtime.supervisor_link import SupervisorLink
@@ -276,6 +277,8 @@ class Supervisor:
     _stop_statuses: list[int] = field(default_factory=list)
     _backoff: dict[int, float] = field(default_factory=dict)
     _resize_turn: int = 0
+    _changed: Changes = field(default_factory=Changes)
+    """A worker or an acceptor came or went (what :meth:`_orphans` reads)."""
 
     def __post_init__(self) -> None:
         self._pool = (UidPool(*self.plan.worker_range) if self.plan.worker_range else None)
@@ -381,8 +384,7 @@ class Supervisor:
             acceptor.child.send_signal(signal.SIGTERM)
             await acceptor.exited.wait()
         with trio.move_on_after(self.config.workers.drain_timeout + 2):
-            while self._orphans():
-                await trio.sleep(0.05)
+            await self._changed.wait_until(lambda: not self._orphans())
 
     def _orphans(self) -> list[Supervised]:
         """Workers whose acceptor handed over (or died): they serve their sessions alone."""
@@ -398,6 +400,7 @@ class Supervisor:
         log.info("acceptor started (pid %d, uid %d%s)", acceptor.child.pid, plan.acceptor[0],
                  f", acceptor {index} of {count}" if count > 1 else "")
         self._acceptors[acceptor.serial] = acceptor
+        self._changed.notify()
         nursery.start_soon(self._run_acceptor, acceptor, nursery)
         siblings = [a for a in self._acceptors.values()
                     if a.generation == generation and not a.exited.is_set()]
@@ -428,6 +431,7 @@ class Supervisor:
             acceptor.peer_end.close()
             acceptor.peer_end = None
         del self._acceptors[acceptor.serial]
+        self._changed.notify()
         acceptor.exited.set()
         if self._is_serving(acceptor):
             self._serving_exits.send_nowait(acceptor)
@@ -569,6 +573,7 @@ class Supervisor:
         worker = Supervised(request.worker_id, child, credentials[0], pool is not None,
                             acceptor.serial, pool)
         self.workers[request.worker_id] = worker
+        self._changed.notify()
         nursery.start_soon(self._reap, worker)
         return supervision.Spawned(request.worker_id, child.pid, credentials[0])
 
@@ -576,6 +581,7 @@ class Supervisor:
         status = await worker.child.wait()
         await self._kill_remains(worker)
         self.workers.pop(worker.worker_id, None)
+        self._changed.notify()
         if worker.pool is not None:
             worker.pool.give_back(worker.uid)
         acceptor = self._acceptors.get(worker.acceptor)
