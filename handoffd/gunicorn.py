@@ -25,6 +25,7 @@ import sys
 import trio
 from gunicorn.workers.base import Worker
 
+from handoffd import environment
 from handoffd.minor import Minor
 from handoffd.runtime.web import serve_web
 from handoffd.runtime.worker import HandoffReceiver
@@ -32,9 +33,9 @@ from handoffd.status import GSS_S_FAILURE, GSSError
 
 __all__ = ["ENV_ACCEPTOR_UID", "ENV_REGISTER_SOCKET", "HandoffWorker"]
 
-ENV_REGISTER_SOCKET = "HANDOFFD_REGISTER_SOCKET"
+ENV_REGISTER_SOCKET = environment.REGISTER_SOCKET
 """The running handoffd's ``[workers] register_socket``."""
-ENV_ACCEPTOR_UID = "HANDOFFD_ACCEPTOR_UID"
+ENV_ACCEPTOR_UID = environment.ACCEPTOR_UID
 """The acceptor's uid (``[server] user``): only a listener of that uid is trusted."""
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
+from handoffd import environment
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_FAILURE, GSSError
 
@@ -59,8 +60,8 @@ __all__ = [
 MAX_MESSAGE: Final = 8192
 WORKER_ID_SIZE: Final = 16
 ALLOWED_GRANT: Final = frozenset({
-    "HANDOFFD_PARKING_MODE", "HANDOFFD_PARKING_KEYRING", "HANDOFFD_PARKING_SLOTS",
-    "HANDOFFD_PARKING_WORKER",
+    environment.PARKING_MODE, environment.PARKING_KEYRING, environment.PARKING_SLOTS,
+    environment.PARKING_WORKER,
 })
 """The only variables a SPAWN may set in the worker's environment (the grant pipe's fd
 number is the supervisor's to set)."""

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
+from handoffd import environment
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_DEFECTIVE_TOKEN, GSS_S_FAILURE, GSSError
 
@@ -34,11 +35,11 @@ KEYRING: Final = "keyring"
 FALLBACK: Final = "fallback"
 
 # The grant's environment (never argv; the fallback secret itself goes through a pipe).
-ENV_MODE: Final = "HANDOFFD_PARKING_MODE"
-ENV_KEYRING: Final = "HANDOFFD_PARKING_KEYRING"
-ENV_FD: Final = "HANDOFFD_PARKING_FD"
-ENV_SLOTS: Final = "HANDOFFD_PARKING_SLOTS"
-ENV_WORKER: Final = "HANDOFFD_PARKING_WORKER"
+ENV_MODE: Final = environment.PARKING_MODE
+ENV_KEYRING: Final = environment.PARKING_KEYRING
+ENV_FD: Final = environment.PARKING_FD
+ENV_SLOTS: Final = environment.PARKING_SLOTS
+ENV_WORKER: Final = environment.PARKING_WORKER
 
 # --- key references -------------------------------------------------------------------------
 

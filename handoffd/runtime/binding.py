@@ -22,12 +22,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from handoffd import environment
 from handoffd.config import Config, parse_address
 from handoffd.kernel.systemd import listen_fds
 from handoffd.minor import Minor
 from handoffd.status import GSS_S_FAILURE, GSSError
 
-ENV_BOUND = "HANDOFFD_BOUND"
+ENV_BOUND = environment.BOUND
 """``role=fd,...`` (roles ``listen``, ``tls``, ``control``, ``metrics``, ``register``), set
 by the supervisor for the acceptor."""
 

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import trio
 
+from handoffd import environment
 from handoffd.config import Config
 from handoffd.core import supervision
 from handoffd.core.handoff import BATCH_KINDS, FD_KINDS
@@ -39,8 +40,8 @@ from handoffd.status import GSS_S_FAILURE, GSSError
 log = logging.getLogger("handoffd.acceptor")
 
 _SCRUBBED_PREFIXES = ("LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET", "HANDOFFD_PARKING_",
-                      "HANDOFFD_BOUND", "HANDOFFD_SUPERVISOR", ENV_CHANNEL_FD, ENV_WORKER_ID,
-                      ENV_ACCEPTOR_PID)
+                      environment.BOUND, "HANDOFFD_SUPERVISOR", environment.WATCHDOG_USEC,
+                      environment.CHANNEL_FD, environment.WORKER_ID, environment.ACCEPTOR_PID)
 
 
 def worker_command(config: Config) -> list[str]:

@@ -44,6 +44,7 @@ from typing import Any
 
 import trio
 
+from handoffd import environment
 from handoffd.config import (
     BOUND_SOCKETS,
     Config,
@@ -69,12 +70,12 @@ from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError
 
 log = logging.getLogger("handoffd.supervisor")
 
-ENV_SUPERVISOR_FD = "HANDOFFD_SUPERVISOR_FD"
-ENV_SUPERVISOR_PID = "HANDOFFD_SUPERVISOR_PID"
-ENV_WATCHDOG_USEC = "HANDOFFD_WATCHDOG_USEC"
-ENV_SUPERVISOR_ACCEPTOR = "HANDOFFD_SUPERVISOR_ACCEPTOR"
+ENV_SUPERVISOR_FD = environment.SUPERVISOR_FD
+ENV_SUPERVISOR_PID = environment.SUPERVISOR_PID
+ENV_WATCHDOG_USEC = environment.WATCHDOG_USEC
+ENV_SUPERVISOR_ACCEPTOR = environment.SUPERVISOR_ACCEPTOR
 """``index/count``: which of the ``[server] acceptors`` this acceptor is."""
-ENV_SUPERVISOR_PEER_FD = "HANDOFFD_SUPERVISOR_PEER_FD"
+ENV_SUPERVISOR_PEER_FD = environment.SUPERVISOR_PEER_FD
 """For acceptor ``index`` > 0: its end of the status socketpair with acceptor 0."""
 _KILL_ALL = "import os\ntry:\n    os.kill(-1, 9)\nexcept OSError:\n    pass\n"
 _FORWARDED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
@@ -537,7 +538,7 @@ class Supervisor:
 
     def _start_worker(self, acceptor: _Acceptor, request: supervision.Spawn, fds: list[int],
                       nursery: trio.Nursery) -> supervision.Spawned:
-        fallback = request.grant.get("HANDOFFD_PARKING_MODE") == FALLBACK
+        fallback = request.grant.get(environment.PARKING_MODE) == FALLBACK
         if len(fds) != (2 if fallback else 1) or request.worker_id in self.workers:
             raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "SPAWN with the wrong fds")
         channel = socket.socket(fileno=os.dup(fds[0]))

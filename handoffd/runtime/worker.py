@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 import trio
 from trio._util import ConflictDetector
 
+from handoffd import environment
 from handoffd.core.framing import FrameDecoder
 from handoffd.core.handoff import (
     BATCH_KINDS,
@@ -70,9 +71,9 @@ from handoffd.status import GSS_S_FAILURE, GSS_S_UNAUTHORIZED, GSS_S_UNAVAILABLE
 
 log = logging.getLogger("handoffd.worker")
 
-ENV_CHANNEL_FD = "HANDOFFD_CHANNEL_FD"
-ENV_WORKER_ID = "HANDOFFD_WORKER_ID"
-ENV_ACCEPTOR_PID = "HANDOFFD_ACCEPTOR_PID"
+ENV_CHANNEL_FD = environment.CHANNEL_FD
+ENV_WORKER_ID = environment.WORKER_ID
+ENV_ACCEPTOR_PID = environment.ACCEPTOR_PID
 
 _HANDOFF_KINDS = frozenset({Kind.HANDOFF, Kind.HANDOFF_BATCH})
 
