@@ -622,7 +622,11 @@ class Supervisor:
     async def _watch_signals(self, signals: Any, nursery: trio.Nursery) -> None:
         async for signum in signals:
             if signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("received %s: the acceptors drain", signal.Signals(signum).name)
+                # One line as before for the one acceptor of the default (operators and
+                # make test-docker read it), the count when there are several.
+                count = self.config.server.acceptors
+                log.info("received %s: %s", signal.Signals(signum).name,
+                         "the acceptor drains" if count == 1 else f"the {count} acceptors drain")
                 self._stopping = True
                 if self._notifier is not None:
                     self._notifier.notify("STOPPING=1")

@@ -36,7 +36,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, replace
 
 import trio
-from trio._util import ConflictDetector
 
 from handoffd import environment
 from handoffd.core.framing import FrameDecoder
@@ -381,7 +380,7 @@ class HandoffReceiver:
         return imported, Ack(handoff_id)
 
     def _stream(self, imported: _Imported, message: Received) -> SecureStream | TlsStream:
-        transport = _socket_stream(trio.socket.from_stdlib_socket(imported.sock))
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(imported.sock))
         handoff_id = imported.handoff_id
         if imported.tls is not None:
             return self._tls_stream(transport, imported.tls, handoff_id, message)
@@ -481,23 +480,6 @@ class HandoffReceiver:
     def close(self) -> None:
         """Close the channel; the acceptor sees this worker leave."""
         self.channel.close()
-
-
-_SEND_CONFLICT = "another task is currently sending data on this SocketStream"  # trio's words
-
-
-def _socket_stream(sock: trio.socket.SocketType) -> trio.SocketStream:
-    """``trio.SocketStream(sock)`` without its two ``setsockopt`` calls (``TCP_NODELAY``,
-    ``TCP_NOTSENT_LOWAT``): the acceptor's own ``trio.SocketStream`` already set both on
-    this very socket (``SCM_RIGHTS`` passes the open socket, and options belong to it).
-    What ``__init__`` leaves besides is the socket and a fresh conflict detector;
-    ``tests/test_worker_library.py`` checks this builds the same object as trio does.
-    trio's check that ``sock`` is a ``SOCK_STREAM`` is left to ``tcp_stream_socket``,
-    which refused anything else before the handoff was imported."""
-    stream: trio.SocketStream = object.__new__(trio.SocketStream)
-    stream.socket = sock
-    stream._send_conflict_detector = ConflictDetector(_SEND_CONFLICT)
-    return stream
 
 
 def _label_set(labels: Iterable[bytes | str] | None) -> frozenset[bytes] | None:
