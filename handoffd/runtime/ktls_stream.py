@@ -33,9 +33,7 @@ from handoffd.core.tls_record import (
     HANDSHAKE,
     MAX_PLAINTEXT,
     AlertDescription,
-    ApplicationData,
     KeyUpdated,
-    PeerClosed,
     TlsAlert,
     TlsRecordSession,
 )
@@ -135,13 +133,6 @@ class KernelTlsStream(TlsStream):
         self._where = _Where.KERNEL
         self.info["ktls"] = True
 
-    def _apply(self, events: list[ApplicationData | PeerClosed | KeyUpdated]) -> None:
-        for event in events:
-            if isinstance(event, ApplicationData):
-                self._plain += event.data
-            elif isinstance(event, PeerClosed):
-                self._eof = True
-
     # --- the stream -----------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -183,10 +174,7 @@ class KernelTlsStream(TlsStream):
             self._apply(events)
             if any(isinstance(event, KeyUpdated) for event in events):
                 await self._on_peer_key_update()
-        size = len(self._plain) if max_bytes is None else min(max_bytes, len(self._plain))
-        data = bytes(self._plain[:size])
-        del self._plain[:size]
-        return data
+        return self._take(max_bytes)
 
     def _receive_error(self, error: OSError) -> GSSError:
         alert, why = _RECEIVE_ERRORS.get(error.errno or 0, (None, ""))

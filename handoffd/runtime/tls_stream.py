@@ -23,6 +23,7 @@ from handoffd.core.tls_keys import suite_by_code
 from handoffd.core.tls_record import (
     AlertDescription,
     ApplicationData,
+    Event,
     PeerClosed,
     TlsAlert,
     TlsRecordSession,
@@ -137,16 +138,24 @@ class TlsStream(trio.abc.Stream):
                         Minor.STREAM_TRUNCATED,
                         "connection closed before close_notify",
                     )
-            for event in self.session.receive_data(chunk):
-                if isinstance(event, ApplicationData):
-                    self._plain += event.data
-                elif isinstance(event, PeerClosed):
-                    self._eof = True
+            self._apply(self.session.receive_data(chunk))
             if self.session.owes_key_update:
                 # the peer asked for our KeyUpdate: send it now, not only with our next data
                 async with self._send_lock:
                     if self.session.owes_key_update and not self.session.closed:
                         await self.transport.send_all(self.session.send(b""))
+        return self._take(max_bytes)
+
+    def _apply(self, events: list[Event]) -> None:
+        """Plaintext into the read buffer; close_notify marks the end of stream."""
+        for event in events:
+            if isinstance(event, ApplicationData):
+                self._plain += event.data
+            elif isinstance(event, PeerClosed):
+                self._eof = True
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        """Up to ``max_bytes`` (all, for None) of the plaintext read so far."""
         size = len(self._plain) if max_bytes is None else min(max_bytes, len(self._plain))
         data = bytes(self._plain[:size])
         del self._plain[:size]
