@@ -127,15 +127,12 @@ def _install() -> None:
 
     receiver._send = send  # type: ignore[method-assign]
 
-    if hasattr(worker, "_socket_stream"):  # the library's own, leaner construction
-        worker._socket_stream = _timed("socket_stream", worker._socket_stream)
-    else:
-        # trio.SocketStream is final: the worker module gets a copy of trio's namespace
-        # whose SocketStream is a timed factory (trio itself, isinstance checks untouched).
-        worker_trio = types.ModuleType("trio")
-        worker_trio.__dict__.update(trio.__dict__)
-        worker_trio.SocketStream = _timed("socket_stream", trio.SocketStream)  # type: ignore[attr-defined]
-        worker.trio = worker_trio  # type: ignore[attr-defined]
+    # trio.SocketStream is final: the worker module gets a copy of trio's namespace whose
+    # SocketStream is a timed factory (trio itself, isinstance checks untouched).
+    worker_trio = types.ModuleType("trio")
+    worker_trio.__dict__.update(trio.__dict__)
+    worker_trio.SocketStream = _timed("socket_stream", trio.SocketStream)  # type: ignore[attr-defined]
+    worker.trio = worker_trio  # type: ignore[attr-defined]
 
     class SecureStream(worker.SecureStream):
         def __init__(self, *args: Any, **kwargs: Any) -> None:

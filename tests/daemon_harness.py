@@ -269,15 +269,20 @@ def shared_dir(directory: Path) -> Path:
 
 
 async def echo_back(stream: SecureStream, message: bytes) -> bytes:
-    """Send ``message`` and read as many bytes back (an echo app's answer)."""
+    """Send ``message`` and read as many bytes back (an echo app's answer), then close."""
     async with stream:
-        await stream.send_all(message)
-        echoed = b""
-        while len(echoed) < len(message):
-            chunk = await stream.receive_some(64)
-            assert chunk, "closed before the echo came back"
-            echoed += chunk
-        return echoed
+        return await echo_on(stream, message)
+
+
+async def echo_on(stream: Any, message: bytes) -> bytes:
+    """Send ``message`` on an open session and read as many bytes back; it stays open."""
+    await stream.send_all(message)
+    echoed = b""
+    while len(echoed) < len(message):
+        chunk = await stream.receive_some(64)
+        assert chunk, "closed before the echo came back"
+        echoed += chunk
+    return echoed
 
 
 def tls_config(directory: Path, alpn: str = '["h2", "http/1.1"]') -> tuple[str, dict[str, Path],

@@ -28,6 +28,7 @@ from handoffd.status import GSSError
 from tests.daemon_harness import (
     REPO,
     RunningDaemon,
+    echo_on,
     echo_session,
     owner_of,
     read_line,
@@ -353,17 +354,6 @@ def _free_port() -> int:
         return port
 
 
-async def _echo(stream: Any, message: bytes) -> bytes:
-    """Send ``message`` on an open session and read as many bytes back."""
-    await stream.send_all(message)
-    echoed = b""
-    while len(echoed) < len(message):
-        chunk = await stream.receive_some(64)
-        assert chunk, "closed before the echo came back"
-        echoed += chunk
-    return echoed
-
-
 @supervised
 @pytest.mark.parametrize("index", [1, 0])
 async def test_sigkill_to_one_acceptor_loses_no_handed_off_session_and_it_is_replaced(
@@ -394,7 +384,7 @@ async def test_sigkill_to_one_acceptor_loses_no_handed_off_session_and_it_is_rep
         await _wait_log(log, "ACCEPTOR_DIED")
         # Every session handed off before, on either acceptor's workers, goes on.
         for stream, _ in sessions:
-            assert await _echo(stream, b"after the kill") == b"after the kill"
+            assert await echo_on(stream, b"after the kill") == b"after the kill"
         # The daemon keeps serving meanwhile and a new acceptor takes the place.
         with trio.fail_after(60):
             for _ in range(8):
@@ -409,7 +399,7 @@ async def test_sigkill_to_one_acceptor_loses_no_handed_off_session_and_it_is_rep
         assert status["acceptors"][1 - index]["pid"] == survivor
         # The dead acceptor's workers still serve their sessions, alone.
         for stream, _ in sessions:
-            assert await _echo(stream, b"still") == b"still"
+            assert await echo_on(stream, b"still") == b"still"
             await stream.aclose()
         assert status["totals"]["lost"] == 0
     finally:
