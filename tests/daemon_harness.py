@@ -260,9 +260,9 @@ def set_nofile(pid: int, soft: int, hard: int | None = None) -> tuple[int, int]:
     return old
 
 
-def shared_dir(directory: Path) -> Path:
-    """``directory/shared``, writable by every uid (sticky): for files the workers write."""
-    path = directory / "shared"
+def drop_dir(directory: Path) -> Path:
+    """``directory/drop``, writable by every uid (sticky): for files the workers write."""
+    path = directory / "drop"
     path.mkdir(exist_ok=True)
     os.chmod(path, 0o1777)
     return path

@@ -34,10 +34,10 @@ from tests.daemon_harness import (
     SYSTEM_PYTHON,
     RunningDaemon,
     _fingerprint,
+    drop_dir,
     echo_session,
     pipelined_client,
     set_nofile,
-    shared_dir,
     start_daemon,
     write_config,
 )
@@ -110,7 +110,7 @@ async def test_worker_killed_at_each_point_of_a_handoff(tmp_path: Path, point: s
     The acceptor counts it by what the key slot shows -- claimed (burned) or not -- and
     neither as lost nor as redelivered; killed after its ACK the connection was simply
     that worker's.  The daemon goes on serving, and no fd is left behind."""
-    marker = shared_dir(tmp_path) / "paused.pid"
+    marker = drop_dir(tmp_path) / "paused.pid"
     daemon = await start_daemon(
         tmp_path, workers=2, app=FAULT_APP, extra="[workers]\nack_timeout = 60",
         env={"HANDOFFD_TEST_FAULT": point, "HANDOFFD_TEST_FAULT_ONCE": str(marker)})
@@ -381,7 +381,7 @@ async def test_acceptor_killed_mid_handoff_the_worker_still_serves_the_client(
     """The acceptor dies between HANDOFF and ACK (the worker is stopped before claiming):
     the worker claims, imports and fails to acknowledge (channel gone, logged), then
     serves the client it holds, pipelined bytes included, and exits once it is done."""
-    marker = shared_dir(tmp_path) / "paused.pid"
+    marker = drop_dir(tmp_path) / "paused.pid"
     daemon = await start_daemon(
         tmp_path, workers=1, app=FAULT_APP,
         env={"HANDOFFD_TEST_FAULT": "before-claim", "HANDOFFD_TEST_FAULT_ONCE": str(marker)})

@@ -314,23 +314,23 @@ async def test_hostile_worker_cannot_reach_another_workers_key_slots(tmp_path: P
 
 async def test_withheld_ack_with_detached_child_never_gets_a_second_import(
         tmp_path: Path, open_dir: Path) -> None:
-    shared = open_dir / "shared"
-    shared.mkdir()
-    shared.chmod(0o1777)  # worker uids write their pid files here
+    drop = open_dir / "drop"
+    drop.mkdir()
+    drop.chmod(0o1777)  # worker uids write their pid files here
     daemon = await start_daemon(tmp_path, workers=2, app=APP, log=_log(tmp_path),
                                 extra="[workers]\nack_timeout = 1.0",
-                                env={"HANDOFFD_TEST_WITHHOLD_DIR": str(shared)})
+                                env={"HANDOFFD_TEST_WITHHOLD_DIR": str(drop)})
     try:
         with trio.fail_after(60):
             stream = await daemon.connect()
             seen: dict[str, int] = {}
 
             async def watch_grandchild() -> None:
-                pid_file = shared / "grandchild.pid"
+                pid_file = drop / "grandchild.pid"
                 while not pid_file.exists():
                     await trio.sleep(0.01)
                 seen["grandchild"] = int(pid_file.read_text())
-                seen["worker"] = int((shared / "withheld").read_text())
+                seen["worker"] = int((drop / "withheld").read_text())
                 with contextlib.suppress(AssertionError, OSError):
                     seen["grandchild_uid"] = _uid_of(seen["grandchild"])
                     seen["worker_uid"] = _uid_of(seen["worker"])
