@@ -227,7 +227,8 @@ def _attack_keys(serials: list[int], worker_id: str) -> dict[str, Any]:
         _, error = _keyctl(KEYCTL_REVOKE, serial)
         outcome["revoke"] = error or "revoked"
         per_key[str(serial)] = outcome
-    joined, error = _keyctl(KEYCTL_JOIN_SESSION_KEYRING, f"hd:{worker_id}".encode())
+    name = f"hd:{worker_id}:{os.environ['HANDOFFD_ACCEPTOR_PID']}"  # parking's keyring name
+    joined, error = _keyctl(KEYCTL_JOIN_SESSION_KEYRING, name.encode())
     return {"keys": per_key, "joined_by_name": error or joined, "visible": _proc_keys()}
 
 

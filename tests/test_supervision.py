@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -30,6 +31,10 @@ WID = bytes(range(16))
     supervision.Exited(WID, -9),
     supervision.Signal(WID, 15),
     supervision.Notify(("READY=1", "STATUS=4/4 workers ready")),
+    supervision.Attach(WID),
+    supervision.Guest(WID, {"HANDOFFD_PARKING_MODE": "fallback",
+                            "HANDOFFD_PARKING_SLOTS": "8"}),
+    supervision.Guest(WID, {}),
 ])
 def test_every_message_round_trips(message: supervision.Message) -> None:
     assert supervision.decode(message.encode()) == message
@@ -45,6 +50,10 @@ def test_every_message_round_trips(message: supervision.Message) -> None:
     (bytes([supervision.SigKind.NOTIFY]) + b"MAINPID=1", "not allowed"),
     (bytes([supervision.SigKind.NOTIFY]) + b"FDSTORE=1", "not allowed"),
     (bytes([supervision.SigKind.SPAWNED]) + WID, "malformed"),
+    (bytes([supervision.SigKind.GUEST]) + WID + b'{"LD_PRELOAD": "/tmp/x.so"}',
+     "HANDOFFD_PARKING_"),
+    (bytes([supervision.SigKind.GUEST]) + WID[:8], "too short"),
+    (bytes([supervision.SigKind.ATTACH]) + WID + b"x", "malformed"),
 ])
 def test_a_malformed_or_overreaching_message_is_refused(data: bytes, why: str) -> None:
     """What a compromised acceptor could ask beyond its due is refused: other
@@ -89,6 +98,79 @@ async def test_spawn_carries_two_fds_and_other_kinds_none() -> None:
         os.close(r)
         os.close(w)
         theirs.close()
+
+
+async def test_a_guest_carries_its_channel_and_grant_pipe_and_a_decline_carries_none() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = SupervisorLink(a), SupervisorLink(b)
+    r, w = os.pipe()
+    try:
+        guest = supervision.Guest(WID, {"HANDOFFD_PARKING_MODE": "fallback"})
+        await ours.send(guest, (r, w))
+        incoming = await theirs.receive()
+        assert incoming.message == guest and len(incoming.fds) == 2
+        for fd in incoming.fds:
+            os.close(fd)
+        await ours.send(supervision.Guest(WID, {}))
+        incoming = await theirs.receive()
+        assert isinstance(incoming.message, supervision.Guest)
+        assert incoming.message.declined and incoming.fds == []
+        with pytest.raises(GSSError, match="carries none"):  # an ATTACH has no fd
+            await ours.send(supervision.Attach(WID), (r,))
+            await theirs.receive()
+    finally:
+        os.close(r)
+        os.close(w)
+        ours.close()
+        theirs.close()
+
+
+class _Recorder:
+    """A worker process as far as ``Supervisor._signal`` sees one: what it was sent."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+def test_a_guest_acceptor_may_kill_a_worker_it_feeds_but_not_drain_it() -> None:
+    """The shared pool: an acceptor attached to another's worker may ask for SIGKILL
+    (its ACK watchdog: the worker holds a handoff of its own), never SIGTERM (draining
+    is the spawning acceptor's call); an acceptor attached to nothing may ask nothing."""
+    import signal
+    import types
+
+    from handoffd.runtime.supervisor import ProcessPlan, Supervised, Supervisor
+
+    child = subprocess_sleeper()
+    try:
+        supervisor = Supervisor(_config(), ProcessPlan(True, (1, 1), worker_shared=(2, 2)))
+        recorder = _Recorder(child.pid)
+        supervisor.workers[WID] = Supervised(WID, recorder, 2, False,  # type: ignore[arg-type]
+                                             acceptor=1, guests=(2,))
+        home, guest, stranger = (types.SimpleNamespace(serial=n) for n in (1, 2, 3))
+        for asker in (stranger, guest):
+            supervisor._signal(asker, supervision.Signal(WID, signal.SIGTERM))  # type: ignore[arg-type]
+        supervisor._signal(stranger, supervision.Signal(WID, signal.SIGKILL))  # type: ignore[arg-type]
+        assert recorder.signals == []
+        supervisor._signal(home, supervision.Signal(WID, signal.SIGTERM))  # type: ignore[arg-type]
+        supervisor._signal(guest, supervision.Signal(WID, signal.SIGKILL))  # type: ignore[arg-type]
+        assert recorder.signals == [signal.SIGTERM, signal.SIGKILL]
+        assert child.wait(timeout=10) == -signal.SIGKILL, "its process group was killed"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def subprocess_sleeper() -> Any:
+    """A process in a process group of its own, as a shared-uid worker runs."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            start_new_session=True)
 
 
 def _config(server: ServerConfig | None = None, workers: WorkersConfig | None = None
@@ -154,7 +236,7 @@ def test_key_quota_arithmetic_refuses_a_pool_a_non_root_acceptor_cannot_hold() -
     from handoffd.kernel.keyring import read_key_users
     from handoffd.kernel.parking import check_quota, quota_needed
 
-    assert quota_needed(4, 8) == (37, 1797)  # measured: 37 keys, 1765 bytes
+    assert quota_needed(4, 8) == (37, 1829)  # measured: 37 keys, 1789 bytes (5-digit pids)
     nobody = 65534
     limits = read_key_users(nobody)
     if limits.maxkeys != 200:

@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Final
 
@@ -271,7 +271,10 @@ class _KeyringAcceptor(AcceptorStrategy):
 
     def add_worker(self, worker_id: bytes, n: int,
                    env: dict[str, str]) -> tuple[WorkerSlots, WorkerGrant]:
-        ring = keyring.add_keyring(f"hd:{worker_id.hex()}", self._session)
+        # The acceptor's pid in the name: with several acceptors each makes a keyring for
+        # every worker in the one session keyring, and add_key with a name already linked
+        # there would displace the other acceptor's keyring from it.
+        ring = keyring.add_keyring(f"hd:{worker_id.hex()}:{os.getpid()}", self._session)
         try:
             keyring.setperm(ring, _PERMISSIONS)
             slots: list[int] = []
@@ -307,7 +310,6 @@ class _KeyringClaims(ClaimStrategy):
                            f"{error.detail} (is the worker keyring possessed? the worker must "
                            "be spawned by a thread that shares the acceptor's session "
                            "keyring)") from None
-        keyring.join_session_keyring(None)
         members = keyring.keyring_members(ring)
         if len(members) != n:
             raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_FAILED,
@@ -487,11 +489,14 @@ class AcceptorParking:
 def quota_needed(workers: int, slots: int, acceptors: int = 1) -> tuple[int, int]:
     """Keys and bytes of key quota ``workers`` workers with ``slots`` slots each hold.
 
-    Measured on 6.18 (docs/PRIVSEP.md): one key for each acceptor's process keyring, per
-    worker a keyring (~40 bytes with its description) and per slot a 41-byte payload,
-    its description and a link (~51 bytes); rounded up.
+    Every acceptor of a set parks keys for every worker (the shared pool), all on the
+    one acceptor uid.  Measured on 6.18 (docs/PRIVSEP.md): per acceptor one key for its
+    process keyring, per worker a keyring (~48 bytes with its description, which names
+    the worker and the acceptor's pid) and per slot a 41-byte payload, its description
+    and a link (~51 bytes); rounded up.
     """
-    return acceptors + workers * (slots + 1), 5 * acceptors + workers * (40 + 51 * slots)
+    return (acceptors * (1 + workers * (slots + 1)),
+            acceptors * (5 + workers * (48 + 51 * slots)))
 
 
 def check_quota(workers: int, slots: int, uid: int, acceptors: int = 1) -> str | None:
@@ -533,12 +538,13 @@ class WorkerParking:
         self._claim = _CLAIMS[mode](worker_id, slots, secret).claim
 
     @classmethod
-    def adopt(cls, environ: Mapping[str, str]) -> WorkerParking:
+    def adopt(cls, environ: Mapping[str, str], *, leave_session: bool = True) -> WorkerParking:
         """Take over the grant at worker start, before any untrusted code runs.
 
         Keyring mode: link the worker keyring into this process's keyring, then
         join a fresh session keyring (dropping the acceptor's and the siblings'
-        keys).  Fallback mode: read the secret from the inherited pipe, close it.
+        keys; not with ``leave_session=False``: :meth:`adopt_all` does it after the
+        last grant).  Fallback mode: read the secret from the inherited pipe, close it.
         """
         try:
             mode = environ[ENV_MODE]
@@ -552,7 +558,20 @@ class WorkerParking:
         strategy = _CLAIMS.get(mode)
         if strategy is None:
             raise GSSError(GSS_S_NO_CRED, Minor.KEYRING_BAD_ARGUMENT, "bad key parking mode")
-        return cls(mode, worker_id, *strategy.take_grant(environ, slots))
+        parking = cls(mode, worker_id, *strategy.take_grant(environ, slots))
+        if leave_session and mode == KEYRING:
+            keyring.join_session_keyring(None)
+        return parking
+
+    @classmethod
+    def adopt_all(cls, environs: Sequence[Mapping[str, str]]) -> list[WorkerParking]:
+        """:meth:`adopt` each grant of a worker in the shared pool (one per acceptor that
+        feeds it), leaving the acceptors' session keyring only after the last: each
+        worker keyring must be linked in while it is still possessed through it."""
+        adopted = [cls.adopt(environ, leave_session=False) for environ in environs]
+        if any(parking.mode == KEYRING for parking in adopted):
+            keyring.join_session_keyring(None)
+        return adopted
 
     def claim(self, key_ref: bytes) -> bytes:
         """The key behind ``key_ref``, burned as it is read: a second claim fails.
