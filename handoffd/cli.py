@@ -180,14 +180,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     acceptors = snapshot.get("acceptors", [])
     several = len(acceptors) > 1
     if several:
-        print(f"{'acceptor':>8} {'pid':>8} {'state':>11} {'workers':>7} {'accepted':>9} "
+        print(f"{'acceptor':>8} {'pid':>8} {'state':>11} {'workers':>7} {'feeds':>5} "
+              f"{'accepted':>9} "
               f"{'handshakes':>10} {'handoffs':>9} {'in-flight':>9} {'active':>7}")
         for a in acceptors:
             if a.get("state") == "unreachable":
                 print(f"{a['index']:>8} {'-':>8} {'unreachable':>11}")
                 continue
             print(f"{a['index']:>8} {a['pid']:>8} {a['state']:>11} {a['workers']:>7} "
-                  f"{a['accepted']:>9} {a['handshakes_ok']:>10} {a['handoffs']:>9} "
+                  f"{a.get('feeds', a['workers']):>5} {a['accepted']:>9} "
+                  f"{a['handshakes_ok']:>10} {a['handoffs']:>9} "
                   f"{a['in_flight']:>9} {a['sessions_active']:>7}")
     print(f"{'worker':>6} {'pid':>8} {'uid':>7} {'state':>9} {'in-flight':>9} {'handled':>8} "
           f"{'active':>7} {'restarts':>8}" + (f" {'acceptor':>8}" if several else ""))

@@ -24,6 +24,7 @@ BOUND: Final = "HANDOFFD_BOUND"  # the listening sockets the supervisor bound (f
 CHANNEL_FD: Final = "HANDOFFD_CHANNEL_FD"  # the worker's end of its handoff channel
 WORKER_ID: Final = "HANDOFFD_WORKER_ID"
 ACCEPTOR_PID: Final = "HANDOFFD_ACCEPTOR_PID"
+GUESTS: Final = "HANDOFFD_GUESTS"  # the shared pool: other acceptors' channels and grants
 PARKING_MODE: Final = "HANDOFFD_PARKING_MODE"  # the key grant (docs/KEYRING.md)
 PARKING_KEYRING: Final = "HANDOFFD_PARKING_KEYRING"
 PARKING_FD: Final = "HANDOFFD_PARKING_FD"

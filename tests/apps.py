@@ -14,6 +14,16 @@ async def pid_echo(stream: SecureStream) -> None:
         await stream.send_all(data)
 
 
+async def sender_echo(stream: SecureStream) -> None:
+    """``pid_echo`` whose first line also names the acceptor that handed the connection
+    off, as the kernel attested it (the handoff message's ``SCM_CREDENTIALS`` pid): the
+    shared-pool tests see which acceptor fed which worker."""
+    sender = stream.info["sender"]
+    await stream.send_all(f"{os.getpid()} {getattr(sender, 'pid', 0)}\n".encode())
+    async for data in stream:
+        await stream.send_all(data)
+
+
 async def crash_on_import(stream: SecureStream) -> None:  # pragma: no cover - never loaded
     raise AssertionError("unreachable")
 

@@ -7,6 +7,7 @@ reload and a restart keep serving with no client failing."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -95,14 +96,16 @@ def test_several_acceptors_need_the_supervisor(tmp_path: Path) -> None:
     assert "acceptors" in (caught.value.detail or "")
 
 
-def test_the_key_quota_counts_one_process_keyring_per_acceptor() -> None:
-    """Every acceptor's keys are charged to the one acceptor uid: 22 workers of 8 slots
-    fit one acceptor's 200-key quota (199 keys) but not two acceptors' (200 + ...)."""
+def test_the_key_quota_counts_every_acceptor_s_keys_for_every_worker() -> None:
+    """Every acceptor parks keys for every worker (the shared pool), all charged to the
+    one acceptor uid: 22 workers of 8 slots fit one acceptor's 200-key quota (199 keys),
+    and 11 fit two acceptors' (2 x 100)."""
     from handoffd.kernel.keyring import read_key_users
     from handoffd.kernel.parking import check_quota, quota_needed
 
-    assert quota_needed(4, 8, 2) == (38, 1802)
-    assert quota_needed(22, 8, 1)[0] == 199 and quota_needed(22, 8, 2)[0] == 200
+    assert quota_needed(4, 8, 2) == (74, 3658)
+    assert quota_needed(22, 8, 1)[0] == 199 and quota_needed(22, 8, 2)[0] == 398
+    assert quota_needed(11, 8, 2)[0] == 200
     nobody = 65534
     if read_key_users(nobody).maxkeys != 200:
         pytest.skip("this host's non-root key quota is not 200 keys")
@@ -202,9 +205,9 @@ def test_merged_status_sums_every_acceptor_and_lists_each() -> None:
     assert merged["handoff_latency_seconds"]["count"] == 3
     assert merged["handoff_latency_us"]["p50"] == pytest.approx(3000.0)
     assert merged["acceptors"] == [
-        {"index": 0, "pid": 100, "state": "running", "workers": 1, "accepted": 5,
+        {"index": 0, "pid": 100, "state": "running", "workers": 1, "feeds": 1, "accepted": 5,
          "handshakes_ok": 5, "handoffs": 5, "acked": 5, "in_flight": 1, "sessions_active": 1},
-        {"index": 1, "pid": 200, "state": "running", "workers": 1, "accepted": 7,
+        {"index": 1, "pid": 200, "state": "running", "workers": 1, "feeds": 1, "accepted": 7,
          "handshakes_ok": 7, "handoffs": 7, "acked": 7, "in_flight": 1, "sessions_active": 1},
         {"index": 2, "state": "unreachable"},
     ]
@@ -352,6 +355,119 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+async def _sender_session(daemon: RunningDaemon) -> tuple[int, int, Any]:
+    """A ``sender_echo`` client: (worker pid, acceptor pid, the open stream)."""
+    stream = await daemon.connect()
+    worker, acceptor = (int(x) for x in (await read_line(stream)).split())
+    return worker, acceptor, stream
+
+
+async def _pairs_until(daemon: RunningDaemon, wanted: set[tuple[int, int]],
+                       keep: list[Any] | None = None) -> set[tuple[int, int]]:
+    """Clients in parallel until every (worker, acceptor) pair of ``wanted`` served one
+    (bounded); one stream per wanted pair is kept open in ``keep`` if given, the rest
+    closed."""
+    seen: set[tuple[int, int]] = set()
+
+    async def one() -> None:
+        worker, acceptor, stream = await _sender_session(daemon)
+        if keep is not None and (worker, acceptor) in wanted - seen:
+            keep.append((worker, acceptor, stream))
+        else:
+            await stream.aclose()
+        seen.add((worker, acceptor))
+
+    with trio.fail_after(60):
+        for _ in range(40):
+            async with trio.open_nursery() as nursery:
+                for _ in range(16):
+                    nursery.start_soon(one)
+            if wanted <= seen:
+                return seen
+    raise AssertionError(f"never served: {sorted(wanted - seen)}")
+
+
+@supervised
+async def test_the_pool_is_shared_every_acceptor_hands_off_to_every_worker(
+        tmp_path: Path) -> None:
+    """Each worker has a channel and key slots per acceptor (its own acceptor's, and a
+    guest channel of each other's made at its spawn); every acceptor feeds every worker,
+    and each handoff's sender is checked against the acceptor of the channel it came
+    through."""
+    daemon = await start_daemon(tmp_path, workers=4, app="tests.apps:sender_echo",
+                                extra=TWO)
+    try:
+        status = await daemon.status()
+        acceptors = [row["pid"] for row in status["acceptors"]]
+        assert [row["workers"] for row in status["acceptors"]] == [2, 2]
+        assert [row["feeds"] for row in status["acceptors"]] == [4, 4]
+        workers = status["workers"]
+        assert sorted(w["acceptor"] for w in workers) == [0, 0, 1, 1], "each listed once"
+        for w in workers:
+            environ = _environ(w["pid"])
+            assert int(environ["HANDOFFD_ACCEPTOR_PID"]) == acceptors[w["acceptor"]]
+            (guest,) = json.loads(environ["HANDOFFD_GUESTS"])
+            assert guest["acceptor_pid"] == acceptors[1 - w["acceptor"]]
+            assert guest["grant"]["HANDOFFD_PARKING_MODE"] == "keyring"
+        wanted = {(w["pid"], a) for w in workers for a in acceptors}
+        await _pairs_until(daemon, wanted)
+        status = await daemon.status()
+        for w in status["workers"]:
+            assert set(w["in_flight_by_acceptor"]) == {"0", "1"}
+        assert status["totals"]["lost"] == 0
+        assert sum(w["handled"] for w in status["workers"]) == status["totals"]["acked"]
+    finally:
+        assert await daemon.stop() == 0
+
+
+@supervised
+async def test_a_dead_acceptor_s_sessions_on_shared_workers_go_on_and_its_successor_joins(
+        tmp_path: Path) -> None:
+    """SIGKILL to acceptor 1: the sessions it had handed to acceptor 0's workers go on
+    (those workers take handoffs from acceptor 0 as before), its own workers finish
+    theirs and leave, and its replacement's workers are fed by both acceptors.  The
+    replacement does not attach to acceptor 0's running workers (docs/PRIVSEP.md)."""
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(tmp_path, workers=4, app="tests.apps:sender_echo",
+                                extra=TWO, log=log)
+    try:
+        status = await daemon.status()
+        survivor, victim = (row["pid"] for row in status["acceptors"])
+        survivors_workers = {w["pid"] for w in status["workers"] if w["acceptor"] == 0}
+        victims_workers = {w["pid"] for w in status["workers"] if w["acceptor"] == 1}
+        sessions: list[Any] = []
+        await _pairs_until(daemon, {(w, a) for w in survivors_workers | victims_workers
+                                    for a in (survivor, victim)}, keep=sessions)
+        os.kill(victim, signal.SIGKILL)
+        await _wait_log(log, "ACCEPTOR_DIED")
+        for _, _, stream in sessions:
+            assert await echo_on(stream, b"after the kill") == b"after the kill"
+        for worker, _, stream in sessions:
+            if worker in victims_workers:
+                await stream.aclose()  # its own workers leave once their sessions end
+        with trio.fail_after(60):
+            while True:
+                rows = await _acceptor_rows(daemon)
+                if rows[1].get("pid") not in (None, victim) and rows[1].get("workers") == 2 \
+                        and not victims_workers & set(await daemon.worker_pids()):
+                    break
+                await trio.sleep(0.05)
+        successor = rows[1]["pid"]
+        status = await daemon.status()
+        successors_workers = {w["pid"] for w in status["workers"] if w["acceptor"] == 1}
+        assert [row["feeds"] for row in status["acceptors"]] == [4, 2]
+        await _pairs_until(daemon, {(w, a) for w in successors_workers
+                                    for a in (survivor, successor)}
+                           | {(w, survivor) for w in survivors_workers})
+        for worker, _, stream in sessions:
+            if worker in survivors_workers:
+                assert await echo_on(stream, b"still") == b"still"
+                await stream.aclose()
+        assert (await daemon.status())["totals"]["lost"] == 0
+    finally:
+        assert await daemon.stop() == 0
 
 
 @supervised

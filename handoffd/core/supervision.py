@@ -24,7 +24,16 @@ NOTIFY       A -> S   systemd notification lines (UTF-8), forwarded by the super
 PEER         S -> A   index (u16) + fd: to acceptor 0 of a set of ``[server] acceptors``,
                       its end of the status socketpair the supervisor made for acceptor
                       ``index`` (status and metrics are answered for all by acceptor 0)
+ATTACH       S -> A   worker_id (16): another acceptor of the set asked for this worker;
+                      give it a guest channel and key grant (the shared pool)
+GUEST        A -> S   worker_id (16) | grant (as SPAWN's) + fds: the guest channel end,
+                      then the grant pipe (fallback mode); no fds and an empty grant:
+                      declined.  The supervisor then answers SPAWNED or SPAWN_FAILED
+                      for the worker to this acceptor too, and EXITED when it is gone
 ===========  =======  ================================================================
+
+A guest acceptor may SIGNAL 9 a worker it was attached to (its ACK watchdog), never 15:
+draining is the spawning acceptor's decision.
 """
 
 from __future__ import annotations
@@ -46,7 +55,9 @@ __all__ = [
     "ALLOWED_NOTIFY",
     "ALLOWED_SIGNALS",
     "MAX_MESSAGE",
+    "Attach",
     "Exited",
+    "Guest",
     "Notify",
     "Peer",
     "SigKind",
@@ -81,6 +92,8 @@ class SigKind(IntEnum):
     SIGNAL = 5
     NOTIFY = 6
     PEER = 7
+    ATTACH = 8
+    GUEST = 9
 
 
 _ID = struct.Struct(">16s")
@@ -93,6 +106,21 @@ _PEER = struct.Struct(">H")
 
 def _bad(what: str) -> GSSError:
     return GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, what)
+
+
+def _decode_grant(what: str, body: bytes) -> tuple[bytes, dict[str, str]]:
+    """``worker_id (16) | grant JSON``, the grant holding only :data:`ALLOWED_GRANT`."""
+    if len(body) < WORKER_ID_SIZE:
+        raise _bad(f"{what} too short")
+    try:
+        grant = json.loads(body[WORKER_ID_SIZE:])
+    except (ValueError, UnicodeDecodeError):
+        raise _bad(f"{what} grant is not JSON") from None
+    if not isinstance(grant, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k in ALLOWED_GRANT
+            and v.isprintable() and len(v) <= 128 for k, v in grant.items()):
+        raise _bad(f"{what} grant holds other than HANDOFFD_PARKING_* strings")
+    return body[:WORKER_ID_SIZE], grant
 
 
 @dataclass(frozen=True)
@@ -108,17 +136,46 @@ class Spawn:
 
     @classmethod
     def decode(cls, body: bytes) -> Spawn:
-        if len(body) < WORKER_ID_SIZE:
-            raise _bad("SPAWN too short")
+        return cls(*_decode_grant("SPAWN", body))
+
+
+@dataclass(frozen=True)
+class Attach:
+    """Another acceptor of the set spawns this worker: answer with a :class:`Guest`."""
+
+    worker_id: bytes
+
+    def encode(self) -> bytes:
+        return bytes([SigKind.ATTACH]) + _ID.pack(self.worker_id)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Attach:
         try:
-            grant = json.loads(body[WORKER_ID_SIZE:])
-        except (ValueError, UnicodeDecodeError):
-            raise _bad("SPAWN grant is not JSON") from None
-        if not isinstance(grant, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and k in ALLOWED_GRANT
-                and v.isprintable() and len(v) <= 128 for k, v in grant.items()):
-            raise _bad("SPAWN grant holds other than HANDOFFD_PARKING_* strings")
-        return cls(body[:WORKER_ID_SIZE], grant)
+            (worker_id,) = _ID.unpack(body)
+        except struct.error:
+            raise _bad("ATTACH malformed") from None
+        return cls(worker_id)
+
+
+@dataclass(frozen=True)
+class Guest:
+    """This acceptor's guest channel (the fds) and key grant for an ATTACH's worker;
+    an empty grant (and no fds) declines."""
+
+    worker_id: bytes
+    grant: dict[str, str]
+
+    @property
+    def declined(self) -> bool:
+        return not self.grant
+
+    def encode(self) -> bytes:
+        return bytes([SigKind.GUEST]) + self.worker_id + json.dumps(
+            self.grant, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Guest:
+        return cls(*_decode_grant("GUEST", body))
 
 
 @dataclass(frozen=True)
@@ -246,7 +303,7 @@ class Peer:
         return cls(index)
 
 
-Message = Spawn | Spawned | SpawnFailed | Exited | Signal | Notify | Peer
+Message = Spawn | Spawned | SpawnFailed | Exited | Signal | Notify | Peer | Attach | Guest
 
 _DECODERS: Final[dict[SigKind, Callable[[bytes], Message]]] = {
     SigKind.SPAWN: Spawn.decode,
@@ -256,6 +313,8 @@ _DECODERS: Final[dict[SigKind, Callable[[bytes], Message]]] = {
     SigKind.SIGNAL: Signal.decode,
     SigKind.NOTIFY: Notify.decode,
     SigKind.PEER: Peer.decode,
+    SigKind.ATTACH: Attach.decode,
+    SigKind.GUEST: Guest.decode,
 }
 
 

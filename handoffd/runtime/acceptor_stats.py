@@ -92,12 +92,15 @@ def merge_snapshots(own: dict[str, Any], own_latencies: list[float],
 
     Everything a single acceptor reports keeps its key and meaning for the whole set:
     totals, handshake slots (capacity: ``max_handshakes`` per acceptor, summed), the
-    per-outcome counters and gauges are summed; ``workers`` lists every acceptor's
-    (each with its ``acceptor``); the handoff latency's p50 and p99 are taken over every
+    per-outcome counters and gauges are summed; ``workers`` lists every worker once
+    (:func:`merge_worker_rows`: under the acceptor that spawned it, with what every
+    acceptor handed it summed); the handoff latency's p50 and p99 are taken over every
     acceptor's recent handoffs, its sum and count summed.  ``pid``, ``uptime_s`` and
     ``state`` stay acceptor 0's.  ``acceptors`` lists each acceptor's own figures:
-    ``{"index", "pid", "state", "workers", "accepted", "handshakes_ok", "handoffs",
-    "acked", "in_flight", "sessions_active"}``, or ``{"index", "state": "unreachable"}``.
+    ``{"index", "pid", "state", "workers", "feeds", "accepted", "handshakes_ok",
+    "handoffs", "acked", "in_flight", "sessions_active"}`` (``workers``: its own ready
+    ones; ``feeds``: every ready worker it hands off to, its own and the guests), or
+    ``{"index", "state": "unreachable"}``.
     """
     merged: dict[str, Any] = json.loads(json.dumps(own))  # a deep copy of plain data
     samples = list(own_latencies)
@@ -128,7 +131,44 @@ def merge_snapshots(own: dict[str, Any], own_latencies: list[float],
         quantiles = Stats.quantiles_of(samples, 1.0)
         merged["handoff_latency_seconds"].update(quantiles)
         merged["handoff_latency_us"] = Stats.quantiles_of(samples, 1e6)
+    merged["workers"] = merge_worker_rows(merged["workers"])
     merged["acceptors"] = rows
+    return merged
+
+
+_PER_CHANNEL = ("in_flight", "handled", "active")
+
+
+def merge_worker_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each worker once.  In the shared pool every acceptor reports every worker: its
+    own (``guest`` false) and the others' (``guest`` true), each with what *it* handed
+    that worker.  The row kept is the spawning acceptor's, with ``in_flight``,
+    ``handled`` and ``active`` summed over every acceptor and ``in_flight_by_acceptor``
+    added; a guest row stands alone only while its own acceptor does not answer."""
+    own: dict[object, dict[str, Any]] = {}
+    guests: list[dict[str, Any]] = []
+    merged: list[dict[str, Any]] = []
+    for row in rows:
+        if row.get("guest"):
+            guests.append(row)
+            continue
+        row = dict(row)
+        row["in_flight_by_acceptor"] = {str(row.get("acceptor", 0)): row.get("in_flight", 0)}
+        merged.append(row)
+        if row.get("pid") is not None:
+            own[row["pid"]] = row
+    for guest in guests:
+        target = own.get(guest.get("pid"))
+        if target is None:
+            target = dict(guest, in_flight_by_acceptor={})
+            for key in _PER_CHANNEL:
+                target[key] = 0
+            merged.append(target)
+            own[guest.get("pid")] = target
+        for key in _PER_CHANNEL:
+            target[key] = target.get(key, 0) + guest.get(key, 0)
+        target["in_flight_by_acceptor"][str(guest.get("acceptor", 0))] = guest.get(
+            "in_flight", 0)
     return merged
 
 
@@ -136,7 +176,9 @@ def _acceptor_row(index: int, snapshot: dict[str, Any]) -> dict[str, Any]:
     totals = snapshot.get("totals", {})
     workers = snapshot.get("workers", [])
     return {"index": index, "pid": snapshot.get("pid"), "state": snapshot.get("state"),
-            "workers": sum(1 for w in workers if w.get("state") == "ready"),
+            "workers": sum(1 for w in workers if w.get("state") == "ready"
+                           and not w.get("guest")),
+            "feeds": sum(1 for w in workers if w.get("state") == "ready"),
             **{key: totals.get(key, 0) for key in ("accepted", "handshakes_ok", "handoffs",
                                                      "acked")},
             "in_flight": sum(w.get("in_flight", 0) for w in workers),

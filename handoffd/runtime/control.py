@@ -376,12 +376,14 @@ def render_metrics(snapshot: dict[str, Any],
             ("accepted_total", "counter", "TCP connections accepted, by acceptor"),
             ("handshakes_ok_total", "counter", "Handshakes completed, by acceptor"),
             ("handoffs_total", "counter", "Handoffs sent to workers, by acceptor"),
-            ("workers", "gauge", "Ready workers fed by each acceptor"),
+            ("workers", "gauge", "Ready workers each acceptor spawned"),
+            ("feeds", "gauge", "Ready workers each acceptor hands off to (its own and, in "
+             "the shared pool, the other acceptors')"),
             ("in_flight", "gauge", "Handoffs awaiting acknowledgement, by acceptor"),
         ]:
             field = key.removesuffix("_total")
             metric(f"acceptor_{key}", kind, help_text,
-                   [({"acceptor": str(a["index"])}, a[field]) for a in acceptors])
+                   [({"acceptor": str(a["index"])}, a.get(field, 0)) for a in acceptors])
     latency = snapshot["handoff_latency_seconds"]
     name = "handoffd_handoff_latency_seconds"
     lines.extend(_family(

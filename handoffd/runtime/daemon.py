@@ -112,6 +112,10 @@ class Daemon:
         self.peers = AcceptorPeers(acceptors)
         if acceptor_index == 0 and isinstance(spawner, SupervisedSpawner):
             spawner.on_peer = self.peers.add
+        if isinstance(spawner, SupervisedSpawner):
+            # The shared pool: the other acceptors' workers take our handoffs too.
+            attaching = spawner
+            spawner.on_attach = lambda worker_id: self.pool.attach_guest(attaching, worker_id)
         self.bound = bound
         self.spawner: Spawner = spawner if spawner is not None else LocalSpawner(config)
         self.privsep = privsep if privsep is not None else ProcessPlan(
@@ -138,7 +142,8 @@ class Daemon:
         self.admission = Admission(server.max_handshakes, server.max_handshakes_per_source)
         self._throttled = ThrottledLog(log)
         self.dispatcher = Dispatcher(
-            workers=lambda: (*self.pool.workers.values(), *self.pool.external.values()),
+            workers=lambda: (*self.pool.workers.values(), *self.pool.external.values(),
+                             *self.pool.guests.values()),
             settings=lambda: self.config.workers, stats=self.stats,
             throttled=self._throttled, clock=clock,
             failing=lambda: self._fatal is not None,
@@ -348,7 +353,8 @@ class Daemon:
             while len(self.admission):
                 await self.handshakes.slot_freed.wait()
         with trio.move_on_after(self.config.workers.ack_timeout):
-            while any(w.in_flight for w in self.pool.workers.values()):
+            while any(w.in_flight for w in (*self.pool.workers.values(),
+                                             *self.pool.guests.values())):
                 await self.dispatcher.capacity.wait()
         log.info("handed over: %d workers finish their %d sessions on their own",
                  len(self.pool.workers) + len(self.pool.retiring),
@@ -366,9 +372,10 @@ class Daemon:
         everyone = [*self.pool.workers.values(), *self.pool.retiring]
         for w in everyone:
             self.pool.terminate(w)
-        for w in list(self.pool.external.values()):
+        for w in [*self.pool.external.values(), *self.pool.guests.values()]:
             if w.state is WorkerState.READY and w.channel is not None:
-                # We will send nothing more; the external worker finishes and leaves.
+                # We will send nothing more; an external worker finishes and leaves, a
+                # guest takes no more from us (its own acceptor drains it).
                 transition(w, WorkerState.DRAINING)
                 with contextlib.suppress(GSSError):
                     await w.channel.send(Kind.DRAINED, b"")

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 def snapshot(daemon: Daemon) -> dict[str, Any]:
     """This acceptor's part of what ``handoffd status`` shows, as plain data (all of
     it with one acceptor; see :func:`gathered_snapshot`)."""
-    workers = [*daemon.pool.workers.values(), *daemon.pool.retiring, *daemon.pool.external.values()]
+    workers = [*daemon.pool.workers.values(), *daemon.pool.retiring,
+               *daemon.pool.external.values(), *daemon.pool.guests.values()]
     return {
         "pid": os.getpid(),
         "uptime_s": round(time.time() - daemon.stats.started, 3),
@@ -45,6 +46,7 @@ def snapshot(daemon: Daemon) -> dict[str, Any]:
                 "active": w.active,
                 "restarts": daemon.pool.restarts[w.index],
                 "external": w.external,
+                "guest": w.guest,
                 "acceptor": daemon.acceptor_index,
             }
             for w in sorted(workers, key=lambda w: (w.index, w.started))

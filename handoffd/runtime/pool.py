@@ -16,6 +16,7 @@ the acceptor (a worker's own out-of-order messages are refused before they get h
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
 import signal
@@ -43,7 +44,7 @@ from handoffd.logs import ThrottledLog
 from handoffd.minor import Minor
 from handoffd.runtime.acceptor_stats import Stats
 from handoffd.runtime.changes import Changes
-from handoffd.runtime.spawner import Spawner, WorkerProcess
+from handoffd.runtime.spawner import Spawner, SupervisedSpawner, WorkerProcess
 from handoffd.status import GSS_S_FAILURE, GSSError
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class Worker:
     parking: AcceptorParking
     process: WorkerProcess | None = None
     external_pid: int | None = None  # registered over the socket, not spawned by us
+    guest: bool = False  # spawned by another acceptor of the set, fed by us too (ATTACH)
     channel: Channel | None = None
     state: WorkerState = WorkerState.STARTING  # only through transition()
     in_flight: dict[int, Pending] = field(default_factory=dict)
@@ -150,6 +152,10 @@ async def ack_watchdog(w: Worker, timeout: float) -> None:
             return
 
 
+FIRST_GUEST_INDEX = 2000
+"""Guest workers' ``index`` in this acceptor's ``status`` counts from here (acceptor 0's
+merged status shows each worker once, under the acceptor that spawned it)."""
+
 READ_AFTER_EXIT = 1.0
 """Seconds to go on reading a worker's channel after it exited: what it sent last (the
 SESSION_END of each session its drain cut) may still be queued."""
@@ -159,7 +165,10 @@ class Pool:
     """The acceptor's workers: one slot per index up to :attr:`target_count`, each kept
     alive (spawned, watched, respawned with backoff), plus the retiring (draining)
     ones and the external ones that registered; their channels read, their deaths
-    accounted for; rolled at SIGHUP, resized at TTIN/TTOU.
+    accounted for; rolled at SIGHUP, resized at TTIN/TTOU.  With several acceptors
+    (the shared pool) it also feeds the **guests**: the other acceptors' workers, each
+    with a channel and key slots of this acceptor's (:meth:`attach_guest`), watched like
+    its own but neither drained nor respawned by it.
 
     ``config()``: the current configuration; ``spawner`` starts workers (through the
     supervisor, or forked here); ``dispatcher`` hears of ACKs, of workers becoming
@@ -186,6 +195,8 @@ class Pool:
         self.workers: dict[int, Worker] = {}
         self.retiring: list[Worker] = []
         self.external: dict[bytes, Worker] = {}
+        self.guests: dict[bytes, Worker] = {}
+        self._guest_index = itertools.count(FIRST_GUEST_INDEX)
         self.target_count = target_count
         self.restarts: Counter[int] = Counter()
         self.changed = Changes()
@@ -204,6 +215,26 @@ class Pool:
             await self._read_channel(w)
         finally:
             await self._worker_gone(w)
+
+    def attach_guest(self, spawner: SupervisedSpawner, worker_id: bytes) -> None:
+        """ATTACH: another acceptor of the set spawns ``worker_id``; give it a guest
+        channel and key slots and feed it like our own (declined while stopping)."""
+        if self.stopping or self.parking is None or self.nursery is None:
+            spawner.decline(worker_id)
+            return
+        self.nursery.start_soon(self._run_guest, spawner, worker_id)
+
+    async def _run_guest(self, spawner: SupervisedSpawner, worker_id: bytes) -> None:
+        assert self.parking is not None
+        w = Worker(index=next(self._guest_index), worker_id=worker_id, parking=self.parking,
+                   guest=True)
+        try:
+            w.process, w.channel = await spawner.attach(self.parking, worker_id)
+        except (GSSError, OSError) as error:
+            log.warning("no guest channel to worker %s: %s", worker_id.hex()[:8], error)
+            return
+        self.guests[worker_id] = w
+        await self._watch(w)
 
     def ready(self, rolled: set[bytes] | frozenset[bytes] = frozenset()) -> bool:
         """Every slot has a ready worker, none of them one of ``rolled``."""
@@ -249,6 +280,11 @@ class Pool:
             transition(w, WorkerState.DEAD)
             w.gone.set()
             return
+        await self._watch(w)
+
+    async def _watch(self, w: Worker) -> None:
+        """Read a running worker's channel, watch its ACKs, account for its exit."""
+        assert w.process is not None
         read_all = trio.Event()
 
         async def read_channel() -> None:
@@ -304,7 +340,8 @@ class Pool:
             self.changed.notify()
             self._boot_failures = 0
             self._dispatcher.wake()
-            log.info("worker %d ready (pid %s)", w.index, w.pid)
+            log.info("%s %d ready (pid %s)", "guest worker" if w.guest else "worker", w.index,
+                     w.pid)
         elif kind == Kind.ACK:
             self._dispatcher.on_ack(w, Ack.decode(payload))
         elif kind == Kind.ACK_BATCH:
@@ -364,6 +401,9 @@ class Pool:
         if w.external:
             self.external.pop(w.worker_id, None)
             log.info("external worker %s left", w.pid)
+        elif w.guest:
+            self.guests.pop(w.worker_id, None)
+            log.debug("guest worker %s left", w.pid)
         elif not w.ready.is_set():
             self._boot_failures += 1
             log.warning("worker %d (pid %s) exited with %s before it was ready",

@@ -41,7 +41,8 @@ log = logging.getLogger("handoffd.acceptor")
 
 _SCRUBBED_PREFIXES = ("LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET", "HANDOFFD_PARKING_",
                       environment.BOUND, "HANDOFFD_SUPERVISOR", environment.WATCHDOG_USEC,
-                      environment.CHANNEL_FD, environment.WORKER_ID, environment.ACCEPTOR_PID)
+                      environment.CHANNEL_FD, environment.WORKER_ID, environment.ACCEPTOR_PID,
+                      environment.GUESTS)
 
 
 def worker_command(config: Config) -> list[str]:
@@ -213,6 +214,10 @@ class SupervisedSpawner:
         self.link = link
         self.on_peer: Callable[[int, int], None] | None = None
         """Called with (index, fd) for each PEER (acceptor 0 of several); owns the fd."""
+        self.on_attach: Callable[[bytes], None] | None = None
+        """Called with the worker id of each ATTACH (another acceptor of the set spawns
+        that worker): it must answer, with :meth:`attach` or :meth:`decline`.  None:
+        every ATTACH is declined."""
         self._children: dict[bytes, SupervisedChild] = {}
         self._waiting: dict[bytes, trio.MemorySendChannel[
             supervision.Spawned | supervision.SpawnFailed]] = {}
@@ -241,6 +246,11 @@ class SupervisedSpawner:
                 child = self._children.pop(message.worker_id, None)
                 if child is not None:
                     child.exited(message.status)
+            elif isinstance(message, supervision.Attach):
+                if self.on_attach is not None:
+                    self.on_attach(message.worker_id)
+                else:
+                    self.decline(message.worker_id)
             elif isinstance(message, supervision.Peer):
                 if self.on_peer is not None:
                     self.on_peer(message.index, incoming.fds[0])
@@ -251,7 +261,30 @@ class SupervisedSpawner:
 
     async def spawn(self, parking: AcceptorParking, worker_id: bytes
                     ) -> tuple[WorkerProcess, Channel]:
-        grant, ours, theirs = _open_channel(parking, worker_id)
+        return await self._request(parking, worker_id, supervision.Spawn)
+
+    async def attach(self, parking: AcceptorParking, worker_id: bytes
+                     ) -> tuple[WorkerProcess, Channel]:
+        """Answer an ATTACH: a guest channel and key grant for a worker another acceptor
+        of the set spawns; returns it once the supervisor has started it (raises its
+        SPAWN_FAILED otherwise).  Only a SIGKILL of it is ours to ask for."""
+        return await self._request(parking, worker_id, supervision.Guest)
+
+    def decline(self, worker_id: bytes) -> None:
+        """Answer an ATTACH with no guest channel."""
+        self.link.send_nowait(supervision.Guest(worker_id, {}))
+
+    async def _request(self, parking: AcceptorParking, worker_id: bytes,
+                       message: type[supervision.Spawn | supervision.Guest]
+                       ) -> tuple[WorkerProcess, Channel]:
+        """Make the worker's channel and key grant here, send them to the supervisor in
+        ``message``, wait for the worker to run."""
+        try:
+            grant, ours, theirs = _open_channel(parking, worker_id)
+        except (GSSError, OSError):
+            if message is supervision.Guest:
+                self.decline(worker_id)  # out of keys or fds: the spawn goes on without us
+            raise
         send, receive = trio.open_memory_channel[
             supervision.Spawned | supervision.SpawnFailed](1)
         self._waiting[worker_id] = send
@@ -259,7 +292,7 @@ class SupervisedSpawner:
             try:
                 # The grant pipe's fd number is the supervisor's to set (ALLOWED_GRANT).
                 grant_env = {k: v for k, v in grant.env.items() if k != ENV_FD}
-                await self.link.send(supervision.Spawn(worker_id, grant_env),
+                await self.link.send(message(worker_id, grant_env),
                                      (theirs.fileno(), *grant.pass_fds))
             finally:
                 theirs.close()

@@ -15,6 +15,9 @@ becomes this process, on OpenSSH's privilege-separation pattern:
    worker left behind: with one uid per worker, every process of that uid
    (``kill(-1, SIGKILL)`` run as that uid, which no ``setsid`` or double fork
    escapes); with a shared worker uid, the worker's process group;
+   with ``[server] acceptors`` above 1 it first asks every other acceptor of the set
+   for a guest channel and key grant (ATTACH, GUEST), so that every acceptor hands
+   off to every worker (the shared pool);
 5. it forwards SIGTERM/SIGINT (drain), SIGHUP, SIGTTIN and SIGTTOU to the acceptor,
    forwards the acceptor's systemd notifications, and restarts an acceptor that dies
    after it was ready (the workers finish their sessions on their own);
@@ -31,6 +34,7 @@ becomes this process, on OpenSSH's privilege-separation pattern:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -200,9 +204,12 @@ class Supervised:
     uid: int
     own_uid: bool
     acceptor: int
-    """The serial of the acceptor process that asked for it: only that one may signal it
-    and hears of its exit."""
+    """The serial of the acceptor process that asked for it: only that one may drain it
+    (SIGTERM)."""
     pool: UidPool | None = None
+    guests: tuple[int, ...] = ()
+    """The serials of the other acceptors that feed it (the shared pool): they hear of
+    its exit too, and may SIGKILL it (their ACK watchdog)."""
 
 
 @dataclass
@@ -230,6 +237,25 @@ class _Acceptor:
     became_ready: trio.Event = field(default_factory=trio.Event)
     exited: trio.Event = field(default_factory=trio.Event)
     status: int = 0
+
+
+GUEST_TIMEOUT = 5.0
+"""Seconds a spawn waits for the other acceptors' GUEST answers (they start together)."""
+
+
+def _check_grant_fds(what: str, grant: dict[str, str], fds: list[int]) -> None:
+    """A SPAWN's or GUEST's fds: a SEQPACKET channel end, then (fallback mode) a pipe."""
+    fallback = grant.get(environment.PARKING_MODE) == FALLBACK
+    if len(fds) != (2 if fallback else 1):
+        raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, f"{what} with the wrong fds")
+    channel = socket.socket(fileno=os.dup(fds[0]))
+    try:
+        if channel.family != socket.AF_UNIX or channel.type != socket.SOCK_SEQPACKET:
+            raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "channel is not SEQPACKET")
+    finally:
+        channel.close()
+    if fallback and not stat.S_ISFIFO(os.fstat(fds[1]).st_mode):
+        raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "grant is not a pipe")
 
 
 async def kill_everything_of(uid: int) -> None:
@@ -280,6 +306,9 @@ class Supervisor:
     _resize_turn: int = 0
     _changed: Changes = field(default_factory=Changes)
     """A worker or an acceptor came or went (what :meth:`_orphans` reads)."""
+    _guest_waiters: dict[tuple[int, bytes], trio.MemorySendChannel[
+        tuple[supervision.Guest, list[int]]]] = field(default_factory=dict)
+    """ATTACHes awaiting their GUEST, by (acceptor serial, worker id)."""
 
     def __post_init__(self) -> None:
         self._pool = (UidPool(*self.plan.worker_range) if self.plan.worker_range else None)
@@ -428,6 +457,8 @@ class Supervisor:
             acceptor.status = await acceptor.child.wait()
             link_nursery.cancel_scope.cancel()
         acceptor.link.close()
+        for key in [key for key in self._guest_waiters if key[0] == acceptor.serial]:
+            self._guest_waiters.pop(key).close()  # no GUEST will come: the spawn goes on
         if acceptor.peer_end is not None:
             acceptor.peer_end.close()
             acceptor.peer_end = None
@@ -492,7 +523,11 @@ class Supervisor:
                 continue
             message = incoming.message
             if isinstance(message, supervision.Spawn):
-                await self._spawn(acceptor, message, incoming.fds, nursery)
+                # In a task of its own: it may wait for the other acceptors' GUEST
+                # answers, which their links' readers deliver.
+                nursery.start_soon(self._spawn, acceptor, message, incoming.fds, nursery)
+            elif isinstance(message, supervision.Guest):
+                await self._on_guest(acceptor, message, incoming.fds)
             elif isinstance(message, supervision.Signal):
                 self._signal(acceptor, message)
             elif isinstance(message, supervision.Notify):
@@ -523,39 +558,101 @@ class Supervisor:
 
     async def _spawn(self, acceptor: _Acceptor, request: supervision.Spawn, fds: list[int],
                      nursery: trio.Nursery) -> None:
+        guests: list[tuple[_Acceptor, supervision.Guest, list[int]]] = []
         try:
-            answer: supervision.Message = self._start_worker(acceptor, request, fds, nursery)
-        except GSSError as error:
-            log.error("cannot start a worker: %s", error)
-            answer = supervision.SpawnFailed(request.worker_id, error.major, error.minor,
-                                             error.detail or "")
+            try:
+                _check_grant_fds("SPAWN", request.grant, fds)
+                if request.worker_id in self.workers:
+                    raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK,
+                                   "SPAWN of a worker id in use")
+                guests = await self._gather_guests(acceptor, request.worker_id)
+                answer: supervision.Message = self._start_worker(acceptor, request, fds,
+                                                                 guests, nursery)
+            except GSSError as error:
+                log.error("cannot start a worker: %s", error)
+                answer = supervision.SpawnFailed(request.worker_id, error.major, error.minor,
+                                                 error.detail or "")
         finally:
-            for fd in fds:
+            for fd in (*fds, *(fd for _, _, guest_fds in guests for fd in guest_fds)):
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        with contextlib.suppress(GSSError):
-            await acceptor.link.send(answer)
+        for told in (acceptor, *(other for other, _, _ in guests)):
+            with contextlib.suppress(GSSError):
+                await told.link.send(answer)
+
+    async def _gather_guests(self, home: _Acceptor, worker_id: bytes
+                             ) -> list[tuple[_Acceptor, supervision.Guest, list[int]]]:
+        """The shared pool: every other running acceptor of ``home``'s set is asked for a
+        guest channel and key grant for the worker (ATTACH), each answer awaited up to
+        :data:`GUEST_TIMEOUT`; one that declines, fails or is too late is left out."""
+        others = [a for a in self._acceptors.values() if a.generation == home.generation
+                  and a is not home and not a.exited.is_set()]
+        answers: list[tuple[_Acceptor, supervision.Guest, list[int]]] = []
+
+        async def ask(other: _Acceptor) -> None:
+            send, receive = trio.open_memory_channel[tuple[supervision.Guest, list[int]]](1)
+            key = (other.serial, worker_id)
+            self._guest_waiters[key] = send
+            try:
+                with trio.move_on_after(GUEST_TIMEOUT):
+                    await other.link.send(supervision.Attach(worker_id))
+                    guest, fds = await receive.receive()
+                    try:
+                        if guest.declined:
+                            raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "declined")
+                        _check_grant_fds("GUEST", guest.grant, fds)
+                    except GSSError as error:
+                        log.info("acceptor %d gives worker %s no guest channel: %s",
+                                 other.index, worker_id.hex()[:8], error.detail)
+                        for fd in fds:
+                            os.close(fd)
+                        return
+                    answers.append((other, guest, fds))
+            except (GSSError, trio.EndOfChannel):
+                pass  # that acceptor is gone
+            finally:
+                self._guest_waiters.pop(key, None)
+
+        async with trio.open_nursery() as asking:
+            for other in others:
+                asking.start_soon(ask, other)
+        return sorted(answers, key=lambda answer: answer[0].index)
+
+    async def _on_guest(self, acceptor: _Acceptor, guest: supervision.Guest,
+                        fds: list[int]) -> None:
+        waiter = self._guest_waiters.pop((acceptor.serial, guest.worker_id), None)
+        if waiter is not None:
+            waiter.send_nowait((guest, fds))
+            return
+        for fd in fds:  # too late, or never asked: the acceptor must not wait for a worker
+            os.close(fd)
+        if not guest.declined:
+            with contextlib.suppress(GSSError):
+                await acceptor.link.send(supervision.SpawnFailed(
+                    guest.worker_id, GSS_S_FAILURE, Minor.SUPERVISOR_LINK,
+                    "GUEST for no worker being spawned"))
 
     def _start_worker(self, acceptor: _Acceptor, request: supervision.Spawn, fds: list[int],
+                      guests: list[tuple[_Acceptor, supervision.Guest, list[int]]],
                       nursery: trio.Nursery) -> supervision.Spawned:
-        fallback = request.grant.get(environment.PARKING_MODE) == FALLBACK
-        if len(fds) != (2 if fallback else 1) or request.worker_id in self.workers:
-            raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "SPAWN with the wrong fds")
-        channel = socket.socket(fileno=os.dup(fds[0]))
-        try:
-            if channel.family != socket.AF_UNIX or channel.type != socket.SOCK_SEQPACKET:
-                raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "channel is not SEQPACKET")
-        finally:
-            channel.close()
-        if fallback and not stat.S_ISFIFO(os.fstat(fds[1]).st_mode):
-            raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "grant is not a pipe")
+        if request.worker_id in self.workers:  # again: another SPAWN may have won the wait
+            raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "SPAWN of a worker id in use")
         env = child_environment(os.environ)
         env.update(request.grant)
         env[ENV_CHANNEL_FD] = str(fds[0])
         env[ENV_WORKER_ID] = request.worker_id.hex()
         env[ENV_ACCEPTOR_PID] = str(acceptor.child.pid)
-        if fallback:
+        if request.grant.get(environment.PARKING_MODE) == FALLBACK:
             env[ENV_FD] = str(fds[1])
+        if guests:
+            entries = []
+            for other, guest, guest_fds in guests:
+                grant = dict(guest.grant)
+                if grant.get(environment.PARKING_MODE) == FALLBACK:
+                    grant[ENV_FD] = str(guest_fds[1])
+                entries.append({"channel_fd": guest_fds[0], "acceptor_pid": other.child.pid,
+                                "grant": grant})
+            env[environment.GUESTS] = json.dumps(entries)
         pool, plan = acceptor.pool, acceptor.plan
         if pool is not None:
             uid = pool.take()
@@ -563,8 +660,9 @@ class Supervisor:
         else:
             assert plan.worker_shared is not None
             credentials = plan.worker_shared
+        pass_fds = (*fds, *(fd for _, _, guest_fds in guests for fd in guest_fds))
         try:
-            child = ChildProcess.spawn(acceptor.argv, env=env, pass_fds=tuple(fds),
+            child = ChildProcess.spawn(acceptor.argv, env=env, pass_fds=pass_fds,
                                        credentials=credentials, new_session=True, cwd="/")
         except OSError as error:
             if pool is not None:
@@ -572,7 +670,8 @@ class Supervisor:
             raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_SPAWN_FAILED,
                            f"worker: {error.strerror}") from None
         worker = Supervised(request.worker_id, child, credentials[0], pool is not None,
-                            acceptor.serial, pool)
+                            acceptor.serial, pool,
+                            tuple(other.serial for other, _, _ in guests))
         self.workers[request.worker_id] = worker
         self._changed.notify()
         nursery.start_soon(self._reap, worker)
@@ -585,10 +684,11 @@ class Supervisor:
         self._changed.notify()
         if worker.pool is not None:
             worker.pool.give_back(worker.uid)
-        acceptor = self._acceptors.get(worker.acceptor)
-        if acceptor is not None:
-            with contextlib.suppress(GSSError):
-                await acceptor.link.send(supervision.Exited(worker.worker_id, status))
+        for serial in (worker.acceptor, *worker.guests):
+            acceptor = self._acceptors.get(serial)
+            if acceptor is not None:
+                with contextlib.suppress(GSSError):
+                    await acceptor.link.send(supervision.Exited(worker.worker_id, status))
 
     async def _kill_remains(self, worker: Supervised) -> None:
         """Whatever the worker started dies with it (see the module docstring)."""
@@ -600,7 +700,8 @@ class Supervisor:
 
     def _signal(self, acceptor: _Acceptor, request: supervision.Signal) -> None:
         worker = self.workers.get(request.worker_id)
-        if worker is None or worker.acceptor != acceptor.serial:
+        if worker is None or not (worker.acceptor == acceptor.serial or (
+                request.signum == signal.SIGKILL and acceptor.serial in worker.guests)):
             return
         if request.signum == signal.SIGKILL:
             if worker.own_uid:

@@ -1,5 +1,5 @@
 """The supervisor-acceptor link: one SEQPACKET socketpair, messages of
-:mod:`handoffd.core.supervision`, at most two fds per message (SPAWN; PEER has one).
+:mod:`handoffd.core.supervision`, at most two fds per message (SPAWN and GUEST; PEER has one).
 
 The receiving side closes every fd of a message it refuses (truncated, too many
 fds, fds on a kind that carries none, malformed payload), so a bad message leaks
@@ -106,7 +106,8 @@ class SupervisorLink:
             if unexpected or len(fds) > MAX_FDS:
                 raise _link_error("unexpected control data")
             message = supervision.decode(data)
-            if fds and not isinstance(message, supervision.Spawn | supervision.Peer):
+            if fds and not isinstance(message, supervision.Spawn | supervision.Guest
+                                                | supervision.Peer):
                 raise _link_error("fds on a message that carries none")
             if isinstance(message, supervision.Peer) and len(fds) != 1:
                 raise _link_error("PEER without its one fd")

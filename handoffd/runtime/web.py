@@ -41,6 +41,7 @@ from handoffd.runtime.worker import (
     HandoffReceiver,
     abort_at_drain,
     log_drained,
+    receive_streams,
     report_session_end,
 )
 from handoffd.status import GSS_S_FAILURE, GSS_S_UNAVAILABLE, GSSError
@@ -189,7 +190,7 @@ async def serve_web(receiver: HandoffReceiver, app: Any, *, kind: str,
     lifespan = Lifespan(base, config, state)
     context = WorkerContext(max_requests)
 
-    async def run_session(stream: SecureStream | TlsStream) -> None:
+    async def run_session(source: HandoffReceiver, stream: SecureStream | TlsStream) -> None:
         handoff_id = int(stream.info.get("handoff_id", 0))  # type: ignore[call-overload]
         errors: list[str] = []
         adapted = HandedOffStream(stream)
@@ -212,7 +213,7 @@ async def serve_web(receiver: HandoffReceiver, app: Any, *, kind: str,
                 outcome, status = Outcome.PEER_ERROR, adapted.failure
                 log.info("session %d (%s) ended: %s", handoff_id, stream.info.get("peer_name"),
                          adapted.failure)
-            await report_session_end(receiver, handoff_id, outcome, status)
+            await report_session_end(source, handoff_id, outcome, status)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as lifespan_nursery:
@@ -241,8 +242,8 @@ async def serve_web(receiver: HandoffReceiver, app: Any, *, kind: str,
                     control.start_soon(on_max_requests)
                     await receiver.hello()
                     task_status.started()
-                    async for stream in receiver:
-                        sessions.start_soon(run_session, stream)
+                    await receive_streams(receiver, lambda source, stream: sessions.start_soon(
+                        run_session, source, stream))
                     control.cancel_scope.cancel()
                 if not receiver._draining:
                     await context.terminated.set()

@@ -27,6 +27,8 @@ Typical use inside a pre-fork server's worker::
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
@@ -73,6 +75,11 @@ log = logging.getLogger("handoffd.worker")
 ENV_CHANNEL_FD = environment.CHANNEL_FD
 ENV_WORKER_ID = environment.WORKER_ID
 ENV_ACCEPTOR_PID = environment.ACCEPTOR_PID
+ENV_GUESTS = environment.GUESTS
+
+GUEST_DRAIN_TIMEOUT = 5.0
+"""Seconds the other acceptors get to answer DRAINED once the worker's own acceptor is
+gone (what they sent before it still arrives first, and is served)."""
 
 _HANDOFF_KINDS = frozenset({Kind.HANDOFF, Kind.HANDOFF_BATCH})
 
@@ -139,6 +146,10 @@ class HandoffReceiver:
         # The acceptor's process as its pidfd names it (pidfs inode): a pid can be
         # recycled after the acceptor dies, a pidfd identity cannot.
         self._acceptor_process = _peer_process(channel)
+        self.guests: list[HandoffReceiver] = []
+        """The shared pool (``[server] acceptors`` > 1): a receiver per other acceptor of
+        the set, each with its own channel, key grant and sender check; this one's
+        acceptor spawned the worker.  :func:`receive_streams` serves them all."""
 
     @classmethod
     def inherited(cls, environ: Mapping[str, str] | None = None, *,
@@ -162,13 +173,35 @@ class HandoffReceiver:
         except (KeyError, ValueError):
             raise GSSError(GSS_S_UNAUTHORIZED, Minor.WORKER_NOT_REGISTERED,
                            "not started by handoffd (HANDOFFD_* environment missing)") from None
-        parking = WorkerParking.adopt(env)
+        guests = _guest_grants(env.get(ENV_GUESTS))
+        parkings = WorkerParking.adopt_all([env, *(grant for _, _, grant in guests)])
+        labels = _label_set(acceptor_labels)
+        receivers: list[HandoffReceiver] = []
+        try:
+            for (channel_fd, pid), parking in zip(
+                    [(fd, acceptor_pid), *((g_fd, g_pid) for g_fd, g_pid, _ in guests)],
+                    parkings, strict=True):
+                receivers.append(cls._on_channel(channel_fd, parking, worker_id, pid,
+                                                 labels, ktls))
+        except GSSError:
+            for receiver in receivers:
+                receiver.close()
+            raise
+        home = receivers[0]
+        home.guests = receivers[1:]
+        return home
+
+    @classmethod
+    def _on_channel(cls, fd: int, parking: WorkerParking, worker_id: bytes,
+                    acceptor_pid: int, labels: frozenset[bytes] | None,
+                    ktls: KtlsMode) -> HandoffReceiver:
+        """A receiver on the inherited channel ``fd``, refused unless the channel's creator
+        (``SO_PEERCRED``) is ``acceptor_pid``."""
         channel = Channel.from_fd(fd, fd_kinds=FD_KINDS, batch_kinds=BATCH_KINDS,
                                   validate_fd=None)
         identity = channel.peer_identity()
         receiver = cls(channel, parking,
-                       WorkerIdentity(worker_id, acceptor_pid, identity.uid,
-                                      _label_set(acceptor_labels)), ktls=ktls)
+                       WorkerIdentity(worker_id, acceptor_pid, identity.uid, labels), ktls=ktls)
         try:
             receiver._verify_channel_peer(identity)
         except GSSError:
@@ -235,16 +268,28 @@ class HandoffReceiver:
         self._policy.check(identity)
 
     async def hello(self) -> None:
-        """Announce this worker to the acceptor (done by the first iteration if not before)."""
-        self.channel.enable_extended_attributes(keep_pidfds=False)
-        await self._send(Kind.HELLO, Hello(self.identity.worker_id, os.getpid()).encode())
-        self._hello_sent = True
+        """Announce this worker to the acceptor, and to each guest's (done by the first
+        iteration if not before)."""
+        for receiver in (self, *self.guests):
+            if not receiver._hello_sent:
+                receiver.channel.enable_extended_attributes(keep_pidfds=False)
+                await receiver._send(Kind.HELLO,
+                                     Hello(receiver.identity.worker_id, os.getpid()).encode())
+                receiver._hello_sent = True
 
     async def drain(self) -> None:
-        """Stop taking handoffs: the acceptor answers DRAINED and the iterator ends."""
-        if not self._draining:
-            self._draining = True
-            await self._send(Kind.DRAINING, b"")
+        """Stop taking handoffs, from every acceptor: each answers DRAINED and its
+        iterator ends."""
+        for receiver in (self, *self.guests):
+            if not receiver._draining:
+                receiver._draining = True
+                try:
+                    await receiver._send(Kind.DRAINING, b"")
+                except GSSError as error:
+                    if receiver is self:
+                        raise
+                    log.debug("guest acceptor %d gone: %s", receiver.identity.acceptor_pid,
+                              error)
 
     def __aiter__(self) -> AsyncIterator[SecureStream | TlsStream]:
         return self._streams()
@@ -478,8 +523,58 @@ class HandoffReceiver:
             log.debug("could not report the end of session %d: %s", handoff_id, failure)
 
     def close(self) -> None:
-        """Close the channel; the acceptor sees this worker leave."""
-        self.channel.close()
+        """Close the channel (and the guests'); the acceptors see this worker leave."""
+        for receiver in (self, *self.guests):
+            receiver.channel.close()
+
+    @property
+    def sessions_ended(self) -> Counter[Outcome]:
+        """Sessions ended here by outcome, whichever acceptor handed them off."""
+        total = Counter(self.ended)
+        for guest in self.guests:
+            total.update(guest.ended)
+        return total
+
+
+def _guest_grants(value: str | None) -> list[tuple[int, int, dict[str, str]]]:
+    """``HANDOFFD_GUESTS`` (set by the supervisor): ``[{"channel_fd", "acceptor_pid",
+    "grant"}, ...]`` as ``(fd, pid, grant)``; none when unset."""
+    if not value:
+        return []
+    try:
+        entries = json.loads(value)
+        guests = [(int(e["channel_fd"]), int(e["acceptor_pid"]),
+                   {str(k): str(v) for k, v in e["grant"].items()}) for e in entries]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise GSSError(GSS_S_UNAUTHORIZED, Minor.WORKER_NOT_REGISTERED,
+                       f"{ENV_GUESTS} malformed") from None
+    return guests
+
+
+async def receive_streams(
+        receiver: HandoffReceiver,
+        start: Callable[[HandoffReceiver, SecureStream | TlsStream], None]) -> None:
+    """``start(source, stream)`` for every stream handed off to ``receiver`` or one of
+    its :attr:`~HandoffReceiver.guests` (``source``: the receiver it came through, which
+    its SESSION_END goes back to), until each has ended.
+
+    The worker belongs to its own acceptor's share: when that channel ends (drained, or
+    the acceptor gone) the worker takes nothing more from the others either; they get
+    DRAINING and :data:`GUEST_DRAIN_TIMEOUT` to answer.  A guest's channel ending (that
+    acceptor gone) ends only its part.
+    """
+    async def each(source: HandoffReceiver) -> None:
+        async for stream in source:
+            start(source, stream)
+
+    async with trio.open_nursery() as nursery:
+        for guest in receiver.guests:
+            nursery.start_soon(each, guest)
+        await each(receiver)
+        for guest in receiver.guests:  # the home channel said DRAINED, or closed
+            with contextlib.suppress(GSSError):
+                await guest.drain()
+        nursery.cancel_scope.deadline = trio.current_time() + GUEST_DRAIN_TIMEOUT
 
 
 def _label_set(labels: Iterable[bytes | str] | None) -> frozenset[bytes] | None:
@@ -578,7 +673,7 @@ async def serve(
     """
     import signal
 
-    async def run_session(stream: SecureStream | TlsStream) -> None:
+    async def run_session(source: HandoffReceiver, stream: SecureStream | TlsStream) -> None:
         info = stream.info
         handoff_id = int(info.get("handoff_id", 0))  # type: ignore[call-overload]
         name = f"session {handoff_id} ({info.get('peer_name')}, context {info.get('context_id')})"
@@ -608,7 +703,7 @@ async def serve(
             outcome, error = Outcome.CUT_AT_DRAIN, await abort_at_drain(stream)
             raise
         finally:
-            await report_session_end(receiver, handoff_id, outcome, error)
+            await report_session_end(source, handoff_id, outcome, error)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as sessions:
@@ -622,8 +717,8 @@ async def serve(
                 control.start_soon(on_signal)
                 await receiver.hello()
                 task_status.started()
-                async for stream in receiver:
-                    sessions.start_soon(run_session, stream)
+                await receive_streams(receiver, lambda source, stream: sessions.start_soon(
+                    run_session, source, stream))
                 control.cancel_scope.cancel()
             if not receiver._draining:
                 # Channel closed by the acceptor: finish what we have, bounded.
@@ -649,7 +744,7 @@ async def report_session_end(receiver: HandoffReceiver, handoff_id: int, outcome
 
 def log_drained(receiver: HandoffReceiver, drain_timeout: float) -> None:
     """The worker's last line: its sessions by outcome (a warning if any was cut)."""
-    ended = receiver.ended
+    ended = receiver.sessions_ended
     cut = ended[Outcome.CUT_AT_DRAIN]
     log.log(logging.WARNING if cut else logging.INFO,
             "drained: %d sessions served (%d closed, %d app errors, %d peer errors), %d cut "
