@@ -214,6 +214,28 @@ def test_merged_status_sums_every_acceptor_and_lists_each() -> None:
     assert own["totals"]["accepted"] == 5, "the acceptor's own snapshot is not changed"
 
 
+def test_merged_status_lists_each_shared_worker_once_under_its_own_acceptor() -> None:
+    """The shared pool: each acceptor reports its own workers and, as guests, the other's;
+    the merge keeps the spawning acceptor's row and sums what each handed the worker."""
+    def row(pid: int, acceptor: int, guest: bool, in_flight: int, handled: int
+            ) -> dict[str, Any]:
+        return {"index": 2000 if guest else 0, "pid": pid, "state": "ready",
+                "in_flight": in_flight, "handled": handled, "active": handled,
+                "acceptor": acceptor, "guest": guest}
+
+    own = _snapshot(100, 5, [row(11, 0, False, 1, 3), row(22, 0, True, 0, 2)])
+    other = _snapshot(200, 7, [row(22, 1, False, 2, 4), row(11, 1, True, 1, 5)])
+    merged = merge_snapshots(own, [], {1: {"snapshot": other, "latencies_us": []}})
+    by_pid = {w["pid"]: w for w in merged["workers"]}
+    assert sorted(by_pid) == [11, 22] and len(merged["workers"]) == 2
+    assert by_pid[11]["acceptor"] == 0 and by_pid[22]["acceptor"] == 1
+    assert not by_pid[11]["guest"] and not by_pid[22]["guest"]
+    assert (by_pid[11]["in_flight"], by_pid[11]["handled"], by_pid[11]["active"]) == (2, 8, 8)
+    assert by_pid[11]["in_flight_by_acceptor"] == {"0": 1, "1": 1}
+    assert by_pid[22]["handled_by_acceptor"] == {"1": 4, "0": 2}
+    assert [(a["workers"], a["feeds"]) for a in merged["acceptors"]] == [(1, 2), (1, 2)]
+
+
 def test_one_acceptor_keeps_its_snapshot_and_gets_one_row() -> None:
     own = _snapshot(100, 5, [])
     merged = merge_snapshots(own, [], {})
@@ -416,6 +438,8 @@ async def test_the_pool_is_shared_every_acceptor_hands_off_to_every_worker(
         status = await daemon.status()
         for w in status["workers"]:
             assert set(w["in_flight_by_acceptor"]) == {"0", "1"}
+            assert all(n > 0 for n in w["handled_by_acceptor"].values())
+            assert sum(w["handled_by_acceptor"].values()) == w["handled"]
         assert status["totals"]["lost"] == 0
         assert sum(w["handled"] for w in status["workers"]) == status["totals"]["acked"]
     finally:

@@ -137,6 +137,7 @@ def merge_snapshots(own: dict[str, Any], own_latencies: list[float],
 
 
 _PER_CHANNEL = ("in_flight", "handled", "active")
+_BY_ACCEPTOR = ("in_flight", "handled")
 
 
 def merge_worker_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -144,7 +145,7 @@ def merge_worker_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     own (``guest`` false) and the others' (``guest`` true), each with what *it* handed
     that worker.  The row kept is the spawning acceptor's, with ``in_flight``,
     ``handled`` and ``active`` summed over every acceptor and ``in_flight_by_acceptor``
-    added; a guest row stands alone only while its own acceptor does not answer."""
+    and ``handled_by_acceptor`` added (keyed by acceptor index); a guest row stands alone only while its own acceptor does not answer."""
     own: dict[object, dict[str, Any]] = {}
     guests: list[dict[str, Any]] = []
     merged: list[dict[str, Any]] = []
@@ -153,22 +154,23 @@ def merge_worker_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             guests.append(row)
             continue
         row = dict(row)
-        row["in_flight_by_acceptor"] = {str(row.get("acceptor", 0)): row.get("in_flight", 0)}
+        for key in _BY_ACCEPTOR:
+            row[f"{key}_by_acceptor"] = {str(row.get("acceptor", 0)): row.get(key, 0)}
         merged.append(row)
         if row.get("pid") is not None:
             own[row["pid"]] = row
     for guest in guests:
         target = own.get(guest.get("pid"))
         if target is None:
-            target = dict(guest, in_flight_by_acceptor={})
+            target = dict(guest, **{f"{key}_by_acceptor": {} for key in _BY_ACCEPTOR})
             for key in _PER_CHANNEL:
                 target[key] = 0
             merged.append(target)
             own[guest.get("pid")] = target
         for key in _PER_CHANNEL:
             target[key] = target.get(key, 0) + guest.get(key, 0)
-        target["in_flight_by_acceptor"][str(guest.get("acceptor", 0))] = guest.get(
-            "in_flight", 0)
+        for key in _BY_ACCEPTOR:
+            target[f"{key}_by_acceptor"][str(guest.get("acceptor", 0))] = guest.get(key, 0)
     return merged
 
 

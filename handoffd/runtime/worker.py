@@ -23,6 +23,10 @@ Typical use inside a pre-fork server's worker::
             async for stream in receiver:            # SecureStream per connection
                 nursery.start_soon(handle, stream)
     trio.run(main)
+
+With several acceptors (the shared pool) a spawned worker also has a channel from each
+other acceptor (:attr:`HandoffReceiver.guests`): :func:`serve` and
+:func:`receive_streams` read them all; iterating the receiver reads its own only.
 """
 
 from __future__ import annotations
@@ -164,6 +168,9 @@ class HandoffReceiver:
         ``acceptor_labels`` (``[policy] acceptor_labels``): the LSM contexts the
         channel's creator and every message's sender must have; a non-empty set
         refuses an unlabelled one (``GSS_S_UNAUTHORIZED``, ``PEER_LABEL_*``).
+        ``HANDOFFD_GUESTS`` (several acceptors): the other acceptors' channels and
+        grants, each checked against its own acceptor pid, become :attr:`guests`; every
+        grant is adopted before the session keyring is left.
         """
         env = os.environ if environ is None else environ
         try:
