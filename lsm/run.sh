@@ -9,7 +9,7 @@
 # reused: the kernel .deb and its unpacked tree, the initramfs and the policy (rebuilt
 # only when their inputs change).
 #
-# Environment: LSM_TIMEOUT (seconds, default 600), LSM_MIN_CASES (default 34),
+# Environment: LSM_TIMEOUT (seconds, default 600), LSM_MIN_CASES (default 35),
 # LSM_PYTEST_ARGS (extra pytest arguments, comma-separated, no spaces),
 # LSM_KERNEL_SUITE (boot the kernel of another Debian suite instead of this host's apt
 # candidate, e.g. trixie-backports: fetched from deb.debian.org and verified against the
@@ -20,7 +20,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LSM_DIR="$ROOT/.lsm"
 TIMEOUT=${LSM_TIMEOUT:-600}
-MIN_CASES=${LSM_MIN_CASES:-34}
+MIN_CASES=${LSM_MIN_CASES:-35}
 # Modules the Debian kernel needs, in dependency order: virtio-9p for the host's root;
 # then kernel TLS (the tls ULP) and the AEADs TLS 1.3 uses, for the kTLS tests.  The
 # guest has no modprobe, so nothing is loaded on demand.

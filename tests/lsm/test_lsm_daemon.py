@@ -401,6 +401,44 @@ def test_worker_refuses_a_channel_made_in_another_domain(tmp_path: Path) -> None
     observe("refused-channel-maker", IMPOSTOR)
 
 
+def test_two_acceptors_feed_each_worker_each_channel_checked_by_label(tmp_path: Path) -> None:
+    """The shared pool under SELinux: with ``[server] acceptors = 2`` each worker has its
+    own acceptor's channel and a guest channel the other acceptor made (ATTACH/GUEST
+    through the supervisor); both acceptors run in the acceptor's domain, so each
+    channel's creator (SO_PEERSEC) and each message's sender (SCM_SECURITY) carry the
+    label ``[policy] acceptor_labels`` admits.  Every worker serves clients handed off by
+    both acceptors, and no handoff is refused."""
+    extra = f"[server]\nacceptors = 2\n[policy]\n{ONLY_THE_ACCEPTOR}"
+    with labelled_daemon(tmp_path, SUPERVISOR, workers=2, extra=extra) as daemon:
+        status = daemon.status()
+        assert [row["feeds"] for row in status["acceptors"]] == [2, 2]
+        for row in status["acceptors"]:
+            assert label_of(row["pid"]) == ACCEPTOR
+        for worker in status["workers"]:
+            guests = json.loads(Path(f"/proc/{worker['pid']}/environ").read_bytes()
+                                .split(b"HANDOFFD_GUESTS=")[1].split(b"\0")[0])
+            assert [g["acceptor_pid"] for g in guests] == [
+                row["pid"] for row in status["acceptors"] if row["index"] != worker["acceptor"]]
+
+        def fed_by_both() -> bool:
+            return all(len(w["handled_by_acceptor"]) == 2
+                       and all(n > 0 for n in w["handled_by_acceptor"].values())
+                       for w in daemon.ready_workers())
+
+        async def round_of(clients: int) -> None:
+            async with trio.open_nursery() as nursery:
+                for _ in range(clients):
+                    nursery.start_soon(trio.to_thread.run_sync, echo, daemon)
+
+        for _ in range(20):  # bounded: 20 rounds of 4 clients in parallel
+            if fed_by_both():
+                break
+            trio.run(round_of, 4)
+        assert fed_by_both(), daemon.status()["workers"]
+        assert not log_lines(daemon.log_text(), "refused"), daemon.log_text()
+        observe("shared-pool-acceptors", ACCEPTOR)
+
+
 # Who an external worker sees at registration: the listener is the acceptor's uid (it
 # re-listens, so SO_PEERCRED names it), but the socket's label is its creator's, the
 # supervisor's, on connect (SO_PEERSEC) and on every message the acceptor sends over the
