@@ -379,6 +379,18 @@ def _free_port() -> int:
         return port
 
 
+async def _feeds_become(daemon: RunningDaemon, feeds: list[int]) -> dict[str, Any]:
+    """``status`` once each acceptor's ``feeds`` (ready workers it hands off to) is
+    ``feeds``: a worker says HELLO to its own acceptor first, then to the guests', so a
+    status taken the moment the pool is ready may not count the last guests yet."""
+    with trio.fail_after(30):
+        while True:
+            status = await daemon.status()
+            if [row.get("feeds") for row in status["acceptors"]] == feeds:
+                return status
+            await trio.sleep(0.05)
+
+
 async def _sender_session(daemon: RunningDaemon) -> tuple[int, int, Any]:
     """A ``sender_echo`` client: (worker pid, acceptor pid, the open stream)."""
     stream = await daemon.connect()
@@ -421,10 +433,9 @@ async def test_the_pool_is_shared_every_acceptor_hands_off_to_every_worker(
     daemon = await start_daemon(tmp_path, workers=4, app="tests.apps:sender_echo",
                                 extra=TWO)
     try:
-        status = await daemon.status()
+        status = await _feeds_become(daemon, [4, 4])
         acceptors = [row["pid"] for row in status["acceptors"]]
         assert [row["workers"] for row in status["acceptors"]] == [2, 2]
-        assert [row["feeds"] for row in status["acceptors"]] == [4, 4]
         workers = status["workers"]
         assert sorted(w["acceptor"] for w in workers) == [0, 0, 1, 1], "each listed once"
         for w in workers:
@@ -479,9 +490,8 @@ async def test_a_dead_acceptor_s_sessions_on_shared_workers_go_on_and_its_succes
                     break
                 await trio.sleep(0.05)
         successor = rows[1]["pid"]
-        status = await daemon.status()
+        status = await _feeds_become(daemon, [4, 2])
         successors_workers = {w["pid"] for w in status["workers"] if w["acceptor"] == 1}
-        assert [row["feeds"] for row in status["acceptors"]] == [4, 2]
         await _pairs_until(daemon, {(w, a) for w in successors_workers
                                     for a in (survivor, successor)}
                            | {(w, survivor) for w in survivors_workers})

@@ -410,8 +410,13 @@ def test_two_acceptors_feed_each_worker_each_channel_checked_by_label(tmp_path: 
     both acceptors, and no handoff is refused."""
     extra = f"[server]\nacceptors = 2\n[policy]\n{ONLY_THE_ACCEPTOR}"
     with labelled_daemon(tmp_path, SUPERVISOR, workers=2, extra=extra) as daemon:
-        status = daemon.status()
-        assert [row["feeds"] for row in status["acceptors"]] == [2, 2]
+        deadline = time.monotonic() + 60  # each worker says HELLO to the guest last
+        while True:
+            status = daemon.status()
+            if [row.get("feeds") for row in status["acceptors"]] == [2, 2]:
+                break
+            assert time.monotonic() < deadline, status["acceptors"]
+            time.sleep(0.1)
         for row in status["acceptors"]:
             assert label_of(row["pid"]) == ACCEPTOR
         for worker in status["workers"]:
