@@ -74,8 +74,9 @@ class ServerConfig:
     """Acceptor processes accepting on the same listening sockets (1 to
     :data:`MAX_ACCEPTORS`), each under ``user``, each starting and managing its own
     share of ``[workers] count`` (so at most ``count``) and handing off to every worker
-    (the shared pool); more than 1 needs the supervisor (``serve`` as root).  ``max_handshakes`` counts per acceptor.  Applied
-    at a restart (SIGUSR2), not a reload.  docs/PRIVSEP.md, "Several acceptors"."""
+    (the shared pool); more than 1 needs the supervisor (``serve`` as root).
+    ``max_handshakes`` counts per acceptor.  Applied at a restart (SIGUSR2), not a
+    reload.  docs/PRIVSEP.md, "Several acceptors"."""
 
 
 @dataclass(frozen=True)

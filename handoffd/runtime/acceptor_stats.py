@@ -145,7 +145,8 @@ def merge_worker_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     own (``guest`` false) and the others' (``guest`` true), each with what *it* handed
     that worker.  The row kept is the spawning acceptor's, with ``in_flight``,
     ``handled`` and ``active`` summed over every acceptor and ``in_flight_by_acceptor``
-    and ``handled_by_acceptor`` added (keyed by acceptor index); a guest row stands alone only while its own acceptor does not answer."""
+    and ``handled_by_acceptor`` added (keyed by acceptor index); a guest row stands
+    alone only while its own acceptor does not answer."""
     own: dict[object, dict[str, Any]] = {}
     guests: list[dict[str, Any]] = []
     merged: list[dict[str, Any]] = []
