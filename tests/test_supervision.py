@@ -404,3 +404,14 @@ async def test_sigterm_before_the_workers_are_ready_stops_the_daemon(tmp_path: P
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_privsep_md_copies_the_link_table_of_the_module_docstring() -> None:
+    """docs/PRIVSEP.md says its supervisor-link table is this module's docstring, copied:
+    keep it so when a kind is added."""
+    docstring = supervision.__doc__ or ""
+    table = docstring[docstring.index("====="):].strip()
+    privsep = (Path(__file__).parent.parent / "docs" / "PRIVSEP.md").read_text()
+    section = privsep[privsep.index("## The supervisor link"):]
+    block = section[section.index("```\n") + 4:]
+    assert block[:block.index("```")].strip() == table
