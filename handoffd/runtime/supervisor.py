@@ -612,6 +612,14 @@ class Supervisor:
                 pass  # that acceptor is gone
             finally:
                 self._guest_waiters.pop(key, None)
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    # Its GUEST came just as the wait timed out: refuse it as a late one.
+                    late, late_fds = receive.receive_nowait()
+                    for fd in late_fds:
+                        os.close(fd)
+                    if not late.declined:
+                        other.link.send_nowait(supervision.SpawnFailed(
+                            worker_id, GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "GUEST too late"))
 
         async with trio.open_nursery() as asking:
             for other in others:
