@@ -108,6 +108,11 @@ def _bad(what: str) -> GSSError:
     return GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, what)
 
 
+def _encode_grant(kind: SigKind, worker_id: bytes, grant: dict[str, str]) -> bytes:
+    """``kind | worker_id (16) | grant JSON``: SPAWN's and GUEST's payload."""
+    return bytes([kind]) + worker_id + json.dumps(grant, sort_keys=True).encode()
+
+
 def _decode_grant(what: str, body: bytes) -> tuple[bytes, dict[str, str]]:
     """``worker_id (16) | grant JSON``, the grant holding only :data:`ALLOWED_GRANT`."""
     if len(body) < WORKER_ID_SIZE:
@@ -131,8 +136,7 @@ class Spawn:
     grant: dict[str, str]
 
     def encode(self) -> bytes:
-        return bytes([SigKind.SPAWN]) + self.worker_id + json.dumps(
-            self.grant, sort_keys=True).encode()
+        return _encode_grant(SigKind.SPAWN, self.worker_id, self.grant)
 
     @classmethod
     def decode(cls, body: bytes) -> Spawn:
@@ -170,8 +174,7 @@ class Guest:
         return not self.grant
 
     def encode(self) -> bytes:
-        return bytes([SigKind.GUEST]) + self.worker_id + json.dumps(
-            self.grant, sort_keys=True).encode()
+        return _encode_grant(SigKind.GUEST, self.worker_id, self.grant)
 
     @classmethod
     def decode(cls, body: bytes) -> Guest:

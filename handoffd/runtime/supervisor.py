@@ -258,6 +258,14 @@ def _check_grant_fds(what: str, grant: dict[str, str], fds: list[int]) -> None:
         raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "grant is not a pipe")
 
 
+def _granted(grant: dict[str, str], fds: list[int]) -> dict[str, str]:
+    """A grant as the worker adopts it: in fallback mode with the number of the grant
+    pipe (``fds[1]``), which is the supervisor's to set, never the acceptor's."""
+    if grant.get(environment.PARKING_MODE) != FALLBACK:
+        return dict(grant)
+    return {**grant, ENV_FD: str(fds[1])}
+
+
 async def kill_everything_of(uid: int) -> None:
     """SIGKILL every process of ``uid``: ``kill(-1)`` run as that uid reaches them all,
     whatever process group or session they moved to.  A failure is logged, not raised:
@@ -646,21 +654,15 @@ class Supervisor:
         if request.worker_id in self.workers:  # again: another SPAWN may have won the wait
             raise GSSError(GSS_S_FAILURE, Minor.SUPERVISOR_LINK, "SPAWN of a worker id in use")
         env = child_environment(os.environ)
-        env.update(request.grant)
+        env.update(_granted(request.grant, fds))
         env[ENV_CHANNEL_FD] = str(fds[0])
         env[ENV_WORKER_ID] = request.worker_id.hex()
         env[ENV_ACCEPTOR_PID] = str(acceptor.child.pid)
-        if request.grant.get(environment.PARKING_MODE) == FALLBACK:
-            env[ENV_FD] = str(fds[1])
         if guests:
-            entries = []
-            for other, guest, guest_fds in guests:
-                grant = dict(guest.grant)
-                if grant.get(environment.PARKING_MODE) == FALLBACK:
-                    grant[ENV_FD] = str(guest_fds[1])
-                entries.append({"channel_fd": guest_fds[0], "acceptor_pid": other.child.pid,
-                                "grant": grant})
-            env[environment.GUESTS] = json.dumps(entries)
+            env[environment.GUESTS] = json.dumps([
+                {"channel_fd": guest_fds[0], "acceptor_pid": other.child.pid,
+                 "grant": _granted(guest.grant, guest_fds)}
+                for other, guest, guest_fds in guests])
         pool, plan = acceptor.pool, acceptor.plan
         if pool is not None:
             uid = pool.take()
